@@ -1,0 +1,3 @@
+from stage4.cli import main
+
+main()

@@ -1,0 +1,3 @@
+"""CLI commands of the installer-driven (Packer) builder (registered by stage4.cli)."""
+
+COMMANDS: list = []

@@ -1,0 +1,133 @@
+"""The `stage4` command: a thin shell over stage4.api. Errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from stage4 import api, config as config_mod, distributions
+from stage4.errors import EXIT_INTERRUPTED, Interrupted, Stage4Error
+from stage4.export.commands import COMMANDS as EXPORT_COMMANDS
+from stage4.dnbd3.commands import COMMANDS as DNBD3_COMMANDS
+from stage4.builders.render_commands import COMMANDS as RENDER_COMMANDS
+from stage4.runner import install_signal_handlers
+
+err = Console(stderr=True, highlight=False)
+
+
+class Context:
+    def __init__(self, config_path: Path | None, debug: bool):
+        self.config_path = config_path
+        self.debug = debug
+
+    def config(self) -> config_mod.Config:
+        return config_mod.load(self.config_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="project file (default: ./stage4.toml if present, else built-in defaults)")
+@click.option("--debug", is_flag=True, help="show every command stage4 runs, with its output")
+@click.version_option(package_name="stage4")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
+    """Build network-bootable Stage4 images for OpenSLX / bwLehrpool DNBD3 clients."""
+    ctx.obj = Context(config_path, debug)
+
+
+@cli.command()
+@click.argument("images", nargs=-1)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="output directory")
+@click.option("--rebuild", multiple=True, help="rebuild this layer even if it is up to date (e.g. 'base')")
+@click.pass_obj
+def build(obj: Context, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...]) -> None:
+    """Build IMAGES (default: every image in the project file)."""
+    results = api.build(obj.config(), images=list(images), output_dir=output, rebuild=set(rebuild), debug=obj.debug)
+    for result in results:
+        click.echo(f"{result.name}: {result.image} ({'reused' if result.reused else 'built'}, identity {result.identity[:16]})")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--identifier", default=None, help="root partition identifier to check (default: from the image)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) -> None:
+    """Show an image's partitions, filesystems, kernels and qcow2 facts, and check the Stage4 requirements."""
+    report = api.inspect(image, identifier=identifier, debug=obj.debug)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        report.print(Console(highlight=False))
+    if not report.passed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--via", type=click.Choice(["bootloader", "kernel"]), default="bootloader", show_default=True,
+              help="boot with the image's own bootloader, or with kernel+initramfs taken out of the image")
+@click.option("--kernel", type=click.Path(path_type=Path, exists=True), default=None,
+              help="boot this kernel instead (implies --via kernel)")
+@click.option("--initrd", type=click.Path(path_type=Path, exists=True), default=None, help="with --kernel")
+@click.option("--identifier", default=None, help="root partition identifier for root=PARTLABEL=")
+@click.option("--writable", is_flag=True, help="write to the image (default: read-only snapshot, like a client)")
+@click.option("--timeout", type=int, default=600, show_default=True, help="seconds to wait for the marker")
+@click.option("--log", "serial_log", type=click.Path(path_type=Path), default=None, help="serial log file")
+@click.pass_obj
+def boot(obj: Context, image: Path, via: str, kernel: Path | None, initrd: Path | None, identifier: str | None,
+         writable: bool, timeout: int, serial_log: Path | None) -> None:
+    """Boot IMAGE in qemu and wait until its userspace is up; exit 0 only if it booted."""
+    result = api.boot(obj.config(), image, via="kernel" if kernel else via, kernel=kernel, initrd=initrd,
+                      identifier=identifier, writable=writable, timeout=timeout, serial_log=serial_log,
+                      debug=obj.debug)
+    click.echo(f"booted: userspace marker after {result.seconds:.0f} s on {result.accelerator}; "
+               f"serial log: {result.serial_log}")
+
+
+@cli.command("config")
+@click.option("--reference", is_flag=True, help="print the reference of every key (Markdown)")
+@click.pass_obj
+def show_config(obj: Context, reference: bool) -> None:
+    """Show the effective configuration."""
+    if reference:
+        click.echo(config_mod.reference(), nl=False)
+        return
+    cfg = obj.config()
+    click.echo(f"# from {cfg.source}")
+    click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@cli.command("distributions")
+def list_distributions() -> None:
+    """List the distributions stage4 knows and how each can be built."""
+    for name in distributions.names():
+        dist = distributions.get(name)
+        how = "bootstrap, packer" if dist.bootstrappable else "packer"
+        click.echo(f"{name:14} {dist.pretty_name:36} {how}")
+
+
+for command in (*EXPORT_COMMANDS, *DNBD3_COMMANDS, *RENDER_COMMANDS):
+    cli.add_command(command)
+
+
+def main() -> None:
+    install_signal_handlers()
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("stage4: interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        err.print(f"stage4: error: {exc.format_message()}", markup=False)
+        sys.exit(exc.exit_code)
+    except Stage4Error as exc:
+        err.print(f"stage4: error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+    except (Interrupted, KeyboardInterrupt):
+        err.print("stage4: interrupted; partial results were removed")
+        sys.exit(EXIT_INTERRUPTED)

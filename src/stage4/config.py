@@ -1,0 +1,272 @@
+"""The project file `stage4.toml`: one typed, validated model for the CLI, the builders and the docs.
+
+Every field carries its description; `stage4 config --reference` renders them for the README, so the
+documentation is generated from the same model that validates the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from stage4 import distributions
+from stage4.errors import MISSING, ConfigError
+
+DEFAULT_CONFIG_FILE = "stage4.toml"
+DEFAULT_IMAGE = "debian-12"
+
+# Filesystem label limits in bytes (ext4: s_volume_name[16]; xfs: sb_fname[12]; btrfs: BTRFS_LABEL_SIZE-1).
+LABEL_LIMITS = {"ext4": 16, "xfs": 12, "btrfs": 255}
+# A GPT partition name is 36 UTF-16 code units; the identifier is ASCII, so 36 characters.
+GPT_NAME_LIMIT = 36
+# Conservative: the identifier ends up in kernel command lines, fstab, shell config and udev link names.
+IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Any) -> int:
+    """'4G', '512M', '2GiB' or a plain number of bytes; units are binary (as in qemu-img)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("size", "expected a size such as '4G' or '512M'")
+    if isinstance(value, int):
+        return value
+    match = SIZE_RE.match(str(value))
+    if not match:
+        raise PydanticCustomError("size", "expected a size such as '4G' or '512M'")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+class Accelerator(StrEnum):
+    auto = "auto"
+    kvm = "kvm"
+    tcg = "tcg"
+
+
+class Filesystem(StrEnum):
+    ext4 = "ext4"
+    btrfs = "btrfs"
+    xfs = "xfs"
+
+
+class BuilderKind(StrEnum):
+    bootstrap = "bootstrap"
+    packer = "packer"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=False)
+
+
+class MachineConfig(Strict):
+    """[machine]: the VM settings every build shares (the role of base.json in the original design)."""
+
+    cpus: int = Field(2, ge=1, le=256, description="virtual CPUs of every build and boot VM")
+    memory: int = Field(2 << 30, description="memory of every VM, e.g. '2G'")
+    disk_size: int = Field(4 << 30, description="virtual size of the image disk, e.g. '4G'")
+    accelerator: Accelerator = Field(
+        Accelerator.auto, description="'auto' probes KVM with a tiny guest and falls back to TCG"
+    )
+
+    @field_validator("memory", "disk_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_range(cls, value: int) -> int:
+        if value < 256 << 20:
+            raise PydanticCustomError("size", "at least 256M are needed to boot an image")
+        return value
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk_range(cls, value: int) -> int:
+        if value < 1 << 30:
+            raise PydanticCustomError("size", "at least 1G is needed for a base image")
+        return value
+
+
+class BuildPaths(Strict):
+    """[build]: where results, work files and caches go."""
+
+    output_dir: Path = Field(Path("output"), description="images, manifests and logs, one folder per image")
+    cache_dir: Path = Field(
+        Path("~/.cache/stage4"), description="package cache and accelerator probe results, kept between builds"
+    )
+
+    @field_validator("output_dir", "cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class ImageConfig(Strict):
+    """[images.NAME]: one image to build."""
+
+    distribution: str = Field(DEFAULT_IMAGE, description="one of `stage4 distributions`, e.g. 'debian-12'")
+    builder: BuilderKind = Field(BuilderKind.bootstrap, description="'bootstrap' (mmdebstrap, no VM)")
+    filesystem: Filesystem = Field(Filesystem.ext4, description="root filesystem: 'ext4', 'btrfs' or 'xfs'")
+    identifier: str = Field(
+        "SLX_SYS",
+        description="GPT partition name and filesystem label of the root partition "
+        "(the clients' SLX_SYSTEM_PARTITION_IDENTIFIER)",
+    )
+    packages: tuple[str, ...] = Field((), description="extra packages for the base (keep it small)")
+    mirror: str | None = Field(None, description="package mirror URL; default: the distribution's own")
+
+    @field_validator("distribution")
+    @classmethod
+    def _known_distribution(cls, value: str) -> str:
+        if value not in distributions.names():
+            raise PydanticCustomError(
+                "distribution", "unknown distribution; known: {known}", {"known": ", ".join(distributions.names())}
+            )
+        return value
+
+    @field_validator("identifier")
+    @classmethod
+    def _valid_identifier(cls, value: str, info: Any) -> str:
+        if not value:
+            raise PydanticCustomError("identifier", "must not be empty")
+        if not value.isascii():
+            raise PydanticCustomError("identifier", "must be ASCII (it is a GPT name and a filesystem label)")
+        if not IDENTIFIER_RE.match(value):
+            raise PydanticCustomError("identifier", "may contain only letters, digits, '_', '.' and '-'")
+        if len(value) > GPT_NAME_LIMIT:
+            raise PydanticCustomError("identifier", "longer than the 36 characters of a GPT partition name")
+        filesystem = info.data.get("filesystem")
+        if filesystem is not None and len(value) > LABEL_LIMITS[filesystem]:
+            raise PydanticCustomError(
+                "identifier",
+                "longer than the {limit} bytes of a {fs} label",
+                {"limit": LABEL_LIMITS[filesystem], "fs": str(filesystem)},
+            )
+        return value
+
+    @field_validator("packages")
+    @classmethod
+    def _package_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not PACKAGE_RE.match(name):
+                raise PydanticCustomError("package", "{name!r} is not a package name", {"name": name})
+        return value
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(https?|file)://\S+$", value):
+            raise PydanticCustomError("mirror", "expected an http://, https:// or file:// URL")
+        return value.rstrip("/") if value else value
+
+
+ImageName = Annotated[str, Field(pattern=NAME_RE.pattern)]
+
+
+class Config(Strict):
+    """The whole project file."""
+
+    machine: MachineConfig = MachineConfig()
+    build: BuildPaths = BuildPaths()
+    images: dict[ImageName, ImageConfig] = Field(
+        default_factory=lambda: {DEFAULT_IMAGE: ImageConfig()}, description="the images to build"
+    )
+    source: str = Field("built-in defaults", exclude=True)
+
+    @field_validator("images")
+    @classmethod
+    def _some_image(cls, value: dict) -> dict:
+        if not value:
+            raise PydanticCustomError("images", "no image defined; add an [images.NAME] table")
+        return value
+
+    def image(self, name: str) -> ImageConfig:
+        try:
+            return self.images[name]
+        except KeyError:
+            raise ConfigError(self.source, f"images.{name}", MISSING, f"no such image; defined: {', '.join(self.images)}") from None
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return MISSING
+    return data
+
+
+def _message(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "enum":
+        return "must be one of " + error["ctx"]["expected"].replace("'", "")
+    if kind == "string_pattern_mismatch":
+        return "must be a simple name (letters, digits, '.', '_', '-'; at most 64 characters)"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def from_dict(data: dict, source: str) -> Config:
+    """Validate parsed TOML; the first problem becomes a ConfigError naming source, key and value."""
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = error["loc"]
+        if loc and loc[-1] == "[key]":
+            loc = loc[:-1]
+            problem = f"image name {loc[-1]!r} is not a simple name (letters, digits, '.', '_', '-')"
+            raise ConfigError(source, ".".join(map(str, loc[:-1])), MISSING, problem) from None
+        raise ConfigError(source, _dotted(loc), _lookup(data, loc), _message(error)) from None
+
+
+def load(path: Path | None = None) -> Config:
+    """Read a project file; without one, ./stage4.toml if it exists, else the built-in defaults."""
+    if path is None:
+        candidate = Path(DEFAULT_CONFIG_FILE)
+        if not candidate.exists():
+            return Config()
+        path = candidate
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", MISSING, f"cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "(file)", MISSING, f"not valid TOML: {exc}") from None
+    return from_dict(data, str(path))
+
+
+def reference() -> str:
+    """Markdown reference of every config key, generated from the model."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def table(prefix: str, model: type[BaseModel]) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude or name == "images":
+                continue
+            default = field.default
+            shown = default.value if isinstance(default, StrEnum) else default
+            if name in ("memory", "disk_size"):
+                shown = f"{default >> 30}G"
+            lines.append(f"| `{prefix}.{name}` | `{shown!s}` | {field.description} |")
+
+    table("machine", MachineConfig)
+    table("build", BuildPaths)
+    table("images.NAME", ImageConfig)
+    return "\n".join(lines) + "\n"

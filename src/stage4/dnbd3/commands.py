@@ -1,0 +1,3 @@
+"""CLI commands of this package (registered by stage4.cli)."""
+
+COMMANDS: list = []

@@ -1,0 +1,194 @@
+"""The one way stage4 runs external commands.
+
+Every command is logged, its output is streamed line by line to the build log and the progress display,
+a failure becomes a StepFailed naming the step, and an interruption (SIGINT, SIGTERM) terminates the
+command's whole process group before it propagates. Children run in their own session so that a Ctrl-C
+reaches stage4 first and stage4 decides how they end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stage4.errors import Interrupted, StepFailed
+from stage4.ui import Display
+
+TERMINATE_GRACE_SECONDS = 20
+
+
+@dataclass
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: str
+
+
+@dataclass
+class Process:
+    """A command running in the background (qemu, a storage daemon), stopped on exit of its context."""
+
+    argv: list[str]
+    popen: subprocess.Popen
+    lines: deque = field(default_factory=lambda: deque(maxlen=200))
+    _listeners: list[Callable[[str], None]] = field(default_factory=list)
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def on_line(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM (and SIGINT) into Interrupted so that every cleanup in the call stack runs."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _stop_group(popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = TERMINATE_GRACE_SECONDS) -> None:
+    """Stop a child and everything it started; escalate to SIGKILL after `grace` seconds."""
+    if popen.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, sig)
+    deadline = time.monotonic() + grace
+    while popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()
+
+
+class Runner:
+    def __init__(self, display: Display | None = None):
+        self.display = display or Display()
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.display.log.path if self.display.log else None
+
+    def run(
+        self,
+        argv: Sequence[str | os.PathLike],
+        *,
+        step: str,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        input: bytes | None = None,
+        capture: bool = False,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> Completed:
+        """Run a command to its end. With capture, its stdout is returned instead of being streamed."""
+        args = [str(a) for a in argv]
+        self.display.command(args)
+        full_env = None if env is None else {**os.environ, **env}
+        try:
+            popen = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
+        tail: deque[str] = deque(maxlen=15)
+        captured: list[bytes] = []
+
+        def pump_stderr() -> None:
+            for raw in popen.stderr:
+                line = raw.decode(errors="replace")
+                tail.append(line.rstrip())
+                self.display.output(line)
+
+        readers = [threading.Thread(target=pump_stderr, daemon=True)]
+        if capture:
+            readers.append(threading.Thread(target=lambda: captured.append(popen.stdout.read()), daemon=True))
+        else:
+            def pump_stdout() -> None:
+                for raw in popen.stdout:
+                    line = raw.decode(errors="replace")
+                    tail.append(line.rstrip())
+                    self.display.output(line)
+
+            readers.append(threading.Thread(target=pump_stdout, daemon=True))
+        for reader in readers:
+            reader.start()
+        try:
+            if input is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    popen.stdin.write(input)
+                    popen.stdin.close()
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(popen)
+            raise StepFailed(step, f"{args[0]} did not finish within {timeout:.0f} s", self.log_path) from None
+        except BaseException:
+            _stop_group(popen)
+            raise
+        for reader in readers:
+            reader.join()
+        stdout = b"".join(captured).decode(errors="replace")
+        if capture:
+            for line in stdout.splitlines()[:200]:
+                self.display.output(line)
+        if check and popen.returncode != 0:
+            last = " | ".join(line for line in tail if line.strip())[-600:]
+            detail = f"{Path(args[0]).name} exited with {popen.returncode}" + (f": {last}" if last else "")
+            raise StepFailed(step, detail, self.log_path)
+        return Completed(args, popen.returncode, stdout)
+
+    @contextlib.contextmanager
+    def background(
+        self,
+        argv: Sequence[str | os.PathLike],
+        *,
+        step: str,
+        env: Mapping[str, str] | None = None,
+        stop_signal: int = signal.SIGTERM,
+        grace: float = 10,
+    ) -> Iterator[Process]:
+        """Start a long-running command; its output lines are streamed and kept; it is stopped on exit."""
+        args = [str(a) for a in argv]
+        self.display.command(args)
+        full_env = None if env is None else {**os.environ, **env}
+        try:
+            popen = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=full_env, start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
+        process = Process(args, popen)
+
+        def pump() -> None:
+            for raw in popen.stdout:
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                process.lines.append(line)
+                self.display.output(line)
+                for listener in list(process._listeners):
+                    listener(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            yield process
+        finally:
+            _stop_group(popen, stop_signal, grace)
+            reader.join(timeout=5)
