@@ -16,7 +16,7 @@ from stage4.dnbd3.commands import COMMANDS as DNBD3_COMMANDS
 from stage4.builders.render_commands import COMMANDS as RENDER_COMMANDS
 from stage4.runner import install_signal_handlers
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Context:

@@ -63,7 +63,7 @@ class BuilderKind(StrEnum):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class MachineConfig(Strict):
@@ -107,7 +107,7 @@ class BuildPaths(Strict):
     @field_validator("output_dir", "cache_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+        return value.expanduser().absolute()
 
 
 class ImageConfig(Strict):

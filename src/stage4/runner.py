@@ -163,8 +163,12 @@ class Runner:
         env: Mapping[str, str] | None = None,
         stop_signal: int = signal.SIGTERM,
         grace: float = 10,
+        on_line: Callable[[str], None] | None = None,
     ) -> Iterator[Process]:
-        """Start a long-running command; its output lines are streamed and kept; it is stopped on exit."""
+        """Start a long-running command; its output lines are streamed, kept and passed to `on_line`.
+
+        The command is stopped (its whole process group) when the context exits.
+        """
         args = [str(a) for a in argv]
         self.display.command(args)
         full_env = None if env is None else {**os.environ, **env}
@@ -176,6 +180,8 @@ class Runner:
         except FileNotFoundError as exc:
             raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
         process = Process(args, popen)
+        if on_line is not None:
+            process.on_line(on_line)
 
         def pump() -> None:
             for raw in popen.stdout:

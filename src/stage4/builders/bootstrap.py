@@ -1,0 +1,176 @@
+"""The bootstrap builder: mmdebstrap into a directory, no installer, no VM.
+
+The tree gets a kernel, systemd, the initramfs and what Ansible needs later (python3, sudo, sshd);
+no compilers, no desktop. The initramfs is built once, at the end: apt-based flows otherwise build it
+twice (the kernel's postinst hook, then the dracut trigger), which is most of a plain bootstrap's time.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from stage4.distributions.apt import AptDistribution
+from stage4.runner import Runner
+
+# Where the real dracut waits while packages install; /usr/bin/dracut missing makes the
+# kernel hook and the trigger skip themselves ("[ -x /usr/bin/dracut ] || exit 0").
+DRACUT_DIVERT = "/usr/bin/dracut.stage4-deferred"
+DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
+DPKG_INCLUDES = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
+
+MARKER_UNIT = """\
+[Unit]
+Description=stage4: report on the serial console that userspace is up (stage4 VM boots only)
+ConditionPathExists=/sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4/marker/raw
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo "STAGE4-USERSPACE-UP $(cat /sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4/marker/raw)" > /dev/ttyS0'
+ExecStart=/bin/sh -c 'test ! -e /sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4/poweroff/raw || systemctl poweroff --no-block'
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+FW_CFG_MODULE = "qemu_fw_cfg\n"
+
+NETWORK = """\
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=yes
+"""
+
+# Host keys must differ between clients: none in the image, generated on first start.
+SSH_HOST_KEYS = """\
+[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+"""
+
+
+@dataclass(frozen=True)
+class BootstrapPlan:
+    distribution: type[AptDistribution]
+    mirror: str | None
+    filesystem: str
+    identifier: str
+    extra_packages: tuple[str, ...]
+    hostname: str
+
+    def packages(self) -> list[str]:
+        return sorted({*self.distribution.packages(self.filesystem), *self.extra_packages})
+
+    def sources(self) -> list[str]:
+        return self.distribution.sources(self.mirror)
+
+    def identity_inputs(self) -> dict:
+        return {"distribution": self.distribution.name, "sources": self.sources(), "packages": self.packages(),
+                "filesystem": self.filesystem, "identifier": self.identifier, "hostname": self.hostname}
+
+
+def fstab(identifier: str, filesystem: str) -> str:
+    passno = 1 if filesystem == "ext4" else 0
+    return f"PARTLABEL={identifier} / {filesystem} defaults 0 {passno}\n"
+
+
+def stage_files(plan: BootstrapPlan, staging: Path) -> None:
+    """The files stage4 adds to the tree, laid out under `staging` and synced into it by mmdebstrap."""
+    files = {
+        "etc/hostname": f"{plan.hostname}\n",
+        "etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{plan.hostname}\n::1\tlocalhost ip6-localhost\n",
+        "etc/fstab": fstab(plan.identifier, plan.filesystem),
+        "etc/systemd/network/80-dhcp.network": NETWORK,
+        "etc/systemd/system/stage4-marker.service": MARKER_UNIT,
+        "etc/systemd/system/ssh.service.d/stage4-host-keys.conf": SSH_HOST_KEYS,
+        "etc/modules-load.d/stage4-fw-cfg.conf": FW_CFG_MODULE,
+    }
+    for relative, content in files.items():
+        path = staging / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+
+
+def customize_script() -> str:
+    return textwrap.dedent(f"""\
+        set -eu
+        root="$1"
+        chroot "$root" dpkg-divert --quiet --local --rename --remove --divert {DRACUT_DIVERT} /usr/bin/dracut
+        chroot "$root" systemctl enable --quiet systemd-networkd.service stage4-marker.service
+        chroot "$root" systemctl mask --quiet systemd-networkd-wait-online.service
+        rm -f "$root"/etc/ssh/ssh_host_*
+        : > "$root/etc/machine-id"
+        for kernel in "$root"/boot/vmlinuz-*; do
+            version="${{kernel##*/vmlinuz-}}"
+            echo "stage4: building the initramfs for $version once"
+            chroot "$root" dracut --quiet --force --no-hostonly "/boot/initrd.img-$version" "$version"
+        done
+        """)
+
+
+def essential_script() -> str:
+    return f'chroot "$1" dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut\n'
+
+
+def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, apt_cache: Path, runner: Runner) -> None:
+    staging = work / "staging"
+    stage_files(plan, staging)
+    essential, customize = work / "essential.sh", work / "customize.sh"
+    essential.write_text(essential_script(), encoding="utf-8")
+    customize.write_text(customize_script(), encoding="utf-8")
+    apt_cache.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
+        f"--include={','.join(plan.packages())}",
+        "--aptopt=Acquire::Retries \"3\"",
+        *[f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES],
+        *[f"--dpkgopt=path-include={pattern}" for pattern in DPKG_INCLUDES],
+        # Keep downloaded packages between builds: a rebuild with one more package downloads one package.
+        "--skip=essential/unlink",
+        f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+        f"--setup-hook=sync-in {apt_cache} /var/cache/apt/archives/",
+        f"--essential-hook=sh {essential} \"$1\"",
+        f"--customize-hook=sync-in {staging} /",
+        f"--customize-hook=sh {customize} \"$1\"",
+        f"--customize-hook=sync-out /var/cache/apt/archives {apt_cache}",
+        plan.distribution.codename, str(rootfs), *plan.sources(),
+    ]
+    runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
+
+
+def kernel_versions(rootfs: Path) -> list[str]:
+    return sorted(path.name.removeprefix("vmlinuz-") for path in (rootfs / "boot").glob("vmlinuz-*"))
+
+
+def installed_packages(rootfs: Path, runner: Runner) -> dict[str, str]:
+    result = runner.run(["dpkg-query", f"--admindir={rootfs / 'var/lib/dpkg'}", "-W",
+                         "-f=${Package}\\t${Version}\\t${db:Status-Abbrev}\\n"],
+                        step="package list", capture=True)
+    packages = {}
+    for line in result.stdout.splitlines():
+        name, version, status = line.split("\t")
+        if status.startswith("ii"):
+            packages[name] = version
+    return packages
+
+
+def check_mirror_reachable(plan: BootstrapPlan) -> str | None:
+    """None if the release file can be fetched, else the reason it cannot."""
+    import urllib.error
+    import urllib.request
+
+    url = plan.distribution.release_file_url(plan.mirror)
+    if url.startswith("file://"):
+        return None if os.path.exists(url.removeprefix("file://")) else f"{url} does not exist"
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            response.read(64)
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"{url}: {getattr(exc, 'reason', exc)}"

@@ -1,0 +1,151 @@
+"""Reading files out of an image without booting it: partitions, filesystem labels, /boot.
+
+A qcow2 (with its whole backing chain) is first seen as raw through `qemu-img convert` into a sparse
+temporary file. ext4 is then read with debugfs at the partition's offset: no mount, no root. debugfs
+cannot read btrfs or xfs; for those a read-only loop mount at the partition's offset is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from stage4.errors import StepFailed
+from stage4.image import qcow2
+from stage4.runner import Runner
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    number: int
+    name: str
+    type_guid: str
+    offset: int
+    size: int
+    fs_type: str | None
+    fs_label: str | None
+
+
+@contextlib.contextmanager
+def raw_view(image: Path, runner: Runner) -> Iterator[Path]:
+    """The image as a raw disk: the file itself if it is raw, else a sparse temporary conversion."""
+    if not qcow2.is_qcow2(image):
+        yield image
+        return
+    with tempfile.TemporaryDirectory(prefix="stage4-raw-") as tmp:
+        raw = Path(tmp) / "disk.raw"
+        runner.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw], step="read image")
+        yield raw
+
+
+def partitions(raw: Path, runner: Runner) -> tuple[str | None, list[PartitionInfo]]:
+    """The partition table type and its partitions, read by sfdisk and blkid (not by stage4's writer)."""
+    result = runner.run(["sfdisk", "--json", raw], step="read partition table", capture=True, check=False)
+    if result.returncode != 0 or not result.stdout.strip():
+        return None, []
+    table = json.loads(result.stdout)["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    found = []
+    for number, entry in enumerate(table.get("partitions", []), start=1):
+        offset, size = entry["start"] * sector, entry["size"] * sector
+        probe = runner.run(["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), raw],
+                           step="read filesystem label", capture=True, check=False)
+        tags = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+        found.append(PartitionInfo(number, entry.get("name", ""), entry.get("type", ""), offset, size,
+                                   tags.get("TYPE"), tags.get("LABEL")))
+    return table.get("label"), found
+
+
+class FilesystemReader:
+    """Lists and copies files of one partition's filesystem."""
+
+    def __init__(self, raw: Path, partition: PartitionInfo, runner: Runner):
+        self.raw, self.partition, self.runner = raw, partition, runner
+        self._mount: Path | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> FilesystemReader:
+        if self.partition.fs_type != "ext4":
+            self._mount = self._stack.enter_context(self._loop_mount())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def _debugfs_target(self) -> str:
+        return f"{self.raw}?offset={self.partition.offset}"
+
+    def list_dir(self, path: str) -> list[str]:
+        if self._mount is not None:
+            directory = self._mount / path.lstrip("/")
+            return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        result = self.runner.run(["debugfs", "-R", f"ls -p {path}", self._debugfs_target], step="read files",
+                                 capture=True)
+        # `ls -p` lines: /inode/mode/uid/gid/name/size/
+        names = [line.split("/")[5] for line in result.stdout.splitlines() if line.count("/") >= 6]
+        return sorted(name for name in names if name not in (".", ".."))
+
+    def copy_out(self, path: str, dest: Path) -> None:
+        if self._mount is not None:
+            shutil.copyfile(self._mount / path.lstrip("/"), dest)
+            return
+        self.runner.run(["debugfs", "-R", f"dump {path} {dest}", self._debugfs_target], step="read files")
+        if not dest.exists():
+            raise StepFailed("read files", f"{path} is not in the image")
+
+    @contextlib.contextmanager
+    def _loop_mount(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="stage4-mnt-") as tmp:
+            options = f"ro,loop,offset={self.partition.offset},sizelimit={self.partition.size}"
+            if self.partition.fs_type == "xfs":
+                options += ",norecovery"
+            self.runner.run(["mount", "-t", self.partition.fs_type or "auto", "-o", options, self.raw, tmp],
+                            step="read files")
+            try:
+                yield Path(tmp)
+            finally:
+                self.runner.run(["umount", tmp], step="read files (unmount)", check=False)
+
+
+def root_partition(parts: list[PartitionInfo], identifier: str) -> PartitionInfo | None:
+    return next((p for p in parts if p.name == identifier), None)
+
+
+def boot_files(reader: FilesystemReader) -> dict[str, str]:
+    """Kernel version -> initramfs file name ('' if none) found in /boot."""
+    names = reader.list_dir("/boot")
+    kernels = {}
+    for name in names:
+        if name.startswith("vmlinuz-"):
+            version = name.removeprefix("vmlinuz-")
+            initrd = next((c for c in (f"initrd.img-{version}", f"initramfs-{version}.img") if c in names), "")
+            kernels[version] = initrd
+    return kernels
+
+
+def extract_boot_files(image: Path, dest: Path, runner: Runner, identifier: str = "SLX_SYS",
+                       kernel_version: str | None = None) -> tuple[Path, Path]:
+    """Copy the (newest, or the given) kernel and its initramfs out of the image into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with raw_view(image, runner) as raw:
+        _, parts = partitions(raw, runner)
+        root = root_partition(parts, identifier)
+        if root is None:
+            raise StepFailed("extract kernel", f"{image} has no partition named {identifier!r}")
+        with FilesystemReader(raw, root, runner) as reader:
+            kernels = boot_files(reader)
+            if not kernels:
+                raise StepFailed("extract kernel", f"{image} has no kernel in /boot")
+            version = kernel_version or sorted(kernels)[-1]
+            if not kernels.get(version):
+                raise StepFailed("extract kernel", f"{image} has no initramfs for kernel {version}")
+            kernel, initrd = dest / f"vmlinuz-{version}", dest / f"initrd.img-{version}"
+            reader.copy_out(f"/boot/vmlinuz-{version}", kernel)
+            reader.copy_out(f"/boot/{kernels[version]}", initrd)
+    return kernel, initrd

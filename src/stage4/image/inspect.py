@@ -1,0 +1,129 @@
+"""`stage4 inspect`: what an image holds and whether a Stage4 client can boot it.
+
+Facts come from the qcow2 header, sfdisk, blkid and the root filesystem's /boot (read without
+mounting where the filesystem allows, see files.py). The checks are the client side's conditions:
+the root partition found by the identifier as both GPT name and filesystem label, and a standalone
+qcow2 that xloop accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from stage4.image import files, qcow2
+from stage4.runner import Runner
+
+DEFAULT_IDENTIFIER = "SLX_SYS"
+GROWABLE_FILESYSTEMS = ("ext4", "xfs")  # what stage 4's systemd-grow_rootfs can resize
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str = ""
+    required: bool = True
+
+
+@dataclass
+class InspectReport:
+    image: Path
+    format: str
+    size: int
+    identifier: str
+    qcow2: qcow2.Qcow2Header | None
+    partition_table: str | None
+    partitions: list[files.PartitionInfo] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks if check.required)
+
+    def problems(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.required and not c.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "image": str(self.image),
+            "format": self.format,
+            "file_size": self.size,
+            "identifier": self.identifier,
+            "qcow2": self.qcow2.to_dict() if self.qcow2 else None,
+            "partition_table": self.partition_table,
+            "partitions": [asdict(p) for p in self.partitions],
+            "kernels": [{"version": v, "initramfs": i or None} for v, i in sorted(self.kernels.items())],
+            "checks": [asdict(c) for c in self.checks],
+            "passed": self.passed,
+        }
+
+    def print(self, console: Console) -> None:
+        console.print(f"[bold]{self.image}[/bold]: {self.format}, {self.size / (1 << 20):.1f} MiB on disk")
+        if self.qcow2:
+            q = self.qcow2
+            console.print(f"  qcow2 v{q.version}, virtual {q.virtual_size / (1 << 30):.2f} GiB, cluster {q.cluster_size}, "
+                          f"compression {q.compression}, backing file {q.backing_file or 'none'}, "
+                          f"dirty {q.dirty}, corrupt {q.corrupt}")
+        parts = Table("#", "GPT name", "type", "size", "filesystem", "label", title=f"partition table: {self.partition_table}")
+        for p in self.partitions:
+            parts.add_row(str(p.number), p.name, p.type_guid, f"{p.size / (1 << 20):.0f} MiB", p.fs_type or "", p.fs_label or "")
+        console.print(parts)
+        for version, initrd in sorted(self.kernels.items()):
+            console.print(f"  kernel {version}, initramfs {initrd or 'MISSING'}")
+        for check in self.checks:
+            mark = "[green]PASS[/green]" if check.passed else ("[red]FAIL[/red]" if check.required else "[yellow]WARN[/yellow]")
+            console.print(f"  {mark} {check.name}" + (f" — {check.detail}" if check.detail else ""))
+        console.print("[green]Stage4 requirements met[/green]" if self.passed else "[red]Stage4 requirements NOT met[/red]")
+
+
+def detect_identifier(parts: list[files.PartitionInfo]) -> str | None:
+    """The identifier an image was built with: a partition whose GPT name equals its filesystem label."""
+    candidates = [p for p in parts if p.name and p.name == p.fs_label and p.fs_type not in (None, "vfat")]
+    return candidates[0].name if candidates else None
+
+
+def _qcow2_checks(header: qcow2.Qcow2Header | None) -> list[Check]:
+    if header is None:
+        return [Check("format is qcow2", False, "a raw image; export a qcow2 (xloop reads qcow2)")]
+    return [
+        Check("format is qcow2 v2 or v3", header.version in (2, 3), f"version {header.version}"),
+        Check("no backing file", header.backing_file is None,
+              f"backing file {header.backing_file}; flatten the chain first" if header.backing_file else ""),
+        Check("not dirty, not corrupt", not header.dirty and not header.corrupt,
+              f"dirty={header.dirty} corrupt={header.corrupt}"),
+        Check("no encryption", header.encryption == "none", header.encryption),
+        Check("no external data file", not header.external_data_file),
+        Check("compression zlib or zstd", header.compression in ("zlib", "zstd"), header.compression),
+        Check("cluster size 512 B .. 2 MiB", 9 <= header.cluster_bits <= 21, f"{header.cluster_size} bytes"),
+    ]
+
+
+def inspect_image(image: Path, identifier: str | None = None, runner: Runner | None = None) -> InspectReport:
+    runner = runner or Runner()
+    header = qcow2.read_header(image) if qcow2.is_qcow2(image) else None
+    with files.raw_view(image, runner) as raw:
+        table, parts = files.partitions(raw, runner)
+        wanted = identifier or detect_identifier(parts) or DEFAULT_IDENTIFIER
+        report = InspectReport(image, "qcow2" if header else "raw", image.stat().st_size, wanted, header, table, parts)
+        report.checks += _qcow2_checks(header)
+        report.checks.append(Check("GPT partition table", table == "gpt", table or "none"))
+        root = files.root_partition(parts, wanted)
+        report.checks.append(Check(f"a partition with GPT name {wanted!r}", root is not None,
+                                   "" if root else f"names: {', '.join(p.name for p in parts) or 'none'}"))
+        if root is None:
+            return report
+        report.checks.append(Check(f"its filesystem label is {wanted!r}", root.fs_label == wanted,
+                                   f"label {root.fs_label!r}, {root.fs_type}"))
+        report.checks.append(Check("root filesystem can be grown by stage 4 (ext4, xfs)",
+                                   root.fs_type in GROWABLE_FILESYSTEMS, root.fs_type or "unknown", required=False))
+        if root.fs_type in ("ext4", "xfs", "btrfs"):
+            with files.FilesystemReader(raw, root, runner) as reader:
+                report.kernels = files.boot_files(reader)
+        report.checks.append(Check("a kernel and its initramfs in /boot", any(report.kernels.values()),
+                                   ", ".join(sorted(report.kernels)) or "none found"))
+    return report
