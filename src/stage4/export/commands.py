@@ -1,3 +1,77 @@
-"""CLI commands of this package (registered by stage4.cli)."""
+"""CLI commands of this package (registered by stage4.cli): `stage4 export`."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from stage4.errors import InputError
+
+
+@click.command()
+@click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--store", required=True, metavar="DIR|HOST:/DIR",
+              help="the dnbd3-server basePath: a local directory, or host:/path over SSH")
+@click.option("--name", required=True, help="image name in the store, e.g. stage4/debian-12.qcow2")
+@click.option("--rid", default=None, help="revision to publish (default: the next free one); never overwritten")
+@click.option("--server", "servers", multiple=True, metavar="HOST[:PORT]",
+              help="DNBD3 server the clients use (repeatable; goes into SLX_DNBD3_SERVERS)")
+@click.option("--identifier", default=None, help="root partition identifier (default: what inspect finds)")
+@click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="kernel to publish as kernel.r<RID> (default: taken out of the image)")
+@click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="initramfs to publish as initrd.r<RID> (default: taken out of the image)")
+@click.option("--no-boot-files", is_flag=True, help="publish no kernel and initrd")
+@click.option("--boot-dir", default=None,
+              help="directory for kernel.r<RID>, initrd.r<RID>, config.r<RID> (e.g. the HTTP boot dir; "
+                   "default: <store>/.stage4/<name>, hidden from dnbd3-server's scan)")
+@click.option("--activate", is_flag=True, help="also replace <boot-dir>/config with this revision's config")
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="build manifest with the source identity (default: the .json beside the image)")
+@click.option("--source-identity", default=None, help="build identity to record (overrides --manifest)")
+@click.option("--reload-pidfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="send SIGHUP (rescan; not SIGUSR1) to the server with this pid file afterwards")
+@click.option("--json", "as_json", is_flag=True, help="print the publication record as JSON")
+@click.pass_obj
+def export(obj, image: Path, store: str, name: str, rid: str | None, servers: tuple[str, ...],
+           identifier: str | None, kernel: Path | None, initrd: Path | None, no_boot_files: bool,
+           boot_dir: str | None, activate: bool, manifest: Path | None, source_identity: str | None,
+           reload_pidfile: Path | None, as_json: bool) -> None:
+    """Publish the standalone qcow2 IMAGE as a new revision of NAME in a DNBD3 image store.
+
+    Writes <name>.r<RID> (padded to 4 KiB) and <name>.r<RID>.crc atomically, never over an existing
+    revision; kernel, initrd and the stage-3 config fragment of that revision into the boot directory;
+    and a JSON record of the publication into <store>/.stage4/<name>/.
+    """
+    from stage4.export.publish import publish, read_identity
+    from stage4.runner import Runner
+    from stage4.ui import Display
+
+    if no_boot_files and (kernel or initrd):
+        raise InputError("--no-boot-files cannot be combined with --kernel/--initrd")
+    if source_identity is None and manifest is not None:
+        source_identity = read_identity(manifest)
+    display = Display(debug=bool(getattr(obj, "debug", False)))
+    runner = Runner(display)
+    with display.step(f"export {image} as {name}"):
+        publication = publish(
+            image, store, name, rid=rid, kernel=kernel, initrd=initrd, servers=list(servers),
+            identifier=identifier, source_identity=source_identity, reload_pidfile=reload_pidfile,
+            boot_dir=boot_dir, activate=activate, boot_files=not no_boot_files, runner=runner,
+        )
+    for warning in publication.warnings:
+        display.info(f"warning: {warning}")
+    if as_json:
+        click.echo(json.dumps(publication.to_dict(), indent=2))
+    else:
+        click.echo(f"published {publication.name}:{publication.rid} -> {publication.image} "
+                   f"({publication.size} bytes, sha256 {publication.sha256[:16]}...)")
+        click.echo(f"  crc:    {publication.crc}")
+        if publication.kernel:
+            click.echo(f"  kernel: {publication.kernel}\n  initrd: {publication.initrd}")
+        click.echo(f"  config: {publication.config}\n  record: {publication.record}")
+
+
+COMMANDS: list = [export]
