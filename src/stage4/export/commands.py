@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from stage4.dnbd3.store import parse_rid, validate_name
 from stage4.errors import InputError
 
 
@@ -49,6 +50,9 @@ def export(obj, image: Path, store: str, name: str, rid: str | None, servers: tu
     from stage4.runner import Runner
     from stage4.ui import Display
 
+    validate_name(name)  # bad input fails before any step starts: one line, exit code 2
+    if rid is not None:
+        parse_rid(rid)
     if no_boot_files and (kernel or initrd):
         raise InputError("--no-boot-files cannot be combined with --kernel/--initrd")
     if source_identity is None and manifest is not None:
