@@ -61,14 +61,17 @@ def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> 
 
 def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | None = None,
          initrd: Path | None = None, identifier: str | None = None, writable: bool = False,
-         timeout: float = 600, serial_log: Path | None = None, debug: bool = False) -> BootResult:
+         timeout: float = 600, serial_log: Path | None = None, firmware: str = "bios",
+         debug: bool = False) -> BootResult:
     """Boot an image in qemu (read-only unless writable) and wait for its userspace marker."""
     if not image.is_file():
         raise InputError(f"{image}: no such image file")
     if via not in ("bootloader", "kernel"):
         raise InputError(f"--via {via!r}: expected 'bootloader' or 'kernel'")
+    if firmware not in ("bios", "uefi"):
+        raise InputError(f"--firmware {firmware!r}: expected 'bios' or 'uefi'")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    serial_log = serial_log or image.parent / "logs" / f"boot-{image.stem}-{via}-{stamp}.serial.log"
+    serial_log = serial_log or image.parent / "logs" / f"boot-{image.stem}-{via}-{firmware}-{stamp}.serial.log"
     with _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner, \
             tempfile.TemporaryDirectory(prefix="stage4-boot-") as tmp:
         if kernel is None or via == "bootloader" and config.machine.accelerator == "auto":
@@ -78,11 +81,11 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
         accelerator = accel.choose(config.machine.accelerator.value, kernel, runner, config.build.cache_dir)
         root = identifier or _identifier(image, runner)
         spec = BootSpec(image, accelerator, config.machine.cpus, config.machine.memory >> 20, serial_log,
-                        writable=writable, timeout=timeout)
+                        writable=writable, timeout=timeout, firmware=firmware)
         if via == "kernel":
             spec.kernel, spec.initrd = kernel, initrd
             spec.append = f"root=PARTLABEL={root} ro console=ttyS0,115200n8 panic=-1"
-        with runner.display.step(f"boot {image.name} via {via} on {accelerator} (waiting for the userspace marker)"):
+        with runner.display.step(f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"):
             return qemu.boot(spec, runner)
 
 

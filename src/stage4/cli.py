@@ -75,16 +75,18 @@ def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) ->
               help="boot this kernel instead (implies --via kernel)")
 @click.option("--initrd", type=click.Path(path_type=Path, exists=True), default=None, help="with --kernel")
 @click.option("--identifier", default=None, help="root partition identifier for root=PARTLABEL=")
+@click.option("--firmware", type=click.Choice(["bios", "uefi"]), default="bios", show_default=True,
+              help="SeaBIOS, or OVMF for UEFI")
 @click.option("--writable", is_flag=True, help="write to the image (default: read-only snapshot, like a client)")
 @click.option("--timeout", type=int, default=600, show_default=True, help="seconds to wait for the marker")
 @click.option("--log", "serial_log", type=click.Path(path_type=Path), default=None, help="serial log file")
 @click.pass_obj
 def boot(obj: Context, image: Path, via: str, kernel: Path | None, initrd: Path | None, identifier: str | None,
-         writable: bool, timeout: int, serial_log: Path | None) -> None:
+         firmware: str, writable: bool, timeout: int, serial_log: Path | None) -> None:
     """Boot IMAGE in qemu and wait until its userspace is up; exit 0 only if it booted."""
     result = api.boot(obj.config(), image, via="kernel" if kernel else via, kernel=kernel, initrd=initrd,
                       identifier=identifier, writable=writable, timeout=timeout, serial_log=serial_log,
-                      debug=obj.debug)
+                      firmware=firmware, debug=obj.debug)
     click.echo(f"booted: userspace marker after {result.seconds:.0f} s on {result.accelerator}; "
                f"serial log: {result.serial_log}")
 

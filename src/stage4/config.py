@@ -158,7 +158,7 @@ class ImageConfig(Strict):
     def _package_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
             if not PACKAGE_RE.match(name):
-                raise PydanticCustomError("package", "{name!r} is not a package name", {"name": name})
+                raise PydanticCustomError("package", "'{name}' is not a package name", {"name": name})
         return value
 
     @field_validator("mirror")

@@ -18,6 +18,7 @@ from stage4.errors import StepFailed
 from stage4.runner import Runner
 
 POWEROFF_WAIT = 90
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class BootSpec:
     append: str = ""
     writable: bool = False
     timeout: float = 600
+    firmware: str = "bios"
 
 
 @dataclass
@@ -58,6 +60,8 @@ def build_argv(spec: BootSpec, nonce: str) -> list[str]:
         "-fw_cfg", f"name=opt/org.stage4/marker,string={nonce}",
         "-fw_cfg", "name=opt/org.stage4/poweroff,string=1",
     ]
+    if spec.firmware == "uefi":
+        argv += ["-bios", str(OVMF)]
     if spec.kernel:
         argv += ["-kernel", str(spec.kernel), "-append", spec.append]
         if spec.initrd:

@@ -104,7 +104,9 @@ def build_base(job: BaseJob) -> BaseResult:
         raise ConfigError(job.source, f"images.{job.name}.mirror", shown,
                           f"mirror unreachable ({reason}); {plan.distribution.name} needs a reachable mirror")
 
-    work = job.cache_dir / "work" / f"{job.name}-{base_id[:16]}"
+    # The tree depends on fewer inputs than the disk: a new disk size or filesystem reuses it.
+    rootfs_id = identity("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap)})
+    work = job.cache_dir / "work" / f"{job.name}-{rootfs_id[:16]}"
     _remove_stale_work(work)
     work.mkdir(parents=True, exist_ok=True)
     rootfs, raw = work / "rootfs", work / "disk.raw"
@@ -120,7 +122,9 @@ def build_base(job: BaseJob) -> BaseResult:
         if not kernels:
             raise InputError(f"images.{job.name}: the bootstrap installed no kernel in /boot")
         _check_fits(job, rootfs, layout)
-        if not (work / "disk.done").exists():
+        disk_stamp = work / "disk.done"
+        if not disk_stamp.exists() or disk_stamp.read_text() != base_id:
+            disk_stamp.unlink(missing_ok=True)
             with display.step(f"{job.name}: assemble GPT disk ({plan.filesystem}, root '{plan.identifier}')"), \
                     _timed(timings, "disk"):
                 grub.install_files(rootfs, plan.identifier, kernels[-1], f"{plan.distribution.pretty_name} ({job.name})")
@@ -130,7 +134,7 @@ def build_base(job: BaseJob) -> BaseResult:
                 grub.make_image("x86_64-efi", efi, plan.identifier, work, job.runner)
                 disk.write_esp(layout, raw, efi, work, job.runner)
                 grub.embed_bios(layout, raw, work, plan.identifier, job.runner)
-            (work / "disk.done").touch()
+            disk_stamp.write_text(base_id)
         packages = bootstrap.installed_packages(rootfs, job.runner)
         job.image_dir.mkdir(parents=True, exist_ok=True)
         target = job.image_dir / BASE_IMAGE

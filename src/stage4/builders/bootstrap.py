@@ -70,9 +70,13 @@ class BootstrapPlan:
     def sources(self) -> list[str]:
         return self.distribution.sources(self.mirror)
 
-    def identity_inputs(self) -> dict:
+    def tree_inputs(self) -> dict:
+        """What the root file system tree depends on."""
         return {"distribution": self.distribution.name, "sources": self.sources(), "packages": self.packages(),
-                "filesystem": self.filesystem, "identifier": self.identifier, "hostname": self.hostname}
+                "fstab": fstab(self.identifier, self.filesystem), "hostname": self.hostname}
+
+    def identity_inputs(self) -> dict:
+        return {**self.tree_inputs(), "filesystem": self.filesystem, "identifier": self.identifier}
 
 
 def fstab(identifier: str, filesystem: str) -> str:

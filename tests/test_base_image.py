@@ -1,0 +1,165 @@
+"""The default base image, built for real and checked with tools that did not write it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stage4 import api
+from stage4.fsutil import sha256_file
+from tests.conftest import BuiltImage, run_stage4
+
+pytestmark = pytest.mark.slow
+
+
+def sfdisk(raw: Path) -> dict:
+    return json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
+                                     text=True).stdout)["partitiontable"]
+
+
+def root_entry(table: dict, identifier: str) -> dict:
+    (entry,) = [p for p in table["partitions"] if p.get("name") == identifier]
+    return entry
+
+
+def blkid(raw: Path, offset: int) -> dict:
+    out = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(offset), str(raw)], check=True,
+                         capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def debugfs(raw: Path, offset: int, command: str) -> str:
+    return subprocess.run(["debugfs", "-R", command, f"{raw}?offset={offset}"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_gpt_name_and_filesystem_label_are_the_identifier(base_image: BuiltImage, raw_copy: Path) -> None:
+    table = sfdisk(raw_copy)
+    assert table["label"] == "gpt"
+    names = [p.get("name") for p in table["partitions"]]
+    assert names == ["bios_grub", "ESP", "SLX_SYS"]
+    assert table["partitions"][0]["type"] == "21686148-6449-6E6F-744E-656564454649"
+    assert table["partitions"][1]["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    root = root_entry(table, "SLX_SYS")
+    tags = blkid(raw_copy, root["start"] * table["sectorsize"])
+    assert tags["LABEL"] == "SLX_SYS"
+    assert tags["TYPE"] == "ext4"
+    assert blkid(raw_copy, table["partitions"][1]["start"] * 512)["TYPE"] == "vfat"
+    # sfdisk's own verification of the table, including the backup GPT at the end of the disk
+    verify = subprocess.run(["sfdisk", "--verify", str(raw_copy)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "No errors detected" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_qcow2_is_standalone_clean_and_compressed(base_image: BuiltImage) -> None:
+    check = subprocess.run(["qemu-img", "check", "--output=json", str(base_image.path)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    result = json.loads(check.stdout)
+    assert result.get("corruptions", 0) == 0 and result.get("leaks", 0) == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(base_image.path)], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2"
+    assert "backing-filename" not in info
+    specific = info["format-specific"]["data"]
+    assert specific["compat"] == "1.1"
+    assert specific["compression-type"] == "zstd"
+    assert specific["corrupt"] is False
+    assert info["dirty-flag"] is False
+    assert info["virtual-size"] == 3 << 30
+    # compressed: far smaller on disk than the data it holds
+    assert base_image.path.stat().st_size < base_image.manifest["rootfs_bytes"] * 0.6
+
+
+def test_base_holds_what_ansible_needs_and_no_compiler(base_image: BuiltImage, raw_copy: Path) -> None:
+    table = sfdisk(raw_copy)
+    offset = root_entry(table, "SLX_SYS")["start"] * 512
+    status = debugfs(raw_copy, offset, "cat /var/lib/dpkg/status")
+    installed = {m.group(1) for m in re.finditer(r"^Package: (\S+)\nStatus: install ok installed", status, re.M)}
+    assert {"python3", "sudo", "openssh-server", "systemd-sysv", "dracut"} <= installed
+    assert not installed & {"gcc", "gcc-12", "cpp", "make", "build-essential", "xserver-xorg-core"}
+    assert "sshd" in debugfs(raw_copy, offset, "ls -p /usr/sbin")
+    assert "gcc" not in debugfs(raw_copy, offset, "ls -p /usr/bin").split("/")
+    assert set(base_image.manifest["packages"]) == installed
+
+
+def test_no_password_and_no_shared_host_keys(raw_copy: Path) -> None:
+    offset = root_entry(sfdisk(raw_copy), "SLX_SYS")["start"] * 512
+    shadow = debugfs(raw_copy, offset, "cat /etc/shadow")
+    for line in shadow.splitlines():
+        user, password = line.split(":")[:2]
+        assert password in ("*", "!", "!*", ""), f"{user} has a password hash"
+        assert password != "", f"{user} has an empty password"
+    ssh_dir = debugfs(raw_copy, offset, "ls -p /etc/ssh")
+    assert "ssh_host_" not in ssh_dir
+    assert debugfs(raw_copy, offset, "cat /etc/machine-id").strip() == ""
+    fstab = debugfs(raw_copy, offset, "cat /etc/fstab")
+    assert re.search(r"^PARTLABEL=SLX_SYS\s+/\s+ext4\s", fstab, re.M)
+
+
+def test_manifest_describes_the_image(base_image: BuiltImage) -> None:
+    manifest = base_image.manifest
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["identity"])
+    assert manifest["image"]["sha256"] == sha256_file(base_image.path)
+    assert manifest["image"]["size"] == base_image.path.stat().st_size
+    assert manifest["inputs"]["identifier"] == "SLX_SYS"
+    assert manifest["kernel_versions"] and all(v.endswith("-amd64") for v in manifest["kernel_versions"])
+    assert manifest["packages"]["python3"]
+
+
+def test_inspect_passes(base_image: BuiltImage) -> None:
+    report = api.inspect(base_image.path)
+    assert report.passed, report.problems()
+    assert report.identifier == "SLX_SYS"
+    assert list(report.kernels) == base_image.manifest["kernel_versions"]
+    cli = run_stage4("inspect", "--json", str(base_image.path))
+    assert cli.returncode == 0, cli.stderr
+    data = json.loads(cli.stdout)
+    assert data["passed"] is True
+    assert data["qcow2"]["backing_file"] is None and data["qcow2"]["compression"] == "zstd"
+    assert {c["name"] for c in data["checks"] if c["passed"]} >= {"no backing file", "its filesystem label is 'SLX_SYS'"}
+
+
+def test_inspect_fails_on_an_overlay_and_a_wrong_identifier(base_image: BuiltImage, tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base_image.path), str(overlay)],
+                   check=True, capture_output=True)
+    report = api.inspect(overlay)
+    assert not report.passed
+    assert any(problem.startswith("no backing file") for problem in report.problems())
+    cli = run_stage4("inspect", "--identifier", "system", str(base_image.path))
+    assert cli.returncode == 1
+    assert "FAIL a partition with GPT name 'system'" in cli.stdout
+
+
+def test_second_build_reuses_the_unchanged_base(base_image: BuiltImage) -> None:
+    before = sha256_file(base_image.path)
+    (result,) = api.build(base_image.config, ["debian-12"])
+    assert result.reused
+    assert result.identity == base_image.manifest["identity"]
+    assert sha256_file(result.image) == before
+
+
+def test_boots_via_its_own_bootloader(base_image: BuiltImage) -> None:
+    result = api.boot(base_image.config, base_image.path, via="bootloader", timeout=400)
+    log = result.serial_log.read_text(errors="replace")
+    assert f"STAGE4-USERSPACE-UP {result.marker}" in log
+    assert "GRUB" in log or "Booting `" in log
+    assert result.powered_off
+    # read-only like a client: the image is unchanged
+    assert sha256_file(base_image.path) == base_image.manifest["image"]["sha256"]
+
+
+def test_boots_via_extracted_kernel_with_partlabel_root(base_image: BuiltImage) -> None:
+    cli = run_stage4("boot", "--via", "kernel", "--timeout", "400", str(base_image.path),
+                     cwd=base_image.output_dir)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    match = re.search(r"serial log: (\S+)", cli.stdout)
+    assert match, cli.stdout
+    log = (base_image.output_dir / match.group(1)).read_text(errors="replace") \
+        if not Path(match.group(1)).is_absolute() else Path(match.group(1)).read_text(errors="replace")
+    assert "root=PARTLABEL=SLX_SYS" in log
+    assert "STAGE4-USERSPACE-UP" in log
