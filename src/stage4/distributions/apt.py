@@ -1,10 +1,12 @@
-"""What the apt-based families (Debian, Ubuntu) share: how mmdebstrap bootstraps them."""
+"""What the apt-based families (Debian, Ubuntu) share: how mmdebstrap bootstraps them, and d-i preseed."""
 
 from __future__ import annotations
 
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from stage4.distributions import Distribution
+from stage4.distributions.installer import FILESYSTEM_TOOLS as INSTALLER_FS_TOOLS, AnswerContext, render, unique
 
 # What every base holds: a kernel, an init, the initramfs generator, and what Ansible needs later.
 BASE_PACKAGES = (
@@ -51,3 +53,34 @@ class AptDistribution(Distribution):
     @classmethod
     def release_file_url(cls, mirror: str | None) -> str:
         return f"{mirror or cls.default_mirror}/dists/{cls.codename}/InRelease"
+
+
+class PreseedInstaller(AptDistribution):
+    """Releases installed by debian-installer (d-i) driven by a preseed file (Debian, Ubuntu up to 18.04).
+
+    partman has no key for a GPT partition name, so the recipe sets only the filesystem label and the
+    late_command names the partition (sgdisk from gdisk, pulled in by pkgsel/include; sfdisk as fallback).
+    """
+
+    installer = "preseed"
+    answer_template = "preseed.cfg.j2"
+    # The tasksel task that installs the SSH server (Debian: ssh-server; Ubuntu: openssh-server).
+    ssh_task: ClassVar[str] = "ssh-server"
+
+    @classmethod
+    def answer_files(cls, context: AnswerContext) -> dict[str, str]:
+        cls.check_filesystem(context.filesystem)
+        mirror = urlsplit(context.mirror or cls.default_mirror)
+        packages = unique(
+            ["openssh-server", "sudo", "python3", "gdisk", INSTALLER_FS_TOOLS[context.filesystem], *context.packages]
+        )
+        text = render(
+            cls.answer_template,
+            dist=cls,
+            ctx=context,
+            mirror_scheme=mirror.scheme,
+            mirror_host=mirror.netloc,
+            mirror_directory=mirror.path or "/",
+            packages=packages,
+        )
+        return {"preseed.cfg": text}
