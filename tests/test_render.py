@@ -115,7 +115,7 @@ def test_bootstrap_attributes_unchanged() -> None:
 
 def test_tree_layout(tree: Path) -> None:
     assert json.loads((tree / "base.json").read_text()) == {
-        "cpus": "2", "memory": "2048", "disk_size": "4096M", "accelerator": "", "headless": "true",
+        "cpus": "2", "memory": "2048", "disk_size": "4096M", "accelerator": "", "cpu_model": "max", "headless": "true",
         "ssh_timeout": "60m",
     }
     assert 'disk_size   = "4096M"' in (tree / "base.pkrvars.hcl").read_text()

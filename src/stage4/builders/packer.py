@@ -168,6 +168,11 @@ def _accelerator_value(accelerator: str) -> str:
     return "" if accelerator in ("", "auto") else accelerator
 
 
+def cpu_model(accelerator: str) -> str:
+    # qemu's default CPU lacks x86-64-v2, which EL 9 needs; "max" is everything TCG can emulate.
+    return "host" if accelerator == "kvm" else "max"
+
+
 def base_values(machine: MachineConfig, ssh_timeout: str) -> dict[str, object]:
     """The shared VM settings (base.json): the role the original design gave base.json."""
     return {
@@ -175,6 +180,7 @@ def base_values(machine: MachineConfig, ssh_timeout: str) -> dict[str, object]:
         "memory": machine.memory // MIB,
         "disk_size": f"{machine.disk_size // MIB}M",
         "accelerator": _accelerator_value(str(machine.accelerator)),
+        "cpu_model": cpu_model(str(machine.accelerator)),
         "headless": True,
         "ssh_timeout": ssh_timeout,
     }
@@ -186,6 +192,7 @@ def _variables(base: dict[str, object], iso_url: str, iso_checksum: str) -> list
         "memory": ("number", "memory of the installer VM in MiB"),
         "disk_size": ("string", "virtual size of the image, e.g. 4096M"),
         "accelerator": ("string", "kvm or tcg; empty: kvm if /dev/kvm exists, else tcg"),
+        "cpu_model": ("string", "qemu -cpu: host under KVM, max under TCG (EL 9 needs x86-64-v2)"),
         "headless": ("bool", "run qemu without a window"),
         "ssh_timeout": ("string", "how long to wait for the installed system's SSH (the installer's run)"),
     }
@@ -198,7 +205,7 @@ def _variables(base: dict[str, object], iso_url: str, iso_checksum: str) -> list
 def builder_settings(dist: type[distributions.Distribution], stem: str, efi: bool) -> dict[str, object]:
     """The one description of the qemu builder that both template formats are written from."""
     http_url = f"http://{{{{ .HTTPIP }}}}:{{{{ .HTTPPort }}}}/{dist.name}"
-    qemuargs: list[list[str]] = [["-cpu", "max"]]  # EL 9 needs x86-64-v2, which qemu's default CPU lacks
+    qemuargs: list[list[object]] = [["-cpu", Var("cpu_model")]]
     if efi:
         # Packer 1.6.x has no efi_boot; OVMF as -bios works on every version (NVRAM is not kept).
         qemuargs.append(["-bios", OVMF])
@@ -434,7 +441,7 @@ def run_packer_build(
     else:
         argv = ["packer", "build", "-color=false", f"-only={only or 'qemu.' + template.source_name}",
                 "-var-file=base.pkrvars.hcl"]
-    argv += [f"-var=accelerator={_accelerator_value(accelerator)}"]
+    argv += [f"-var=accelerator={_accelerator_value(accelerator)}", f"-var=cpu_model={cpu_model(accelerator)}"]
     argv.append(template.json_template.name if legacy else template.hcl_template.name)
     output = tree / template.output
     if output.parent.exists():

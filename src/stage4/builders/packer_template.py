@@ -111,7 +111,9 @@ def _hcl_value(value: Any, indent: str, top: bool = False) -> str:
 
 def _attributes(settings: dict[str, Any], indent: str) -> str:
     width = max(len(key) for key in settings)
-    return "".join(f"{indent}{key.ljust(width)} = {_hcl_value(value, indent, top=True)}\n" for key, value in settings.items())
+    return "".join(
+        f"{indent}{key.ljust(width)} = {_hcl_value(value, indent, top=True)}\n" for key, value in settings.items()
+    )
 
 
 def to_hcl(builder: dict[str, Any], variables: list[Variable], source_name: str, description: str) -> str:
