@@ -78,7 +78,11 @@ def test_base_holds_what_ansible_needs_and_no_compiler(base_image: BuiltImage, r
     table = sfdisk(raw_copy)
     offset = root_entry(table, "SLX_SYS")["start"] * 512
     status = debugfs(raw_copy, offset, "cat /var/lib/dpkg/status")
-    installed = {m.group(1) for m in re.finditer(r"^Package: (\S+)\nStatus: install ok installed", status, re.M)}
+    installed = set()
+    for stanza in status.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, re.M))
+        if fields.get("Status") == "install ok installed":
+            installed.add(fields["Package"])
     assert {"python3", "sudo", "openssh-server", "systemd-sysv", "dracut"} <= installed
     assert not installed & {"gcc", "gcc-12", "cpp", "make", "build-essential", "xserver-xorg-core"}
     assert "sshd" in debugfs(raw_copy, offset, "ls -p /usr/sbin")
@@ -163,3 +167,18 @@ def test_boots_via_extracted_kernel_with_partlabel_root(base_image: BuiltImage) 
         if not Path(match.group(1)).is_absolute() else Path(match.group(1)).read_text(errors="replace")
     assert "root=PARTLABEL=SLX_SYS" in log
     assert "STAGE4-USERSPACE-UP" in log
+
+
+def test_debug_shows_every_command_with_its_output(base_image: BuiltImage) -> None:
+    cli = run_stage4("--debug", "inspect", str(base_image.path))
+    assert cli.returncode == 0, cli.stderr
+    assert "$ qemu-img convert -f qcow2 -O raw" in cli.stderr
+    assert "$ sfdisk --json" in cli.stderr
+    assert '"label": "gpt"' in cli.stderr  # sfdisk's output, streamed
+
+
+def test_boots_with_uefi_firmware(base_image: BuiltImage) -> None:
+    result = api.boot(base_image.config, base_image.path, via="bootloader", firmware="uefi", timeout=400)
+    log = result.serial_log.read_text(errors="replace")
+    assert f"STAGE4-USERSPACE-UP {result.marker}" in log
+    assert "EFI" in log

@@ -109,3 +109,18 @@ def test_unreachable_mirror_is_a_config_error(tmp_path: Path) -> None:
 def test_readme_config_reference_is_generated_from_the_model() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert config.reference() in readme
+
+
+
+def test_ubuntu_without_its_keyring_says_what_is_missing(tmp_path: Path) -> None:
+    if Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg").exists():
+        pytest.skip("this host has the Ubuntu keyring")
+    path = tmp_path / "stage4.toml"
+    path.write_text(f'[build]\noutput_dir = "{tmp_path}/out"\ncache_dir = "{tmp_path}/cache"\n'
+                    '[images.noble]\ndistribution = "ubuntu-24.04"\n', encoding="utf-8")
+    result = run_stage4("-c", str(path), "build", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"stage4: error: {path}: images.noble.distribution = 'ubuntu-24.04': verifying its mirror needs the "
+        "keyring /usr/share/keyrings/ubuntu-archive-keyring.gpg, which this host lacks; install ubuntu-keyring "
+        "(from an Ubuntu system; Debian 12 does not package it)")

@@ -106,6 +106,11 @@ def build_base(job: BaseJob) -> BaseResult:
 
     # The tree depends on fewer inputs than the disk: a new disk size or filesystem reuses it.
     rootfs_id = identity("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap)})
+    keyring = plan.distribution.keyring
+    if keyring and not Path(keyring).is_file():
+        raise ConfigError(job.source, f"images.{job.name}.distribution", plan.distribution.name,
+                          f"verifying its mirror needs the keyring {keyring}, which this host lacks; "
+                          f"install {plan.distribution.keyring_package}")
     work = job.cache_dir / "work" / f"{job.name}-{rootfs_id[:16]}"
     _remove_stale_work(work)
     work.mkdir(parents=True, exist_ok=True)

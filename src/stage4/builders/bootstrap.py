@@ -132,6 +132,7 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, apt_cache: Pat
     argv = [
         "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
         f"--include={','.join(plan.packages())}",
+        *([f"--keyring={plan.distribution.keyring}"] if plan.distribution.keyring else []),
         "--aptopt=Acquire::Retries \"3\"",
         *[f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES],
         *[f"--dpkgopt=path-include={pattern}" for pattern in DPKG_INCLUDES],

@@ -31,6 +31,9 @@ class AptDistribution(Distribution):
     kernel_package: ClassVar[str] = ""
     # Suites beside the release itself, e.g. updates; security comes from its own mirror.
     extra_suites: ClassVar[tuple[str, ...]] = ()
+    # The keyring that verifies the mirror, when the host's default (Debian's) does not.
+    keyring: ClassVar[str | None] = None
+    keyring_package: ClassVar[str] = ""
 
     @classmethod
     def packages(cls, filesystem: str) -> list[str]:

@@ -16,6 +16,8 @@ class Ubuntu(AptDistribution):
     components = ("main", "universe")
     kernel_package = "linux-image-generic"
     extra_suites = ("updates", "security")
+    keyring = "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
+    keyring_package = "ubuntu-keyring (from an Ubuntu system; Debian 12 does not package it)"
 
 
 # --- debian-installer releases (the "server" ISOs, not live-server) --------------------------------
