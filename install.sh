@@ -13,6 +13,9 @@ APT_PACKAGES=(
     grub-pc-bin grub-efi-amd64-bin grub-common          # GRUB images embedded into the disk
     ovmf                       # UEFI firmware for UEFI boot checks
     cpio zstd                  # initramfs handling
+    packer                     # installer-driven bases (Packer 1.6.6 from Debian)
+    openssh-client openssl     # per-build SSH keys and password hashes
+    debconf                    # debconf-set-selections checks rendered preseeds
     python3-venv               # the Python environment below
 )
 
