@@ -367,6 +367,9 @@ class DevServer:
         finally:
             with self._clients_lock:
                 self._clients.discard(sock)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def rescan(self) -> None:
         self.registry.rescan()
