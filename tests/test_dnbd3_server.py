@@ -28,7 +28,7 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_qcow2(tmp: Path, extra_random: int = 20) -> Path:
+def make_qcow2(tmp: Path, extra_random: int = 20, convert_options: tuple[str, ...] = ()) -> Path:
     """A real qcow2 (qemu-img) holding a GPT disk with an ext4 root partition named and labelled SLX_SYS."""
     raw, image = tmp / "disk.raw", tmp / "disk.qcow2"
     with raw.open("wb") as handle:
@@ -41,7 +41,7 @@ def make_qcow2(tmp: Path, extra_random: int = 20) -> Path:
     with raw.open("r+b") as handle:  # real non-zero data inside the partition, spanning several hash blocks
         handle.seek(20 * MiB)
         handle.write(os.urandom(extra_random * MiB))
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", *convert_options, raw, image], check=True)
     raw.unlink()
     return image
 
@@ -80,6 +80,19 @@ def test_verify_passes_and_reports_what_a_client_finds(server, published):
     assert "qcow2 v3" in text and "GPT partitions: 1:bios_grub, 2:SLX_SYS" in text
     assert "filesystem ext4, label 'SLX_SYS'" in text
     assert "server CRC list" in text and "listed by /query?q=images" in text
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_verify_reads_through_compressed_clusters(tmp_path, compression):
+    store = tmp_path / "store"
+    store.mkdir()
+    image = make_qcow2(tmp_path, extra_random=2, convert_options=("-c", "-o", f"compression_type={compression}"))
+    publish(image, store, "comp.qcow2", check_image=False, boot_files=False)
+    with DevServer(store, read_timeout=2.0) as srv:
+        report = verify(addr(srv), "comp.qcow2", store=store, timeout=5)
+    assert report.passed, report.problems
+    text = "\n".join(report.facts)
+    assert f"compression {compression}" in text and "filesystem ext4, label 'SLX_SYS'" in text
 
 
 def test_verify_with_wrong_identifier_fails(server, published):

@@ -1,0 +1,39 @@
+"""Export a real stage4-built image (the lead's `base_image` fixture) and verify it over DNBD3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stage4.dnbd3.server import DevServer
+from stage4.dnbd3.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_export_and_verify_a_built_image(base_image, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", str(store), "--name",
+         "stage4/debian-12.qcow2", "--server", "10.0.0.1", "--server", "10.0.0.2", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr
+    publication = json.loads(result.stdout[result.stdout.index("{"):])
+    assert publication["rid"] == 1 and publication["identifier"] == base_image.identifier
+    assert publication["source_identity"] == base_image.manifest["identity"]
+    meta = store / ".stage4/stage4/debian-12.qcow2"
+    assert (meta / "kernel.r1").stat().st_size > 1_000_000 and (meta / "initrd.r1").stat().st_size > 1_000_000
+    config = (meta / "config.r1").read_text()
+    assert "SLX_DNBD3_SERVERS='10.0.0.1 10.0.0.2'" in config
+    assert f"SLX_SYSTEM_PARTITION_IDENTIFIER='{base_image.identifier}'" in config
+    with DevServer(store) as server:
+        host, port = server.address
+        report = verify(f"{host}:{port}", "stage4/debian-12.qcow2", store=store, timeout=30)
+    assert report.passed, report.problems
+    assert any(f"'{base_image.identifier}'" in fact and "filesystem ext4" in fact for fact in report.facts)
