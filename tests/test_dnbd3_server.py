@@ -6,7 +6,6 @@ import contextlib
 import os
 import random
 import socket
-import struct
 import subprocess
 import sys
 import threading

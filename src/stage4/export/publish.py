@@ -298,6 +298,7 @@ def publish(
         if path is not None and not Path(path).is_file():
             raise InputError(f"{what} {path}: no such file")
     fault = _fault or (lambda _stage: None)
+    origins: dict[str, str] = {}
 
     with contextlib.ExitStack() as stack:
         if boot_files and (kernel is None or initrd is None):
@@ -308,10 +309,14 @@ def publish(
                 raise Stage4Error("extracting kernel and initrd is not available in this build yet; "
                                   "pass --kernel and --initrd, or --no-boot-files") from None
             found_kernel, found_initrd = extract_boot_files(image, extracted, runner, identifier)
-            kernel, initrd = kernel or found_kernel, initrd or found_initrd
+            if kernel is None:
+                kernel, origins["kernel"] = found_kernel, f"{image.resolve()}: /boot/{found_kernel.name}"
+            if initrd is None:
+                initrd, origins["initrd"] = found_initrd, f"{image.resolve()}: /boot/{found_initrd.name}"
         if not boot_files:
             kernel = initrd = None
-        job = _Job(image, name, wanted_rid, kernel, initrd, servers, identifier, source_identity, activate, fault)
+        job = _Job(image, name, wanted_rid, kernel, initrd, servers, identifier, source_identity, activate, fault,
+                   origins)
         remote = REMOTE_STORE.match(str(store))
         if remote or transport is not None:
             if not remote:
@@ -338,6 +343,10 @@ class _Job:
     source_identity: str | None
     activate: bool
     fault: Fault
+    origins: dict[str, str]
+
+    def origin(self, kind: str, source: Path) -> str:
+        return self.origins.get(kind) or str(Path(source).resolve())
 
     @property
     def leaf(self) -> str:
@@ -411,7 +420,7 @@ def _publish_local(job: _Job, store: Store, boot_dir: Path | None) -> Publicatio
             target = boot / f"{kind}.r{rid}"
             _replace_from_temp(item, target)
             boot_paths[kind] = target
-            boot_facts[kind] = {"file": target.name, "source": str(source.resolve()), **_file_facts(target)}
+            boot_facts[kind] = {"file": target.name, "source": job.origin(kind, source), **_file_facts(target)}
         comment = f"stage4 export of {job.name} revision {rid}, sha256 {digest.sha256}"
         config_text = config_fragment(job.servers, job.name, rid, job.identifier, comment)
         config_path = boot / f"config.r{rid}"
@@ -588,7 +597,7 @@ def _publish_remote(job: _Job, host: str, root: str, boot_dir: str | Path | None
                 if source is not None:
                     transport.upload(Path(source), f"{boot}/.{kind}{TEMP_MARK}{token}{TEMP_SUFFIX}",
                                      step=f"upload {kind}")
-                    boot_facts[kind] = {"file": f"{kind}.r{RID_PLACEHOLDER}", "source": str(Path(source).resolve()),
+                    boot_facts[kind] = {"file": f"{kind}.r{RID_PLACEHOLDER}", "source": job.origin(kind, source),
                                         **_file_facts(Path(source))}
             comment = f"stage4 export of {job.name} revision {RID_PLACEHOLDER}, sha256 {digest.sha256}"
             (local / "config").write_text(config_fragment(job.servers, job.name, RID_PLACEHOLDER, job.identifier,
