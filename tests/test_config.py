@@ -124,3 +124,19 @@ def test_ubuntu_without_its_keyring_says_what_is_missing(tmp_path: Path) -> None
         f"stage4: error: {path}: images.noble.distribution = 'ubuntu-24.04': verifying its mirror needs the "
         "keyring /usr/share/keyrings/ubuntu-archive-keyring.gpg, which this host lacks; install ubuntu-keyring "
         "(from an Ubuntu system; Debian 12 does not package it)")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('[images.a]\ndistribution = "rocky-9"\n',
+     "images.a.builder: rocky-9 cannot be bootstrapped; use 'packer'"),
+    ('[images.a]\ndistribution = "rocky-9"\nbuilder = "packer"\nfilesystem = "btrfs"\n',
+     "images.a.filesystem = 'btrfs': the rocky-9 installer cannot create it; use one of ext4, xfs"),
+    ('[images.a]\ndistribution = "debian-12"\nbuilder = "packer"\niso_checksum = "none"\n',
+     "images.a.iso_checksum = 'none': ISO checksums are always verified; give the real one"),
+])
+def test_builder_and_installer_settings_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "stage4.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == f"{path}: {expected}"

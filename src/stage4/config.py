@@ -12,8 +12,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from stage4 import distributions
 from stage4.errors import MISSING, ConfigError
@@ -110,11 +110,158 @@ class BuildPaths(Strict):
         return value.expanduser().absolute()
 
 
+class Way(StrEnum):
+    chroot = "chroot"
+    vm = "vm"
+
+
+def _relative_to_config(value: Path | None, info: Any) -> Path | None:
+    """Relative paths in the project file are relative to the file's directory."""
+    if value is None:
+        return None
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir") if info is not None else None
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+class SourceConfig(Strict):
+    """Where a component or the initramfs module comes from: exactly one of git, tarball or path."""
+
+    git: str | None = Field(None, description="git URL to clone")
+    ref: str = Field("master", description="with git: branch, tag or commit to check out")
+    tarball: str | None = Field(None, description="URL or file of a tarball (needs sha256)")
+    sha256: str | None = Field(None, description="with tarball: its SHA-256; a mismatch stops the build")
+    path: Path | None = Field(None, description="a local directory (relative to the project file)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path | None, info: Any) -> Path | None:
+        return _relative_to_config(value, info)
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[0-9a-fA-F]{64}$", value):
+            raise PydanticCustomError("sha256", "expected 64 hexadecimal digits")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceConfig:
+        given = [k for k in ("git", "tarball", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of git, tarball or path")
+        if self.tarball is not None and self.sha256 is None:
+            raise ValueError("a tarball needs its sha256")
+        return self
+
+    def describe(self) -> str:
+        if self.git:
+            return f"{self.git}@{self.ref}"
+        return str(self.tarball or self.path)
+
+
+class ArtifactConfig(Strict):
+    """One file a component's build produces."""
+
+    path: str = Field(description="the file, relative to the component's source directory after the build")
+    kind: str = Field("file", pattern="^(module|file)$",
+                      description="'module': a kernel module, installed into /lib/modules/KVER/extra with depmod; "
+                      "'file': installed at dest")
+    dest: str | None = Field(None, description="with kind 'file': absolute destination path in the prod image")
+    mode: str = Field("0644", pattern="^0?[0-7]{3,4}$", description="with kind 'file': file mode")
+
+    @model_validator(mode="after")
+    def _dest(self) -> ArtifactConfig:
+        if self.kind == "file" and not (self.dest or "").startswith("/"):
+            raise ValueError("an artifact of kind 'file' needs an absolute dest")
+        return self
+
+
+class ComponentConfig(Strict):
+    """[images.NAME.components.C]: something built in the dev layer and installed into prod."""
+
+    source: SourceConfig = Field(description="where the sources come from")
+    build: tuple[str, ...] = Field(
+        (), description="shell commands run in the source directory in the dev layer; $KVER and $KDIR "
+        "(the image kernel's version and build directory) are set")
+    artifacts: tuple[ArtifactConfig, ...] = Field((), description="files the build produces")
+    build_packages: tuple[str, ...] = Field((), description="packages the build needs (dev layer only)")
+    runtime_packages: tuple[str, ...] = Field((), description="packages the artifacts need (installed in prod)")
+
+
+def default_components() -> dict[str, ComponentConfig]:
+    """The dnbd3 and xloop kernel modules from their public repositories."""
+    return {
+        "dnbd3": ComponentConfig(
+            source=SourceConfig(git="https://github.com/bwLehrpool/dnbd3.git", ref="master"),
+            build=("cmake -S . -B build -DDNBD3_KERNEL_MODULE=ON -DDNBD3_CLIENT_FUSE=OFF -DDNBD3_SERVER=OFF "
+                   "-DKERNEL_BUILD_DIR=$KDIR", "cmake --build build"),
+            artifacts=(ArtifactConfig(path="build/src/kernel/dnbd3.ko", kind="module"),),
+            build_packages=("cmake", "git"),
+        ),
+        "xloop": ComponentConfig(
+            source=SourceConfig(git="https://github.com/bwLehrpool/xloop.git", ref="master"),
+            build=("cmake -S . -B build -DKERNEL_BUILD_DIR=$KDIR", "cmake --build build"),
+            artifacts=(ArtifactConfig(path="build/src/kernel/xloop.ko", kind="module"),
+                       ArtifactConfig(path="build/src/kernel/xloop_file_fmt_qcow.ko", kind="module"),
+                       ArtifactConfig(path="build/src/kernel/xloop_file_fmt_raw.ko", kind="module")),
+            build_packages=("cmake", "git"),
+        ),
+    }
+
+
+class InitramfsConfig(Strict):
+    """[images.NAME.initramfs]: the initramfs built in the dev layer for the image's own kernel."""
+
+    dracut_modules: tuple[str, ...] = Field(("dnbd3-rootfs",), description="dracut modules to add")
+    source: SourceConfig = Field(
+        SourceConfig(git="https://git.openslx.org/openslx-ng/systemd-init.git", ref="master"),
+        description="where the dracut modules come from: a tree with build-initramfs.sh (OpenSLX "
+        "systemd-init) or one with modules.d/")
+    script_args: tuple[str, ...] = Field(
+        ("--qcow-handler", "xloop"), description="extra arguments for build-initramfs.sh (if the source has it)")
+
+    @field_validator("dracut_modules")
+    @classmethod
+    def _module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
+                raise PydanticCustomError("module", "'{name}' is not a dracut module name", {"name": name})
+        return value
+
+
+class LayerConfig(Strict):
+    """[images.NAME.dev] and [images.NAME.prod]: one provisioning layer on top of the base."""
+
+    playbooks: tuple[Path, ...] = Field((), description="Ansible playbooks run in this layer, in order "
+                                        "(relative to the project file; target hosts: all)")
+    packages: tuple[str, ...] = Field((), description="packages installed before the playbooks")
+    vars: dict[str, Any] = Field(default_factory=dict, description="variables passed to the playbooks")
+    way: Way = Field(Way.chroot, description="'chroot': attach the layer on the host (fast); "
+                     "'vm': boot it in qemu and provision over SSH (for tasks that need the image's kernel or init)")
+
+    @field_validator("playbooks")
+    @classmethod
+    def _playbook_paths(cls, value: tuple[Path, ...], info: Any) -> tuple[Path, ...]:
+        return tuple(_relative_to_config(p, info) for p in value)
+
+    @field_validator("packages")
+    @classmethod
+    def _package_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not PACKAGE_RE.match(name):
+                raise PydanticCustomError("package", "'{name}' is not a package name", {"name": name})
+        return value
+
+
 class ImageConfig(Strict):
     """[images.NAME]: one image to build."""
 
     distribution: str = Field(DEFAULT_IMAGE, description="one of `stage4 distributions`, e.g. 'debian-12'")
-    builder: BuilderKind = Field(BuilderKind.bootstrap, description="'bootstrap' (mmdebstrap, no VM)")
+    builder: BuilderKind = Field(
+        BuilderKind.bootstrap, description="'bootstrap' (mmdebstrap, no VM) or 'packer' (the installer ISO)")
     filesystem: Filesystem = Field(Filesystem.ext4, description="root filesystem: 'ext4', 'btrfs' or 'xfs'")
     identifier: str = Field(
         "SLX_SYS",
@@ -123,6 +270,22 @@ class ImageConfig(Strict):
     )
     packages: tuple[str, ...] = Field((), description="extra packages for the base (keep it small)")
     mirror: str | None = Field(None, description="package mirror URL; default: the distribution's own")
+    iso: str | None = Field(None, description="with packer: installer ISO, a local path or URL; default: the catalog's")
+    iso_checksum: str | None = Field(
+        None, description="with iso: 'sha256:<hex>', a bare digest, 'file:<URL>' or a local checksum file")
+    efi: bool = Field(False, description="with packer: install for UEFI instead of BIOS")
+    installer_timeout: str = Field(
+        "60m", pattern=r"^\d+[smh]$", description="with packer: how long the installer may take, e.g. '60m'")
+    dev: LayerConfig | None = Field(
+        None, description="the dev layer; giving dev or prod (even empty) builds both layers on the base")
+    prod: LayerConfig | None = Field(None, description="the prod layer (see dev)")
+    initramfs: InitramfsConfig = Field(InitramfsConfig(), description="the initramfs built in the dev layer")
+    components: dict[Annotated[str, Field(pattern=NAME_RE.pattern)], ComponentConfig] = Field(
+        default_factory=default_components, description="components built in dev and installed in prod")
+
+    @property
+    def layered(self) -> bool:
+        return self.dev is not None or self.prod is not None
 
     @field_validator("distribution")
     @classmethod
@@ -131,6 +294,37 @@ class ImageConfig(Strict):
             raise PydanticCustomError(
                 "distribution", "unknown distribution; known: {known}", {"known": ", ".join(distributions.names())}
             )
+        return value
+
+    @field_validator("builder")
+    @classmethod
+    def _builder_fits_distribution(cls, value: BuilderKind, info: Any) -> BuilderKind:
+        name = info.data.get("distribution")
+        if name is None:
+            return value
+        dist = distributions.get(name)
+        if value is BuilderKind.bootstrap and not dist.bootstrappable:
+            raise PydanticCustomError("builder", "{dist} cannot be bootstrapped; use 'packer'", {"dist": name})
+        if value is BuilderKind.packer and not dist.has_installer():
+            raise PydanticCustomError("builder", "{dist} has no installer in the catalog", {"dist": name})
+        return value
+
+    @field_validator("filesystem")
+    @classmethod
+    def _filesystem_fits_installer(cls, value: Filesystem, info: Any) -> Filesystem:
+        name, builder = info.data.get("distribution"), info.data.get("builder")
+        if name is not None and builder is BuilderKind.packer:
+            dist = distributions.get(name)
+            if value.value not in dist.filesystems:
+                raise PydanticCustomError("filesystem", "the {dist} installer cannot create it; use one of {known}",
+                                          {"dist": name, "known": ", ".join(dist.filesystems)})
+        return value
+
+    @field_validator("iso_checksum")
+    @classmethod
+    def _checksum_always(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() == "none":
+            raise PydanticCustomError("iso_checksum", "ISO checksums are always verified; give the real one")
         return value
 
     @field_validator("identifier")
@@ -223,7 +417,8 @@ def _message(error: dict) -> str:
 def from_dict(data: dict, source: str) -> Config:
     """Validate parsed TOML; the first problem becomes a ConfigError naming source, key and value."""
     try:
-        return Config.model_validate({**data, "source": source})
+        return Config.model_validate({**data, "source": source},
+                                     context={"base_dir": str(Path(source).absolute().parent)})
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = error["loc"]
@@ -256,17 +451,34 @@ def reference() -> str:
     """Markdown reference of every config key, generated from the model."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
 
+    nested = {"dev", "prod", "initramfs", "components", "source", "artifacts"}
+
     def table(prefix: str, model: type[BaseModel]) -> None:
         for name, field in model.model_fields.items():
-            if field.exclude or name == "images":
+            if field.exclude or name == "images" or name in nested and model is not ArtifactConfig:
                 continue
             default = field.default
             shown = default.value if isinstance(default, StrEnum) else default
             if name in ("memory", "disk_size"):
                 shown = f"{default >> 30}G"
+            if name == "vars":
+                shown = {}
+            if shown is PydanticUndefined:
+                shown = "(required)"
             lines.append(f"| `{prefix}.{name}` | `{shown!s}` | {field.description} |")
 
     table("machine", MachineConfig)
     table("build", BuildPaths)
     table("images.NAME", ImageConfig)
+    table("images.NAME.dev", LayerConfig)
+    table("images.NAME.prod", LayerConfig)
+    table("images.NAME.initramfs", InitramfsConfig)
+    lines.append("| `images.NAME.initramfs.source` | git.openslx.org systemd-init.git @ master | "
+                 + InitramfsConfig.model_fields["source"].description + " |")
+    table("images.NAME.initramfs.source", SourceConfig)
+    lines.append("| `images.NAME.components` | dnbd3, xloop (public repositories) | components built in dev and "
+                 "installed in prod; a table replaces the defaults |")
+    table("images.NAME.components.C", ComponentConfig)
+    table("images.NAME.components.C.source", SourceConfig)
+    table("images.NAME.components.C.artifacts[]", ArtifactConfig)
     return "\n".join(lines) + "\n"

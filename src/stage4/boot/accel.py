@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -50,7 +51,15 @@ def probe_kvm(kernel: Path, runner: Runner) -> tuple[bool, str]:
     return False, f"a kernel under KVM printed nothing useful within {PROBE_TIMEOUT} s"
 
 
-def choose(requested: str, kernel: Path, runner: Runner, cache_dir: Path) -> str:
+def keep_probe_kernel(kernel: Path, cache_dir: Path) -> None:
+    """Keep a kernel for later probes, e.g. before a Packer build, where no image kernel is at hand yet."""
+    target = cache_dir / "probe" / "vmlinuz"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernel, target)
+
+
+def choose(requested: str, kernel: Path | None, runner: Runner, cache_dir: Path) -> str:
     """'kvm' or 'tcg' for `requested` ('auto', 'kvm' or 'tcg')."""
     if requested != "auto":
         return requested
@@ -61,6 +70,11 @@ def choose(requested: str, kernel: Path, runner: Runner, cache_dir: Path) -> str
             return cached["accelerator"]
     except (OSError, ValueError, KeyError):
         pass
+    kept = cache_dir / "probe" / "vmlinuz"
+    kernel = kernel or (kept if kept.exists() else None)
+    if kernel is None:
+        runner.display.info("accelerator: tcg (KVM not probed: no kernel at hand yet; build a bootstrap image once)")
+        return "tcg"
     with runner.display.step("probe accelerator (KVM, else TCG)"):
         works, why = probe_kvm(kernel, runner)
     accelerator = "kvm" if works else "tcg"

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stage4 import __version__, distributions
-from stage4.builders import bootstrap, disk, grub
+from stage4.boot import accel
+from stage4.builders import bootstrap, disk, grub, packer, packer_template
 from stage4.config import BuilderKind, ImageConfig, MachineConfig
+from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
-from stage4.errors import ConfigError, InputError, MISSING
-from stage4.fsutil import dir_size, place_atomically, remove_tree, sha256_file, temporary_sibling, unmount_below, write_json_atomically
+from stage4.errors import MISSING, ConfigError, InputError, StepFailed
+from stage4.image.inspect import inspect_image
+from stage4.fsutil import dir_size, exclusive_lock, place_atomically, remove_tree, sha256_file, temporary_sibling, unmount_below, write_json_atomically
 from stage4.identity import identity, source_digest
 from stage4.runner import Runner
 
@@ -62,16 +65,26 @@ class BaseJob:
 
     def plan(self) -> bootstrap.BootstrapPlan:
         distribution = distributions.get(self.image.distribution)
-        if not issubclass(distribution, AptDistribution):
+        if not issubclass(distribution, AptDistribution) or not distribution.bootstrappable:
             raise ConfigError(self.source, f"images.{self.name}.builder", "bootstrap",
                               f"{distribution.name} cannot be bootstrapped; use builder = 'packer'")
         return bootstrap.BootstrapPlan(distribution, self.image.mirror, self.image.filesystem.value,
                                        self.image.identifier, self.image.packages, hostname=self.name)
 
-    def identity(self, plan: bootstrap.BootstrapPlan) -> str:
-        inputs = {**plan.identity_inputs(), "disk_size": self.machine.disk_size,
-                  "recipe": source_digest(bootstrap, disk, grub, sys.modules[__name__])}
-        return identity("base", inputs)
+    def identity_inputs(self) -> dict:
+        if self.image.builder is BuilderKind.packer:
+            inputs = {"builder": "packer", "distribution": self.image.distribution, "iso": self.image.iso,
+                      "iso_checksum": self.image.iso_checksum, "efi": self.image.efi,
+                      "identifier": self.image.identifier, "filesystem": self.image.filesystem.value,
+                      "packages": sorted(self.image.packages), "mirror": self.image.mirror}
+        else:
+            inputs = {"builder": "bootstrap", **self.plan().identity_inputs()}
+        return {**inputs, "disk_size": self.machine.disk_size}
+
+    def identity(self) -> str:
+        recipe = (packer, packer_template, installer) if self.image.builder is BuilderKind.packer \
+            else (bootstrap, disk, grub)
+        return identity("base", {**self.identity_inputs(), "recipe": source_digest(*recipe, sys.modules[__name__])})
 
 
 def reusable(image_dir: Path, wanted_identity: str) -> dict | None:
@@ -89,78 +102,42 @@ def reusable(image_dir: Path, wanted_identity: str) -> dict | None:
 
 
 def build_base(job: BaseJob) -> BaseResult:
-    if job.image.builder is not BuilderKind.bootstrap:
-        raise ConfigError(job.source, f"images.{job.name}.builder", job.image.builder.value,
-                          "the packer builder is not available in this version")
-    plan = job.plan()
-    base_id = job.identity(plan)
+    # Two builds of one image would share work trees and output files: the second waits.
+    lock = job.cache_dir / "work" / f"{job.name}.lock"
+    with exclusive_lock(lock, lambda: job.runner.display.info(f"{job.name}: waiting for another build of it")):
+        return _build_base_locked(job)
+
+
+def _build_base_locked(job: BaseJob) -> BaseResult:
+    base_id = job.identity()
     display = job.runner.display
     if not job.rebuild and (manifest := reusable(job.image_dir, base_id)):
         display.info(f"{job.name}: base {base_id[:16]} is up to date, reusing {job.image_dir / BASE_IMAGE}")
         return BaseResult(job.name, job.image_dir / BASE_IMAGE, manifest, reused=True)
-
-    if reason := bootstrap.check_mirror_reachable(plan):
-        shown = job.image.mirror or MISSING
-        raise ConfigError(job.source, f"images.{job.name}.mirror", shown,
-                          f"mirror unreachable ({reason}); {plan.distribution.name} needs a reachable mirror")
-
-    # The tree depends on fewer inputs than the disk: a new disk size or filesystem reuses it.
-    rootfs_id = identity("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap)})
-    keyring = plan.distribution.keyring
-    if keyring and not Path(keyring).is_file():
-        raise ConfigError(job.source, f"images.{job.name}.distribution", plan.distribution.name,
-                          f"verifying its mirror needs the keyring {keyring}, which this host lacks; "
-                          f"install {plan.distribution.keyring_package}")
-    work = job.cache_dir / "work" / f"{job.name}-{rootfs_id[:16]}"
-    _remove_stale_work(work)
-    work.mkdir(parents=True, exist_ok=True)
-    rootfs, raw = work / "rootfs", work / "disk.raw"
     timings: dict[str, float] = {}
-    layout = disk.DiskLayout.plan(job.machine.disk_size, plan.identifier)
+    if job.image.builder is BuilderKind.packer:
+        work = job.cache_dir / "work" / f"{job.name}-{base_id[:16]}"
+        work.mkdir(parents=True, exist_ok=True)
+        build = _packer_base
+    else:
+        work = _bootstrap_work_dir(job)
+        build = _bootstrap_base
     try:
-        if not (work / "rootfs.done").exists():
-            remove_tree(rootfs)
-            with display.step(f"{job.name}: bootstrap {plan.distribution.pretty_name}"), _timed(timings, "bootstrap"):
-                bootstrap.run_mmdebstrap(plan, rootfs, work, job.cache_dir / "apt" / plan.distribution.name, job.runner)
-            (work / "rootfs.done").touch()
-        kernels = bootstrap.kernel_versions(rootfs)
-        if not kernels:
-            raise InputError(f"images.{job.name}: the bootstrap installed no kernel in /boot")
-        _check_fits(job, rootfs, layout)
-        disk_stamp = work / "disk.done"
-        if not disk_stamp.exists() or disk_stamp.read_text() != base_id:
-            disk_stamp.unlink(missing_ok=True)
-            with display.step(f"{job.name}: assemble GPT disk ({plan.filesystem}, root '{plan.identifier}')"), \
-                    _timed(timings, "disk"):
-                grub.install_files(rootfs, plan.identifier, kernels[-1], f"{plan.distribution.pretty_name} ({job.name})")
-                disk.create_disk(layout, raw, job.runner)
-                disk.write_root_filesystem(layout, raw, rootfs, plan.filesystem, work, job.runner)
-                efi = work / "BOOTX64.EFI"
-                grub.make_image("x86_64-efi", efi, plan.identifier, work, job.runner)
-                disk.write_esp(layout, raw, efi, work, job.runner)
-                grub.embed_bios(layout, raw, work, plan.identifier, job.runner)
-            disk_stamp.write_text(base_id)
-        packages = bootstrap.installed_packages(rootfs, job.runner)
+        disk_file, facts = build(job, base_id, work, timings)
         job.image_dir.mkdir(parents=True, exist_ok=True)
         target = job.image_dir / BASE_IMAGE
         with temporary_sibling(target) as partial:
             with display.step(f"{job.name}: compress to qcow2"), _timed(timings, "compress"):
-                compress(raw, partial, job.runner)
+                compress(disk_file, partial, job.runner)
             manifest = {
                 "kind": "base",
                 "name": job.name,
                 "identity": base_id,
-                "inputs": {**plan.identity_inputs(), "disk_size": job.machine.disk_size, "builder": "bootstrap"},
+                "inputs": job.identity_inputs(),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "stage4_version": __version__,
                 "host": platform.node(),
-                "kernel_versions": kernels,
-                "packages": packages,
-                "partitions": [
-                    {"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.bytes}
-                    for p in (layout.bios_boot, layout.esp, layout.root)
-                ],
-                "rootfs_bytes": dir_size(rootfs),
+                **facts,
                 "image": {"file": BASE_IMAGE, "format": "qcow2", "compression": "zstd",
                           "virtual_size": job.machine.disk_size, "size": partial.stat().st_size,
                           "sha256": sha256_file(partial)},
@@ -174,9 +151,88 @@ def build_base(job: BaseJob) -> BaseResult:
     return BaseResult(job.name, target, manifest, reused=False)
 
 
+def _bootstrap_work_dir(job: BaseJob) -> Path:
+    plan = job.plan()
+    if reason := bootstrap.check_mirror_reachable(plan):
+        raise ConfigError(job.source, f"images.{job.name}.mirror", job.image.mirror or MISSING,
+                          f"mirror unreachable ({reason}); {plan.distribution.name} needs a reachable mirror")
+    keyring = plan.distribution.keyring
+    if keyring and not Path(keyring).is_file():
+        raise ConfigError(job.source, f"images.{job.name}.distribution", plan.distribution.name,
+                          f"verifying its mirror needs the keyring {keyring}, which this host lacks; "
+                          f"install {plan.distribution.keyring_package}")
+    # The tree depends on fewer inputs than the disk: a new disk size reuses it.
+    rootfs_id = identity("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap)})
+    work = job.cache_dir / "work" / f"{job.name}-{rootfs_id[:16]}"
+    _remove_stale_work(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _bootstrap_base(job: BaseJob, base_id: str, work: Path, timings: dict[str, float]) -> tuple[Path, dict]:
+    plan, display = job.plan(), job.runner.display
+    rootfs, raw = work / "rootfs", work / "disk.raw"
+    layout = disk.DiskLayout.plan(job.machine.disk_size, plan.identifier)
+    if not (work / "rootfs.done").exists():
+        remove_tree(rootfs)
+        with display.step(f"{job.name}: bootstrap {plan.distribution.pretty_name}"), _timed(timings, "bootstrap"):
+            bootstrap.run_mmdebstrap(plan, rootfs, work, job.cache_dir / "apt" / plan.distribution.name, job.runner)
+        (work / "rootfs.done").touch()
+    kernels = bootstrap.kernel_versions(rootfs)
+    if not kernels:
+        raise InputError(f"images.{job.name}: the bootstrap installed no kernel in /boot")
+    accel.keep_probe_kernel(rootfs / "boot" / f"vmlinuz-{kernels[-1]}", job.cache_dir)
+    _check_fits(job, rootfs, layout)
+    disk_stamp = work / "disk.done"
+    if not disk_stamp.exists() or disk_stamp.read_text() != base_id:
+        disk_stamp.unlink(missing_ok=True)
+        with display.step(f"{job.name}: assemble GPT disk ({plan.filesystem}, root '{plan.identifier}')"), \
+                _timed(timings, "disk"):
+            grub.install_files(rootfs, plan.identifier, kernels[-1], f"{plan.distribution.pretty_name} ({job.name})")
+            disk.create_disk(layout, raw, job.runner)
+            disk.write_root_filesystem(layout, raw, rootfs, plan.filesystem, work, job.runner)
+            efi = work / "BOOTX64.EFI"
+            grub.make_image("x86_64-efi", efi, plan.identifier, work, job.runner)
+            disk.write_esp(layout, raw, efi, work, job.runner)
+            grub.embed_bios(layout, raw, work, plan.identifier, job.runner)
+        disk_stamp.write_text(base_id)
+    facts = {
+        "kernel_versions": kernels,
+        "packages": bootstrap.installed_packages(rootfs, job.runner),
+        "partitions": [{"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.bytes}
+                       for p in (layout.bios_boot, layout.esp, layout.root)],
+        "rootfs_bytes": dir_size(rootfs),
+    }
+    return raw, facts
+
+
+def _packer_base(job: BaseJob, base_id: str, work: Path, timings: dict[str, float]) -> tuple[Path, dict]:
+    """An installer run under Packer; the result must pass the Stage4 checks before it is published."""
+    accelerator = accel.choose(job.machine.accelerator.value, None, job.runner, job.cache_dir)
+    with job.runner.display.step(f"{job.name}: install {job.image.distribution} with Packer on {accelerator}"), \
+            _timed(timings, "install"):
+        installed = packer.build_base_with_packer(
+            job.name, job.image, job.machine, work, job.runner, accelerator, job.image.iso, job.image.iso_checksum,
+            job.runner.display.debug, efi=job.image.efi, ssh_timeout=job.image.installer_timeout,
+            cache_dir=job.cache_dir / "packer")
+    with job.runner.display.step(f"{job.name}: check the installed image"):
+        report = inspect_image(installed, job.image.identifier, job.runner)
+    failed = [p for p in report.problems() if not p.startswith(("compression", "format"))]
+    if failed:
+        raise StepFailed(f"{job.name}: Stage4 checks of the installed image", "; ".join(failed),
+                         job.runner.log_path)
+    facts = {
+        "kernel_versions": sorted(report.kernels),
+        "packages": None,  # not read back from installer-built images yet
+        "partitions": [{"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.size}
+                       for p in report.partitions],
+    }
+    return installed, facts
+
+
 def compress(raw: Path, target: Path, runner: Runner) -> None:
     """A standalone qcow2 v3, zstd-compressed (xloop reads zlib and zstd); -W and -m use both cores."""
-    runner.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
+    runner.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
                 "-W", "-m", "8", raw, target], step="compress")
 
 
