@@ -82,16 +82,31 @@ def test_verify_passes_and_reports_what_a_client_finds(server, published):
 
 
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
-def test_verify_reads_through_compressed_clusters(tmp_path, compression):
+def test_verify_reads_through_compressed_clusters(tmp_path, compression, monkeypatch):
     store = tmp_path / "store"
     store.mkdir()
     image = make_qcow2(tmp_path, extra_random=2, convert_options=("-c", "-o", f"compression_type={compression}"))
     publish(image, store, "comp.qcow2", check_image=False, boot_files=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # decoding runs in process: no zstd tool needed
     with DevServer(store, read_timeout=2.0) as srv:
         report = verify(addr(srv), "comp.qcow2", store=store, timeout=5)
     assert report.passed, report.problems
     text = "\n".join(report.facts)
     assert f"compression {compression}" in text and "filesystem ext4, label 'SLX_SYS'" in text
+
+
+def test_zstd_cluster_output_is_bounded_and_bad_frames_are_disk_errors():
+    import zstandard
+
+    from stage4.dnbd3.diskview import DiskError, _zstd_cluster
+
+    cluster = os.urandom(1000) + bytes(64 * 1024 - 1000)
+    frame = zstandard.ZstdCompressor().compress(cluster)
+    assert _zstd_cluster(frame + bytes(300), len(cluster)) == cluster  # sector padding after the frame
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 * MiB))  # a hostile cluster inflating to 64 MiB
+    assert _zstd_cluster(bomb, 64 * 1024) == bytes(64 * 1024)
+    with pytest.raises(DiskError, match="does not decode"):
+        _zstd_cluster(b"not a zstd frame" * 8, 64 * 1024)
 
 
 def test_verify_with_wrong_identifier_fails(server, published):

@@ -334,3 +334,18 @@ def test_reload_with_dead_pid_is_a_clear_error(tmp_path, image):
     pidfile.write_text("999999\n")
     with pytest.raises(Stage4Error, match="no process"):
         export(image, store, "x", reload_pidfile=pidfile)
+
+
+def test_temporaries_are_created_under_the_store_lock(tmp_path, image):
+    """Another export's cleanup runs under the store lock: it must never see our temporary in the instant
+    between its creation and its flock (it would delete it, and our commit would fail)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    result = []
+    with Store(store).lock():
+        worker = threading.Thread(target=lambda: result.append(export(image, store, "l").rid))
+        worker.start()
+        time.sleep(0.5)
+        assert not list(store.rglob("*.part")), "a temporary was created without the store lock"
+    worker.join(timeout=60)
+    assert result == [1] and visible(store) == ["l.r1", "l.r1.crc"]

@@ -382,7 +382,10 @@ def _publish_local(job: _Job, store: Store, boot_dir: Path | None) -> Publicatio
     temps: list[_Temp] = []
 
     def temp(where: Path, stem: str, kind: str = "") -> _Temp:
-        item = _Temp(where, stem, token, kind)
+        # Created and flock'ed under the store lock: another export's cleanup (which runs under that
+        # lock) must never find our file in the instant between its creation and its flock.
+        with store.lock():
+            item = _Temp(where, stem, token, kind)
         temps.append(item)
         return item
 
@@ -410,8 +413,13 @@ def _publish_local(job: _Job, store: Store, boot_dir: Path | None) -> Publicatio
             final = directory / f"{job.leaf}.r{rid}"
             crc_final = directory / f"{job.leaf}.r{rid}.crc"
             _link_exclusive(crc_tmp.path, crc_final, "a published .crc")
-            job.fault("crc-linked")
-            _link_exclusive(image_tmp.path, final, "a published revision")
+            try:
+                job.fault("crc-linked")
+                _link_exclusive(image_tmp.path, final, "a published revision")
+            except BaseException:
+                with contextlib.suppress(OSError):  # never leave a .crc without its image
+                    os.unlink(crc_final)
+                raise
             fsync_dir(directory)
         job.fault("committed")
         boot_paths: dict[str, Path] = {}
