@@ -13,6 +13,9 @@ APT_PACKAGES=(
     grub-pc-bin grub-efi-amd64-bin grub-common          # GRUB images embedded into the disk
     ovmf                       # UEFI firmware for UEFI boot checks
     cpio zstd                  # initramfs handling
+    dracut-core                # lsinitrd: checks the initramfs extracted from the dev layer
+    git                        # component and dracut-module sources given as git URL + ref
+    openssh-client             # ssh, ssh-keygen: the VM way of provisioning layers
     packer                     # installer-driven bases (Packer 1.6.6 from Debian)
     openssh-client openssl     # per-build SSH keys and password hashes
     debconf                    # debconf-set-selections checks rendered preseeds

@@ -14,6 +14,8 @@ from stage4.builders.base import BaseJob, BaseResult, build_base
 from stage4.config import Config
 from stage4.errors import InputError
 from stage4.image.files import extract_boot_files, partitions, raw_view
+from stage4.layers import chain
+from stage4.layers.build import LayeredResult, LayerJob, build_layers, identities
 from stage4.image.inspect import DEFAULT_IDENTIFIER, InspectReport, detect_identifier, inspect_image
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
@@ -30,14 +32,19 @@ def _runner(log_path: Path | None, debug: bool) -> Iterator[Runner]:
 
 
 def build(config: Config, images: list[str] | None = None, output_dir: Path | None = None,
-          rebuild: set[str] | None = None, debug: bool = False) -> list[BaseResult]:
-    """Build the named images (default: all in the config); unchanged layers are reused."""
+          rebuild: set[str] | None = None, debug: bool = False,
+          keep_dev: bool = False) -> list[BaseResult | LayeredResult]:
+    """Build the named images (default: all in the config); unchanged layers are reused.
+
+    An image with [images.NAME.dev] or [images.NAME.prod] gets the dev and prod layers on its base and
+    its result is the flattened prod image; `rebuild` forces the named layers and all above them.
+    """
     names = images or list(config.images)
     for name in names:
         config.image(name)
-    unknown = (rebuild or set()) - {"base"}
+    unknown = (rebuild or set()) - set(chain.LAYERS)
     if unknown:
-        raise InputError(f"--rebuild {sorted(unknown)[0]!r}: unknown layer; layers: base")
+        raise InputError(f"--rebuild {sorted(unknown)[0]!r}: unknown layer; layers: {', '.join(chain.LAYERS)}")
     output_dir = (output_dir or config.build.output_dir).absolute()
     results = []
     for name in names:
@@ -47,8 +54,69 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
             runner.display.info(f"{name}: build log {log_path}")
             job = BaseJob(name, config.images[name], config.machine, config.source, output_dir,
                           config.build.cache_dir, runner, rebuild="base" in (rebuild or set()))
-            results.append(build_base(job))
+            base = build_base(job)
+            if not config.images[name].layered:
+                results.append(base)
+                continue
+            results.append(build_layers(LayerJob(
+                name, config.images[name], config.machine, config.source, output_dir, config.build.cache_dir,
+                runner, base, rebuild=set(rebuild or ()), keep_dev=keep_dev)))
     return results
+
+
+def layers(config: Config, images: list[str] | None = None,
+           output_dir: Path | None = None) -> dict[str, list[chain.LayerStatus]]:
+    """The layer chain of each image: wanted identity, stored identity, file, size and what is cached."""
+    from stage4.builders.base import BASE_IMAGE, BASE_MANIFEST
+
+    output_dir = (output_dir or config.build.output_dir).absolute()
+    found: dict[str, list[chain.LayerStatus]] = {}
+    for name in images or list(config.images):
+        image = config.image(name)
+        image_dir = output_dir / name
+        with _runner(None, False) as runner:
+            job = BaseJob(name, image, config.machine, config.source, output_dir, config.build.cache_dir, runner)
+            base_id = job.identity()
+        stored = chain.read_json(image_dir / BASE_MANIFEST) or {}
+        base_file = image_dir / BASE_IMAGE
+        statuses = [_status("base", base_id, stored, base_file, base_file.is_file())]
+        if image.layered and stored.get("kernel_versions"):
+            base = BaseResult(name, base_file, stored, reused=True)
+            base.manifest = {**stored, "identity": base_id}
+            dev_id, prod_id = identities(image, base)
+            dev_stored = chain.read_json(image_dir / chain.DEV_MANIFEST) or {}
+            dev_file = image_dir / chain.DEV_IMAGE
+            status = _status("dev", dev_id, dev_stored, dev_file if dev_file.is_file() else None,
+                             chain.artifacts_intact(image_dir, dev_id) is not None)
+            status.state += ", layer kept" if dev_file.is_file() else ", layer deleted (artifacts kept)"
+            statuses.append(status)
+            statuses.append(_status("artifacts", dev_id, chain.read_json(
+                image_dir / chain.ARTIFACTS_DIR / chain.ARTIFACTS_MANIFEST) or {}, image_dir / chain.ARTIFACTS_DIR,
+                chain.artifacts_intact(image_dir, dev_id) is not None, key="dev_identity"))
+            prod_file = image_dir / chain.PROD_IMAGE
+            statuses.append(_status("prod", prod_id, chain.read_json(image_dir / chain.PROD_MANIFEST) or {},
+                                    prod_file, chain.prod_intact(image_dir, prod_id) is not None))
+        elif image.layered:
+            statuses += [chain.LayerStatus(layer, None, None, None, None, "not built (needs the base)")
+                         for layer in ("dev", "prod")]
+        found[name] = statuses
+    return found
+
+
+def _status(layer: str, wanted: str, stored: dict, path: Path | None, intact: bool,
+            key: str = "identity") -> chain.LayerStatus:
+    stored_id = stored.get(key)
+    if path is not None and path.is_dir():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    else:
+        size = path.stat().st_size if path is not None and path.is_file() else None
+    if not stored_id:
+        state = "not built"
+    elif stored_id != wanted:
+        state = "stale (inputs changed)"
+    else:
+        state = "cached, up to date" if intact else "damaged or missing"
+    return chain.LayerStatus(layer, wanted, stored_id, path, size, state)
 
 
 def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> InspectReport:

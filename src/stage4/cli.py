@@ -42,13 +42,37 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 @cli.command()
 @click.argument("images", nargs=-1)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="output directory")
-@click.option("--rebuild", multiple=True, help="rebuild this layer even if it is up to date (e.g. 'base')")
+@click.option("--rebuild", multiple=True, type=click.Choice(["base", "dev", "prod"]),
+              help="rebuild this layer (and the layers above it) even if it is up to date")
+@click.option("--keep-dev", is_flag=True, help="keep the dev layer (dev.qcow2) after its results were extracted")
 @click.pass_obj
-def build(obj: Context, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...]) -> None:
+def build(obj: Context, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...],
+          keep_dev: bool) -> None:
     """Build IMAGES (default: every image in the project file)."""
-    results = api.build(obj.config(), images=list(images), output_dir=output, rebuild=set(rebuild), debug=obj.debug)
+    results = api.build(obj.config(), images=list(images), output_dir=output, rebuild=set(rebuild), debug=obj.debug,
+                        keep_dev=keep_dev)
     for result in results:
         click.echo(f"{result.name}: {result.image} ({'reused' if result.reused else 'built'}, identity {result.identity[:16]})")
+
+
+@cli.command("layers")
+@click.argument("images", nargs=-1)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="output directory")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def list_layers(obj: Context, images: tuple[str, ...], output: Path | None, as_json: bool) -> None:
+    """List each image's layer chain: identities, sizes and what is cached."""
+    found = api.layers(obj.config(), images=list(images), output_dir=output)
+    if as_json:
+        click.echo(json.dumps({name: [s.to_dict() for s in statuses] for name, statuses in found.items()}, indent=2))
+        return
+    for name, statuses in found.items():
+        click.echo(name)
+        for status in statuses:
+            size = f"{status.size / (1 << 20):8.1f} MiB" if status.size is not None else "           -"
+            ident = (status.identity or "-")[:16]
+            click.echo(f"  {status.name:10} {ident:16} {size}  {status.state}"
+                       + (f"  {status.file}" if status.file else ""))
 
 
 @cli.command()

@@ -1,0 +1,101 @@
+"""Running Ansible on a layer: the generated play list, the inventory for either way, the run itself.
+
+One `ansible-playbook` run per layer: stage4's roles and the user's playbooks in one generated
+playbook, so Ansible starts once. Its output streams through the Runner into the display and the log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stage4.errors import StepFailed
+from stage4.runner import Runner
+
+ANSIBLE_DIR = Path(__file__).parent / "ansible"
+ROLES_DIR = ANSIBLE_DIR / "roles"
+REMOTE_TMP = "/tmp/.stage4-ansible"
+BUILD_USER = "stage4-build"
+BUILD_KEY_COMMENT = "stage4-build-key"
+
+
+@dataclass
+class Target:
+    """How Ansible reaches the layer: a chroot directory, or a VM's forwarded SSH port."""
+
+    way: str
+    root: Path | None = None
+    port: int | None = None
+    key: Path | None = None
+
+    def inventory(self) -> dict:
+        host: dict = {"ansible_python_interpreter": "/usr/bin/python3", "ansible_remote_tmp": REMOTE_TMP}
+        if self.way == "chroot":
+            host |= {"ansible_connection": "community.general.chroot", "ansible_host": str(self.root)}
+        else:
+            host |= {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": self.port,
+                     "ansible_user": BUILD_USER, "ansible_ssh_private_key_file": str(self.key),
+                     "ansible_become": True,
+                     "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                                                "-o ConnectTimeout=30 -o ServerAliveInterval=15"}
+        return {"all": {"hosts": {"layer": host}}}
+
+
+def play(name: str, roles: list[str]) -> dict:
+    return {"name": name, "hosts": "all", "gather_facts": True, "roles": roles}
+
+
+def site(before: list[dict], playbooks: list[Path], after: list[dict]) -> list[dict]:
+    """stage4's plays, the user's playbooks (imported as they are), stage4's closing plays."""
+    return [*before, *({"import_playbook": str(p)} for p in playbooks), *after]
+
+
+def ansible_playbook() -> str:
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    found = str(beside) if beside.exists() else shutil.which("ansible-playbook")
+    if not found:
+        raise StepFailed("provision", "ansible-playbook not found (run ./install.sh)")
+    return found
+
+
+def run(target: Target, plays: list[dict], variables: dict, work: Path, runner: Runner, step: str) -> None:
+    """Run `plays` against `target`; a failure is a StepFailed naming `step` and the build log."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "site.yml").write_text(json.dumps(plays, indent=1), encoding="utf-8")
+    (work / "inventory.json").write_text(json.dumps(target.inventory(), indent=1), encoding="utf-8")
+    (work / "vars.json").write_text(json.dumps(variables, indent=1, default=str), encoding="utf-8")
+    (work / "ansible.cfg").write_text(
+        "[defaults]\n"
+        f"roles_path = {ROLES_DIR}\n"
+        f"local_tmp = {work / 'local-tmp'}\n"
+        "host_key_checking = False\n"
+        "retry_files_enabled = False\n"
+        "nocows = True\n"
+        "interpreter_python = /usr/bin/python3\n"
+        "[ssh_connection]\n"
+        "pipelining = True\n",
+        encoding="utf-8")
+    env = {"ANSIBLE_CONFIG": str(work / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1",
+           "ANSIBLE_NOCOLOR": "1", "LC_ALL": "C.UTF-8"}
+    argv = [ansible_playbook(), "-i", work / "inventory.json", "-e", f"@{work / 'vars.json'}", work / "site.yml"]
+    try:
+        runner.run(argv, step=step, env=env)
+    except StepFailed:
+        raise StepFailed(step, _failure(runner.log_path), runner.log_path) from None
+
+
+def _failure(log_path: Path | None) -> str:
+    """The task that failed, from Ansible's output in the build log."""
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines() if log_path else []
+    start = max((i for i, line in enumerate(lines) if "ansible-playbook" in line and " $ " in line), default=0)
+    task, fatal = "", ""
+    for line in lines[start:]:
+        text = line.split(" ", 1)[-1].strip()
+        if text.startswith("TASK ["):
+            task = text.removeprefix("TASK [").split("]")[0]
+        elif text.startswith(("fatal:", "failed:")) or "ERROR!" in text or text.startswith("[ERROR]"):
+            fatal = f"task '{task}': {text}" if task else text
+    return "ansible-playbook failed" + (f"; {fatal[:700]}" if fatal else "")

@@ -1,0 +1,166 @@
+"""Attaching a qcow2 layer on the host, without nbd, a partition parser or device-mapper.
+
+qemu-storage-daemon exports the qcow2 (with its backing chain) as a raw file through FUSE; a loop device
+with offset and size limit gives the root partition; it is mounted, and for a chroot /proc, /sys and /dev
+are bound into it, with the host's resolv.conf for apt and a policy-rc.d so that package scripts start no
+services. Everything is undone in reverse order when the context exits, also on Interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from stage4.errors import StepFailed
+from stage4.fsutil import mounts_below
+from stage4.runner import Runner
+
+EXPORT_WAIT_SECONDS = 30
+POLICY_RC_D = "#!/bin/sh\n# stage4: no services start while the layer is provisioned in a chroot\nexit 101\n"
+SAVED_RESOLV = "etc/.resolv.conf.stage4-saved"
+APT_CACHE_MOUNT = "var/cache/stage4-apt"
+APT_CACHE_CONF = "etc/apt/apt.conf.d/00stage4-cache"
+
+
+@dataclass(frozen=True)
+class RootPartition:
+    offset: int
+    size: int
+    fs_type: str
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, identifier: str, fs_type: str) -> RootPartition:
+        for part in manifest["partitions"]:
+            if part["name"] == identifier:
+                return cls(part["start"], part["size"], fs_type)
+        raise StepFailed("attach layer", f"the base manifest names no partition {identifier!r}")
+
+
+@contextlib.contextmanager
+def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, step: str) -> Iterator[Path]:
+    """The qcow2 chain of `image` as one raw file at `mountpoint` while the context lasts."""
+    mountpoint.parent.mkdir(parents=True, exist_ok=True)
+    mountpoint.touch()
+    argv = ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file,filename={image},aio=threads",
+            "--blockdev", "driver=qcow2,node-name=disk,file=file",
+            "--export", f"type=fuse,id=export,node-name=disk,mountpoint={mountpoint},"
+                        f"writable={'on' if writable else 'off'}"]
+    with runner.background(argv, step=step, grace=30) as daemon:
+        deadline = time.monotonic() + EXPORT_WAIT_SECONDS
+        while str(mountpoint.resolve()) not in mounts_below(mountpoint):
+            if not daemon.running():
+                raise StepFailed(step, "qemu-storage-daemon exited: " + " | ".join(list(daemon.lines)[-5:]),
+                                 runner.log_path)
+            if time.monotonic() > deadline:
+                raise StepFailed(step, f"the FUSE export of {image.name} did not appear", runner.log_path)
+            time.sleep(0.1)
+        try:
+            yield mountpoint
+        finally:
+            # Flushed by the daemon on SIGTERM; the export is unmounted when it exits.
+            os.sync()
+
+
+@contextlib.contextmanager
+def loop_device(raw: Path, part: RootPartition, runner: Runner, writable: bool, step: str) -> Iterator[str]:
+    argv = ["losetup", "--find", "--show", "--offset", str(part.offset), "--sizelimit", str(part.size)]
+    if not writable:
+        argv.append("--read-only")
+    device = runner.run([*argv, raw], step=step, capture=True).stdout.strip()
+    try:
+        yield device
+    finally:
+        runner.run(["losetup", "--detach", device], step=f"{step} (detach loop device)", check=False)
+
+
+@contextlib.contextmanager
+def mounted(device: str, target: Path, fs_type: str, runner: Runner, writable: bool, step: str) -> Iterator[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    options = "rw" if writable else ("ro,norecovery" if fs_type == "xfs" else "ro")
+    runner.run(["mount", "-t", fs_type, "-o", options, device, target], step=step)
+    try:
+        yield target
+    finally:
+        os.sync()
+        runner.run(["umount", target], step=f"{step} (unmount)", check=False)
+
+
+@contextlib.contextmanager
+def attached(image: Path, part: RootPartition, work: Path, runner: Runner, *, writable: bool,
+             step: str = "attach layer") -> Iterator[Path]:
+    """The root filesystem of the qcow2 `image` mounted below `work`; nothing remains attached afterwards."""
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(fuse_export(image, work / "export.raw", runner, writable, step))
+        device = stack.enter_context(loop_device(raw, part, runner, writable, step))
+        yield stack.enter_context(mounted(device, work / "root", part.fs_type, runner, writable, step))
+
+
+@contextlib.contextmanager
+def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
+                 step: str = "prepare chroot") -> Iterator[Path]:
+    """Make a mounted root usable as a chroot for package managers; undo it all on exit."""
+    with contextlib.ExitStack() as stack:
+        for name in ("proc", "sys", "dev", "dev/pts"):
+            target = root / name
+            target.mkdir(parents=True, exist_ok=True)
+            if name == "proc":
+                runner.run(["mount", "-t", "proc", "proc", target], step=step)
+            else:
+                runner.run(["mount", "--bind", f"/{name}", target], step=step)
+            stack.callback(runner.run, ["umount", "--lazy", target], step=f"{step} (unmount {name})", check=False)
+        stack.enter_context(_host_resolv_conf(root))
+        stack.enter_context(_temporary_file(root / "usr/sbin/policy-rc.d", POLICY_RC_D, 0o755))
+        if apt_cache is not None and (root / "etc/apt").is_dir():
+            apt_cache.mkdir(parents=True, exist_ok=True)
+            (apt_cache / "partial").mkdir(exist_ok=True)
+            mount_point = root / APT_CACHE_MOUNT
+            mount_point.mkdir(parents=True, exist_ok=True)
+            stack.callback(_rmdir_quietly, mount_point)
+            runner.run(["mount", "--bind", apt_cache, mount_point], step=step)
+            stack.callback(runner.run, ["umount", "--lazy", mount_point], step=f"{step} (unmount apt cache)",
+                           check=False)
+            stack.enter_context(_temporary_file(
+                root / APT_CACHE_CONF,
+                f'Dir::Cache::Archives "/{APT_CACHE_MOUNT}/";\nAPT::Keep-Downloaded-Packages "true";\n', 0o644))
+        yield root
+
+
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+@contextlib.contextmanager
+def _temporary_file(path: Path, content: str, mode: int) -> Iterator[None]:
+    if path.exists() or path.is_symlink():
+        yield  # the image has its own; leave it alone
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content, encoding="utf-8")
+    path.chmod(mode)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _host_resolv_conf(root: Path) -> Iterator[None]:
+    """The host's resolver for apt; the image's own resolv.conf (file, symlink or none) comes back after."""
+    target, saved = root / "etc/resolv.conf", root / SAVED_RESOLV
+    had_own = target.exists() or target.is_symlink()
+    if had_own:
+        os.replace(target, saved)
+    try:
+        shutil.copyfile("/etc/resolv.conf", target)
+        yield
+    finally:
+        target.unlink(missing_ok=True)
+        if had_own:
+            os.replace(saved, target)
