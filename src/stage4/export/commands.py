@@ -13,8 +13,12 @@ from stage4.errors import InputError
 
 @click.command()
 @click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--store", required=True, metavar="DIR|HOST:/DIR",
-              help="the dnbd3-server basePath: a local directory, or host:/path over SSH")
+@click.option("--store", required=True, metavar="DIR|[USER@]HOST:/DIR",
+              help="the dnbd3-server basePath: a local directory, or [user@]host:/path over SSH (uploads with "
+                   "rsync if both hosts have it, else scp; ssh reads ~/.ssh/config as usual)")
+@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
+              help="ssh_config(5) option for every ssh, scp and rsync call to a remote store (repeatable), "
+                   "e.g. --ssh-option Port=2222 --ssh-option IdentityFile=~/.ssh/store_key")
 @click.option("--name", required=True, help="image name in the store, e.g. stage4/debian-12.qcow2")
 @click.option("--rid", default=None, help="revision to publish (default: the next free one); never overwritten")
 @click.option("--server", "servers", multiple=True, metavar="HOST[:PORT]",
@@ -36,7 +40,8 @@ from stage4.errors import InputError
               help="send SIGHUP (rescan; not SIGUSR1) to the server with this pid file afterwards")
 @click.option("--json", "as_json", is_flag=True, help="print the publication record as JSON")
 @click.pass_obj
-def export(obj, image: Path, store: str, name: str, rid: str | None, servers: tuple[str, ...],
+def export(obj, image: Path, store: str, ssh_options: tuple[str, ...], name: str, rid: str | None,
+           servers: tuple[str, ...],
            identifier: str | None, kernel: Path | None, initrd: Path | None, no_boot_files: bool,
            boot_dir: str | None, activate: bool, manifest: Path | None, source_identity: str | None,
            reload_pidfile: Path | None, as_json: bool) -> None:
@@ -45,14 +50,25 @@ def export(obj, image: Path, store: str, name: str, rid: str | None, servers: tu
     Writes <name>.r<RID> (padded to 4 KiB) and <name>.r<RID>.crc atomically, never over an existing
     revision; kernel, initrd and the stage-3 config fragment of that revision into the boot directory;
     and a JSON record of the publication into <store>/.stage4/<name>/.
+
+    A remote store (host:/path) is written over SSH without a password prompt (BatchMode): every file is
+    uploaded under a hidden temporary name and published by a locked hard link on the store host, which
+    needs a POSIX sh, flock(1) and GNU coreutils. Ports, users, identities and host keys come from
+    ~/.ssh/config or from --ssh-option.
     """
-    from stage4.export.publish import publish, read_identity
+    from stage4.export.publish import REMOTE_STORE, check_remote, check_ssh_options, publish, read_identity
     from stage4.runner import Runner
     from stage4.ui import Display
 
     validate_name(name)  # bad input fails before any step starts: one line, exit code 2
     if rid is not None:
         parse_rid(rid)
+    remote = REMOTE_STORE.match(store)
+    if remote:
+        check_remote(remote["host"], remote["path"], boot_dir)
+        check_ssh_options(ssh_options)
+    elif ssh_options:
+        raise InputError("--ssh-option only applies to a remote store (host:/path)")
     if no_boot_files and (kernel or initrd):
         raise InputError("--no-boot-files cannot be combined with --kernel/--initrd")
     if source_identity is None and manifest is not None:
@@ -64,6 +80,7 @@ def export(obj, image: Path, store: str, name: str, rid: str | None, servers: tu
             image, store, name, rid=rid, kernel=kernel, initrd=initrd, servers=list(servers),
             identifier=identifier, source_identity=source_identity, reload_pidfile=reload_pidfile,
             boot_dir=boot_dir, activate=activate, boot_files=not no_boot_files, runner=runner,
+            ssh_options=ssh_options,
         )
     for warning in publication.warnings:
         display.info(f"warning: {warning}")

@@ -12,9 +12,11 @@ by default the hidden `<store>/.stage4/<name>/`: dnbd3-server scans basePath rec
 publish a `kernel.r<RID>` there as an image called `kernel`. The JSON record of the publication always
 goes to `<store>/.stage4/<name>/publication.r<RID>.json`.
 
-A store written as `host:/path` is on another host: the image is uploaded (scp) to a temporary name
-there and the same commit (lock with flock(1), pick the revision, link, rename) runs as a POSIX shell
-script over ssh.
+A store written as `[user@]host:/path` is on another host: every file is uploaded under a hidden temporary
+name there (rsync --inplace when both ends have rsync, else scp), and the same commit (lock with flock(1),
+pick the revision, link, rename) runs as a POSIX shell script over ssh. ssh reads its usual configuration
+(~/.ssh/config: Host aliases, ports, identities); `ssh_options` adds `-o Key=Value` options to every ssh,
+scp and rsync call (`stage4 export --ssh-option Port=2222 --ssh-option IdentityFile=~/.ssh/store`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import struct
 import tempfile
@@ -52,6 +55,10 @@ from stage4.runner import Runner
 DEFAULT_IDENTIFIER = "SLX_SYS"
 RECORD_FORMAT = "stage4-publication/1"
 REMOTE_STORE = re.compile(r"^(?P<host>[^/:\s]+):(?P<path>/.*)$")
+# What a remote host and remote paths may contain: no shell, scp or rsync quoting is ever needed.
+REMOTE_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]*$")
+REMOTE_PATH = re.compile(r"^/[A-Za-z0-9._+@,=~/-]*$")
+SSH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*(=|\s+)\S.*$")
 RID_PLACEHOLDER = "@RID@"
 Fault = Callable[[str], None]
 
@@ -268,14 +275,24 @@ def publish(
     runner: Runner | None = None,
     check_image: bool = True,
     transport: RemoteTransport | None = None,
+    ssh_options: Sequence[str] = (),
     _fault: Fault | None = None,
 ) -> Publication:
     """Publish `image` as the next (or the given) revision of `name` in `store`.
 
     check_image=False skips `stage4 inspect` (only for tests of the store mechanics); a qcow2 with a
-    backing file is refused either way. `_fault(stage)` is called at each stage, for crash tests.
+    backing file is refused either way. `ssh_options` ('Key=Value', for a host:/path store) go to ssh, scp
+    and rsync as `-o` options. `_fault(stage)` is called at each stage, for crash tests.
     """
     runner = runner or Runner()
+    remote = REMOTE_STORE.match(str(store))
+    if remote or transport is not None:
+        if not remote:
+            raise InputError(f"store {store}: a remote store is written host:/absolute/path")
+        check_remote(remote["host"], remote["path"], boot_dir)
+        ssh_options = check_ssh_options(ssh_options)
+    elif ssh_options:
+        raise InputError("--ssh-option only applies to a remote store (host:/path)")
     image = Path(image)
     name = validate_name(name)
     wanted_rid = parse_rid(rid) if rid is not None else None
@@ -317,11 +334,8 @@ def publish(
             kernel = initrd = None
         job = _Job(image, name, wanted_rid, kernel, initrd, servers, identifier, source_identity, activate, fault,
                    origins)
-        remote = REMOTE_STORE.match(str(store))
-        if remote or transport is not None:
-            if not remote:
-                raise InputError(f"store {store}: a remote store is written host:/absolute/path")
-            transport = transport or SshTransport(remote["host"], runner)
+        if remote:
+            transport = transport or SshTransport(remote["host"], runner, ssh_options)
             publication = _publish_remote(job, remote["host"], remote["path"], boot_dir, reload_pidfile,
                                           transport, runner)
         else:
@@ -457,6 +471,29 @@ def _publish_local(job: _Job, store: Store, boot_dir: Path | None) -> Publicatio
 # --- remote stores over SSH -------------------------------------------------------------------------------
 
 
+def check_remote(host: str, path: str, boot_dir: str | Path | None) -> None:
+    """A remote store's host and paths: plain characters only (they pass through ssh, scp and rsync)."""
+    if not REMOTE_HOST.match(host):
+        raise InputError(f"store host {host!r}: use letters, digits and . _ - @ (a ~/.ssh/config Host alias "
+                         "for anything else)")
+    for value, what in ((path, "store path"), (boot_dir, "boot directory")):
+        if value is not None and not REMOTE_PATH.match(str(value)):
+            raise InputError(f"{what} {str(value)!r} on {host}: must be absolute and use only letters, digits, "
+                             "'/' and . _ - + @ , = ~")
+
+
+def check_ssh_options(options: Sequence[str]) -> list[str]:
+    """ssh `-o` options, 'Key=Value' or 'Key Value' each (what ssh_config(5) accepts after -o)."""
+    result = []
+    for option in options:
+        option = option.strip()
+        if not SSH_OPTION.match(option) or any(c in option for c in "'\"\\\n"):
+            raise InputError(f"ssh option {option!r}: expected Key=Value as in ssh_config(5), e.g. Port=2222 "
+                             "(no quotes)")
+        result.append(option)
+    return result
+
+
 class RemoteTransport:
     """How to reach a remote store: run a shell script there, copy a file there."""
 
@@ -466,22 +503,47 @@ class RemoteTransport:
     def upload(self, local: Path, remote: str, *, step: str) -> None:
         raise NotImplementedError
 
+    def remote_tools(self, tools: set[str]) -> None:
+        """The tools the store host has (from the prepare script); a transport may pick its copier."""
+
 
 class SshTransport(RemoteTransport):
-    """ssh for commands, scp for files (BatchMode: never waits for a password prompt)."""
+    """ssh for commands; rsync (if both ends have it, else scp) for files. BatchMode: never waits for a
+    password prompt. Files are written straight to their hidden temporary names (rsync --inplace), so an
+    interrupted copy leaves nothing that dnbd3-server would scan."""
 
-    def __init__(self, host: str, runner: Runner, options: Sequence[str] = ()):
+    def __init__(self, host: str, runner: Runner, options: Sequence[str] = (), *, use_rsync: bool | None = None):
         self.host, self.runner = host, runner
-        self.options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", *options]
+        self.options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
+        for option in check_ssh_options(options):
+            self.options += ["-o", option]
+        self.use_rsync = use_rsync  # None: when both ends have it
+        self.copier = "scp"
 
     def run_script(self, script: str, args: Sequence[str], *, step: str) -> tuple[int, str]:
         command = "sh -s -- " + " ".join(shlex.quote(a) for a in args)
-        result = self.runner.run(["ssh", *self.options, self.host, command], step=step, input=script.encode(),
-                                 capture=True, check=False)
+        result = self.runner.run(["ssh", *self.options, "--", self.host, command], step=step,
+                                 input=script.encode(), capture=True, check=False)
+        if result.returncode == 255:  # ssh's own failure: connection, authentication, host key
+            raise StepFailed(step, f"ssh to {self.host} failed (exit 255; see the log for ssh's message)",
+                             self.runner.log_path)
         return result.returncode, result.stdout
 
+    def remote_tools(self, tools: set[str]) -> None:
+        local = shutil.which("rsync") is not None
+        wanted = self.use_rsync if self.use_rsync is not None else True
+        if self.use_rsync and not (local and "rsync" in tools):
+            raise Stage4Error(f"rsync is needed on this host and on {self.host} for this export")
+        self.copier = "rsync" if wanted and local and "rsync" in tools else "scp"
+
     def upload(self, local: Path, remote: str, *, step: str) -> None:
-        self.runner.run(["scp", "-q", *self.options, local, f"{self.host}:{shlex.quote(remote)}"], step=step)
+        if self.copier == "rsync":
+            shell = shlex.join(["ssh", *self.options])
+            argv = ["rsync", "--inplace", "--whole-file", "--chmod=F644", "-e", shell, "--", local,
+                    f"{self.host}:{remote}"]
+        else:
+            argv = ["scp", "-q", *self.options, "--", local, f"{self.host}:{remote}"]
+        self.runner.run(argv, step=step)
 
 
 class LocalShellTransport(RemoteTransport):
@@ -510,7 +572,11 @@ _REMOTE_PREPARE = r"""
 set -eu
 store=$1 dir=$2 boot=$3 meta=$4
 [ -d "$store" ] || { echo "store $store: not a directory" >&2; exit 6; }
+command -v flock >/dev/null 2>&1 || { echo "flock(1) is missing on the store host" >&2; exit 5; }
 mkdir -p -- "$store/$dir" "$boot" "$meta"
+tools=
+for tool in rsync; do command -v "$tool" >/dev/null 2>&1 && tools="$tools $tool"; done
+echo "TOOLS=$tools"
 """
 
 _REMOTE_COMMIT = r"""
@@ -523,6 +589,7 @@ tmp=".$leaf.stage4-$token.part"
 crctmp=".$leaf.stage4-$token.crc.part"
 truncate -s "$padded" -- "$tmp"
 [ "$(stat -c %s -- "$tmp")" = "$padded" ] || { echo "uploaded image has the wrong size" >&2; exit 7; }
+chmod 644 -- "$tmp" "$crctmp"
 sync -- "$tmp" "$crctmp" 2>/dev/null || sync
 command -v flock >/dev/null 2>&1 || { echo "flock(1) is missing on the store host" >&2; exit 5; }
 exec 9>>"$store/.stage4.lock"
@@ -551,7 +618,7 @@ sync
 flock -u 9
 for kind in kernel initrd; do
     t="$boot/.$kind.stage4-$token.part"
-    [ -e "$t" ] && mv -f -- "$t" "$boot/$kind.r$rid"
+    if [ -e "$t" ]; then chmod 644 -- "$t"; mv -f -- "$t" "$boot/$kind.r$rid"; fi
 done
 sed "s/@RID@/$rid/g" "$boot/.config.stage4-$token.part" > "$boot/.config.stage4-$token.tmp.part"
 rm -f -- "$boot/.config.stage4-$token.part"
@@ -584,11 +651,15 @@ def _publish_remote(job: _Job, host: str, root: str, boot_dir: str | Path | None
         raise InputError(f"boot directory {boot}: must be an absolute path on {host}")
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     where = f"{host}:{root}"
-    code, _ = transport.run_script(_REMOTE_PREPARE, [root, directory, boot, meta], step=f"prepare store {where}")
+    code, out = transport.run_script(_REMOTE_PREPARE, [root, directory, boot, meta], step=f"prepare store {where}")
     if code == _R_NO_STORE:
         raise InputError(f"store {where}: not a directory")
-    if code:
+    if code == _R_NO_FLOCK:
+        raise Stage4Error(f"{where}: flock(1) (util-linux) is needed on the store host")
+    tools = re.search(r"^TOOLS=(.*)$", out, re.MULTILINE)
+    if code or not tools:
         raise StepFailed(f"prepare store {where}", f"remote script exited with {code}", runner.log_path)
+    transport.remote_tools(set(tools[1].split()))
     digest = digest_and_copy(job.image)
     image_dir = f"{root}/{directory}".replace("/./", "/").rstrip("/") if directory != "." else root
     committed = False
@@ -633,9 +704,10 @@ def _publish_remote(job: _Job, host: str, root: str, boot_dir: str | Path | None
         committed = True
         rid = int(match[1])
     finally:
-        if not committed:
-            transport.run_script(_REMOTE_CLEANUP, [root, directory, job.leaf, token, boot, meta],
-                                 step=f"clean up {where}")
+        if not committed:  # best effort: the original error is the one to report
+            with contextlib.suppress(Stage4Error):
+                transport.run_script(_REMOTE_CLEANUP, [root, directory, job.leaf, token, boot, meta],
+                                     step=f"clean up {where}")
     final = f"{image_dir}/{job.leaf}.r{rid}"
     return Publication(
         store=where, name=job.name, rid=rid, image=f"{host}:{final}", crc=f"{host}:{final}.crc",
