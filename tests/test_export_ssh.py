@@ -1,147 +1,27 @@
-"""Export to a remote store through a real sshd on 127.0.0.1 (our own instance: own port, host key,
-client key and authorized_keys in tmp; no system service is used or changed)."""
+"""Export to a remote store through a real sshd on 127.0.0.1 (tests/sshd_server.py: our own instance with
+its own port, host key, client key and authorized_keys in tmp; no system service is used or changed)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from stage4.errors import InputError, Stage4Error
 from stage4.export.publish import SshTransport, publish
 from stage4.runner import Runner
+from tests.sshd_server import children, free_port, is_live, kill, sshd  # noqa: F401 (sshd: fixture)
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
-SSHD = "/usr/sbin/sshd"
 NAME = "r/img.qcow2"
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of `pid` (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    for tool in (SSHD, "ssh", "scp", "ssh-keygen", "rsync"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install openssh-server rsync)")
-    if os.geteuid() != 0:
-        pytest.skip("sshd needs root here (privilege separation directory, login as root)")
-    tmp = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", tmp / key], check=True)
-    shutil.copy(tmp / "client_key.pub", tmp / "authorized_keys")
-    port = _free_port()
-    config = tmp / "sshd_config"
-    config.write_text(textwrap.dedent(f"""\
-        ListenAddress 127.0.0.1
-        Port {port}
-        HostKey {tmp}/host_key
-        AuthorizedKeysFile {tmp}/authorized_keys
-        PidFile {tmp}/sshd.pid
-        StrictModes no
-        UsePAM no
-        PermitRootLogin prohibit-password
-        PubkeyAuthentication yes
-        PasswordAuthentication no
-        KbdInteractiveAuthentication no
-        MaxStartups 50
-        LogLevel VERBOSE
-        Subsystem sftp internal-sftp
-        """))
-    (tmp / "known_hosts").write_text(f"[127.0.0.1]:{port} " + (tmp / "host_key.pub").read_text())
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    log = (tmp / "sshd.log").open("wb")
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", config], stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert server.poll() is None, (tmp / "sshd.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "sshd did not listen"
-                time.sleep(0.05)
-        options = [f"Port={port}", f"IdentityFile={tmp}/client_key", "IdentitiesOnly=yes",
-                   f"UserKnownHostsFile={tmp}/known_hosts", "GlobalKnownHostsFile=/dev/null",
-                   "StrictHostKeyChecking=yes"]
-        yield SimpleNamespace(port=port, options=options, dir=tmp, host="root@127.0.0.1")
-    finally:
-        sessions = _children(server.pid)
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        _kill(sessions)
-        log.close()
-        clients = _processes_mentioning(str(tmp))  # ssh/scp/rsync started with our key or known_hosts
-        _kill(clients)
-        assert not clients, f"ssh client processes were left running: {clients}"
-        assert not [p for p in sessions if Path(f"/proc/{p}").exists() and _is_live(p)], "sshd sessions left"
-
-
-def _is_live(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -259,14 +139,14 @@ def _start_big_upload(sshd, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
 def test_interrupted_ssh_upload_leaves_nothing_in_the_store(sshd, tmp_path, image):
     """SIGTERM (Ctrl-C, a killed job) mid-copy: the copier is stopped, the remote temporaries removed."""
     child, remote = _start_big_upload(sshd, tmp_path)
-    copiers = _children(child.pid)
+    copiers = children(child.pid)
     assert copiers, "the upload runs in a child process"
     child.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130 and "INTERRUPTED" in out, err[-800:]
     assert visible(remote) == []
     assert not [p for p in remote.rglob("*") if "stage4-" in p.name], "the remote temporaries are removed"
-    assert not [p for p in copiers if _is_live(p)], "rsync/ssh of the interrupted export still run"
+    assert not [p for p in copiers if is_live(p)], "rsync/ssh of the interrupted export still run"
     assert publish(image, f"{sshd.host}:{remote}", NAME, check_image=False, boot_files=False,
                    ssh_options=sshd.options).rid == 1
 
@@ -274,11 +154,11 @@ def test_interrupted_ssh_upload_leaves_nothing_in_the_store(sshd, tmp_path, imag
 def test_killed_ssh_upload_leaves_no_visible_file(sshd, tmp_path, image):
     """SIGKILL of the export and its copier mid-copy (no cleanup can run): only hidden files remain."""
     child, remote = _start_big_upload(sshd, tmp_path)
-    tree_pids = [child.pid, *_children(child.pid)]
-    _kill(tree_pids)
+    tree_pids = [child.pid, *children(child.pid)]
+    kill(tree_pids)
     child.communicate(timeout=30)
     deadline = time.monotonic() + 30
-    while any(_is_live(p) for p in tree_pids) and time.monotonic() < deadline:
+    while any(is_live(p) for p in tree_pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # the remote rsync notices the closed connection
     assert visible(remote) == []
@@ -291,7 +171,7 @@ def test_killed_ssh_upload_leaves_no_visible_file(sshd, tmp_path, image):
 def test_ssh_failures_are_one_line_errors(sshd, tmp_path, image):
     remote = tmp_path / "remote"
     remote.mkdir()
-    closed = [f"Port={_free_port()}" if o.startswith("Port=") else o for o in sshd.options]
+    closed = [f"Port={free_port()}" if o.startswith("Port=") else o for o in sshd.options]
     with pytest.raises(Stage4Error, match=r"ssh to root@127.0.0.1 failed \(exit 255"):
         publish(image, f"{sshd.host}:{remote}", NAME, check_image=False, boot_files=False, ssh_options=closed)
     with pytest.raises(InputError, match="not a directory"):
