@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import subprocess
 import sys
@@ -11,12 +12,13 @@ import pytest
 
 from stage4.dnbd3.server import DevServer
 from stage4.dnbd3.verify import verify
+from tests.sshd_server import sshd  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_export_and_verify_a_built_image(base_image, tmp_path):
+def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):  # noqa: F811
     store = tmp_path / "store"
     store.mkdir()
     result = subprocess.run(
@@ -37,3 +39,18 @@ def test_export_and_verify_a_built_image(base_image, tmp_path):
         report = verify(f"{host}:{port}", "stage4/debian-12.qcow2", store=store, timeout=30)
     assert report.passed, report.problems
     assert any(f"'{base_image.identifier}'" in fact and "filesystem ext4" in fact for fact in report.facts)
+
+    # The same export through SSH (the CLI with --ssh-option) gives the same files, byte for byte.
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    options = [arg for option in sshd.options for arg in ("--ssh-option", option)]
+    result = subprocess.run(
+        [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", f"{sshd.host}:{remote}",
+         *options, "--name", "stage4/debian-12.qcow2", "--server", "10.0.0.1", "--server", "10.0.0.2", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout[result.stdout.index("{"):])["rid"] == 1
+    for name in ("stage4/debian-12.qcow2.r1", "stage4/debian-12.qcow2.r1.crc",
+                 ".stage4/stage4/debian-12.qcow2/kernel.r1", ".stage4/stage4/debian-12.qcow2/initrd.r1",
+                 ".stage4/stage4/debian-12.qcow2/config.r1"):
+        assert filecmp.cmp(store / name, remote / name, shallow=False), name
