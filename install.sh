@@ -17,7 +17,8 @@ APT_PACKAGES=(
     git                        # component and dracut-module sources given as git URL + ref
     openssh-client             # ssh, ssh-keygen: the VM way of provisioning layers
     packer                     # installer-driven bases (Packer 1.6.6 from Debian)
-    openssh-client openssl     # per-build SSH keys and password hashes
+    openssl                    # password hashes for installer build users
+    openssh-server rsync       # tests of exports to a remote store (a private sshd on loopback)
     debconf                    # debconf-set-selections checks rendered preseeds
     python3-venv               # the Python environment below
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stage4 import __version__, distributions
 from stage4.boot import accel
-from stage4.builders import bootstrap, disk, grub, packer, packer_template
+from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_template
 from stage4.config import BuilderKind, ImageConfig, MachineConfig
 from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
@@ -83,7 +83,7 @@ class BaseJob:
 
     def identity(self) -> str:
         recipe = (packer, packer_template, installer) if self.image.builder is BuilderKind.packer \
-            else (bootstrap, disk, grub)
+            else (bootstrap, initramfs, disk, grub)
         return identity("base", {**self.identity_inputs(), "recipe": source_digest(*recipe, sys.modules[__name__])})
 
 
@@ -162,7 +162,7 @@ def _bootstrap_work_dir(job: BaseJob) -> Path:
                           f"verifying its mirror needs the keyring {keyring}, which this host lacks; "
                           f"install {plan.distribution.keyring_package}")
     # The tree depends on fewer inputs than the disk: a new disk size reuses it.
-    rootfs_id = identity("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap)})
+    rootfs_id = identity("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap, initramfs)})
     work = job.cache_dir / "work" / f"{job.name}-{rootfs_id[:16]}"
     _remove_stale_work(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def _bootstrap_base(job: BaseJob, base_id: str, work: Path, timings: dict[str, f
     if not (work / "rootfs.done").exists():
         remove_tree(rootfs)
         with display.step(f"{job.name}: bootstrap {plan.distribution.pretty_name}"), _timed(timings, "bootstrap"):
-            bootstrap.run_mmdebstrap(plan, rootfs, work, job.cache_dir / "apt" / plan.distribution.name, job.runner)
+            bootstrap.run_mmdebstrap(plan, rootfs, work, job.cache_dir, job.runner)
         (work / "rootfs.done").touch()
     kernels = bootstrap.kernel_versions(rootfs)
     if not kernels:

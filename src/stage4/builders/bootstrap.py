@@ -2,12 +2,15 @@
 
 The tree gets a kernel, systemd, the initramfs and what Ansible needs later (python3, sudo, sshd);
 no compilers, no desktop. The initramfs is built once, at the end: apt-based flows otherwise build it
-twice (the kernel's postinst hook, then the dracut trigger), which is most of a plain bootstrap's time.
+twice (the kernel's postinst hook, then the dracut trigger), which is most of a plain bootstrap's time;
+and when nothing it is made of changed, it is taken from the cache (initramfs.py).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +104,7 @@ def stage_files(plan: BootstrapPlan, staging: Path) -> None:
         path.write_text(content, encoding="utf-8")
 
 
-def customize_script() -> str:
+def customize_script(initramfs_cache: Path) -> str:
     return textwrap.dedent(f"""\
         set -eu
         root="$1"
@@ -110,11 +113,7 @@ def customize_script() -> str:
         chroot "$root" systemctl mask --quiet systemd-networkd-wait-online.service
         rm -f "$root"/etc/ssh/ssh_host_*
         : > "$root/etc/machine-id"
-        for kernel in "$root"/boot/vmlinuz-*; do
-            version="${{kernel##*/vmlinuz-}}"
-            echo "stage4: building the initramfs for $version once"
-            chroot "$root" dracut --quiet --force --no-hostonly "/boot/initrd.img-$version" "$version"
-        done
+        {shlex.quote(sys.executable)} -m stage4.builders.initramfs "$root" {shlex.quote(str(initramfs_cache))}
         """)
 
 
@@ -122,12 +121,14 @@ def essential_script() -> str:
     return f'chroot "$1" dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut\n'
 
 
-def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, apt_cache: Path, runner: Runner) -> None:
+def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Path, runner: Runner) -> None:
+    """Bootstrap into `rootfs`; downloaded packages and built initramfs images are kept in `cache_dir`."""
     staging = work / "staging"
     stage_files(plan, staging)
     essential, customize = work / "essential.sh", work / "customize.sh"
     essential.write_text(essential_script(), encoding="utf-8")
-    customize.write_text(customize_script(), encoding="utf-8")
+    customize.write_text(customize_script(cache_dir / "initramfs"), encoding="utf-8")
+    apt_cache = cache_dir / "apt" / plan.distribution.name
     apt_cache.mkdir(parents=True, exist_ok=True)
     argv = [
         "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
