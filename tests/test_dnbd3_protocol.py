@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stage4.dnbd3 import diskview
+from stage4.image import qcow2
 from stage4.dnbd3 import protocol as p
 from stage4.dnbd3.crc import CrcError, parse_crc_file
 from stage4.errors import InputError, Stage4Error
@@ -120,7 +120,7 @@ def test_parse_address_refuses(text):
 # --- hostile input: every parser either returns a value or raises a Stage4Error -------------------------
 
 PARSERS = [p.parse_reply, p.parse_request, p.parse_select_reply, p.parse_select_image, p.parse_servers,
-           parse_crc_file, diskview.parse_qcow2_header]
+           parse_crc_file, qcow2.parse_header]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stage4.errors import Stage4Error
+from stage4.image.qcow2 import Qcow2Header
 
 Read = Callable[[int, int], bytes]
 
-QCOW2_MAGIC = b"QFI\xfb"
 OFFSET_BITS = 0x00FFFFFFFFFFFE00
 COMPRESSED = 1 << 62
 ZERO_FLAG = 1
@@ -30,72 +30,13 @@ class DiskError(Stage4Error):
     """The image's structure is not what a client could use."""
 
 
-@dataclass(frozen=True)
-class Qcow2Facts:
-    version: int
-    cluster_bits: int
-    virtual_size: int
-    backing_file: bool
-    crypt_method: int
-    l1_size: int
-    l1_offset: int
-    incompatible: int
-    compression_type: int
-
-    def problems(self) -> list[str]:
-        found = []
-        if self.version not in (2, 3):
-            found.append(f"qcow2 version {self.version} (xloop reads 2 and 3)")
-        if self.backing_file:
-            found.append("has a backing file")
-        if self.crypt_method:
-            found.append("is encrypted")
-        if self.incompatible & 1:
-            found.append("dirty bit set")
-        if self.incompatible & 2:
-            found.append("corrupt bit set")
-        if self.incompatible & 4:
-            found.append("uses an external data file")
-        if self.incompatible & 16:
-            found.append("uses extended L2 entries")
-        if not 9 <= self.cluster_bits <= 21:
-            found.append(f"cluster size 2^{self.cluster_bits} outside 2^9..2^21")
-        if self.compression_type not in (0, 1):
-            found.append(f"unknown compression type {self.compression_type}")
-        return found
-
-    def describe(self) -> str:
-        compression = {0: "zlib", 1: "zstd"}.get(self.compression_type, str(self.compression_type))
-        return (f"qcow2 v{self.version}, virtual size {self.virtual_size} bytes, cluster {1 << self.cluster_bits} "
-                f"bytes, compression {compression}, backing file {'yes' if self.backing_file else 'none'}")
-
-
-def parse_qcow2_header(data: bytes) -> Qcow2Facts | None:
-    """Facts from the first bytes of an image; None if it is not qcow2."""
-    if len(data) < 4 or data[:4] != QCOW2_MAGIC:
-        return None
-    if len(data) < 72:
-        raise DiskError("qcow2 header is truncated")
-    (_, version, backing_offset, _backing_size, cluster_bits, size, crypt, l1_size, l1_offset) = struct.unpack_from(
-        ">IIQIIQIIQ", data)
-    incompatible, compression = 0, 0
-    if version >= 3:
-        if len(data) < 104:
-            raise DiskError("qcow2 v3 header is truncated")
-        incompatible = struct.unpack_from(">Q", data, 72)[0]
-        header_length = struct.unpack_from(">I", data, 100)[0]
-        if header_length > 104 and len(data) > 104:
-            compression = data[104]
-    return Qcow2Facts(version, cluster_bits, size, bool(backing_offset), crypt, l1_size, l1_offset, incompatible,
-                      compression)
-
-
 class Qcow2Disk:
     """Reads the virtual disk inside a qcow2 image through `read` (the image's own bytes)."""
 
-    def __init__(self, read: Read, facts: Qcow2Facts, image_size: int):
-        if facts.problems():
-            raise DiskError("cannot read inside the qcow2: " + "; ".join(facts.problems()))
+    def __init__(self, read: Read, facts: Qcow2Header, image_size: int):
+        problems = facts.problems() + (["extended L2 entries (not read here)"] if facts.extended_l2 else [])
+        if problems:
+            raise DiskError("cannot read inside the qcow2: " + "; ".join(problems))
         self.read_image, self.facts, self.image_size = read, facts, image_size
         self.cluster_size = 1 << facts.cluster_bits
         self.l2_entries = self.cluster_size // 8
@@ -151,7 +92,7 @@ class Qcow2Disk:
         sectors = ((entry >> x) & ((1 << (self.facts.cluster_bits - 8)) - 1)) + 1
         length = min(sectors * SECTOR - (host % SECTOR), self.image_size - host)
         data = self._image(host, max(length, 0), "compressed cluster")
-        if self.facts.compression_type == 1:
+        if self.facts.compression == "zstd":
             return _zstd_cluster(data, self.cluster_size).ljust(self.cluster_size, b"\0")
         try:
             result = zlib.decompressobj(-12).decompress(data, self.cluster_size)

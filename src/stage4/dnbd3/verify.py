@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stage4.dnbd3 import diskview
+from stage4.image import qcow2
 from stage4.dnbd3.client import Client, ConnectionLost, Dnbd3Error, query_images
 from stage4.dnbd3.crc import CrcError, parse_crc_file
 from stage4.dnbd3.protocol import HASH_BLOCK_SIZE, virtual_size
@@ -211,7 +212,7 @@ def _describe_contents(client: Client, report: VerifyReport, identifier: str) ->
         return client.read(offset, length) if length else b""
 
     try:
-        facts = diskview.parse_qcow2_header(read(0, min(4096, size)))
+        facts = qcow2.parse_header(read(0, min(4096, size)))
         if facts is None:
             report.problem("not a qcow2 image (no QFI\\xfb magic at offset 0): xloop cannot open it")
             return
@@ -230,7 +231,7 @@ def _describe_contents(client: Client, report: VerifyReport, identifier: str) ->
                             f"filesystem {fs_type or 'unknown'}, label {label!r}")
         if label != identifier:
             report.facts.append(f"note: filesystem label {label!r} differs from the identifier (LABEL= would not match)")
-    except diskview.DiskError as exc:
+    except (diskview.DiskError, qcow2.Qcow2Error) as exc:
         report.problem(f"image contents: {exc}")
 
 

@@ -90,17 +90,7 @@ def detect_identifier(parts: list[files.PartitionInfo]) -> str | None:
 def _qcow2_checks(header: qcow2.Qcow2Header | None) -> list[Check]:
     if header is None:
         return [Check("format is qcow2", False, "a raw image; export a qcow2 (xloop reads qcow2)")]
-    return [
-        Check("format is qcow2 v2 or v3", header.version in (2, 3), f"version {header.version}"),
-        Check("no backing file", header.backing_file is None,
-              f"backing file {header.backing_file}; flatten the chain first" if header.backing_file else ""),
-        Check("not dirty, not corrupt", not header.dirty and not header.corrupt,
-              f"dirty={header.dirty} corrupt={header.corrupt}"),
-        Check("no encryption", header.encryption == "none", header.encryption),
-        Check("no external data file", not header.external_data_file),
-        Check("compression zlib or zstd", header.compression in ("zlib", "zstd"), header.compression),
-        Check("cluster size 512 B .. 2 MiB", 9 <= header.cluster_bits <= 21, f"{header.cluster_size} bytes"),
-    ]
+    return [Check(name, met, detail) for name, met, detail in header.client_checks()]
 
 
 def inspect_image(image: Path, identifier: str | None = None, runner: Runner | None = None) -> InspectReport:
