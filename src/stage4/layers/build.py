@@ -159,8 +159,7 @@ def build_dev(job: LayerJob, dev_id: str) -> tuple[dict, dict]:
             initramfs_src = job.image.initramfs.source
             initramfs_tar = sources.fetch("stage4-initramfs", initramfs_src, work / "sources", runner,
                                           f"{step} (initramfs)")
-            has_script = (work / "sources" / "stage4-initramfs" / "build-initramfs.sh").is_file() or (
-                initramfs_src.path is not None and (initramfs_src.path / "build-initramfs.sh").is_file())
+            has_script = "build-initramfs.sh" in sources.top_level(initramfs_tar)
         overlay.create(job.base.image, overlay_path, runner, f"{job.name}: dev: create overlay")
         variables = {
             **layer.vars,

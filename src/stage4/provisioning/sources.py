@@ -70,13 +70,20 @@ def fetch(name: str, source: SourceConfig, sources_dir: Path, runner: Runner, st
     return target
 
 
+def top_level(tarball: Path) -> set[str]:
+    """Names at the top of a source tarball made by fetch()."""
+    with tarfile.open(tarball) as archive:
+        return {name.split("/", 1)[0] for name in archive.getnames()}
+
+
 def _clone(source: SourceConfig, tree: Path, runner: Runner, step: str) -> None:
     env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     try:
         runner.run(["git", "clone", "--quiet", "--no-checkout", source.git, tree], step=step, env=env,
                    timeout=GIT_TIMEOUT)
     except StepFailed as exc:
-        raise StepFailed(step, f"cannot fetch {source.git} ({exc}); is the host online? A local "
+        detail = str(exc).split(" failed: ", 1)[-1].split(" (log: ")[0]
+        raise StepFailed(step, f"cannot fetch {source.git} ({detail}); is the host online? A local "
                          "checkout can be given as source.path instead", runner.log_path) from None
     runner.run(["git", "-C", tree, "checkout", "--quiet", source.ref], step=step, env=env)
 
