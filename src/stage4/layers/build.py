@@ -265,9 +265,13 @@ def provision(job: LayerJob, layer_name: str, layer: LayerConfig, overlay_path: 
               variables: dict, work: Path) -> None:
     """Run the plays on the layer the configured way."""
     runner = job.runner
-    step = f"{job.name}: {layer_name}: provision ({layer.way.value})"
+    way = layer.way
+    if way is Way.chroot and (reason := attach.chroot_unavailable()):
+        runner.display.info(f"{job.name}: {layer_name}: the chroot way cannot serve here ({reason}); using the VM way")
+        way = Way.vm
+    step = f"{job.name}: {layer_name}: provision ({way.value})"
     with runner.display.step(step):
-        if layer.way is Way.chroot:
+        if way is Way.chroot:
             with attach.attached(overlay_path, job.part, work / "attach", runner, writable=True, step=step) as root, \
                     attach.chroot_ready(root, runner, job.apt_cache, step=step):
                 try:

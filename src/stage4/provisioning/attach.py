@@ -27,6 +27,19 @@ APT_CACHE_MOUNT = "var/cache/stage4-apt"
 APT_CACHE_CONF = "etc/apt/apt.conf.d/00stage4-cache"
 
 
+def chroot_unavailable() -> str | None:
+    """Why a layer cannot be attached on this host (then the VM way serves instead), or None."""
+    if os.geteuid() != 0:
+        return "attaching needs root"
+    for device in ("/dev/fuse", "/dev/loop-control"):
+        if not os.path.exists(device):
+            return f"{device} is missing"
+    for tool in ("qemu-storage-daemon", "losetup", "mount"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
 @dataclass(frozen=True)
 class RootPartition:
     offset: int
