@@ -45,7 +45,7 @@ def main() -> int:
         stage4_seconds, (result,) = timed(lambda: api.build(cfg, ["bench"]))
         image_mib = result.image.stat().st_size / (1 << 20)
 
-        data["images"]["bench"]["packages"] = ["less"]
+        data["images"]["bench"]["packages"] = ["tree"]
         cfg_plus = config.from_dict(data, "bench")
         plus_seconds, _ = timed(lambda: api.build(cfg_plus, ["bench"]))
 

@@ -24,7 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-DRACUT_ARGS = ("--force", "--no-hostonly")
+# dracut's own compression (gzip -9, one core) is 90 % of its time; the image is compressed on the host
+# instead, with multi-threaded zstd (smaller, and Debian's and Ubuntu's kernels read it). No early
+# microcode cpio: the result must be one archive to compress whole.
+DRACUT_ARGS = ("--force", "--no-hostonly", "--no-compress", "--no-early-microcode")
+COMPRESS = ("zstd", "-q", "-T0", "-9")
 # Where dracut looks for what to include, beyond the files it was asked for by name.
 # (systemd units are not here: dracut installs them by name, so they are among the listed contents.)
 DRACUT_INPUT_DIRS = ("/usr/lib/dracut/", "/etc/dracut.conf", "/usr/lib/udev/", "/etc/udev/", "/usr/lib/modprobe.d/",
@@ -111,9 +115,13 @@ def provide(root: Path, cache: Path, kernel_version: str) -> str:
             os.chmod(target, 0o600)
             os.utime(record)
             return f"reused the initramfs for {kernel_version} from the cache ({entry['key'][:16]})"
-    subprocess.run(["chroot", str(root), "dracut", "--quiet", *DRACUT_ARGS, f"/boot/{target.name}", kernel_version],
+    plain = target.with_name(f".{target.name}.cpio")
+    subprocess.run(["chroot", str(root), "dracut", "--quiet", *DRACUT_ARGS, f"/boot/{plain.name}", kernel_version],
                    check=True)
-    contents = _contents(root, f"/boot/{target.name}")
+    contents = _contents(root, f"/boot/{plain.name}")
+    subprocess.run([*COMPRESS, "-f", str(plain), "-o", str(target)], check=True)
+    plain.unlink()
+    os.chmod(target, 0o600)
     key, inputs = key_for(root, kernel_version, contents)
     entries.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(target, entries / f"{key[:16]}.img")
