@@ -113,6 +113,7 @@ class BuildPaths(Strict):
 class Way(StrEnum):
     chroot = "chroot"
     vm = "vm"
+    packer = "packer"
 
 
 def _relative_to_config(value: Path | None, info: Any) -> Path | None:
@@ -240,7 +241,9 @@ class LayerConfig(Strict):
     packages: tuple[str, ...] = Field((), description="packages installed before the playbooks")
     vars: dict[str, Any] = Field(default_factory=dict, description="variables passed to the playbooks")
     way: Way = Field(Way.chroot, description="'chroot': attach the layer on the host (fast); "
-                     "'vm': boot it in qemu and provision over SSH (for tasks that need the image's kernel or init)")
+                     "'vm': boot it in qemu and provision over SSH (for tasks that need the image's kernel or init); "
+                     "'packer': the same run done by Packer's qemu builder (disk_image over the base) and its "
+                     "ansible provisioner")
 
     @field_validator("playbooks")
     @classmethod

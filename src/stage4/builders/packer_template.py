@@ -57,12 +57,15 @@ def legacy_string(value: Any) -> str:
     return str(value)
 
 
-def to_json(builder: dict[str, Any], variables: list[Variable], description: str) -> str:
+def to_json(builder: dict[str, Any], variables: list[Variable], description: str,
+            provisioners: list[dict[str, Any]] = ()) -> str:
     template = {
         "description": description,
         "variables": {variable.name: legacy_string(variable.default) for variable in variables},
         "builders": [_json_value(builder)],
     }
+    if provisioners:
+        template["provisioners"] = [_json_value(provisioner) for provisioner in provisioners]
     return json.dumps(template, indent=2) + "\n"
 
 
@@ -116,8 +119,10 @@ def _attributes(settings: dict[str, Any], indent: str) -> str:
     )
 
 
-def to_hcl(builder: dict[str, Any], variables: list[Variable], source_name: str, description: str) -> str:
-    """An HCL2 template: the variables, one `source "qemu"` block and a build of it.
+def to_hcl(builder: dict[str, Any], variables: list[Variable], source_name: str, description: str,
+           provisioners: list[dict[str, Any]] = ()) -> str:
+    """An HCL2 template: the variables, one `source "qemu"` block and a build of it (with `provisioners`,
+    each a dict with its "type", in order).
 
     No `packer { required_plugins }` block: Packer 1.6.x rejects it; current Packer needs the qemu
     plugin installed beforehand (`packer plugins install github.com/hashicorp/qemu`).
@@ -135,7 +140,12 @@ def to_hcl(builder: dict[str, Any], variables: list[Variable], source_name: str,
             "}\n"
         )
     blocks.append(f'\nsource "qemu" "{source_name}" {{\n{_attributes(settings, "  ")}}}\n')
-    blocks.append(f'\nbuild {{\n  sources = ["source.qemu.{source_name}"]\n}}\n')
+    body = "".join(
+        f'\n  provisioner "{provisioner["type"]}" {{\n'
+        + _attributes({k: v for k, v in provisioner.items() if k != "type"}, "    ") + "  }\n"
+        for provisioner in provisioners
+    )
+    blocks.append(f'\nbuild {{\n  sources = ["source.qemu.{source_name}"]\n{body}}}\n')
     return "".join(blocks)
 
 

@@ -28,7 +28,7 @@ from stage4.errors import StepFailed
 from stage4.fsutil import place_atomically, remove_tree, sha256_file, temporary_sibling, write_json_atomically
 from stage4.image.files import extract_boot_files
 from stage4.layers import chain, extract, overlay
-from stage4.provisioning import ansible, attach, sources, vm
+from stage4.provisioning import ansible, attach, packer_way, sources, vm
 from stage4.runner import Runner
 
 OUT_IN_IMAGE = "/var/lib/stage4/out"
@@ -279,6 +279,9 @@ def provision(job: LayerJob, layer_name: str, layer: LayerConfig, overlay_path: 
                 finally:
                     for leftover in (root / ansible.REMOTE_TMP.lstrip("/"), root / "root/.ansible"):
                         remove_tree(leftover)
+        elif way is Way.packer:
+            packer_way.provision(overlay_path, job.part, choose_accelerator(job, work), job.machine, plays, variables,
+                                 work, runner, step, f"{job.name}: {layer_name}")
         else:
             accelerator = choose_accelerator(job, work)
             with vm.running(overlay_path, job.part, accelerator, job.machine.cpus, job.machine.memory >> 20,

@@ -30,8 +30,8 @@ PLAYBOOK_NEIGHBOURS = ("roles", "files", "templates", "vars", "group_vars", "hos
 
 def _recipe() -> str:
     from stage4.layers import build, extract, overlay
-    from stage4.provisioning import ansible, attach, vm
-    return source_digest(sys.modules[__name__], build, extract, overlay, ansible, attach, vm, sources)
+    from stage4.provisioning import ansible, attach, packer_way, vm
+    return source_digest(sys.modules[__name__], build, extract, overlay, ansible, attach, vm, packer_way, sources)
 
 
 def playbook_inputs(playbook: Path) -> dict:

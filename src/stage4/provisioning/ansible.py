@@ -61,8 +61,21 @@ def ansible_playbook() -> str:
     return found
 
 
-def run(target: Target, plays: list[dict], variables: dict, work: Path, runner: Runner, step: str) -> None:
-    """Run `plays` against `target`; a failure is a StepFailed naming `step` and the build log."""
+@dataclass
+class Prepared:
+    """The files of one run in its work directory, and the environment ansible-playbook needs."""
+
+    playbook: Path
+    inventory: Path
+    variables: Path
+    env: dict[str, str]
+
+    def argv(self) -> list:
+        return [ansible_playbook(), "-i", self.inventory, "-e", f"@{self.variables}", self.playbook]
+
+
+def prepare(target: Target, plays: list[dict], variables: dict, work: Path) -> Prepared:
+    """Write the playbook, inventory, variables and ansible.cfg of a run into `work`."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "site.yml").write_text(json.dumps(plays, indent=1), encoding="utf-8")
     (work / "inventory.json").write_text(json.dumps(target.inventory(), indent=1), encoding="utf-8")
@@ -80,9 +93,14 @@ def run(target: Target, plays: list[dict], variables: dict, work: Path, runner: 
         encoding="utf-8")
     env = {"ANSIBLE_CONFIG": str(work / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1",
            "ANSIBLE_NOCOLOR": "1", "LC_ALL": "C.UTF-8"}
-    argv = [ansible_playbook(), "-i", work / "inventory.json", "-e", f"@{work / 'vars.json'}", work / "site.yml"]
+    return Prepared(work / "site.yml", work / "inventory.json", work / "vars.json", env)
+
+
+def run(target: Target, plays: list[dict], variables: dict, work: Path, runner: Runner, step: str) -> None:
+    """Run `plays` against `target`; a failure is a StepFailed naming `step` and the build log."""
+    prepared = prepare(target, plays, variables, work)
     try:
-        runner.run(argv, step=step, env=env)
+        runner.run(prepared.argv(), step=step, env=prepared.env)
     except StepFailed:
         raise StepFailed(step, _failure(runner.log_path), runner.log_path) from None
 

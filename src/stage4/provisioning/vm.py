@@ -50,7 +50,7 @@ def remove_build_user(root: Path, runner: Runner, step: str) -> None:
     (root / "etc/sudoers.d" / BUILD_USER).unlink(missing_ok=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -72,15 +72,32 @@ def _ssh(key: Path, port: int, *command: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def build_user(overlay: Path, part: attach.RootPartition, work: Path, runner: Runner, step: str) -> Iterator[Path]:
+    """A per-build ed25519 key and the build user (key login, sudo rule) in the layer while the context lasts.
+
+    The user is added by attaching the layer on the host before it boots; after a successful run the layer
+    is attached again to remove the user and the rule. The private key is deleted in every case.
+    """
+    key = make_key(work, runner, step)
+    try:
+        with attach.attached(overlay, part, work / "attach", runner, writable=True, step=step) as root:
+            add_build_user(root, key.with_suffix(".pub").read_text(encoding="utf-8"), runner, step)
+        yield key
+    finally:
+        key.unlink(missing_ok=True)
+        key.with_suffix(".pub").unlink(missing_ok=True)
+    with attach.attached(overlay, part, work / "attach", runner, writable=True, step=f"{step} (remove build user)") \
+            as root:
+        remove_build_user(root, runner, step)
+
+
+@contextlib.contextmanager
 def running(overlay: Path, part: attach.RootPartition, accelerator: str, cpus: int, memory_mib: int,
             work: Path, runner: Runner, step: str) -> Iterator[Target]:
     """The layer booted in qemu with SSH forwarded; powered off cleanly (or killed) on exit."""
-    key = make_key(work, runner, step)
-    with attach.attached(overlay, part, work / "attach", runner, writable=True, step=step) as root:
-        add_build_user(root, key.with_suffix(".pub").read_text(encoding="utf-8"), runner, step)
-    port, nonce = _free_port(), secrets.token_hex(8)
-    marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")
-    try:
+    with build_user(overlay, part, work, runner, step) as key:
+        port, nonce = free_port(), secrets.token_hex(8)
+        marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")
         with runner.background(qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce),
                                step=step, grace=10) as vm:
             started = time.monotonic()
@@ -104,8 +121,3 @@ def running(overlay: Path, part: attach.RootPartition, accelerator: str, cpus: i
                 time.sleep(0.5)
             if vm.running():
                 raise StepFailed(step, f"the VM did not power off within {POWEROFF_WAIT} s", runner.log_path)
-    finally:
-        key.unlink(missing_ok=True)
-    with attach.attached(overlay, part, work / "attach", runner, writable=True, step=f"{step} (remove build user)") \
-            as root:
-        remove_build_user(root, runner, step)
