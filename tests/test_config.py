@@ -29,7 +29,8 @@ CASES = [
     ('[images.a]\nbuilder = "debootstrap"\n',
      "images.a.builder = 'debootstrap': must be one of bootstrap or packer"),
     ('[images.a]\npackages = ["vim", "evil;rm -rf /"]\n',
-     "images.a.packages = ['vim', 'evil;rm -rf /']: 'evil;rm -rf /' is not a package name"),
+     "images.a.packages.1 = 'evil;rm -rf /': not a package name"),
+    ('[images.a.prod]\npackages = ["ok", "Bad Name"]\n', "images.a.prod.packages.1 = 'Bad Name': not a package name"),
     ('[images.a]\npackages = "vim"\n', "images.a.packages = 'vim': Input should be a valid tuple"),
     ('[images.a]\nmirror = "deb.debian.org/debian"\n',
      "images.a.mirror = 'deb.debian.org/debian': expected an http://, https:// or file:// URL"),
@@ -81,6 +82,12 @@ def test_defaults_without_a_config_file(tmp_path: Path) -> None:
         ("debian-12", "ext4", "SLX_SYS", "bootstrap")
 
 
+def test_default_builder_follows_the_distribution() -> None:
+    cfg = config.from_dict({"images": {"d": {"distribution": "debian-12"}, "r": {"distribution": "rocky-9"}}}, "t")
+    assert cfg.images["d"].builder is config.BuilderKind.bootstrap
+    assert cfg.images["r"].builder is config.BuilderKind.packer
+
+
 def test_sizes_are_binary_units() -> None:
     cfg = config.from_dict({"machine": {"memory": "1536M", "disk_size": "5GiB"}}, "t")
     assert cfg.machine.memory == 1536 << 20
@@ -127,8 +134,8 @@ def test_ubuntu_without_its_keyring_says_what_is_missing(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("text,expected", [
-    ('[images.a]\ndistribution = "rocky-9"\n',
-     "images.a.builder: rocky-9 cannot be bootstrapped; use 'packer'"),
+    ('[images.a]\ndistribution = "rocky-9"\nbuilder = "bootstrap"\n',
+     "images.a.builder = 'bootstrap': rocky-9 cannot be bootstrapped; use 'packer'"),
     ('[images.a]\ndistribution = "rocky-9"\nbuilder = "packer"\nfilesystem = "btrfs"\n',
      "images.a.filesystem = 'btrfs': the rocky-9 installer cannot create it; use one of ext4, xfs"),
     ('[images.a]\ndistribution = "debian-12"\nbuilder = "packer"\niso_checksum = "none"\n',

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from stage4 import distributions
@@ -43,6 +43,15 @@ def parse_size(value: Any) -> int:
     if not match:
         raise PydanticCustomError("size", "expected a size such as '4G' or '512M'")
     return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+def _package_name(name: str) -> str:
+    if not PACKAGE_RE.match(name):
+        raise PydanticCustomError("package", "not a package name")
+    return name
+
+
+PackageName = Annotated[str, AfterValidator(_package_name)]
 
 
 class Accelerator(StrEnum):
@@ -188,8 +197,8 @@ class ComponentConfig(Strict):
         (), description="shell commands run in the source directory in the dev layer; $KVER and $KDIR "
         "(the image kernel's version and build directory) are set")
     artifacts: tuple[ArtifactConfig, ...] = Field((), description="files the build produces")
-    build_packages: tuple[str, ...] = Field((), description="packages the build needs (dev layer only)")
-    runtime_packages: tuple[str, ...] = Field((), description="packages the artifacts need (installed in prod)")
+    build_packages: tuple[PackageName, ...] = Field((), description="packages the build needs (dev layer only)")
+    runtime_packages: tuple[PackageName, ...] = Field((), description="packages the artifacts need (installed in prod)")
 
 
 def default_components() -> dict[str, ComponentConfig]:
@@ -238,7 +247,7 @@ class LayerConfig(Strict):
 
     playbooks: tuple[Path, ...] = Field((), description="Ansible playbooks run in this layer, in order "
                                         "(relative to the project file; target hosts: all)")
-    packages: tuple[str, ...] = Field((), description="packages installed before the playbooks")
+    packages: tuple[PackageName, ...] = Field((), description="packages installed before the playbooks")
     vars: dict[str, Any] = Field(default_factory=dict, description="variables passed to the playbooks")
     way: Way = Field(Way.chroot, description="'chroot': attach the layer on the host (fast); "
                      "'vm': boot it in qemu and provision over SSH (for tasks that need the image's kernel or init); "
@@ -250,28 +259,22 @@ class LayerConfig(Strict):
     def _playbook_paths(cls, value: tuple[Path, ...], info: Any) -> tuple[Path, ...]:
         return tuple(_relative_to_config(p, info) for p in value)
 
-    @field_validator("packages")
-    @classmethod
-    def _package_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for name in value:
-            if not PACKAGE_RE.match(name):
-                raise PydanticCustomError("package", "'{name}' is not a package name", {"name": name})
-        return value
-
 
 class ImageConfig(Strict):
     """[images.NAME]: one image to build."""
 
     distribution: str = Field(DEFAULT_IMAGE, description="one of `stage4 distributions`, e.g. 'debian-12'")
     builder: BuilderKind = Field(
-        BuilderKind.bootstrap, description="'bootstrap' (mmdebstrap, no VM) or 'packer' (the installer ISO)")
+        BuilderKind.bootstrap,
+        description="'bootstrap' (mmdebstrap, no VM) or 'packer' (the installer ISO); "
+        "default: bootstrap where the distribution allows it, else packer")
     filesystem: Filesystem = Field(Filesystem.ext4, description="root filesystem: 'ext4', 'btrfs' or 'xfs'")
     identifier: str = Field(
         "SLX_SYS",
         description="GPT partition name and filesystem label of the root partition "
         "(the clients' SLX_SYSTEM_PARTITION_IDENTIFIER)",
     )
-    packages: tuple[str, ...] = Field((), description="extra packages for the base (keep it small)")
+    packages: tuple[PackageName, ...] = Field((), description="extra packages for the base (keep it small)")
     mirror: str | None = Field(None, description="package mirror URL; default: the distribution's own")
     iso: str | None = Field(None, description="with packer: installer ISO, a local path or URL; default: the catalog's")
     iso_checksum: str | None = Field(
@@ -298,6 +301,15 @@ class ImageConfig(Strict):
                 "distribution", "unknown distribution; known: {known}", {"known": ", ".join(distributions.names())}
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_builder(cls, data: Any) -> Any:
+        """Without a builder, a distribution that cannot be bootstrapped is installed with Packer."""
+        if isinstance(data, dict) and "builder" not in data and data.get("distribution") in distributions.names():
+            if not distributions.get(data["distribution"]).bootstrappable:
+                return {**data, "builder": BuilderKind.packer.value}
+        return data
 
     @field_validator("builder")
     @classmethod
@@ -348,14 +360,6 @@ class ImageConfig(Strict):
                 "longer than the {limit} bytes of a {fs} label",
                 {"limit": LABEL_LIMITS[filesystem], "fs": str(filesystem)},
             )
-        return value
-
-    @field_validator("packages")
-    @classmethod
-    def _package_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for name in value:
-            if not PACKAGE_RE.match(name):
-                raise PydanticCustomError("package", "'{name}' is not a package name", {"name": name})
         return value
 
     @field_validator("mirror")

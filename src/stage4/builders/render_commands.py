@@ -31,7 +31,8 @@ def _image_for(name: str, configured: dict[str, ImageConfig], overrides: dict[st
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"])
-        raise InputError(f"{name}: {key}: {error['msg'].removeprefix('Value error, ')}") from None
+        shown = f" = {error['input']!r}" if error["loc"] and not isinstance(error["input"], dict) else ""
+        raise InputError(f"{name}: {key}{shown}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 @click.command("render")

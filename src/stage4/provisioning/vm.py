@@ -11,6 +11,7 @@ import contextlib
 import re
 import secrets
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,13 +57,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def qemu_argv(overlay: Path, accelerator: str, cpus: int, memory_mib: int, port: int, nonce: str) -> list[str]:
+def qemu_argv(overlay: Path, accelerator: str, cpus: int, memory_mib: int, port: int, nonce: str,
+              qmp: Path) -> list[str]:
     return ["qemu-system-x86_64", "-accel", accelerator, "-cpu", accel.cpu_model(accelerator),
             "-smp", str(cpus), "-m", str(memory_mib), "-display", "none", "-monitor", "none",
-            "-serial", "stdio", "-no-reboot",
+            "-serial", "stdio", "-no-reboot", "-qmp", f"unix:{qmp},server=on,wait=off",
             "-drive", f"file={overlay},if=virtio,format=qcow2,cache=writeback",
             "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-fw_cfg", f"name=opt/org.stage4/marker,string={nonce}"]
+
+
+def press_power_button(qmp: Path) -> None:
+    """ACPI power button through qemu's QMP socket: needs no login (the cleanup role may have removed
+    the SSH host keys, so a new SSH connection can fail at the very end)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(qmp))
+        sock.recv(4096)  # the greeting
+        for command in (b'{"execute": "qmp_capabilities"}', b'{"execute": "system_powerdown"}'):
+            sock.sendall(command + b"\n")
+            sock.recv(4096)
 
 
 def _ssh(key: Path, port: int, *command: str) -> list[str]:
@@ -95,10 +109,13 @@ def build_user(overlay: Path, part: attach.RootPartition, work: Path, runner: Ru
 def running(overlay: Path, part: attach.RootPartition, accelerator: str, cpus: int, memory_mib: int,
             work: Path, runner: Runner, step: str) -> Iterator[Target]:
     """The layer booted in qemu with SSH forwarded; powered off cleanly (or killed) on exit."""
-    with build_user(overlay, part, work, runner, step) as key:
+    # A unix socket path may have 108 bytes at most; work folders can be deeper than that.
+    with build_user(overlay, part, work, runner, step) as key, \
+            tempfile.TemporaryDirectory(prefix="stage4-qmp-") as sockets:
         port, nonce = free_port(), secrets.token_hex(8)
         marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")
-        with runner.background(qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce),
+        qmp = Path(sockets) / "qmp.sock"
+        with runner.background(qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce, qmp),
                                step=step, grace=10) as vm:
             started = time.monotonic()
             while not any(marker.search(line) for line in list(vm.lines)):
@@ -114,8 +131,10 @@ def running(overlay: Path, part: attach.RootPartition, accelerator: str, cpus: i
                     raise StepFailed(step, f"no SSH login into the VM within {SSH_TIMEOUT} s", runner.log_path)
                 time.sleep(3)
             yield Target("vm", port=port, key=key)
-            runner.run(_ssh(key, port, "sudo", "systemctl", "poweroff"), step=f"{step} (poweroff)",
-                       check=False, timeout=60)
+            poweroff = runner.run(_ssh(key, port, "sudo", "systemctl", "poweroff"), step=f"{step} (poweroff)",
+                                  check=False, timeout=60)
+            if poweroff.returncode == 255 and vm.running():  # no SSH login any more: press the power button
+                press_power_button(qmp)
             deadline = time.monotonic() + POWEROFF_WAIT
             while vm.running() and time.monotonic() < deadline:
                 time.sleep(0.5)
