@@ -48,11 +48,15 @@ def test_vm_way_runs_a_playbook_over_ssh_and_removes_the_build_user(base_image: 
         with vm.running(layer, part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work, runner,
                         "test vm") as target:
             assert target.way == "vm" and (work / "build_key").is_file()
-            ansible.run(target, ansible.site([], [playbook], []), {}, work / "ansible", runner, "test vm")
+            # with the prod layer's closing cleanup role, which removes the SSH host keys the VM runs on
+            plays = ansible.site([], [playbook], [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"])])
+            ansible.run(target, plays, {}, work / "ansible", runner, "test vm")
         assert not (work / "build_key").exists()
         assert _attached_to(work) == []
-        files = read_files(layer, "/etc/stage4-vm", "/etc/passwd", "/etc/sudoers.d/stage4-build")
+        files = read_files(layer, "/etc/stage4-vm", "/etc/passwd", "/etc/sudoers.d/stage4-build",
+                           "/etc/ssh/ssh_host_ed25519_key")
         assert files["/etc/stage4-vm"] == "provisioned over ssh\n"
+        assert files["/etc/ssh/ssh_host_ed25519_key"] is None
         assert "stage4-build" not in files["/etc/passwd"]
         assert files["/etc/sudoers.d/stage4-build"] is None
         info = subprocess.run(["qemu-img", "check", str(layer)], capture_output=True, text=True)
