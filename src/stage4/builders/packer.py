@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from stage4 import distributions
 from stage4.builders import credentials as credentials_mod
+from stage4.builders import packer_template
 from stage4.builders.credentials import BuildCredentials
 from stage4.builders.packer_template import TemplatePath, Var, Variable, to_hcl, to_json, var_file_hcl, var_file_json
 from stage4.config import ImageConfig, MachineConfig
@@ -196,7 +197,7 @@ def _variables(base: dict[str, object], iso_url: str, iso_checksum: str) -> list
         "headless": ("bool", "run qemu without a window"),
         "ssh_timeout": ("string", "how long to wait for the installed system's SSH (the installer's run)"),
     }
-    variables = [Variable(name, *descriptions[name][:1], base[name], descriptions[name][1]) for name in base]
+    variables = packer_template.variables(base, descriptions)
     variables.append(Variable("iso_url", "string", iso_url, "installer ISO (URL or local path)"))
     variables.append(Variable("iso_checksum", "string", iso_checksum, "sha256:<hex> or file:<checksum file URL>"))
     return variables

@@ -35,6 +35,11 @@ class Variable:
     description: str
 
 
+def variables(values: dict[str, Any], described: dict[str, tuple[str, str]]) -> list[Variable]:
+    """Template variables with their values, from a table of name -> (type, description)."""
+    return [Variable(name, described[name][0], value, described[name][1]) for name, value in values.items()]
+
+
 # ----- JSON (legacy) ------------------------------------------------------------------------------
 
 

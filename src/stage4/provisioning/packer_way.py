@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stage4.builders import packer
+from stage4.builders import packer, packer_template
 from stage4.builders.packer_template import Var, Variable, to_hcl, to_json, var_file_hcl, var_file_json
 from stage4.config import MachineConfig
 from stage4.errors import StepFailed
@@ -70,7 +70,7 @@ def _variables(values: dict[str, object]) -> list[Variable]:
         "headless": ("bool", "run qemu without a window"),
         "ssh_timeout": ("string", "how long to wait for the layer's SSH"),
     }
-    return [Variable(name, described[name][0], values[name], described[name][1]) for name in described]
+    return packer_template.variables(values, described)
 
 
 def render(tree: Path, layer: Path, checksum: str, disk_size: str, machine: MachineConfig, key: Path, port: int,
