@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,6 +23,7 @@ from stage4.layers.build import LayerJob, choose_accelerator  # noqa: E402
 from stage4.provisioning import ansible, attach, vm  # noqa: E402
 from stage4.runner import Runner  # noqa: E402
 from stage4.ui import Display  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py, beside this script)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 NAME = "debian-12"
@@ -54,14 +54,6 @@ def make(root: Path, prod_text: str) -> config.Config:
     data = {"build": {"output_dir": str(root / "output"), "cache_dir": str(Path("~/.cache/stage4").expanduser())},
             "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"}, "images": images}
     return config.from_dict(data, str(root / "stage4.toml"))
-
-
-def timed(label: str, fn):
-    start = time.monotonic()
-    result = fn()
-    seconds = time.monotonic() - start
-    print(f"  {label}: {seconds:.1f} s", flush=True)
-    return result, seconds
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -22,18 +21,11 @@ from stage4.layers import overlay  # noqa: E402
 from stage4.provisioning import ansible, attach, packer_way, vm  # noqa: E402
 from stage4.runner import Runner, install_signal_handlers  # noqa: E402
 from stage4.ui import Display  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py, beside this script)
 
 PROD_PLAYBOOK = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "playbooks" / "prod.yml"
 NAME = "debian-12"
 MIB = 1 << 20
-
-
-def timed(label: str, fn):
-    start = time.monotonic()
-    result = fn()
-    seconds = time.monotonic() - start
-    print(f"  {label}: {seconds:.1f} s", flush=True)
-    return result, seconds
 
 
 def main() -> None:

@@ -138,13 +138,19 @@ def _check_playbooks(job: LayerJob, layer_name: str, layer: LayerConfig) -> None
                              job.runner.log_path)
 
 
+def _fresh_work_dir(job: LayerJob, layer_name: str) -> Path:
+    """The layer's work folder, emptied of anything an earlier, interrupted run left."""
+    work = job.work / layer_name
+    remove_tree(work)
+    work.mkdir(parents=True)
+    return work
+
+
 def build_dev(job: LayerJob, dev_id: str) -> tuple[dict, dict]:
     layer = job.image.dev or LayerConfig()
     _check_playbooks(job, "dev", layer)
     display, runner = job.runner.display, job.runner
-    work = job.work / "dev"
-    remove_tree(work)
-    work.mkdir(parents=True)
+    work = _fresh_work_dir(job, "dev")
     timings: dict[str, float] = {}
     try:
         overlay_path = work / chain.DEV_IMAGE
@@ -211,9 +217,7 @@ def build_prod(job: LayerJob, prod_id: str, dev_id: str, artifacts: dict) -> dic
     layer = job.image.prod or LayerConfig()
     _check_playbooks(job, "prod", layer)
     display, runner = job.runner.display, job.runner
-    work = job.work / "prod"
-    remove_tree(work)
-    work.mkdir(parents=True)
+    work = _fresh_work_dir(job, "prod")
     timings: dict[str, float] = {}
     artifacts_dir = job.image_dir / chain.ARTIFACTS_DIR
     try:
