@@ -1,4 +1,4 @@
-"""CLI commands of this package (registered by stage4.cli): `stage4 export`."""
+"""CLI: `stage4 export`."""
 
 from __future__ import annotations
 

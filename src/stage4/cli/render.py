@@ -1,4 +1,4 @@
-"""CLI commands of the installer-driven (Packer) builder (registered by stage4.cli)."""
+"""CLI: `stage4 render` (installer-driven bases)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `stage4` command: a thin shell over stage4.api. Errors become one line and an exit code."""
+"""The `stage4` command: a thin shell over stage4.api (one module per command group). Errors become one line and an exit code."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from rich.console import Console
 
 from stage4 import api, config as config_mod, distributions
 from stage4.errors import EXIT_INTERRUPTED, Interrupted, Stage4Error
-from stage4.export.commands import COMMANDS as EXPORT_COMMANDS
-from stage4.dnbd3.commands import COMMANDS as DNBD3_COMMANDS
-from stage4.builders.render_commands import COMMANDS as RENDER_COMMANDS
 from stage4.runner import install_signal_handlers
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -137,8 +134,16 @@ def list_distributions() -> None:
         click.echo(f"{name:14} {dist.pretty_name:36} {how}")
 
 
-for command in (*EXPORT_COMMANDS, *DNBD3_COMMANDS, *RENDER_COMMANDS):
-    cli.add_command(command)
+def _register() -> None:
+    """Each command group lives in its own module of this package and lists its commands in COMMANDS."""
+    from stage4.cli import dnbd3, export, render
+
+    for module in (export, dnbd3, render):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:

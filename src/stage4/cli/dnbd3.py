@@ -1,4 +1,4 @@
-"""CLI commands of this package (registered by stage4.cli): serve, revisions, prune and `dnbd3 images|verify|get`."""
+"""CLI: serve, revisions, prune and `dnbd3 images|verify|get`."""
 
 from __future__ import annotations
 
