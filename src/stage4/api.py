@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from stage4.boot import accel, qemu
 from stage4.boot.qemu import BootResult, BootSpec
-from stage4.builders.base import BaseJob, BaseResult, build_base
+from stage4.builders.base import BaseJob, BaseResult, build_base, check_disk_fits
 from stage4.config import Config
 from stage4.errors import InputError
 from stage4.image.files import extract_boot_files, partitions, raw_view
@@ -26,6 +28,10 @@ def _runner(log_path: Path | None, debug: bool) -> Iterator[Runner]:
     log = BuildLog(log_path) if log_path else None
     try:
         yield Runner(Display(debug=debug, log=log))
+    except BaseException as exc:
+        if log:
+            log.write(f"stopped: {' '.join(str(exc).split()) or type(exc).__name__}")
+        raise
     finally:
         if log:
             log.close()
@@ -45,6 +51,7 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
     unknown = (rebuild or set()) - set(chain.LAYERS)
     if unknown:
         raise InputError(f"--rebuild {sorted(unknown)[0]!r}: unknown layer; layers: {', '.join(chain.LAYERS)}")
+    check_disk_fits(config.machine, config.build.cache_dir, config.source)
     output_dir = (output_dir or config.build.output_dir).absolute()
     results = []
     for name in names:
@@ -140,6 +147,13 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
         raise InputError(f"--firmware {firmware!r}: expected 'bios' or 'uefi'")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     serial_log = serial_log or image.parent / "logs" / f"boot-{image.stem}-{via}-{firmware}-{stamp}.serial.log"
+    try:
+        serial_log.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(serial_log.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise InputError(f"{serial_log.parent}: cannot write the boot logs there ({exc.strerror}); "
+                         "give --log FILE") from None
     with _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner, \
             tempfile.TemporaryDirectory(prefix="stage4-boot-") as tmp:
         if kernel is None or via == "bootloader" and config.machine.accelerator == "auto":

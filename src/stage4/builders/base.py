@@ -11,14 +11,16 @@ import datetime as dt
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from stage4 import __version__, distributions
 from stage4.boot import accel
 from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_template
-from stage4.config import BuilderKind, ImageConfig, MachineConfig
+from stage4.config import BuilderKind, ImageConfig, MachineConfig, format_size
 from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
 from stage4.errors import MISSING, ConfigError, InputError, StepFailed
@@ -234,6 +236,28 @@ def compress(raw: Path, target: Path, runner: Runner) -> None:
     """A standalone qcow2 v3, zstd-compressed (xloop reads zlib and zstd); -W and -m use both cores."""
     runner.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
                 "-W", "-m", "8", raw, target], step="compress")
+
+
+def check_disk_fits(machine: MachineConfig, cache_dir: Path, source: str) -> None:
+    """Before any step: the raw disk is a sparse file in the work folder, whose filesystem must allow its size."""
+    work = cache_dir / "work"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work) as probe:
+            too_large = _truncate_error(probe, machine.disk_size)
+    except OSError as exc:
+        raise ConfigError(source, "build.cache_dir", str(cache_dir), f"cannot write {work}: {exc.strerror}") from None
+    if too_large:
+        raise ConfigError(source, "machine.disk_size", format_size(machine.disk_size),
+                          f"the filesystem of {work} cannot hold a disk file that large ({too_large})")
+
+
+def _truncate_error(handle: BinaryIO, size: int) -> str | None:
+    try:
+        handle.truncate(size)
+    except OSError as exc:
+        return exc.strerror
+    return None
 
 
 def _check_fits(job: BaseJob, rootfs: Path, layout: disk.DiskLayout) -> None:

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import click
 
+from stage4.cli.options import check_identifier
 from stage4.dnbd3 import protocol
 from stage4.dnbd3.client import query_images
 from stage4.dnbd3.store import Store, parse_rid, validate_name
 from stage4.errors import InputError
+
+TIMEOUT = click.FloatRange(min=0, min_open=True)
 
 
 def _rid_option(value: str | None) -> int:
@@ -129,7 +132,7 @@ def dnbd3_group() -> None:
 
 @dnbd3_group.command("images")
 @click.argument("server")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="seconds")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def images(server: str, timeout: float, as_json: bool) -> None:
     """List the images SERVER (host[:port]) has loaded (GET /query?q=images; a revision nobody has asked
@@ -153,8 +156,9 @@ def images(server: str, timeout: float, as_json: bool) -> None:
               help="compare with this file instead of the store's")
 @click.option("--sample", type=click.IntRange(1), default=None,
               help="check only this many 16 MiB blocks (the first, the last and random ones)")
-@click.option("--identifier", default=None, help="root partition identifier (default: from the record, or SLX_SYS)")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="seconds per network operation")
+@click.option("--identifier", default=None, callback=check_identifier,
+              help="root partition identifier (default: from the record, or SLX_SYS)")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds per network operation")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def verify_command(server: str, name: str, rid: str | None, store: Path | None, published: Path | None,
                    sample: int | None, identifier: str | None, timeout: float, as_json: bool) -> None:
@@ -181,7 +185,7 @@ def verify_command(server: str, name: str, rid: str | None, store: Path | None, 
 @click.argument("name")
 @click.option("--rid", default=None, help="revision (default 0: the newest)")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="file to write")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="seconds per network operation")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds per network operation")
 def get(server: str, name: str, rid: str | None, output: Path, timeout: float) -> None:
     """Download image NAME from SERVER into a file (block CRCs checked when the server has a list)."""
     from stage4.dnbd3.verify import download

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import json
+import re
 import socket
 import time
 from collections import deque
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from stage4.dnbd3 import protocol as p
-from stage4.errors import Stage4Error
+from stage4.errors import InputError, Stage4Error
 
 DEFAULT_TIMEOUT = 10.0
 READ_CHUNK = 1 << 20  # the kernel client requests at most 1 MiB
@@ -42,6 +44,21 @@ class RangeError(Dnbd3Error):
     """The server answered a GET_BLOCK with CMD_ERROR: the range lies past the end of the image (R10)."""
 
 
+# A host name: dot-separated labels (RFC 1123, plus the '_' that /etc/hosts entries may have).
+HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def server_address(server: str) -> tuple[str, int]:
+    """`host[:port]` of a server, checked before anything is sent: a bad one is bad input, not a failure."""
+    host, port = p.parse_address(server)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not HOST_RE.match(host):
+            raise InputError(f"server address {server!r}: {host!r} is not a host name or IP address") from None
+    return host, port
+
+
 @dataclass(frozen=True)
 class BlockRequest:
     handle: int
@@ -61,7 +78,7 @@ class Client:
 
     @classmethod
     def open(cls, server: str, name: str, rid: int = 0, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
-        host, port = p.parse_address(server)
+        host, port = server_address(server)
         client = cls(host, port, timeout=timeout)
         try:
             client.select(name, rid)
@@ -312,8 +329,8 @@ class Client:
 
 def query_images(server: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[dict]:
     """The server's `/query?q=images` list (loaded images only, R4)."""
-    host, port = p.parse_address(server)
-    where = f"{host}:{port}"
+    host, port = server_address(server)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request("GET", "/query?q=images", headers={"Accept": "application/json"})
