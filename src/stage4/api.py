@@ -13,12 +13,13 @@ from pathlib import Path
 from stage4.boot import accel, qemu
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders.base import BaseJob, BaseResult, build_base, check_disk_fits
-from stage4.config import Config
+from stage4.config import Config, SourceConfig
 from stage4.errors import InputError
 from stage4.image.files import extract_boot_files, partitions, raw_view
 from stage4.layers import chain
 from stage4.layers.build import LayeredResult, LayerJob, build_layers, identities
 from stage4.image.inspect import DEFAULT_IDENTIFIER, InspectReport, detect_identifier, inspect_image
+from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
@@ -169,6 +170,35 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
             spec.append = f"root=PARTLABEL={root} ro console=ttyS0,115200n8 panic=-1"
         with runner.display.step(f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"):
             return qemu.boot(spec, runner)
+
+
+def sources(config: Config) -> list[Entry]:
+    """What stage4's source cache holds: git URLs at their refs, tarballs by sha256."""
+    return SourceCache(config.build.cache_dir).entries()
+
+
+def import_source(config: Config, url: str, location: Path, ref: str | None = None, sha256: str | None = None,
+                  debug: bool = False) -> Entry:
+    """Seed the source cache from a local copy, so that builds naming `url` work offline.
+
+    A git URL takes `ref` (default: the config's default ref) from the clone `location`; a tarball URL
+    (`sha256` given) takes the file `location` after checking its sha256.
+    """
+    if ref is not None and sha256 is not None:
+        raise InputError("give --ref (a git URL) or --sha256 (a tarball), not both")
+    cache = SourceCache(config.build.cache_dir)
+    if sha256 is not None:
+        return cache.import_tarball(url, sha256, location)
+    with _runner(None, debug) as runner:
+        return cache.import_git(url, ref or SourceConfig.model_fields["ref"].default, location, runner)
+
+
+def remove_source(config: Config, url: str, ref: str | None = None, sha256: str | None = None,
+                  debug: bool = False) -> Entry:
+    """Forget a cached source: a git URL at `ref` (default: the config's default ref), or a tarball."""
+    with _runner(None, debug) as runner:
+        return SourceCache(config.build.cache_dir).remove(url, ref or SourceConfig.model_fields["ref"].default,
+                                                          sha256, runner)
 
 
 def _identifier(image: Path, runner: Runner) -> str:

@@ -158,13 +158,14 @@ def build_dev(job: LayerJob, dev_id: str) -> tuple[dict, dict]:
             step = f"{job.name}: dev: fetch sources"
             components = []
             for name, component in sorted(job.image.components.items()):
-                tarball = sources.fetch(name, component.source, work / "sources", runner, f"{step} ({name})")
+                tarball = sources.fetch(name, component.source, work / "sources", runner, f"{step} ({name})",
+                                        job.cache_dir)
                 components.append({"name": name, "tarball": str(tarball), "build": list(component.build),
                                    "artifacts": [a.model_dump(mode="json") for a in component.artifacts],
                                    "build_packages": list(component.build_packages)})
             initramfs_src = job.image.initramfs.source
             initramfs_tar = sources.fetch("stage4-initramfs", initramfs_src, work / "sources", runner,
-                                          f"{step} (initramfs)")
+                                          f"{step} (initramfs)", job.cache_dir)
             has_script = "build-initramfs.sh" in sources.top_level(initramfs_tar)
         overlay.create(job.base.image, overlay_path, runner, f"{job.name}: dev: create overlay")
         variables = {
