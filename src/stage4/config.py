@@ -369,7 +369,7 @@ class ImageConfig(Strict):
     iso: str | None = Field(None, description="with packer: installer ISO, a local path or URL; default: the catalog's")
     iso_checksum: str | None = Field(
         None, description="with iso: 'sha256:<hex>', a bare digest, 'file:<URL>' or a local checksum file")
-    efi: bool = Field(False, description="with packer: install for UEFI instead of BIOS")
+    efi: bool = Field(False, strict=True, description="with packer: install for UEFI instead of BIOS")
     installer_timeout: str = Field(
         "60m", description="with packer: how long the installer may take, e.g. '60m'")
     dev: LayerConfig | None = Field(
