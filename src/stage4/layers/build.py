@@ -28,10 +28,10 @@ from stage4.errors import StepFailed
 from stage4.fsutil import place_atomically, remove_tree, sha256_file, temporary_sibling, write_json_atomically
 from stage4.image.files import extract_boot_files
 from stage4.layers import chain, extract, overlay
+from stage4.layers.extract import OUT_IN_IMAGE
 from stage4.provisioning import ansible, attach, packer_way, sources, vm
 from stage4.runner import Runner
 
-OUT_IN_IMAGE = "/var/lib/stage4/out"
 
 
 @dataclass
@@ -163,11 +163,14 @@ def build_dev(job: LayerJob, dev_id: str) -> tuple[dict, dict]:
                 components.append({"name": name, "tarball": str(tarball), "build": list(component.build),
                                    "artifacts": [a.model_dump(mode="json") for a in component.artifacts],
                                    "build_packages": list(component.build_packages)})
-            initramfs_src = job.image.initramfs.source
+            initramfs_src = job.image.initramfs.effective_source
             initramfs_tar = sources.fetch("stage4-initramfs", initramfs_src, work / "sources", runner,
                                           f"{step} (initramfs)", job.cache_dir)
             has_script = "build-initramfs.sh" in sources.top_level(initramfs_tar)
         overlay.create(job.base.image, overlay_path, runner, f"{job.name}: dev: create overlay")
+        in_layer = [{"name": name, "file": f"components/{name}/{artifact.path}",
+                     **artifact.model_dump(mode="json")}
+                    for name, component in sorted(job.image.components.items()) for artifact in component.artifacts]
         variables = {
             **layer.vars,
             "stage4_way": layer.way.value,
@@ -175,12 +178,14 @@ def build_dev(job: LayerJob, dev_id: str) -> tuple[dict, dict]:
             "stage4_out": OUT_IN_IMAGE,
             "stage4_packages": list(layer.packages),
             "stage4_components": components,
+            "stage4_artifacts": _installs(in_layer, f"{OUT_IN_IMAGE}/"),
+            "stage4_artifacts_in_layer": True,
             "stage4_initramfs": {"tarball": str(initramfs_tar), "has_script": has_script,
                                  "modules": list(job.image.initramfs.dracut_modules),
                                  "script_args": list(job.image.initramfs.script_args)},
         }
         plays = ansible.site([ansible.play("stage4 dev: packages", ["stage4_packages"])], list(layer.playbooks),
-                             [ansible.play("stage4 dev: components", ["stage4_components"]),
+                             [ansible.play("stage4 dev: components", ["stage4_components", "stage4_install_artifacts"]),
                               ansible.play("stage4 dev: initramfs", ["stage4_initramfs"])])
         with _timed(timings, "provision"):
             provision(job, "dev", layer, overlay_path, plays, variables, work)
@@ -204,7 +209,7 @@ def build_dev(job: LayerJob, dev_id: str) -> tuple[dict, dict]:
             "way": layer.way.value, "kernel_version": job.kernel,
             "playbooks": [str(p) for p in layer.playbooks], "packages_requested": list(layer.packages),
             "components": sorted(job.image.components), "dracut_modules": list(job.image.initramfs.dracut_modules),
-            "initramfs_source": job.image.initramfs.source.describe(),
+            "initramfs_source": job.image.initramfs.effective_source.describe(),
             "packages": packages, "kept": str(kept) if job.keep_dev else None,
             "created": _now(), "stage4_version": __version__, "timings_seconds": timings,
         }
@@ -224,8 +229,8 @@ def build_prod(job: LayerJob, prod_id: str, dev_id: str, artifacts: dict) -> dic
     try:
         overlay_path = work / "prod-overlay.qcow2"
         overlay.create(job.base.image, overlay_path, runner, f"{job.name}: prod: create overlay")
-        installs = [{"src": str(artifacts_dir / a["file"]), "kind": a["kind"], "dest": a["dest"], "mode": a["mode"]}
-                    for name in sorted(artifacts["components"]) for a in artifacts["components"][name]]
+        installs = _installs([a for name in sorted(artifacts["components"]) for a in artifacts["components"][name]],
+                             f"{artifacts_dir}/")
         runtime = sorted({p for c in job.image.components.values() for p in c.runtime_packages})
         variables = {
             **layer.vars,
@@ -250,8 +255,10 @@ def build_prod(job: LayerJob, prod_id: str, dev_id: str, artifacts: dict) -> dic
             manifest = {
                 "kind": "prod", "name": job.name, "identity": prod_id, "parent": job.base.identity,
                 "dev_identity": dev_id, "way": layer.way.value, "kernel_version": job.kernel,
+                "identifier": job.image.identifier, "filesystem": job.image.filesystem.value,
                 "kernel": str(artifacts_dir / artifacts["kernel"]),
                 "initramfs": str(artifacts_dir / artifacts["initramfs"]),
+                "dracut_modules": list(job.image.initramfs.dracut_modules),
                 "playbooks": [str(p) for p in layer.playbooks], "packages_requested": variables["stage4_packages"],
                 "artifacts_installed": installs, "packages": packages,
                 "image": {"file": chain.PROD_IMAGE, "format": "qcow2", "compat": "1.1", "compression": "zstd",
@@ -300,6 +307,11 @@ def choose_accelerator(job: LayerJob, work: Path) -> str:
         return requested
     kernel, _ = extract_boot_files(job.base.image, work / "probe", job.runner, job.image.identifier, job.kernel)
     return accel.choose(requested, kernel, job.runner, job.cache_dir)
+
+
+def _installs(artifacts: list[dict], prefix: str) -> list[dict]:
+    """What the install role needs of each artifact; `prefix` locates the files (host or layer)."""
+    return [{"src": prefix + a["file"], "kind": a["kind"], "dest": a["dest"], "mode": a["mode"]} for a in artifacts]
 
 
 def _packages(root: Path, runner: Runner) -> dict[str, str]:

@@ -62,7 +62,7 @@ def dev_identity(image: ImageConfig, base_identity: str, kernel: str) -> str:
         "kernel_version": kernel,
         "initramfs": {"modules": list(image.initramfs.dracut_modules),
                       "script_args": list(image.initramfs.script_args),
-                      "source": sources.identity_inputs(image.initramfs.source)},
+                      "source": sources.identity_inputs(image.initramfs.effective_source)},
         "components": {name: component_inputs(c) for name, c in sorted(image.components.items())},
         "ansible_content": sources.tree_digest(ANSIBLE_DIR),
         "recipe": _recipe(),

@@ -16,7 +16,8 @@ from stage4.errors import StepFailed
 from stage4.fsutil import sha256_file, write_json_atomically
 from stage4.runner import Runner
 
-OUT_IN_IMAGE = "var/lib/stage4/out"
+# Where the dev layer's roles leave their results, inside the layer.
+OUT_IN_IMAGE = "/var/lib/stage4/out"
 
 
 def initramfs_facts(initrd: Path, runner: Runner, step: str) -> dict:
@@ -43,14 +44,14 @@ def extract(root: Path, image: ImageConfig, kernel: str, dev_id: str, dest: Path
         raise StepFailed(step, f"the dev layer has no /lib/modules/{kernel}", runner.log_path)
     files: dict[str, Path] = {
         f"vmlinuz-{kernel}": root / "boot" / f"vmlinuz-{kernel}",
-        f"initrd.img-{kernel}": root / OUT_IN_IMAGE / f"initrd.img-{kernel}",
+        f"initrd.img-{kernel}": root / OUT_IN_IMAGE.lstrip("/") / f"initrd.img-{kernel}",
     }
     components: dict[str, list[dict]] = {}
     for name, component in sorted(image.components.items()):
         components[name] = []
         for artifact in component.artifacts:
             relative = f"components/{name}/{artifact.path}"
-            files[relative] = root / OUT_IN_IMAGE / relative
+            files[relative] = root / OUT_IN_IMAGE.lstrip("/") / relative
             components[name].append({**artifact.model_dump(mode="json"), "file": relative})
     for relative, source in files.items():
         if not source.is_file():
