@@ -38,13 +38,15 @@ def _echo_json(data: object) -> None:
               help="write the pid here (for `stage4 export --reload-pidfile`)")
 @click.option("--alt-server", "alt_servers", multiple=True, metavar="IP:PORT",
               help="advertise this alternative server in GET_SERVERS replies (repeatable)")
-@click.option("--verbose", is_flag=True, help="log every loaded image and rescan")
+@click.option("--verbose", is_flag=True, help="log every loaded image and rescan (warnings are always shown)")
 def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: tuple[str, ...], verbose: bool) -> None:
     """Serve STORE read-only over DNBD3: a DEVELOPMENT server for testing exports.
 
     Speaks the dnbd3-server protocol (handshake, GET_BLOCK, GET_SERVERS, GET_CRC32, KEEPALIVE, and
     GET /query?q=images on the same port) and reads the same store layout; RID 0 is the newest revision.
-    SIGHUP rescans the store. Production serving is dnbd3-server's job, not this command's.
+    SIGHUP rescans the store; SIGUSR1 checks every block against its `.crc` list. Blocks that fail their
+    CRC are refused (connection closed) and logged. Production serving is dnbd3-server's job, not this
+    command's.
     """
     from stage4.dnbd3.server import DevServer
 
@@ -57,18 +59,24 @@ def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: 
             entries.append(protocol.ServerEntry(alt_host, alt_port))
         except ValueError:
             raise InputError(f"--alt-server {item!r}: needs an IP address") from None
-    log = (lambda line: click.echo(line, err=True)) if verbose else None
+    def log(line: str) -> None:  # warnings (failed hash blocks) always, the rest with --verbose
+        if verbose or line.startswith("WARNING"):
+            click.echo(line, err=True)
+
     server = DevServer(store, host, port, alt_servers=entries, log=log)
     bound_host, bound_port = server.address
     if pidfile is not None:
         pidfile.write_text(f"{os.getpid()}\n")
     previous = signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.rescan, daemon=True).start())
+    previous_usr1 = signal.signal(signal.SIGUSR1,
+                                  lambda *_: threading.Thread(target=server.check_all, daemon=True).start())
     click.echo(f"stage4 development DNBD3 server on {bound_host}:{bound_port}, store {store} "
                f"({len(server.registry.loaded())} images); Ctrl-C stops it", err=True)
     try:
         server.serve_forever()
     finally:
         signal.signal(signal.SIGHUP, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
         server.close()
         if pidfile is not None:
             with contextlib.suppress(OSError):
