@@ -12,7 +12,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from stage4 import distributions
@@ -413,9 +421,9 @@ class ImageConfig(Strict):
     @classmethod
     def _default_builder(cls, data: Any) -> Any:
         """Without a builder, a distribution that cannot be bootstrapped is installed with Packer."""
-        if isinstance(data, dict) and "builder" not in data and data.get("distribution") in distributions.names():
-            if not distributions.get(data["distribution"]).bootstrappable:
-                return {**data, "builder": BuilderKind.packer.value}
+        if (isinstance(data, dict) and "builder" not in data and data.get("distribution") in distributions.names()
+                and not distributions.get(data["distribution"]).bootstrappable):
+            return {**data, "builder": BuilderKind.packer.value}
         return data
 
     @field_validator("builder")
