@@ -20,6 +20,7 @@ from stage4.layers import chain
 from stage4.layers.build import LayeredResult, LayerJob, build_layers, identities
 from stage4.image.inspect import DEFAULT_IDENTIFIER, InspectReport, detect_identifier, inspect_image
 from stage4.provisioning.source_cache import Entry, SourceCache
+from stage4 import workdirs
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
@@ -58,7 +59,8 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
     for name in names:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         log_path = output_dir / name / "logs" / f"build-{stamp}.log"
-        with _runner(log_path, debug) as runner:
+        with _runner(log_path, debug) as runner, \
+                workdirs.image_build(config.build.cache_dir, name, output_dir, runner):
             runner.display.info(f"{name}: build log {log_path}")
             job = BaseJob(name, config.images[name], config.machine, config.source, output_dir,
                           config.build.cache_dir, runner, rebuild="base" in (rebuild or set()))
@@ -70,6 +72,14 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
                 name, config.images[name], config.machine, config.source, output_dir, config.build.cache_dir,
                 runner, base, rebuild=set(rebuild or ()), keep_dev=keep_dev)))
     return results
+
+
+def clean(config: Config, images: list[str] | None = None, cache: bool = False,
+          debug: bool = False) -> workdirs.CleanReport:
+    """Remove the work directories that no running build holds (releasing what a killed build left attached);
+    with `cache` also the caches kept between builds (packages, initramfs images, probe kernel)."""
+    with _runner(None, debug) as runner:
+        return workdirs.clean(config.build.cache_dir, images, runner, shared_caches=cache)
 
 
 def layers(config: Config, images: list[str] | None = None,

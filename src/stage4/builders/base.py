@@ -25,7 +25,7 @@ from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
 from stage4.errors import MISSING, ConfigError, InputError, StepFailed
 from stage4.image.inspect import inspect_image
-from stage4.fsutil import dir_size, exclusive_lock, place_atomically, remove_tree, sha256_file, temporary_sibling, unmount_below, write_json_atomically
+from stage4.fsutil import dir_size, place_atomically, remove_tree, sha256_file, temporary_sibling, unmount_below, write_json_atomically
 from stage4.identity import identity, source_digest
 from stage4.runner import Runner
 
@@ -104,10 +104,9 @@ def reusable(image_dir: Path, wanted_identity: str) -> dict | None:
 
 
 def build_base(job: BaseJob) -> BaseResult:
-    # Two builds of one image would share work trees and output files: the second waits.
-    lock = job.cache_dir / "work" / f"{job.name}.lock"
-    with exclusive_lock(lock, lambda: job.runner.display.info(f"{job.name}: waiting for another build of it")):
-        return _build_base_locked(job)
+    # Two builds of one image would share work trees and output files: the caller holds the image's build
+    # lock for its whole build, layers included (workdirs.image_build).
+    return _build_base_locked(job)
 
 
 def _build_base_locked(job: BaseJob) -> BaseResult:
