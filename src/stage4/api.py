@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stage4.boot import accel, qemu
+from stage4.boot import accel, netboot as netboot_mod, qemu
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders.base import BaseJob, BaseResult, build_base, check_disk_fits
 from stage4.config import Config, SourceConfig
@@ -215,3 +215,25 @@ def _identifier(image: Path, runner: Runner) -> str:
     with raw_view(image, runner) as raw:
         _, parts = partitions(raw, runner)
     return detect_identifier(parts) or DEFAULT_IDENTIFIER
+
+
+def netboot(config: Config, store: Path, name: str, rid: int | None = None, servers: tuple[str, ...] = (),
+            timeout: float = 600, boot_dir: Path | None = None, serial_log: Path | None = None,
+            debug: bool = False) -> netboot_mod.NetbootResult:
+    """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
+    files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
+    with the userspace marker and / checked to be the copy-on-write device over xloop over /dev/dnbd0.
+
+    `servers` are DNBD3 servers on this machine (HOST:PORT, in the order the client tries them);
+    none: a development server for `store` on a free loopback port.
+    """
+    revision = netboot_mod.find_revision(store, name, rid, boot_dir)
+    targets = [netboot_mod.loopback_server(server) for server in servers]
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    leaf = name.rsplit("/", 1)[-1]
+    serial_log = serial_log or (config.build.output_dir.absolute() / "netboot"
+                                / f"{leaf}.r{revision.rid}-{stamp}-{os.getpid()}.serial.log")
+    with _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner, \
+            tempfile.TemporaryDirectory(prefix="stage4-netboot-") as tmp:
+        return netboot_mod.netboot(revision, targets, config.machine, config.build.cache_dir, timeout,
+                                   serial_log, Path(tmp), runner)

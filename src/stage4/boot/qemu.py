@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 @dataclass
 class BootSpec:
-    image: Path
+    image: Path | None  # None: no disk (a network boot)
     accelerator: str
     cpus: int
     memory_mib: int
@@ -36,6 +37,9 @@ class BootSpec:
     writable: bool = False
     timeout: float = 600
     firmware: str = "bios"
+    nic: str = "user,model=virtio-net-pci"  # the -nic option (a network boot adds its forwards)
+    fail_on: re.Pattern | None = None  # a console line that ends the boot as failed (e.g. the initramfs's)
+    on_marker: Callable[[], None] | None = None  # called the moment the marker is seen
 
 
 @dataclass
@@ -53,12 +57,16 @@ def _format(image: Path) -> str:
 
 
 def build_argv(spec: BootSpec, nonce: str) -> list[str]:
-    drive = f"file={spec.image},if=virtio,format={_format(spec.image)},snapshot={'off' if spec.writable else 'on'}"
     argv = [
         "qemu-system-x86_64", "-accel", spec.accelerator, "-cpu", cpu_model(spec.accelerator),
         "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
         "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-        "-drive", drive, "-nic", "user,model=virtio-net-pci",
+    ]
+    if spec.image is not None:
+        snapshot = "off" if spec.writable else "on"
+        argv += ["-drive", f"file={spec.image},if=virtio,format={_format(spec.image)},snapshot={snapshot}"]
+    argv += [
+        "-nic", spec.nic,
         "-fw_cfg", f"name=opt/org.stage4/marker,string={nonce}",
         "-fw_cfg", "name=opt/org.stage4/poweroff,string=1",
     ]
@@ -76,17 +84,28 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
     marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")
     spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    failed: list[str] = []
+
+    def on_line(line: str) -> None:
+        log.write(line + "\n")
+        log.flush()
+        if spec.fail_on is not None and not failed and spec.fail_on.search(line):
+            failed.append(line.strip())
+
     with spec.serial_log.open("w", encoding="utf-8", errors="replace") as log, \
-            runner.background(build_argv(spec, nonce), step="boot", grace=5,
-                              on_line=lambda line: (log.write(line + "\n"), log.flush())) as process:
+            runner.background(build_argv(spec, nonce), step="boot", grace=5, on_line=on_line) as process:
         seen_at = None
         while time.monotonic() - started < spec.timeout:
             if any(marker.search(line) for line in list(process.lines)):
                 seen_at = time.monotonic() - started
+                if spec.on_marker is not None:
+                    spec.on_marker()
                 break
-            if not process.running():
+            if failed or not process.running():
                 break
             time.sleep(0.5)
+        if failed:
+            raise StepFailed("boot", failed[0], spec.serial_log)
         if seen_at is None:
             shown = (ESCAPES.sub("", line).strip() for line in list(process.lines)[-8:])
             tail = " | ".join(line for line in shown if line)

@@ -32,11 +32,30 @@ After=multi-user.target
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'echo "STAGE4-USERSPACE-UP $(cat /sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4/marker/raw)" > /dev/ttyS0'
-ExecStart=/bin/sh -c 'test ! -e /sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4/poweroff/raw || systemctl poweroff --no-block'
+ExecStart=/bin/sh /usr/lib/stage4/marker.sh
 
 [Install]
 WantedBy=multi-user.target
+"""
+
+# What / is made of (for `stage4 netboot`: the copy-on-write device over xloop over /dev/dnbd0), read
+# from sysfs only, then the marker line, then the poweroff if asked.
+MARKER_SCRIPT = r"""#!/bin/sh
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4
+src=$(while read -r dev mnt _; do [ "$mnt" = / ] && echo "$dev"; done < /proc/mounts | tail -n 1)
+dev=$(basename "$(readlink -f "$src")")
+facts="source=$src"
+if [ -d "/sys/block/$dev/dm" ]; then
+    facts="$facts dm=$(cat "/sys/block/$dev/dm/name") slaves=$(ls "/sys/block/$dev/slaves" | paste -sd, -)"
+fi
+for file in /sys/block/xloop*/xloop/backing_file; do
+    [ -r "$file" ] && facts="$facts $(echo "$file" | cut -d/ -f4)=$(cat "$file")"
+done
+net=/sys/block/dnbd0/net
+[ -r $net/image_name ] && facts="$facts dnbd0=$(cat $net/image_name):$(cat $net/rid)@$(cat $net/cur_server_addr)"
+echo "STAGE4-ROOT $facts" > /dev/ttyS0
+echo "STAGE4-USERSPACE-UP $(cat $fw/marker/raw)" > /dev/ttyS0
+test ! -e $fw/poweroff/raw || systemctl poweroff --no-block
 """
 
 FW_CFG_MODULE = "qemu_fw_cfg\n"
@@ -95,6 +114,7 @@ def stage_files(plan: BootstrapPlan, staging: Path) -> None:
         "etc/fstab": fstab(plan.identifier, plan.filesystem),
         "etc/systemd/network/80-dhcp.network": NETWORK,
         "etc/systemd/system/stage4-marker.service": MARKER_UNIT,
+        "usr/lib/stage4/marker.sh": MARKER_SCRIPT,
         "etc/systemd/system/ssh.service.d/stage4-host-keys.conf": SSH_HOST_KEYS,
         "etc/modules-load.d/stage4-fw-cfg.conf": FW_CFG_MODULE,
     }

@@ -1,0 +1,456 @@
+"""Booting one exported revision in qemu exactly as a Stage4 client boots it, without leaving this machine.
+
+The guest gets the revision's kernel and initramfs with the command line of its iPXE entry
+(`ipxe.r<RID>`, ${slxsrv} and ${slxbase} filled in), fetches its stage-3 config over HTTP and the image
+over DNBD3. Both are served on 127.0.0.1 and reached only through qemu user-network forwards
+(`guestfwd ... cmd:`: a tiny bridge process per guest connection, into a counting relay in this
+process), so no packet leaves qemu. The published config names the site's real servers; the guest gets
+a copy whose SLX_DNBD3_SERVERS are the forwarded guest addresses, one per server, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import ipaddress
+import re
+import shlex
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stage4.boot import accel, qemu
+from stage4.config import MachineConfig
+from stage4.dnbd3.protocol import DEFAULT_PORT, parse_address
+from stage4.dnbd3.server import DevServer
+from stage4.dnbd3.store import META_DIR, Store, validate_name
+from stage4.errors import InputError, StepFailed
+from stage4.runner import Runner
+
+GUEST_NET = "10.0.2"
+HTTP_GUEST = f"{GUEST_NET}.100"  # slirp's DHCP hands out .15 and up; .2 host, .3 DNS
+FIRST_SERVER_GUEST = 101
+SLXBASE = "boot"
+# What the guest's stage 3 prints when it stops (the dnbd3-rootfs module): one line, "stage4: ...".
+MODULE_FAILURE = re.compile(r"^stage4: \S")
+ROOT_FACTS = re.compile(r"STAGE4-ROOT (?P<facts>.*)$")
+
+# Per guest connection qemu runs this with the guest's TCP stream on stdin/stdout and passes it to
+# 127.0.0.1:PORT. It must never print: its stderr goes into the guest's stream as well.
+BRIDGE = """\
+import os, select, socket, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    ready, _, _ = select.select([0, sock], [], [])
+    if 0 in ready:
+        data = os.read(0, 1 << 16)
+        if not data:
+            break
+        sock.sendall(data)
+    if sock in ready:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+"""
+
+
+@dataclass
+class Revision:
+    """The published files of one revision."""
+
+    store: Path
+    name: str
+    rid: int
+    image: Path
+    boot_dir: Path
+    kernel: Path
+    initrd: Path
+    config: Path
+    ipxe: Path
+
+
+def find_revision(store: Path, name: str, rid: int | None, boot_dir: Path | None) -> Revision:
+    """The revision `rid` of `name` (default: the newest) and its boot files; bad input is one line."""
+    validate_name(name)
+    if not store.is_dir():
+        raise InputError(f"store {store}: not a directory")
+    revisions = Store(store).revisions(name)
+    if not revisions:
+        raise InputError(f"{name}: no revision in the store {store}")
+    if rid is None:
+        rid = revisions[-1].rid
+    elif rid not in {r.rid for r in revisions}:
+        raise InputError(
+            f"{name}: no revision {rid} in the store {store} "
+            f"(revisions: {', '.join(str(r.rid) for r in revisions)})"
+        )
+    boot_dir = boot_dir or store / META_DIR / name
+    files = {kind: boot_dir / f"{kind}.r{rid}" for kind in ("kernel", "initrd", "config", "ipxe")}
+    for kind, path in files.items():
+        if not path.is_file():
+            raise InputError(
+                f"{path}: missing (the {kind} of {name}:{rid}; give --boot-dir if it was exported elsewhere)"
+            )
+    return Revision(store, name, rid, store / f"{name}.r{rid}", boot_dir, **files)
+
+
+@dataclass
+class IpxeEntry:
+    kernel_args: list[str]
+    kernel_url: str
+    initrd_url: str
+
+
+def parse_ipxe(text: str, source: str = "ipxe entry") -> IpxeEntry:
+    """The kernel line (URL and arguments) and the initrd URL of an iPXE script."""
+    kernel = initrd = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "kernel" and len(words) > 1:
+            kernel = words[1:]
+        elif words[0] == "initrd" and len(words) > 1:
+            initrd = words[1]
+    if not kernel or initrd is None:
+        raise InputError(f"{source}: needs a 'kernel URL ARGS...' and an 'initrd URL' line")
+    return IpxeEntry(kernel[1:], kernel[0], initrd)
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    """iPXE's ${name} settings, as iPXE expands them; an unknown one is an error, not an empty string."""
+
+    def value(match: re.Match) -> str:
+        if match[1] not in variables:
+            raise InputError(f"iPXE entry uses ${{{match[1]}}}, which a client's menu does not set")
+        return variables[match[1]]
+
+    return re.sub(r"\$\{([A-Za-z0-9_.:-]+)\}", value, text)
+
+
+def kernel_command_line(entry: IpxeEntry, slxsrv: str, slxbase: str) -> str:
+    """The kernel arguments of the entry as the client gets them, plus the serial console."""
+    args = [substitute(arg, {"slxsrv": slxsrv, "slxbase": slxbase}) for arg in entry.kernel_args]
+    return " ".join([*args, "console=ttyS0,115200n8"])
+
+
+def guest_config(published: str, servers: list[str]) -> str:
+    """The published stage-3 config with SLX_DNBD3_SERVERS replaced: every other line stays as it is."""
+    line = f"SLX_DNBD3_SERVERS={shlex.quote(' '.join(servers))}"
+    out, replaced = [], False
+    for text in published.splitlines():
+        if re.match(r"^\s*(export\s+)?SLX_DNBD3_SERVERS=", text):
+            if not replaced:
+                out.append(line)
+            replaced = True
+        else:
+            out.append(text)
+    if not replaced:
+        out.insert(0, line)
+    return "\n".join(out) + "\n"
+
+
+def guest_servers(count: int) -> list[str]:
+    """The guest addresses of the forwarded DNBD3 servers (default port, so written without it)."""
+    return [f"{GUEST_NET}.{FIRST_SERVER_GUEST + i}" for i in range(count)]
+
+
+def loopback_server(text: str) -> tuple[str, int]:
+    """A --server: HOST:PORT on this machine; anything else would send client traffic elsewhere."""
+    host, port = parse_address(text)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InputError(f"--server {text}: netboot uses DNBD3 servers on this machine only (127.0.0.1:PORT)")
+    return ("127.0.0.1" if host == "localhost" else host), port
+
+
+@dataclass
+class Relay:
+    """A loopback listener that passes each connection to `target` and counts the bytes sent back."""
+
+    target: tuple[str, int]
+    bytes_to_guest: int = 0
+    connections: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._sockets: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept, name=f"relay-{self.target[1]}", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._listener.getsockname()[1]
+
+    def start(self) -> Relay:
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
+            self._sockets.add(client)
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            self._close(client)  # a server that is down: the guest sees the connection end
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._sockets.add(upstream)
+        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+        self._pump(upstream, client, True)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                if count:
+                    with self._lock:
+                        self.bytes_to_guest += len(data)
+        except OSError:
+            pass
+        self._close(source)
+        self._close(sink)
+
+    def _close(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._close(sock)
+
+
+class BootFiles:
+    """An HTTP server on 127.0.0.1 for /<slxbase>/...: the guest's config, the revision's boot files."""
+
+    def __init__(self, files: dict[str, bytes | Path]):
+        self.files = files
+        served = self.files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                item = served.get(self.path.split("?", 1)[0])
+                if item is None:
+                    self.send_error(404)
+                    return
+                body = item if isinstance(item, bytes) else item.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="netboot-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> BootFiles:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class Forwards:
+    """The qemu user network of one netboot: guest address:port -> relay on 127.0.0.1."""
+
+    http: Relay
+    dnbd3: list[Relay]
+    bridge: Path
+
+    def nic(self) -> str:
+        def forward(address: str, port: int, relay: Relay) -> str:
+            command = f"{shlex.quote(sys.executable)} -I -S {shlex.quote(str(self.bridge))} {relay.port}"
+            if "," in command:
+                command = command.replace(",", ",,")  # qemu's option syntax
+            return f"guestfwd=tcp:{address}:{port}-cmd:{command}"
+
+        parts = ["user,model=virtio-net-pci,restrict=off", forward(HTTP_GUEST, 80, self.http)]
+        parts += [
+            forward(address, DEFAULT_PORT, relay)
+            for address, relay in zip(guest_servers(len(self.dnbd3)), self.dnbd3)
+        ]
+        return ",".join(parts)
+
+    @property
+    def dnbd3_bytes(self) -> int:
+        return sum(relay.bytes_to_guest for relay in self.dnbd3)
+
+
+@contextlib.contextmanager
+def forwards(revision: Revision, servers: list[tuple[str, int]], work: Path) -> Iterator[Forwards]:
+    """HTTP boot files and relays to `servers`, running until the context ends."""
+    guest = guest_config(
+        revision.config.read_text(encoding="utf-8", errors="replace"), guest_servers(len(servers))
+    )
+    files: dict[str, bytes | Path] = {
+        f"/{SLXBASE}/config": guest.encode(),
+        f"/{SLXBASE}/kernel.r{revision.rid}": revision.kernel,
+        f"/{SLXBASE}/initrd.r{revision.rid}": revision.initrd,
+    }
+    bridge = work / "bridge.py"
+    bridge.write_text(BRIDGE, encoding="utf-8")
+    with contextlib.ExitStack() as stack:
+        http_files = BootFiles(files).start()
+        stack.callback(http_files.close)
+        relays = []
+        for target in [("127.0.0.1", http_files.port), *servers]:
+            relay = Relay(target).start()
+            stack.callback(relay.close)
+            relays.append(relay)
+        yield Forwards(relays[0], relays[1:], bridge)
+
+
+def root_facts(serial_log: Path) -> dict[str, str]:
+    """The STAGE4-ROOT line of the image's marker script: what / is made of, read in the guest."""
+    facts: dict[str, str] = {}
+    for line in serial_log.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = ROOT_FACTS.search(line)
+        if match:
+            facts = dict(word.split("=", 1) for word in match["facts"].split() if "=" in word)
+    return facts
+
+
+def check_root(facts: dict[str, str], name: str, rid: int) -> str:
+    """One sentence describing the client's root, or StepFailed saying what is not as a client has it."""
+    source = facts.get("source", "?")
+    slaves = [s for s in facts.get("slaves", "").split(",") if s]
+    origin = next((s for s in slaves if re.match(r"^xloop\d+p\d+$", s)), None)
+    ram = next((s for s in slaves if re.match(r"^(zram|ram)\d+$", s)), None)
+    loop = re.sub(r"p\d+$", "", origin) if origin else None
+    problems = []
+    if not facts:
+        problems.append("the image printed no STAGE4-ROOT line (its marker script is older than netboot)")
+    elif "dm" not in facts:
+        problems.append(f"/ is {source}, not a device-mapper device")
+    elif not (origin and ram):
+        problems.append(
+            f"/ ({source}, dm {facts['dm']}) is not over an xloop partition and a RAM disk "
+            f"(slaves: {','.join(slaves) or 'none'})"
+        )
+    elif facts.get(loop) != "/dev/dnbd0":
+        problems.append(f"{loop} is backed by {facts.get(loop, 'nothing')}, not /dev/dnbd0")
+    elif not facts.get("dnbd0", "").startswith(f"{name}:{rid}@"):
+        problems.append(f"/dev/dnbd0 serves {facts.get('dnbd0', 'nothing')}, not {name}:{rid}")
+    if problems:
+        raise StepFailed("netboot check", problems[0])
+    return f"/ = {source} (dm {facts['dm']}: {origin} + {ram}), {loop} over /dev/dnbd0 = {facts['dnbd0']}"
+
+
+@dataclass
+class NetbootResult:
+    name: str
+    rid: int
+    seconds: float  # qemu start to the userspace marker
+    dnbd3_bytes: int  # what the client read over DNBD3 until the marker
+    image_size: int
+    accelerator: str
+    serial_log: Path
+    root: str  # what / is, as the guest reported it
+    servers: list[str]  # the loopback servers, in the guest's order
+
+
+def netboot(
+    revision: Revision,
+    servers: list[tuple[str, int]],
+    machine: MachineConfig,
+    cache_dir: Path,
+    timeout: float,
+    serial_log: Path,
+    work: Path,
+    runner: Runner,
+) -> NetbootResult:
+    """Boot `revision` from `servers` (none: a development server for its store) and check the result."""
+    display = runner.display
+    with contextlib.ExitStack() as stack:
+        if not servers:
+            with display.step(f"start a development DNBD3 server for {revision.store}"):
+                server = DevServer(revision.store).start()
+                stack.callback(server.close)
+                servers = [server.address]
+        described = [f"{host}:{port}" for host, port in servers]
+        entry = parse_ipxe(revision.ipxe.read_text(encoding="utf-8", errors="replace"), str(revision.ipxe))
+        with display.step(f"serve {revision.boot_dir} over HTTP and relay DNBD3 to {' '.join(described)}"):
+            fwd = stack.enter_context(forwards(revision, servers, work))
+        accelerator = accel.choose(machine.accelerator.value, revision.kernel, runner, cache_dir)
+        at_marker: list[int] = []
+        spec = qemu.BootSpec(
+            None,
+            accelerator,
+            machine.cpus,
+            machine.memory >> 20,
+            serial_log,
+            kernel=revision.kernel,
+            initrd=revision.initrd,
+            append=kernel_command_line(entry, HTTP_GUEST, SLXBASE),
+            timeout=timeout,
+            nic=fwd.nic(),
+            fail_on=MODULE_FAILURE,
+            on_marker=lambda: at_marker.append(fwd.dnbd3_bytes),
+        )
+        display.info(f"serial log: {serial_log}")
+        with display.step(f"netboot {revision.name}:{revision.rid} on {accelerator}, waiting for userspace"):
+            try:
+                booted = qemu.boot(spec, runner)
+            except StepFailed:
+                line = _module_line(serial_log)
+                if line:
+                    raise StepFailed("netboot", line, serial_log) from None
+                raise
+        with display.step("check that / is the copy-on-write device over xloop over /dev/dnbd0"):
+            root = check_root(root_facts(serial_log), revision.name, revision.rid)
+    return NetbootResult(
+        revision.name,
+        revision.rid,
+        booted.seconds,
+        at_marker[0] if at_marker else fwd.dnbd3_bytes,
+        revision.image.stat().st_size,
+        accelerator,
+        serial_log,
+        root,
+        described,
+    )
+
+
+def _module_line(serial_log: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in serial_log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if MODULE_FAILURE.search(line.strip()):
+                return line.strip()
+    return None

@@ -1,0 +1,80 @@
+"""CLI: `stage4 netboot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stage4.dnbd3.store import parse_rid
+
+
+@click.command()
+@click.argument("store", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("name")
+@click.option("--rid", default=None, help="revision to boot (default: the newest)")
+@click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="a DNBD3 server on this machine (repeatable, tried in this order; default: a development "
+    "server for STORE on a free loopback port)",
+)
+@click.option("--timeout", type=int, default=600, show_default=True, help="seconds to wait for the marker")
+@click.option(
+    "--boot-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="where kernel.r<RID>, initrd.r<RID>, config.r<RID>, ipxe.r<RID> are "
+    "(default: <store>/.stage4/<name>)",
+)
+@click.option(
+    "--log",
+    "serial_log",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="serial log file",
+)
+@click.pass_obj
+def netboot(
+    obj,
+    store: Path,
+    name: str,
+    rid: str | None,
+    servers: tuple[str, ...],
+    timeout: int,
+    boot_dir: Path | None,
+    serial_log: Path | None,
+) -> None:
+    """Boot revision RID of NAME from STORE in qemu exactly as a Stage4 client does.
+
+    Kernel and initramfs with the command line of the revision's iPXE entry, its config over HTTP (with
+    the servers replaced by the forwarded ones) and the image over DNBD3, all on 127.0.0.1 and reached
+    only through qemu's user network. Exits 0 only when userspace came up with / on the copy-on-write
+    device over xloop over /dev/dnbd0.
+    """
+    from stage4 import api
+
+    result = api.netboot(
+        obj.config(),
+        store,
+        name,
+        rid=parse_rid(rid) if rid is not None else None,
+        servers=servers,
+        timeout=timeout,
+        boot_dir=boot_dir,
+        serial_log=serial_log,
+        debug=obj.debug,
+    )
+    share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
+    click.echo(
+        f"netbooted {result.name}:{result.rid} from {' '.join(result.servers)}: userspace marker after "
+        f"{result.seconds:.0f} s on {result.accelerator}; read {result.dnbd3_bytes} bytes over DNBD3 "
+        f"({share:.1f} % of the {result.image_size}-byte image)"
+    )
+    click.echo(f"  {result.root}")
+    click.echo(f"  serial log: {result.serial_log}")
+
+
+COMMANDS: list = [netboot]

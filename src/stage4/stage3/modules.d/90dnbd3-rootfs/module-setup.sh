@@ -1,0 +1,37 @@
+#!/bin/bash
+# dnbd3-rootfs: the root file system of a Stage4 client from a DNBD3 server (stage4-boot.md §1-§5).
+# Network by DHCP (busybox udhcpc), config over HTTP (bash), /dev/dnbd0 (dnbd3-client),
+# xloop (QCOW, read-only, partition scan), a device-mapper snapshot in RAM as /dev/mapper/root.
+
+# stage4 installs the dnbd3 and xloop tools to /usr/local/sbin, which dracut's PATH may lack.
+case ":$PATH:" in *:/usr/local/sbin:*) ;; *) PATH="$PATH:/usr/local/sbin" ;; esac
+
+check() {
+    require_binaries dnbd3-client xlosetup dmsetup busybox blkid || return 1
+    return 255  # only when asked for (dracut --add dnbd3-rootfs)
+}
+
+depends() {
+    echo bash dm
+}
+
+installkernel() {
+    instmods dnbd3 xloop xloop_file_fmt_qcow xloop_file_fmt_raw dm-snapshot zram
+    # Any wired NIC a lab PC or a VM may have.
+    hostonly='' instmods =drivers/net/ethernet virtio_net e1000 e1000e r8169 igb
+}
+
+install() {
+    inst_multiple dnbd3-client xlosetup dmsetup busybox blkid ip timeout head tail od tr sort seq grep sed cat \
+        sleep dmesg modprobe udevadm
+    inst_libdir_file 'libnss_dns*' 'libnss_files*'
+    inst_simple "$moddir/stage4-lib.sh" /lib/stage4-lib.sh
+    inst_script "$moddir/dnbd3root.sh" /sbin/dnbd3root
+    inst_script "$moddir/udhcpc-script.sh" /lib/stage4-udhcpc.sh
+    inst_hook cmdline 90 "$moddir/parse-dnbd3root.sh"
+    inst_script "$moddir/dnbd3-generator.sh" "$systemdutildir"/system-generators/dracut-dnbd3-generator
+    # No emergency shell unless the command line says rd.shell (the kernel's words come after these).
+    mkdir -p "$initdir/etc/cmdline.d"
+    printf 'rd.shell=0\n' > "$initdir/etc/cmdline.d/90dnbd3-rootfs.conf"
+    dracut_need_initqueue
+}

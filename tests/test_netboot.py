@@ -1,0 +1,340 @@
+"""`stage4 netboot`: the rewriting of the client's command line and config (fast), and end to end (slow):
+a layered build with the real dnbd3 and xloop, exported, booted in qemu over HTTP and DNBD3 on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stage4.boot import netboot
+from stage4.dnbd3.client import Client
+from stage4.dnbd3.server import DevServer
+from stage4.errors import InputError, StepFailed
+
+MODULE_LIB = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
+
+IPXE = """#!ipxe
+kernel http://${slxsrv}/${slxbase}/kernel.r3 initrd=initrd.r3 slxsrv=${slxsrv} slxbase=${slxbase} SLX_DNBD3_RID=3
+initrd http://${slxsrv}/${slxbase}/initrd.r3
+boot
+"""
+
+PUBLISHED = """SLX_DNBD3_SERVERS='10.0.0.1 10.0.0.2:5004'
+SLX_DNBD3_IMAGE='stage4/debian-12.qcow2'
+SLX_DNBD3_RID='3'
+SLX_SYSTEM_PARTITION_IDENTIFIER='SLX_SYS'
+"""
+
+
+def test_kernel_command_line_from_the_ipxe_entry() -> None:
+    entry = netboot.parse_ipxe(IPXE)
+    assert entry.kernel_url == "http://${slxsrv}/${slxbase}/kernel.r3"
+    assert entry.initrd_url == "http://${slxsrv}/${slxbase}/initrd.r3"
+    assert netboot.kernel_command_line(entry, "10.0.2.100", "boot") == (
+        "initrd=initrd.r3 slxsrv=10.0.2.100 slxbase=boot SLX_DNBD3_RID=3 console=ttyS0,115200n8"
+    )
+
+
+def test_ipxe_entry_errors_are_one_line() -> None:
+    with pytest.raises(InputError, match="needs a 'kernel URL ARGS...' and an 'initrd URL' line"):
+        netboot.parse_ipxe("#!ipxe\nboot\n", "ipxe.r3")
+    entry = netboot.parse_ipxe(IPXE.replace("SLX_DNBD3_RID=3", "x=${mac}"))
+    with pytest.raises(InputError, match=r"\$\{mac\}"):
+        netboot.kernel_command_line(entry, "10.0.2.100", "boot")
+
+
+def test_guest_config_names_only_the_forwarded_servers() -> None:
+    guest = netboot.guest_config(PUBLISHED, netboot.guest_servers(2))
+    assert guest.splitlines() == ["SLX_DNBD3_SERVERS='10.0.2.101 10.0.2.102'", *PUBLISHED.splitlines()[1:]]
+    assert "10.0.0." not in guest
+    # what the module reads out of it
+    out = subprocess.run(
+        ["bash", "-c", f'. {MODULE_LIB}; slx_parse_config; echo "$SLX_DNBD3_SERVERS|$SLX_DNBD3_RID"'],
+        input=guest,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == "10.0.2.101 10.0.2.102|3\n"
+    missing = netboot.guest_config("SLX_DNBD3_IMAGE='x'\n", ["10.0.2.101"])
+    assert missing == "SLX_DNBD3_SERVERS=10.0.2.101\nSLX_DNBD3_IMAGE='x'\n"
+    twice = netboot.guest_config("SLX_DNBD3_SERVERS=a\nexport SLX_DNBD3_SERVERS='b'\n", ["10.0.2.101"])
+    assert twice == "SLX_DNBD3_SERVERS=10.0.2.101\n"
+
+
+def test_only_loopback_servers() -> None:
+    assert netboot.loopback_server("127.0.0.1:5003") == ("127.0.0.1", 5003)
+    assert netboot.loopback_server("localhost:7000") == ("127.0.0.1", 7000)
+    assert netboot.loopback_server("[::1]:7000") == ("::1", 7000)
+    for remote in ("10.0.0.1:5003", "dnbd3.example.org", "192.168.1.2"):
+        with pytest.raises(InputError, match="DNBD3 servers on this machine only"):
+            netboot.loopback_server(remote)
+
+
+def test_relay_counts_what_the_client_reads(tmp_path: Path) -> None:
+    (tmp_path / "stage4").mkdir()
+    (tmp_path / "stage4" / "img.qcow2.r1").write_bytes(b"QFI\xfb" + bytes(65532))
+    with DevServer(tmp_path) as server:
+        relay = netboot.Relay(server.address).start()
+        try:
+            with Client.open(f"127.0.0.1:{relay.port}", "stage4/img.qcow2", 1, timeout=10) as client:
+                assert client.read(0, 4096)[:4] == b"QFI\xfb"
+                client.read(4096, 8192)
+            # reply headers (16 bytes each) and payloads: handshake + 4096 + 8192
+            assert relay.bytes_to_guest > 4096 + 8192
+            assert relay.bytes_to_guest < 4096 + 8192 + 200
+        finally:
+            relay.close()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]
+        down = netboot.Relay(("127.0.0.1", dead)).start()
+        try:
+            with socket.create_connection(("127.0.0.1", down.port), timeout=5) as sock:
+                assert sock.recv(1) == b""  # a server that is down: the connection ends
+        finally:
+            down.close()
+
+
+def test_revision_lookup_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "stage4").mkdir()
+    with pytest.raises(InputError, match="no revision in the store"):
+        netboot.find_revision(tmp_path, "stage4/img.qcow2", None, None)
+    (tmp_path / "stage4" / "img.qcow2.r2").write_bytes(bytes(4096))
+    with pytest.raises(InputError, match=r"no revision 5 in the store .* \(revisions: 2\)"):
+        netboot.find_revision(tmp_path, "stage4/img.qcow2", 5, None)
+    boot = tmp_path / ".stage4" / "stage4" / "img.qcow2"
+    boot.mkdir(parents=True)
+    for kind in ("kernel", "initrd", "config"):
+        (boot / f"{kind}.r2").write_text(kind)
+    with pytest.raises(InputError, match=r"ipxe\.r2: missing"):
+        netboot.find_revision(tmp_path, "stage4/img.qcow2", None, None)
+    (boot / "ipxe.r2").write_text(IPXE)
+    assert netboot.find_revision(tmp_path, "stage4/img.qcow2", None, None).ipxe == boot / "ipxe.r2"
+
+
+GOOD = {
+    "source": "/dev/mapper/root",
+    "dm": "root",
+    "slaves": "xloop0p3,zram0",
+    "xloop0": "/dev/dnbd0",
+    "dnbd0": "stage4/debian-12.qcow2:3@10.0.2.102:5003",
+}
+
+
+def test_root_check() -> None:
+    assert "xloop0 over /dev/dnbd0" in netboot.check_root(GOOD, "stage4/debian-12.qcow2", 3)
+    bad = [
+        ({**GOOD, "dm": None}, "not a device-mapper device"),
+        ({**GOOD, "slaves": "vda3"}, "is not over an xloop partition and a RAM disk"),
+        ({**GOOD, "xloop0": "/root/file.qcow2"}, "backed by /root/file.qcow2"),
+        ({**GOOD, "dnbd0": "stage4/debian-12.qcow2:2@10.0.2.101:5003"}, "not stage4/debian-12.qcow2:3"),
+        ({}, "no STAGE4-ROOT line"),
+    ]
+    for facts, message in bad:
+        facts = {k: v for k, v in facts.items() if v is not None}
+        with pytest.raises(StepFailed, match=message):
+            netboot.check_root(facts, "stage4/debian-12.qcow2", 3)
+
+
+# --- end to end: real dnbd3 + xloop, a layered build, export, netboot in qemu (TCG here) ---------------
+
+NAME = "stage4/netboot-e2e.qcow2"
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory) -> dict:
+    """One layered build with the default components (dnbd3, xloop) and the shipped dnbd3-rootfs module,
+    exported as revision 1 into a fresh store, for every end-to-end test of this file."""
+    from tests.upstream import SHARED_CACHE, require_upstream
+
+    require_upstream(SHARED_CACHE)
+    work = tmp_path_factory.mktemp("netboot")
+    project = work / "stage4.toml"
+    project.write_text(
+        f'[build]\noutput_dir = "{work / "output"}"\n\n[images.netboot-e2e]\n'
+        'distribution = "debian-12"\n\n[images.netboot-e2e.dev]\n[images.netboot-e2e.prod]\n'
+    )
+    stage4(project, "build", "netboot-e2e")
+    store = work / "store"
+    store.mkdir()
+    # The config names the site's servers: netboot must never contact them.
+    stage4(
+        project,
+        "export",
+        work / "output" / "netboot-e2e" / "prod.qcow2",
+        "--store",
+        store,
+        "--name",
+        NAME,
+        "--server",
+        "192.0.2.10",
+        "--server",
+        "192.0.2.11:5004",
+    )
+    return {"project": project, "store": store, "boot": store / ".stage4" / NAME, "work": work}
+
+
+def stage4(project: Path, *args, check: bool = True, timeout: float = 3600) -> subprocess.CompletedProcess:
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "stage4", "-c", str(project), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    return result
+
+
+def _boot_dir_variant(published: dict, name: str, ipxe=None, config=None) -> Path:
+    """A copy of the revision's boot files with one of them changed (what a misconfigured site serves)."""
+    import shutil
+
+    variant = published["work"] / name
+    shutil.copytree(published["boot"], variant)
+    if ipxe:
+        (variant / "ipxe.r1").write_text(ipxe((variant / "ipxe.r1").read_text()))
+    if config:
+        (variant / "config.r1").write_text(config((variant / "config.r1").read_text()))
+    return variant
+
+
+def _dnbd3_server(store: Path):
+    return DevServer(store, "127.0.0.1", 0)
+
+
+@pytest.mark.slow
+def test_initramfs_holds_the_module_and_the_tools(published: dict) -> None:
+    listing = subprocess.run(
+        ["lsinitrd", published["boot"] / "initrd.r1"], capture_output=True, text=True, check=True
+    ).stdout
+    for path in (
+        "sbin/dnbd3root",
+        "lib/stage4-lib.sh",
+        "dnbd3-client",
+        "xlosetup",
+        "dmsetup",
+        "busybox",
+        "extra/dnbd3.ko",
+        "extra/xloop.ko",
+        "extra/xloop_file_fmt_qcow.ko",
+        "dm-snapshot.ko",
+        "zram.ko",
+        "virtio_net.ko",
+    ):
+        assert path in listing, path
+
+
+@pytest.mark.slow
+def test_netboot_reaches_userspace_on_dnbd3(published: dict) -> None:
+    result = stage4(published["project"], "netboot", published["store"], NAME, timeout=900)
+    assert "netbooted stage4/netboot-e2e.qcow2:1" in result.stdout
+    assert "/ = /dev/mapper/root (dm root: xloop0p3 + zram0), xloop0 over /dev/dnbd0" in result.stdout
+    log = Path(result.stdout.split("serial log: ")[-1].strip())
+    text = log.read_text(errors="replace")
+    assert "192.0.2." not in text.split("STAGE4-ROOT")[-1]  # the site's servers were never used
+    assert "STAGE4-ROOT source=/dev/mapper/root dm=root" in text
+    read = int(result.stdout.split("read ")[1].split(" bytes")[0])
+    assert 0 < read < (published["store"] / f"{NAME}.r1").stat().st_size
+
+
+@pytest.mark.slow
+def test_first_server_down_second_used(published: dict) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    with _dnbd3_server(published["store"]) as server:
+        result = stage4(
+            published["project"],
+            "netboot",
+            published["store"],
+            NAME,
+            "--server",
+            f"127.0.0.1:{down}",
+            "--server",
+            f"127.0.0.1:{server.address[1]}",
+            timeout=900,
+        )
+    assert "@10.0.2.102:5003" in result.stdout  # the guest's address of the second server
+
+
+@pytest.mark.slow
+def test_wrong_revision_stops_with_its_console_line(published: dict) -> None:
+    boot = _boot_dir_variant(
+        published, "rid9", ipxe=lambda text: text.replace("SLX_DNBD3_RID=1", "SLX_DNBD3_RID=9")
+    )
+    result = stage4(
+        published["project"],
+        "netboot",
+        published["store"],
+        NAME,
+        "--boot-dir",
+        boot,
+        check=False,
+        timeout=900,
+    )
+    assert result.returncode == 1, result.stderr
+    line = f"stage4: revision 9 of {NAME} missing on every server (tried 10.0.2.101:5003)"
+    assert line in result.stderr
+    assert len([x for x in result.stderr.splitlines() if "error:" in x]) == 1
+
+
+@pytest.mark.slow
+def test_wrong_identifier_stops_with_its_console_line(published: dict) -> None:
+    boot = _boot_dir_variant(
+        published,
+        "ident",
+        config=lambda text: text.replace(
+            "SLX_SYSTEM_PARTITION_IDENTIFIER='SLX_SYS'", "SLX_SYSTEM_PARTITION_IDENTIFIER='NOT_THERE'"
+        ),
+    )
+    assert "NOT_THERE" in (boot / "config.r1").read_text()
+    result = stage4(
+        published["project"],
+        "netboot",
+        published["store"],
+        NAME,
+        "--boot-dir",
+        boot,
+        check=False,
+        timeout=900,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "stage4: no partition named or labelled NOT_THERE on /dev/xloop0" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_clients_boot_the_same_revision_at_once(published: dict) -> None:
+    import sys
+
+    with _dnbd3_server(published["store"]) as server:
+        argv = [
+            sys.executable,
+            "-m",
+            "stage4",
+            "-c",
+            str(published["project"]),
+            "netboot",
+            str(published["store"]),
+            NAME,
+            "--server",
+            f"127.0.0.1:{server.address[1]}",
+            "--timeout",
+            "1200",
+        ]
+        clients = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outputs = [client.communicate(timeout=1500) for client in clients]
+    for client, (out, err) in zip(clients, outputs):
+        assert client.returncode == 0, err[-2000:]
+        assert "netbooted stage4/netboot-e2e.qcow2:1" in out
