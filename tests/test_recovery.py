@@ -274,6 +274,9 @@ class Build:
 
     def kill(self) -> None:
         """SIGKILL to the stage4 process alone, as the OOM killer does; its children are not signalled."""
+        self.env.loops = [line.split(":")[0] for line in subprocess.run(
+            ["losetup", "-a"], capture_output=True, text=True, check=True).stdout.splitlines()
+            if str(self.env.cache) in line]
         os.kill(self.popen.pid, signal.SIGKILL)
         assert self.popen.wait(timeout=30) == -signal.SIGKILL
 
@@ -283,6 +286,7 @@ class Env:
         self.root = root
         self.cache = root / "cache"
         self.out = root / "out"
+        self.loops: list[str] = []  # the killed build's loop devices
         for name in ("playbooks", "dracut", "component"):
             shutil.copytree(FIXTURES / name, root / name)
         for name in ("apt", "initramfs"):  # downloads and initramfs builds only; no work folders
@@ -313,6 +317,10 @@ class Env:
                                 text=True, timeout=1800)
         assert result.returncode == 0, result.stderr[-3000:]
         assert traces(self.cache, self.out) == []
+        for device in self.loops:  # once its FUSE export is gone, a loop's backing file is shown as "/"
+            back = subprocess.run(["losetup", "-n", "-l", "-O", "BACK-FILE", device], capture_output=True,
+                                  text=True, check=False).stdout.strip()
+            assert not back or back != "/" and str(self.cache) not in back, f"{device} still attached ({back})"
         # The lock stays; so does the empty parent of the layers' work folders after a finished build.
         left = [p for p in self.work.iterdir() if p.name != f"{NAME}.lock" and not (p.is_dir() and not any(p.iterdir()))]
         assert left == []

@@ -312,12 +312,15 @@ def release(work: Path, records: list[dict], runner: Runner, state: str) -> Free
     end_processes(work, records)
     mounts = mounts_in_order(work)
     step = f"release {work.name}"
-    for target, fs_type in mounts:
+    # The loop devices mounted here: once qemu-storage-daemon is gone (stage4's death ends it), a loop's
+    # backing file no longer names the work directory.
+    devices = loop_devices(work, records) | {source for _, _, source in mounts if source.startswith("/dev/loop")}
+    for target, fs_type, _ in mounts:
         if not fs_type.startswith("fuse"):
             _unmount(target, runner, step)
-    for device in loop_devices(work, records):
+    for device in sorted(devices):
         runner.run(["losetup", "--detach", device], step=step, check=False)
-    for target, fs_type in mounts:
+    for target, fs_type, _ in mounts:
         if fs_type.startswith("fuse"):
             _unmount(target, runner, step)
     size = allocated_bytes(work)
@@ -381,31 +384,35 @@ def _uses(pid: int, work: Path) -> bool:
     return False
 
 
-def mounts_in_order(work: Path) -> list[tuple[str, str]]:
-    """(mount point, file system type) at or below `work`, the newest mount first."""
+def mounts_in_order(work: Path) -> list[tuple[str, str, str]]:
+    """(mount point, file system type, source) at or below `work`, the newest mount first."""
     prefix = str(work) + "/"
     found = []
     with open("/proc/self/mountinfo", encoding="utf-8") as handle:
         for line in handle:
             fields = line.split()
             target = fields[4].replace("\\040", " ")
-            fs_type = fields[fields.index("-") + 1]
+            fs_type, source = fields[fields.index("-") + 1:fields.index("-") + 3]
             if target == str(work) or target.startswith(prefix):
-                found.append((target, fs_type))
+                found.append((target, fs_type, source))
     return found[::-1]
 
 
-def loop_devices(work: Path, records: list[dict]) -> list[str]:
-    """Loop devices whose backing file is below `work` (recorded or not: a kill can come before the record)."""
+def loop_devices(work: Path, records: list[dict]) -> set[str]:
+    """Loop devices whose backing file is below `work` (recorded or not: a kill can come before the record),
+    and recorded ones whose backing file lost its name (its FUSE export is gone) with the recorded geometry."""
     prefix = str(work) + "/"
-    devices = {r["device"] for r in records if r.get("what") == "loop" and isinstance(r.get("device"), str)}
-    devices |= {f"/dev/{p.name}" for p in Path("/sys/block").glob("loop*")}
-    attached = []
-    for device in sorted(devices):
-        backing = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
-        with contextlib.suppress(OSError):
-            if backing.read_text().strip().removesuffix(" (deleted)").startswith(prefix):
-                attached.append(device)
+    recorded = {r["device"]: r for r in records if r.get("what") == "loop" and isinstance(r.get("device"), str)}
+    attached = set()
+    for sys_dir in Path("/sys/block").glob("loop*"):
+        device = f"/dev/{sys_dir.name}"
+        with contextlib.suppress(OSError, ValueError):
+            backing = (sys_dir / "loop/backing_file").read_text().strip().removesuffix(" (deleted)")
+            record = recorded.get(device)
+            if backing.startswith(prefix) or record is not None and backing == "/" and \
+                    int((sys_dir / "loop/offset").read_text()) == record.get("offset") and \
+                    int((sys_dir / "loop/sizelimit").read_text()) == record.get("sizelimit"):
+                attached.add(device)
     return attached
 
 

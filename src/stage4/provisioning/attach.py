@@ -89,7 +89,7 @@ def loop_device(raw: Path, part: RootPartition, runner: Runner, writable: bool, 
     if not writable:
         argv.append("--read-only")
     device = runner.run([*argv, raw], step=step, capture=True).stdout.strip()
-    runner.note("loop", device=device, backing=str(raw.resolve()))
+    runner.note("loop", device=device, backing=str(raw.resolve()), offset=part.offset, sizelimit=part.size)
     try:
         yield device
     finally:
