@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stage4 import api, config  # noqa: E402
 from stage4.layers import overlay  # noqa: E402
-from stage4.layers.build import LayerJob, choose_accelerator  # noqa: E402
+from stage4.layers.provision import choose_accelerator, root_partition  # noqa: E402
+from stage4.pipeline import Context  # noqa: E402
 from stage4.provisioning import ansible, attach, vm  # noqa: E402
 from stage4.runner import Runner  # noqa: E402
 from stage4.ui import Display  # noqa: E402
@@ -75,8 +76,8 @@ def main() -> None:
     # chroot vs VM for the same small playbook, each on a fresh overlay of the base.
     cfg = make(root, "bench v2")
     runner = Runner(Display())
-    job = LayerJob(NAME, cfg.images[NAME], cfg.machine, cfg.source, cfg.build.output_dir, cfg.build.cache_dir,
-                   runner, full.base)
+    ctx = Context(NAME, cfg.images[NAME], cfg.machine, cfg.source, cfg.build.output_dir, cfg.build.cache_dir, runner)
+    base_manifest, part = full.base.manifest, root_partition(ctx, full.base.manifest)
     with tempfile.TemporaryDirectory(prefix="stage4-bench-", dir=cfg.build.cache_dir / "work") as tmp:
         work = Path(tmp)
         playbook = work / "small.yml"
@@ -86,15 +87,15 @@ def main() -> None:
         def chroot_way() -> None:
             layer = work / "chroot.qcow2"
             overlay.create(full.base.image, layer, runner, "bench: overlay")
-            with attach.attached(layer, job.part, work / "a1", runner, writable=True) as mounted, \
+            with attach.attached(layer, part, work / "a1", runner, writable=True) as mounted, \
                     attach.chroot_ready(mounted, runner):
                 ansible.run(ansible.Target("chroot", root=mounted), plays, {}, work / "ans1", runner, "bench chroot")
 
         def vm_way() -> None:
             layer = work / "vm.qcow2"
             overlay.create(full.base.image, layer, runner, "bench: overlay")
-            accelerator = choose_accelerator(job, work)
-            with vm.running(layer, job.part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work,
+            accelerator = choose_accelerator(ctx, base_manifest, work)
+            with vm.running(layer, part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work,
                             runner, "bench vm") as target:
                 ansible.run(target, plays, {}, work / "ans2", runner, "bench vm")
 

@@ -202,34 +202,50 @@ class ComponentConfig(Strict):
 
 
 def default_components() -> dict[str, ComponentConfig]:
-    """The dnbd3 and xloop kernel modules from their public repositories."""
+    """The dnbd3 and xloop kernel modules and the client tools the stage-3 initramfs needs.
+
+    Release builds: a Debug xloop also builds its kernel tests (which need libcap) and logs every cached
+    cluster. Each module lands in build/src/kernel/<module>/<module>.ko (upstream cmake/Kernel.cmake).
+    """
+    def module(name: str) -> ArtifactConfig:
+        return ArtifactConfig(path=f"build/src/kernel/{name}/{name}.ko", kind="module")
+
+    def tool(path: str) -> ArtifactConfig:
+        return ArtifactConfig(path=path, dest=f"/usr/local/sbin/{Path(path).name}", mode="0755")
+
+    configure = "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKERNEL_BUILD_DIR=$KDIR"
     return {
         "dnbd3": ComponentConfig(
             source=SourceConfig(git="https://github.com/bwLehrpool/dnbd3.git", ref="master"),
-            build=("cmake -S . -B build -DDNBD3_KERNEL_MODULE=ON -DDNBD3_CLIENT_FUSE=OFF -DDNBD3_SERVER=OFF "
-                   "-DKERNEL_BUILD_DIR=$KDIR", "cmake --build build"),
-            artifacts=(ArtifactConfig(path="build/src/kernel/dnbd3.ko", kind="module"),),
+            build=(f"{configure} -DDNBD3_KERNEL_MODULE=ON -DDNBD3_CLIENT_FUSE=OFF -DDNBD3_SERVER=OFF",
+                   "cmake --build build --parallel"),
+            artifacts=(module("dnbd3"), tool("build/src/client/dnbd3-client")),
             build_packages=("cmake", "git"),
         ),
         "xloop": ComponentConfig(
             source=SourceConfig(git="https://github.com/bwLehrpool/xloop.git", ref="master"),
-            build=("cmake -S . -B build -DKERNEL_BUILD_DIR=$KDIR", "cmake --build build"),
-            artifacts=(ArtifactConfig(path="build/src/kernel/xloop.ko", kind="module"),
-                       ArtifactConfig(path="build/src/kernel/xloop_file_fmt_qcow.ko", kind="module"),
-                       ArtifactConfig(path="build/src/kernel/xloop_file_fmt_raw.ko", kind="module")),
+            build=(configure, "cmake --build build --parallel"),
+            artifacts=(module("xloop"), module("xloop_file_fmt_qcow"),
+                       module("xloop_file_fmt_raw"), tool("build/src/utils/sys-utils/xlosetup")),
             build_packages=("cmake", "git"),
         ),
     }
+
+
+# The root partition's GPT name and filesystem label where nothing else is said (the OpenSLX convention).
+DEFAULT_IDENTIFIER = "SLX_SYS"
+
+# The stage-3 dracut module shipped with stage4 (a tree with modules.d/), used when no source is given.
+SHIPPED_STAGE3 = Path(__file__).parent / "stage3"
 
 
 class InitramfsConfig(Strict):
     """[images.NAME.initramfs]: the initramfs built in the dev layer for the image's own kernel."""
 
     dracut_modules: tuple[str, ...] = Field(("dnbd3-rootfs",), description="dracut modules to add")
-    source: SourceConfig = Field(
-        SourceConfig(git="https://git.openslx.org/openslx-ng/systemd-init.git", ref="master"),
-        description="where the dracut modules come from: a tree with build-initramfs.sh (OpenSLX "
-        "systemd-init) or one with modules.d/")
+    source: SourceConfig | None = Field(
+        None, description="where the dracut modules come from: a tree with build-initramfs.sh (OpenSLX "
+        "systemd-init) or one with modules.d/; default: the dnbd3-rootfs module shipped with stage4")
     script_args: tuple[str, ...] = Field(
         ("--qcow-handler", "xloop"), description="extra arguments for build-initramfs.sh (if the source has it)")
 
@@ -240,6 +256,10 @@ class InitramfsConfig(Strict):
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
                 raise PydanticCustomError("module", "'{name}' is not a dracut module name", {"name": name})
         return value
+
+    @property
+    def effective_source(self) -> SourceConfig:
+        return self.source or SourceConfig(path=SHIPPED_STAGE3)
 
 
 class LayerConfig(Strict):
@@ -270,7 +290,7 @@ class ImageConfig(Strict):
         "default: bootstrap where the distribution allows it, else packer")
     filesystem: Filesystem = Field(Filesystem.ext4, description="root filesystem: 'ext4', 'btrfs' or 'xfs'")
     identifier: str = Field(
-        "SLX_SYS",
+        DEFAULT_IDENTIFIER,
         description="GPT partition name and filesystem label of the root partition "
         "(the clients' SLX_SYSTEM_PARTITION_IDENTIFIER)",
     )
@@ -480,7 +500,7 @@ def reference() -> str:
     table("images.NAME.dev", LayerConfig)
     table("images.NAME.prod", LayerConfig)
     table("images.NAME.initramfs", InitramfsConfig)
-    lines.append("| `images.NAME.initramfs.source` | git.openslx.org systemd-init.git @ master | "
+    lines.append("| `images.NAME.initramfs.source` | the dnbd3-rootfs module shipped with stage4 | "
                  + InitramfsConfig.model_fields["source"].description + " |")
     table("images.NAME.initramfs.source", SourceConfig)
     lines.append("| `images.NAME.components` | dnbd3, xloop (public repositories) | components built in dev and "

@@ -321,7 +321,7 @@ def publish(
         if boot_files and (kernel is None or initrd is None):
             extracted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage4-boot-")))
             try:
-                from stage4.image.files import extract_boot_files
+                from stage4.image.filesystem import extract_boot_files
             except ImportError:
                 raise Stage4Error("extracting kernel and initrd is not available in this build yet; "
                                   "pass --kernel and --initrd, or --no-boot-files") from None

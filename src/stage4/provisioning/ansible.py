@@ -115,5 +115,16 @@ def _failure(log_path: Path | None) -> str:
         if text.startswith("TASK ["):
             task = text.removeprefix("TASK [").split("]")[0]
         elif text.startswith(("fatal:", "failed:")) or "ERROR!" in text or text.startswith("[ERROR]"):
+            text = _message(text)
             fatal = f"task '{task}': {text}" if task else text
-    return "ansible-playbook failed" + (f"; {fatal[:700]}" if fatal else "")
+    return "ansible-playbook failed" + (f"; {fatal[:1500]}" if fatal else "")
+
+
+def _message(fatal: str) -> str:
+    """The `msg` of a task result (`fatal: [host]: FAILED! => {...}`), else the line as it is."""
+    _, _, result = fatal.partition(" => ")
+    try:
+        message = json.loads(result).get("msg")
+    except (ValueError, AttributeError):
+        return fatal
+    return message if isinstance(message, str) and message else fatal
