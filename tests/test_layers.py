@@ -253,9 +253,15 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_ima
                                        "source": {"tarball": str(tarball), "sha256": "0" * 64}}}
     failing(make_config(base_image.output_dir.parent, {NAME: wrong}), "dev: fetch sources", "checksum mismatch")
 
+    # The first failing build command stops the component; its own output is the message, and the next
+    # command (whose failure would be a confusing follow-on) never runs.
     broken = layered_image_config(project)
-    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": ["exit 3"]}}
-    failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)", "Build fixture")
+    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": [
+        "echo configured; echo the-real-cause >&2; exit 3", "echo the-follow-on >&2; exit 4"]}}
+    message = failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)",
+                      "component fixture: 'echo configured; echo the-real-cause >&2; exit 3' failed with exit code 3",
+                      "the-real-cause")
+    assert "the-follow-on" not in message and "exit 4" not in message
 
 
 def test_prod_only_change_rebuilds_only_prod(layered, base_image: BuiltImage, project: Path,
