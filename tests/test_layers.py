@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stage4 import api
-from stage4.errors import StepFailed
+from stage4.errors import ConfigError, StepFailed
 from stage4.fsutil import mounts_below, sha256_file
 from stage4.image.filesystem import FilesystemReader
 from stage4.image.partitions import partitions, raw_view, root_partition
@@ -235,9 +235,10 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_ima
         assert sha256_file(result.image) == before
         return message
 
-    missing = make_config(base_image.output_dir.parent, {NAME: {
-        **layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}})
-    failing(missing, "prod", "provision", "nope.yml")
+    # A missing playbook is bad input, found when the config is read (no build starts).
+    with pytest.raises(ConfigError, match=r"images\.\S+\.prod\.playbooks\.0 = .*nope\.yml.*: no such file"):
+        make_config(base_image.output_dir.parent, {NAME: {
+            **layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}})
 
     bad_task = tmp_path / "fail.yml"
     bad_task.write_text("- hosts: all\n  tasks:\n    - name: Deliberately failing task\n"
