@@ -12,19 +12,20 @@ import pytest
 
 from stage4.dnbd3.server import DevServer
 from stage4.dnbd3.verify import verify
-from tests.sshd_server import sshd  # noqa: F401 (fixture)
+from tests import sshd_server
 
 ROOT = Path(__file__).resolve().parents[1]
+sshd = sshd_server.sshd  # the fixture
 
 
 @pytest.mark.slow
-def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):  # noqa: F811
+def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):
     store = tmp_path / "store"
     store.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", str(store), "--name",
          "stage4/debian-12.qcow2", "--server", "10.0.0.1", "--server", "10.0.0.2", "--json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900)
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr
     publication = json.loads(result.stdout[result.stdout.index("{"):])
     assert publication["rid"] == 1 and publication["identifier"] == base_image.identifier
@@ -34,6 +35,23 @@ def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):  # noqa: F
     config = (meta / "config.r1").read_text()
     assert "SLX_DNBD3_SERVERS='10.0.0.1 10.0.0.2'" in config
     assert f"SLX_SYSTEM_PARTITION_IDENTIFIER='{base_image.identifier}'" in config
+    # The base's initramfs lacks the dracut module a layered build configures: as a dev-run manifest would
+    # name it, the export is refused before anything is written.
+    manifest = tmp_path / "prod.json"
+    manifest.write_text(json.dumps({
+        "kind": "prod", "identity": "x", "identifier": base_image.identifier,
+        "dracut_modules": ["dnbd3-rootfs"], "kernel": str(meta / "kernel.r1"),
+        "initramfs": str(meta / "initrd.r1"), "kernel_version": "unknown"}))
+    before = sorted(store.rglob("*"))
+    result = subprocess.run(
+        [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", str(store), "--name",
+         "stage4/debian-12.qcow2", "--manifest", str(manifest)],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    refusal = f"initramfs {meta / 'initrd.r1'} lacks the configured dracut module 'dnbd3-rootfs'"
+    assert refusal in result.stderr
+    assert sorted(store.rglob("*")) == before
+
     with DevServer(store) as server:
         host, port = server.address
         report = verify(f"{host}:{port}", "stage4/debian-12.qcow2", store=store, timeout=30)
@@ -47,7 +65,7 @@ def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):  # noqa: F
     result = subprocess.run(
         [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", f"{sshd.host}:{remote}",
          *options, "--name", "stage4/debian-12.qcow2", "--server", "10.0.0.1", "--server", "10.0.0.2", "--json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900)
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout[result.stdout.index("{"):])["rid"] == 1
     for name in ("stage4/debian-12.qcow2.r1", "stage4/debian-12.qcow2.r1.crc",

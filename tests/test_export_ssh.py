@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from stage4.errors import InputError, Stage4Error
-from stage4.export.publish import SshTransport, publish
+from stage4.export.publish import publish
+from stage4.export.remote import SshTransport
 from stage4.runner import Runner
-from tests.sshd_server import children, free_port, is_live, kill, sshd  # noqa: F401 (sshd: fixture)
+from tests import sshd_server
+from tests.sshd_server import children, free_port, is_live, kill
 
+sshd = sshd_server.sshd  # the fixture
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "r/img.qcow2"
@@ -58,8 +61,8 @@ def test_ssh_export_is_byte_identical_to_a_local_export(sshd, tmp_path, image, b
     local.mkdir()
     runner = Runner()
     transport = SshTransport(sshd.host, runner, sshd.options, use_rsync=copier == "rsync")
-    kwargs = dict(check_image=False, kernel=boot[0], initrd=boot[1], servers=["10.1.1.1", "10.1.1.2:5003"],
-                  activate=True, runner=runner)
+    kwargs = {"check_image": False, "kernel": boot[0], "initrd": boot[1], "servers": ["10.1.1.1", "10.1.1.2:5003"],
+              "activate": True, "runner": runner}
     pub = publish(image, f"{sshd.host}:{remote}", NAME, transport=transport, **kwargs)
     assert transport.copier == copier
     ref = publish(image, local, NAME, **kwargs)
@@ -197,6 +200,6 @@ def test_cli_ssh_option_errors_are_one_line_with_exit_code_2(tmp_path, image):
     for extra in (["--store", str(tmp_path), "--ssh-option", "Port=2222"],
                   ["--store", "host:/srv", "--ssh-option", "-oPort=2"]):
         result = subprocess.run([sys.executable, "-m", "stage4", "export", str(image), "--name", NAME,
-                                 "--no-boot-files", *extra], capture_output=True, text=True, cwd=ROOT, timeout=60)
+                                 "--no-boot-files", *extra], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

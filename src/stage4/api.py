@@ -20,6 +20,7 @@ from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
 from stage4.pipeline import LAYERS, Context, ImageResult, LayerStatus, build_image, read_manifest, status
 from stage4.provisioning.source_cache import Entry, SourceCache
+from stage4 import workdirs
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
@@ -61,6 +62,14 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
             runner.display.info(f"{name}: build log {log_path}")
             results.append(build_image(_context(config, name, output_dir, runner, rebuild, keep_dev)))
     return results
+
+
+def clean(config: Config, images: list[str] | None = None, cache: bool = False,
+          debug: bool = False) -> workdirs.CleanReport:
+    """Remove the work directories that no running build holds (releasing what a killed build left attached);
+    with `cache` also the caches kept between builds (packages, initramfs images, probe kernel)."""
+    with _runner(None, debug) as runner:
+        return workdirs.clean(config.build.cache_dir, images, runner, shared_caches=cache)
 
 
 def layers(config: Config, images: list[str] | None = None,

@@ -24,10 +24,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stage4 import __version__
+from stage4 import __version__, workdirs
 from stage4.builders import base_image
 from stage4.config import ImageConfig, MachineConfig
-from stage4.fsutil import exclusive_lock, sha256_file, write_json_atomically
+from stage4.fsutil import sha256_file, write_json_atomically
 from stage4.layers import dev, prod
 from stage4.runner import Runner
 
@@ -182,9 +182,9 @@ def steps_for(image: ImageConfig) -> list[Step]:
 
 def build_image(ctx: Context) -> ImageResult:
     """Run the image's steps in order, reusing every step that is current."""
-    # Two builds of one image would share work folders and output files: the second waits.
-    lock = ctx.cache_dir / "work" / f"{ctx.name}.lock"
-    with exclusive_lock(lock, lambda: ctx.runner.display.info(f"{ctx.name}: waiting for another build of it")):
+    # Two builds of one image would share work folders and output files: the second waits. What a killed
+    # build left attached is released before anything is reused.
+    with workdirs.image_build(ctx.cache_dir, ctx.name, ctx.output_dir, ctx.runner):
         result = ImageResult(ctx.name)
         run_from_here = False
         for step in steps_for(ctx.image):

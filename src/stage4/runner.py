@@ -4,14 +4,21 @@ Every command is logged, its output is streamed line by line to the build log an
 a failure becomes a StepFailed naming the step, and an interruption (SIGINT, SIGTERM) terminates the
 command's whole process group before it propagates. Children run in their own session so that a Ctrl-C
 reaches stage4 first and stage4 decides how they end.
+
+Children also die with stage4 when stage4 itself is killed (SIGKILL, the OOM killer), so that nothing keeps
+writing into a layer nobody owns: each gets PR_SET_PDEATHSIG, and a guardian process (stage4/guardian.py)
+ends their whole process groups once stage4's end closes its pipe. Inside `Runner.recording(dir)` every
+command started is recorded in `dir` with its PID (stage4/workdirs.py), for the next build to find.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -19,10 +26,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stage4 import workdirs
 from stage4.errors import Interrupted, StepFailed
 from stage4.ui import Display
 
 TERMINATE_GRACE_SECONDS = 20
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_guardian: subprocess.Popen | None = None
 
 
 @dataclass
@@ -58,6 +69,29 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when stage4 dies (the Popen runs in stage4's main thread)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # stage4 died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _guard(line: str) -> None:
+    """Tell the guardian about a process group (started once per stage4 process, lazily)."""
+    global _guardian
+    if _guardian is None or _guardian.poll() is not None:
+        _guardian = subprocess.Popen([sys.executable, "-m", "stage4.guardian"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with contextlib.suppress(BrokenPipeError):
+        _guardian.stdin.write(f"{line}\n".encode())
+        _guardian.stdin.flush()
+
+
 def _stop_group(popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = TERMINATE_GRACE_SECONDS) -> None:
     """Stop a child and everything it started; escalate to SIGKILL after `grace` seconds."""
     if popen.poll() is not None:
@@ -75,6 +109,35 @@ def _stop_group(popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
 class Runner:
     def __init__(self, display: Display | None = None):
         self.display = display or Display()
+        self._recording: list[Path] = []
+
+    @contextlib.contextmanager
+    def recording(self, directory: Path) -> Iterator[None]:
+        """Record every command started while the context lasts (and what `note` is told) in `directory`."""
+        with workdirs.scope(directory):
+            self._recording.append(directory)
+            try:
+                yield
+            finally:
+                self._recording.pop()
+
+    def note(self, what: str, **facts: object) -> None:
+        """Record an attachment (a loop device, a mount point) in the directory being recorded in, if any."""
+        if self._recording:
+            workdirs.note(self._recording[-1], what, **facts)
+
+    def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
+        # preexec_fn only calls prctl (no allocation, no locks), so the reader threads cannot deadlock it.
+        popen = subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                                 **kwargs)
+        _guard(f"+{popen.pid}")
+        if self._recording:
+            workdirs.note_process(self._recording[-1], popen.pid, args)
+        return popen
+
+    def _reaped(self, popen: subprocess.Popen) -> None:
+        if popen.returncode is not None:
+            _guard(f"-{popen.pid}")
 
     @property
     def log_path(self) -> Path | None:
@@ -97,14 +160,13 @@ class Runner:
         self.display.command(args)
         full_env = None if env is None else {**os.environ, **env}
         try:
-            popen = subprocess.Popen(
+            popen = self._popen(
                 args,
                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=full_env,
                 cwd=cwd,
-                start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
@@ -142,6 +204,8 @@ class Runner:
         except BaseException:
             _stop_group(popen)
             raise
+        finally:
+            self._reaped(popen)
         for reader in readers:
             reader.join()
         stdout = b"".join(captured).decode(errors="replace")
@@ -173,10 +237,8 @@ class Runner:
         self.display.command(args)
         full_env = None if env is None else {**os.environ, **env}
         try:
-            popen = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=full_env, start_new_session=True,
-            )
+            popen = self._popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=full_env)
         except FileNotFoundError as exc:
             raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
         process = Process(args, popen)
@@ -197,4 +259,5 @@ class Runner:
             yield process
         finally:
             _stop_group(popen, stop_signal, grace)
+            self._reaped(popen)
             reader.join(timeout=5)

@@ -147,7 +147,8 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
         f"--customize-hook=sync-out /var/cache/apt/archives {apt_cache}",
         plan.distribution.codename, str(rootfs), *plan.sources(),
     ]
-    runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
+    with runner.recording(work):  # for the cleanup after a killed build (stage4/workdirs.py)
+        runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
 
 
 def kernel_versions(rootfs: Path) -> list[str]:

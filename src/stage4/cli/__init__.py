@@ -147,9 +147,9 @@ def list_distributions() -> None:
 
 def _register() -> None:
     """Each command group lives in its own module of this package and lists its commands in COMMANDS."""
-    from stage4.cli import dnbd3, export, render, sources
+    from stage4.cli import clean, dnbd3, export, render, sources
 
-    for module in (export, dnbd3, render, sources):
+    for module in (export, dnbd3, render, sources, clean):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -87,27 +87,38 @@ def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: 
 @click.argument("name")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), required=True, help="the image store")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def revisions(name: str, store: Path, as_json: bool) -> None:
-    """List the published revisions of image NAME in a store."""
-    from stage4.export.publish import read_record
+@click.option("--check", is_flag=True,
+              help="also report incomplete revisions (left by a crashed export); exit 1 if there are any")
+@click.option("--repair", is_flag=True, help="withdraw incomplete revisions (the image first)")
+def revisions(name: str, store: Path, as_json: bool, check: bool, repair: bool) -> None:
+    """List the complete revisions of image NAME in a store (image, .crc, boot files and record)."""
+    from stage4.export import revisions as revs
 
     local = Store(store)
     local.check()
-    rows = []
-    for rev in local.revisions(validate_name(name)):
-        record = read_record(store, name, rev.rid) or {}
-        rows.append({"rid": rev.rid, "file": str(rev.path), "size": rev.size, "crc": rev.has_crc,
-                     "sha256": record.get("sha256"), "published_at": record.get("published_at"),
-                     "identity": (record.get("source") or {}).get("identity")})
+    validate_name(name)
+    if repair:
+        withdrawn = revs.repair(local, name)
+        click.echo(f"{name}: withdrew " + (", ".join(f"r{r}" for r in withdrawn) if withdrawn else "nothing"))
+        return
+    states = revs.states(local, name)
+    rows = [state.row() for state in states if state.complete]
+    broken = [state for state in states if not state.complete]
     if as_json:
-        _echo_json(rows)
-        return
-    if not rows:
+        _echo_json({"revisions": rows, "incomplete": [
+            {"rid": s.rid, "missing": [str(p) for p in s.missing], "present": [str(p) for p in s.present]}
+            for s in broken]} if check else rows)
+    elif not rows:
         click.echo(f"{name}: no revisions in {store}")
-        return
-    for row in rows:
+    for row in rows if not as_json else ():
         extra = " ".join(x for x in (row["published_at"] or "", (row["identity"] or "")[:16]) if x)
-        click.echo(f"r{row['rid']:<6} {row['size']:>14} bytes  crc={'yes' if row['crc'] else 'no ':3}  {extra}".rstrip())
+        click.echo(f"r{row['rid']:<6} {row['size']:>14} bytes  crc=yes  {extra}".rstrip())
+    if check:
+        for state in broken if not as_json else ():
+            missing = ", ".join(p.name for p in state.missing)
+            click.echo(f"r{state.rid:<6} INCOMPLETE: missing {missing} (`--repair` withdraws it)")
+        if broken:
+            sys.exit(1)
 
 
 @click.command()
@@ -120,15 +131,16 @@ def revisions(name: str, store: Path, as_json: bool) -> None:
               help="send SIGHUP to this server afterwards so that it drops removed revisions")
 def prune(name: str, store: Path, keep: int, protect: tuple[str, ...], dry_run: bool,
           reload_pidfile: Path | None) -> None:
-    """Remove old revisions of NAME, keeping the newest KEEP; never the newest, never a protected one.
+    """Remove old revisions of NAME, keeping the newest KEEP; never the newest, never a protected one, never
+    the active one (the revision <boot-dir>/config points at).
 
     Move clients (SLX_DNBD3_RID) to a kept revision first: a server keeps serving a removed file until
     its next rescan (SIGHUP).
     """
-    from stage4.export import publish as pub
+    from stage4.export.revisions import prune as prune_revisions
 
     validate_name(name)
-    removed = pub.prune(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile)
+    removed = prune_revisions(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{name}: {verb} " + (", ".join(f"r{r}" for r in removed) if removed else "nothing"))
 

@@ -7,81 +7,71 @@ from pathlib import Path
 
 import click
 
-from stage4.dnbd3.store import parse_rid, validate_name
-from stage4.errors import InputError
-
 
 @click.command()
 @click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--store", required=True, metavar="DIR|[USER@]HOST:/DIR",
-              help="the dnbd3-server basePath: a local directory, or [user@]host:/path over SSH (uploads with "
-                   "rsync if both hosts have it, else scp; ssh reads ~/.ssh/config as usual)")
+              help="the dnbd3-server basePath: a local directory, or [user@]host:/path over SSH (uploads "
+                   "with rsync if both hosts have it, else scp; ssh reads ~/.ssh/config as usual)")
 @click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
               help="ssh_config(5) option for every ssh, scp and rsync call to a remote store (repeatable), "
                    "e.g. --ssh-option Port=2222 --ssh-option IdentityFile=~/.ssh/store_key")
 @click.option("--name", required=True, help="image name in the store, e.g. stage4/debian-12.qcow2")
-@click.option("--rid", default=None, help="revision to publish (default: the next free one); never overwritten")
+@click.option("--rid", default=None,
+              help="revision to publish (default: the next free one); never overwritten")
 @click.option("--server", "servers", multiple=True, metavar="HOST[:PORT]",
               help="DNBD3 server the clients use (repeatable; goes into SLX_DNBD3_SERVERS)")
-@click.option("--identifier", default=None, help="root partition identifier (default: what inspect finds)")
+@click.option("--identifier", default=None,
+              help="root partition identifier (default: the manifest's, else what inspect finds)")
 @click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="kernel to publish as kernel.r<RID> (default: taken out of the image)")
+              help="kernel to publish as kernel.r<RID> (default: the dev run's, named by the manifest; "
+                   "else taken out of the image)")
 @click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="initramfs to publish as initrd.r<RID> (default: taken out of the image)")
+              help="initramfs to publish as initrd.r<RID> (default: the dev run's, named by the manifest and "
+                   "checked for the configured dracut modules; else taken out of the image)")
 @click.option("--no-boot-files", is_flag=True, help="publish no kernel and initrd")
 @click.option("--boot-dir", default=None,
-              help="directory for kernel.r<RID>, initrd.r<RID>, config.r<RID> (e.g. the HTTP boot dir; "
-                   "default: <store>/.stage4/<name>, hidden from dnbd3-server's scan)")
+              help="directory for kernel.r<RID>, initrd.r<RID>, config.r<RID>, ipxe.r<RID> (e.g. the HTTP "
+                   "boot dir, outside the store or hidden in it; default: <store>/.stage4/<name>)")
 @click.option("--activate", is_flag=True, help="also replace <boot-dir>/config with this revision's config")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="build manifest with the source identity (default: the .json beside the image)")
-@click.option("--source-identity", default=None, help="build identity to record (overrides --manifest)")
+              help="the image's stage4 manifest: build identity, identifier, kernel, initramfs and dracut "
+                   "modules (default: the .json beside the image)")
+@click.option("--source-identity", default=None, help="build identity to record (overrides the manifest's)")
 @click.option("--reload-pidfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="send SIGHUP (rescan; not SIGUSR1) to the server with this pid file afterwards")
 @click.option("--json", "as_json", is_flag=True, help="print the publication record as JSON")
 @click.pass_obj
 def export(obj, image: Path, store: str, ssh_options: tuple[str, ...], name: str, rid: str | None,
-           servers: tuple[str, ...],
-           identifier: str | None, kernel: Path | None, initrd: Path | None, no_boot_files: bool,
-           boot_dir: str | None, activate: bool, manifest: Path | None, source_identity: str | None,
-           reload_pidfile: Path | None, as_json: bool) -> None:
+           servers: tuple[str, ...], identifier: str | None, kernel: Path | None, initrd: Path | None,
+           no_boot_files: bool, boot_dir: str | None, activate: bool, manifest: Path | None,
+           source_identity: str | None, reload_pidfile: Path | None, as_json: bool) -> None:
     """Publish the standalone qcow2 IMAGE as a new revision of NAME in a DNBD3 image store.
 
-    Writes <name>.r<RID> (padded to 4 KiB) and <name>.r<RID>.crc atomically, never over an existing
-    revision; kernel, initrd and the stage-3 config fragment of that revision into the boot directory;
-    and a JSON record of the publication into <store>/.stage4/<name>/.
+    Writes <name>.r<RID> (padded to 4 KiB) and <name>.r<RID>.crc, never over an existing revision;
+    kernel, initrd, the stage-3 config fragment and the iPXE entry of that revision into the boot
+    directory; and a JSON record of the publication into <store>/.stage4/<name>/. Everything is checked
+    and written under hidden names first; the image is linked last, so a failed export publishes nothing.
 
     A remote store (host:/path) is written over SSH without a password prompt (BatchMode): every file is
     uploaded under a hidden temporary name and published by a locked hard link on the store host, which
     needs a POSIX sh, flock(1) and GNU coreutils. Ports, users, identities and host keys come from
     ~/.ssh/config or from --ssh-option.
     """
-    from stage4.export.publish import REMOTE_STORE, check_remote, check_ssh_options, publish, read_identity
+    from stage4.export.publish import prepare
     from stage4.runner import Runner
     from stage4.ui import Display
 
-    validate_name(name)  # bad input fails before any step starts: one line, exit code 2
-    if rid is not None:
-        parse_rid(rid)
-    remote = REMOTE_STORE.match(store)
-    if remote:
-        check_remote(remote["host"], remote["path"], boot_dir)
-        check_ssh_options(ssh_options)
-    elif ssh_options:
-        raise InputError("--ssh-option only applies to a remote store (host:/path)")
-    if no_boot_files and (kernel or initrd):
-        raise InputError("--no-boot-files cannot be combined with --kernel/--initrd")
-    if source_identity is None and manifest is not None:
-        source_identity = read_identity(manifest)
     display = Display(debug=bool(getattr(obj, "debug", False)))
     runner = Runner(display)
+    planned = prepare(  # every check first: bad input is one line, before any step starts
+        image, store, name, rid=rid, kernel=kernel, initrd=initrd, servers=list(servers),
+        identifier=identifier, source_identity=source_identity, manifest=manifest,
+        reload_pidfile=reload_pidfile, boot_dir=boot_dir, activate=activate, boot_files=not no_boot_files,
+        runner=runner, ssh_options=ssh_options,
+    )
     with display.step(f"export {image} as {name}"):
-        publication = publish(
-            image, store, name, rid=rid, kernel=kernel, initrd=initrd, servers=list(servers),
-            identifier=identifier, source_identity=source_identity, reload_pidfile=reload_pidfile,
-            boot_dir=boot_dir, activate=activate, boot_files=not no_boot_files, runner=runner,
-            ssh_options=ssh_options,
-        )
+        publication = planned.run()
     for warning in publication.warnings:
         display.info(f"warning: {warning}")
     if as_json:
@@ -92,6 +82,8 @@ def export(obj, image: Path, store: str, ssh_options: tuple[str, ...], name: str
         click.echo(f"  crc:    {publication.crc}")
         if publication.kernel:
             click.echo(f"  kernel: {publication.kernel}\n  initrd: {publication.initrd}")
+        if publication.ipxe:
+            click.echo(f"  ipxe:   {publication.ipxe}")
         click.echo(f"  config: {publication.config}\n  record: {publication.record}")
 
 

@@ -156,13 +156,6 @@ class Store:
                     taken.add(int(match["rid"]))
         return taken
 
-    def next_rid(self, name: str) -> int:
-        taken = self.taken_rids(name)
-        rid = max(taken, default=0) + 1
-        if rid > MAX_RID:
-            raise Stage4Error(f"{name}: revision {MAX_RID} is taken; no higher revision exists (prune, then use --rid)")
-        return rid
-
     def all_images(self) -> list[Revision]:
         """Every image the server would load: a recursive scan that skips hidden entries and side files."""
         found: list[Revision] = []
@@ -200,9 +193,25 @@ class Store:
         return found
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive lock of the whole store (held only for the short commit of a publication)."""
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def lock(self, *, required: bool = True) -> Iterator[None]:
+        """Exclusive lock of the whole store (held only for the short commit of a publication).
+
+        A store whose lock file cannot be opened (read-only, gone) is a one-line error; with
+        required=False (cleaning up after such an error) the block runs without the lock.
+        """
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if required and exc.errno == errno.EROFS:
+                raise InputError(f"store {self.root}: read-only file system (cannot take the lock "
+                                 f"{LOCK_FILE})") from None
+            if required:
+                raise Stage4Error(f"store {self.root}: cannot open the lock {LOCK_FILE}: "
+                                  f"{exc.strerror or exc}") from None
+            fd = -1
+        if fd < 0:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -3,7 +3,9 @@
 qemu-storage-daemon exports the qcow2 (with its backing chain) as a raw file through FUSE; a loop device
 with offset and size limit gives the root partition; it is mounted, and for a chroot /proc, /sys and /dev
 are bound into it, with the host's resolv.conf for apt and a policy-rc.d so that package scripts start no
-services. Everything is undone in reverse order when the context exits, also on Interrupted.
+services. Everything is undone in reverse order when the context exits, also on Interrupted. Each
+attachment is recorded in the attach folder as it happens (Runner.recording, stage4/workdirs.py): if stage4
+is killed, the next build of the image ends, unmounts and detaches what is left.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, s
     argv = ["qemu-storage-daemon",
             "--blockdev", f"driver=file,node-name=file,filename={image},aio=threads",
             "--blockdev", "driver=qcow2,node-name=disk,file=file",
-            "--export", f"type=fuse,id=export,node-name=disk,mountpoint={mountpoint},"
-                        f"writable={'on' if writable else 'off'}"]
+            "--export", (f"type=fuse,id=export,node-name=disk,mountpoint={mountpoint},"
+                         f"writable={'on' if writable else 'off'}")]
+    runner.note("mount", target=str(mountpoint.resolve()), fs_type="fuse")
     with runner.background(argv, step=step, grace=30) as daemon:
         deadline = time.monotonic() + EXPORT_WAIT_SECONDS
         while str(mountpoint.resolve()) not in mounts_below(mountpoint):
@@ -86,6 +89,7 @@ def loop_device(raw: Path, part: RootPartition, runner: Runner, writable: bool, 
     if not writable:
         argv.append("--read-only")
     device = runner.run([*argv, raw], step=step, capture=True).stdout.strip()
+    runner.note("loop", device=device, backing=str(raw.resolve()))
     try:
         yield device
     finally:
@@ -96,6 +100,7 @@ def loop_device(raw: Path, part: RootPartition, runner: Runner, writable: bool, 
 def mounted(device: str, target: Path, fs_type: str, runner: Runner, writable: bool, step: str) -> Iterator[Path]:
     target.mkdir(parents=True, exist_ok=True)
     options = "rw" if writable else ("ro,norecovery" if fs_type == "xfs" else "ro")
+    runner.note("mount", target=str(target.resolve()), device=device)
     runner.run(["mount", "-t", fs_type, "-o", options, device, target], step=step)
     try:
         yield target
@@ -107,8 +112,12 @@ def mounted(device: str, target: Path, fs_type: str, runner: Runner, writable: b
 @contextlib.contextmanager
 def attached(image: Path, part: RootPartition, work: Path, runner: Runner, *, writable: bool,
              step: str = "attach layer") -> Iterator[Path]:
-    """The root filesystem of the qcow2 `image` mounted below `work`; nothing remains attached afterwards."""
+    """The root filesystem of the qcow2 `image` mounted below `work`; nothing remains attached afterwards.
+
+    Every command started while it is attached (Ansible in the chroot) is recorded in `work` too.
+    """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(runner.recording(work))
         raw = stack.enter_context(fuse_export(image, work / "export.raw", runner, writable, step))
         device = stack.enter_context(loop_device(raw, part, runner, writable, step))
         yield stack.enter_context(mounted(device, work / "root", part.fs_type, runner, writable, step))
@@ -122,6 +131,7 @@ def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
         for name in ("proc", "sys", "dev", "dev/pts"):
             target = root / name
             target.mkdir(parents=True, exist_ok=True)
+            runner.note("mount", target=str(target.resolve()))
             if name == "proc":
                 runner.run(["mount", "-t", "proc", "proc", target], step=step)
             else:
@@ -135,6 +145,7 @@ def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
             mount_point = root / APT_CACHE_MOUNT
             mount_point.mkdir(parents=True, exist_ok=True)
             stack.callback(_rmdir_quietly, mount_point)
+            runner.note("mount", target=str(mount_point.resolve()))
             runner.run(["mount", "--bind", apt_cache, mount_point], step=step)
             stack.callback(runner.run, ["umount", "--lazy", mount_point], step=f"{step} (unmount apt cache)",
                            check=False)

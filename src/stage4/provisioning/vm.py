@@ -2,7 +2,8 @@
 
 Before the boot the layer is attached on the host once to add the build user with the build key's
 public half and a sudo rule; after the poweroff it is attached again to remove both. The key pair
-(ed25519) lives in the work directory and is deleted with it.
+(ed25519) lives in the work directory and is deleted with it. qemu and Ansible are recorded in the work
+directory (Runner.recording) for the cleanup after a killed build.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def running(overlay: Path, part: attach.RootPartition, accelerator: str, cpus: i
             work: Path, runner: Runner, step: str) -> Iterator[Target]:
     """The layer booted in qemu with SSH forwarded; powered off cleanly (or killed) on exit."""
     # A unix socket path may have 108 bytes at most; work folders can be deeper than that.
-    with build_user(overlay, part, work, runner, step) as key, \
+    with build_user(overlay, part, work, runner, step) as key, runner.recording(work), \
             tempfile.TemporaryDirectory(prefix="stage4-qmp-") as sockets:
         port, nonce = free_port(), secrets.token_hex(8)
         marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")

@@ -1,0 +1,127 @@
+"""The text files of a revision: the stage-3 config fragment, the iPXE entry and the JSON record.
+
+`config.r<RID>` (docs/client-boot.md) pins image and revision for stage 3; `<boot-dir>/config` is the
+one a client fetches, so the revision it names is the active one. `ipxe.r<RID>` is the entry deployers put
+in their boot menu (`slxsrv` and `slxbase` are set by that menu). `publication.r<RID>.json` in
+`<store>/.stage4/<name>/` records what was published (sha256, sizes, build identity, boot directory).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import posixpath
+import re
+from pathlib import Path
+
+from stage4.dnbd3.store import META_DIR
+from stage4.errors import InputError
+
+RECORD_FORMAT = "stage4-publication/1"
+ACTIVE_CONFIG = "config"
+_CONFIG_LINE = re.compile(r"^(SLX_DNBD3_IMAGE|SLX_DNBD3_RID)='([^']*)'\s*$", re.MULTILINE)
+
+
+def config_fragment(servers: list[str], name: str, rid: int | str, identifier: str, comment: str) -> str:
+    values = {
+        "SLX_DNBD3_SERVERS": " ".join(servers),
+        "SLX_DNBD3_IMAGE": name,
+        "SLX_DNBD3_RID": str(rid),
+        "SLX_SYSTEM_PARTITION_IDENTIFIER": identifier,
+    }
+    lines = [f"# {comment}"]
+    for key, value in values.items():
+        if "'" in value:
+            raise InputError(f"{key}: {value!r} contains a quote")
+        lines.append(f"{key}='{value}'")
+    return "\n".join(lines) + "\n"
+
+
+def ipxe_entry(rid: int | str, comment: str) -> str:
+    """The boot-menu entry of a revision: kernel and initramfs over HTTP from ${slxsrv}/${slxbase}."""
+    base = "http://${slxsrv}/${slxbase}"
+    return (f"#!ipxe\n# {comment}\n"
+            f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}} "
+            f"SLX_DNBD3_RID={rid}\n"
+            f"initrd {base}/initrd.r{rid}\n"
+            "boot\n")
+
+
+def comment(name: str, rid: int | str, sha256: str, identity: str | None) -> str:
+    build = f", build {identity}" if identity else ""
+    return f"stage4 export of {name} revision {rid}, sha256 {sha256}{build}"
+
+
+def file_facts(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def record(*, name: str, rid: int | str, size: int, sha256: str, crc_file: bytes, identifier: str,
+           servers: list[str], source: dict, boot_dir: str, boot_files: dict[str, dict], ipxe: bool) -> dict:
+    return {
+        "format": RECORD_FORMAT,
+        "name": name,
+        "rid": rid,
+        "file": f"{name}.r{rid}",
+        "size": size,
+        "sha256": sha256,
+        "crc_file": f"{name}.r{rid}.crc",
+        "crc_sha256": hashlib.sha256(crc_file).hexdigest(),
+        "identifier": identifier,
+        "servers": servers,
+        "source": source,
+        "boot_dir": boot_dir,
+        "boot_files": boot_files,
+        "config": f"config.r{rid}",
+        "ipxe": f"ipxe.r{rid}" if ipxe else None,
+        "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def recorded_boot_dir(store: str, boot_dir: str) -> str:
+    """How a record names the boot directory: relative to the store when inside it (so that a record
+    stays right wherever the store is mounted), else absolute. Both paths absolute, normalised."""
+    relative = posixpath.relpath(boot_dir, store)
+    return boot_dir if relative == ".." or relative.startswith("../") else relative
+
+
+def boot_dir_of(store: Path, record: dict) -> Path | None:
+    value = record.get("boot_dir")
+    return Path(store) / value if isinstance(value, str) and value else None
+
+
+def record_path(store: Path, name: str, rid: int) -> Path:
+    return Path(store) / META_DIR / name / f"publication.r{rid}.json"
+
+
+def read_record(store: Path, name: str, rid: int) -> dict | None:
+    try:
+        data = json.loads(record_path(store, name, rid).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("rid") == rid else None
+
+
+def boot_files_of(record: dict, rid: int) -> list[str]:
+    """The boot-directory files a record says its revision has."""
+    names = [f"{kind}.r{rid}" for kind in (record.get("boot_files") or {})]
+    names.append(record.get("config") or f"config.r{rid}")
+    if record.get("ipxe"):
+        names.append(record["ipxe"])
+    return names
+
+
+def active_rid(boot_dir: Path, name: str) -> int | None:
+    """The revision `<boot-dir>/config` rolls clients out to, if it is one of `name`'s."""
+    try:
+        text = (Path(boot_dir) / ACTIVE_CONFIG).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    values = dict(_CONFIG_LINE.findall(text))
+    rid = values.get("SLX_DNBD3_RID", "")
+    return int(rid) if values.get("SLX_DNBD3_IMAGE") == name and rid.isdigit() else None

@@ -1,0 +1,454 @@
+"""Work directories in the cache: who owns them, what a build attached in them, and the cleanup of what a
+killed build left behind.
+
+A build records every attachment in the directory it works in, as it happens (`.stage4-records.jsonl`, one
+JSON object a line): the processes it starts (PID and start time), loop devices and mount points, between an
+`open` and a `closed` line of its owner. While an image is built, its owner record (`<image>.owner.json`
+beside the work directories: PID, start time, boot, output folder) exists and the image's build lock
+(`<image>.lock`) is held; an orderly end, also by Ctrl-C or SIGTERM, removes the owner record, so the work
+directory of an interrupted base stays for the rerun to continue from.
+
+An owner is gone when its PID is absent, belongs to a later process (another start time) or to an earlier
+boot. A SIGKILLed build (an OOM kill) leaves its owner record and open scopes: its work directories are
+stale. The next build of the image, before it decides what to reuse, and `stage4 clean` end the processes
+(by recorded PID and process group, and any process whose root, working directory or open files are in
+the directory), unmount what is mounted below it (newest first, the FUSE exports last), detach its loop
+devices and remove it, with the dead build's partial files in the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stage4.fsutil import exclusive_lock, remove_tree, write_json_atomically
+
+if TYPE_CHECKING:
+    from stage4.runner import Runner
+
+RECORDS = ".stage4-records.jsonl"
+KILL_WAIT_SECONDS = 15
+# Work directory names (builders/base_image.py, layers/provision.py): <image>-<16 hex> for a base (rootfs or
+# Packer identity), <image>-layers-<12 hex> for the dev and prod layers.
+_WORK_DIR = re.compile(r"^(?P<image>.+)-(?:layers-[0-9a-f]{12}|[0-9a-f]{16})$")
+# Partial files of temporary_sibling and the layers' artifact swap: .<name>.partial-<pid>, .<name>.old-<pid>.
+_PARTIAL = re.compile(r"^\..+\.(?:partial|old)-(?P<pid>[0-9]+)$")
+# The caches kept between builds, shared by all images (`stage4 clean --cache`).
+SHARED_CACHES = ("apt", "initramfs", "probe", "packer", "accelerator.json")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One process, told apart from a later process with the same PID by its start time and the boot."""
+
+    pid: int
+    start: int
+    boot: str
+
+    @classmethod
+    def me(cls) -> Owner:
+        return cls(os.getpid(), process_start(os.getpid()) or 0, boot_id())
+
+    @classmethod
+    def of(cls, pid: int) -> Owner | None:
+        start = process_start(pid)
+        return None if start is None else cls(pid, start, boot_id())
+
+    @classmethod
+    def from_record(cls, data: object) -> Owner | None:
+        try:
+            return cls(int(data["pid"]), int(data["start"]), str(data["boot"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        return self.boot == boot_id() and process_start(self.pid) == self.start
+
+    def to_record(self) -> dict:
+        return {"pid": self.pid, "start": self.start, "boot": self.boot}
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of a process (clock ticks since boot), None if there is none or it is a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+# --- recording -------------------------------------------------------------------------------------------
+
+
+def note(directory: Path, what: str, **facts: object) -> None:
+    """Append one record to `directory`'s records, flushed before the caller goes on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"owner": Owner.me().to_record(), "what": what, **facts}) + "\n"
+    with (directory / RECORDS).open("a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def scope(directory: Path) -> Iterator[None]:
+    """Records made in `directory` while the context lasts belong to an open scope of this process;
+    the scope is closed on every orderly exit (the attachments are released by then)."""
+    note(directory, "open")
+    try:
+        yield
+    finally:
+        note(directory, "closed")
+
+
+def note_process(directory: Path, pid: int, argv: list[str]) -> None:
+    note(directory, "process", pid=pid, start=process_start(pid), argv=argv[:6])
+
+
+# --- reading records ---------------------------------------------------------------------------------------
+
+
+def read_records(work: Path) -> list[dict]:
+    """The records in `work` and its subdirectories (never below a mount point)."""
+    found: list[dict] = []
+    for directory in _record_dirs(work):
+        with contextlib.suppress(OSError):
+            for line in (directory / RECORDS).read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict):
+                        found.append(record)
+    return found
+
+
+def _record_dirs(work: Path, depth: int = 3) -> Iterator[Path]:
+    # Records are at most two levels down (<work>/<layer>/attach); a chroot's tree is never walked.
+    if (work / RECORDS).is_file():
+        yield work
+    if depth == 0:
+        return
+    with contextlib.suppress(OSError):
+        for child in work.iterdir():
+            with contextlib.suppress(OSError):
+                if child.is_dir() and not child.is_symlink() and not os.path.ismount(child):
+                    yield from _record_dirs(child, depth - 1)
+
+
+def open_scopes(records: list[dict]) -> list[Owner]:
+    """Owners with a scope in these records that they never closed: still attached, or killed while so."""
+    balance: dict[Owner, int] = {}
+    for record in records:
+        owner = Owner.from_record(record.get("owner"))
+        if owner is not None and record.get("what") in ("open", "closed"):
+            balance[owner] = balance.get(owner, 0) + (1 if record["what"] == "open" else -1)
+    return [owner for owner, opened in balance.items() if opened > 0]
+
+
+# --- the image's owner record and build lock ------------------------------------------------------------
+
+
+def owner_record(cache_dir: Path, image: str) -> Path:
+    return cache_dir / "work" / f"{image}.owner.json"
+
+
+def lock_file(cache_dir: Path, image: str) -> Path:
+    return cache_dir / "work" / f"{image}.lock"
+
+
+@contextlib.contextmanager
+def image_build(cache_dir: Path, image: str, output_dir: Path, runner: Runner) -> Iterator[list[Freed]]:
+    """Hold the image's build lock for its whole build; first release what a killed build of it left.
+
+    Yields what was freed. The owner record says who builds the image; it is removed on every orderly exit.
+    """
+    display = runner.display
+    with exclusive_lock(lock_file(cache_dir, image), lambda: display.info(f"{image}: waiting for another build of it")):
+        freed = recover(cache_dir, image, runner)
+        for item in freed:
+            display.info(f"{image}: released what a killed build left: {item.path} ({format_size(item.bytes)})")
+        record = owner_record(cache_dir, image)
+        write_json_atomically(record, {**Owner.me().to_record(), "image": image,
+                                       "output_dir": str(output_dir.absolute())})
+        try:
+            yield freed
+        finally:
+            record.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def try_image_lock(cache_dir: Path, image: str) -> Iterator[bool]:
+    """The image's build lock if no build holds it (True), else False at once."""
+    path = lock_file(cache_dir, image)
+    if not path.parent.is_dir():
+        yield True  # no work folder: nothing to clean, nothing to lock
+        return
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _dead_owner(cache_dir: Path, image: str) -> dict | None:
+    """The owner record of the image's last build if that build was killed (it never removed it)."""
+    try:
+        data = json.loads(owner_record(cache_dir, image).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    owner = Owner.from_record(data)
+    return None if owner is not None and owner.alive() else data
+
+
+# --- cleanup ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Freed:
+    path: Path
+    state: str  # KILLED, RESUMABLE or LEFT_OVER
+    bytes: int
+
+
+@dataclass
+class CleanReport:
+    freed: list[Freed] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # images a live build holds
+
+    @property
+    def bytes(self) -> int:
+        return sum(item.bytes for item in self.freed)
+
+
+KILLED = "left by a killed build"
+RESUMABLE = "kept to resume an interrupted build"
+LEFT_OVER = "left over, no build uses it"
+
+
+def work_dirs(cache_dir: Path, image: str | None = None) -> dict[str, list[Path]]:
+    """The work directories in the cache by image (all images, or only `image`)."""
+    found: dict[str, list[Path]] = {}
+    root = cache_dir / "work"
+    if not root.is_dir():
+        return found
+    for entry in sorted(root.iterdir()):
+        match = _WORK_DIR.match(entry.name)
+        if match and entry.is_dir() and (image is None or match["image"] == image):
+            found.setdefault(match["image"], []).append(entry)
+    for entry in root.glob("*.owner.json"):
+        name = entry.name.removesuffix(".owner.json")
+        if image is None or name == image:
+            found.setdefault(name, [])
+    return found
+
+
+def recover(cache_dir: Path, image: str, runner: Runner) -> list[Freed]:
+    """Release and remove what a killed build of `image` left; the caller holds the image's build lock."""
+    dead = _dead_owner(cache_dir, image)
+    freed = []
+    for work in work_dirs(cache_dir, image).get(image, []):
+        records = read_records(work)
+        owners = open_scopes(records)
+        if any(owner.alive() for owner in owners):
+            continue  # attached by a live process: never another build's cleanup
+        if dead is not None or owners:
+            freed.append(release(work, records, runner, KILLED))
+    if dead is not None:
+        freed += _remove_partials(Path(dead.get("output_dir", "")) / image, int(dead.get("pid", 0)))
+        owner_record(cache_dir, image).unlink(missing_ok=True)
+    return freed
+
+
+def clean(cache_dir: Path, images: list[str] | None, runner: Runner, shared_caches: bool = False) -> CleanReport:
+    """Remove the work directories of images no live build holds: those of killed builds (after releasing
+    what they attached) and those kept to resume an interrupted build; with `shared_caches` also the
+    caches kept between builds. Images being built are reported as busy and left alone."""
+    report = CleanReport()
+    for image in images or sorted(work_dirs(cache_dir)):
+        with try_image_lock(cache_dir, image) as locked:
+            if not locked:
+                report.busy.append(image)
+                continue
+            report.freed += recover(cache_dir, image, runner)
+            for work in work_dirs(cache_dir, image).get(image, []):
+                records = read_records(work)
+                if any(owner.alive() for owner in open_scopes(records)):
+                    report.busy.append(image)
+                else:
+                    resumable = any(work.glob("*.done"))  # the base builders' step stamps
+                    report.freed.append(release(work, records, runner, RESUMABLE if resumable else LEFT_OVER))
+    if shared_caches:
+        for name in SHARED_CACHES:
+            path = cache_dir / name
+            if path.exists():
+                size = allocated_bytes(path)
+                remove_tree(path)
+                report.freed.append(Freed(path, "cache kept between builds", size))
+    return report
+
+
+def release(work: Path, records: list[dict], runner: Runner, state: str) -> Freed:
+    """End the processes of `work`, unmount and detach what is attached below it, and remove it."""
+    work = work.resolve()
+    end_processes(work, records)
+    mounts = mounts_in_order(work)
+    step = f"release {work.name}"
+    for target, fs_type in mounts:
+        if not fs_type.startswith("fuse"):
+            _unmount(target, runner, step)
+    for device in loop_devices(work, records):
+        runner.run(["losetup", "--detach", device], step=step, check=False)
+    for target, fs_type in mounts:
+        if fs_type.startswith("fuse"):
+            _unmount(target, runner, step)
+    size = allocated_bytes(work)
+    remove_tree(work)
+    return Freed(work, state, size)
+
+
+def _unmount(target: str, runner: Runner, step: str) -> None:
+    if runner.run(["umount", target], step=step, check=False).returncode != 0:
+        runner.run(["umount", "--lazy", target], step=step, check=False)
+
+
+def end_processes(work: Path, records: list[dict]) -> list[int]:
+    """SIGKILL every process of `work` and wait until they are gone; returns their PIDs.
+
+    Recorded processes count if their start time still matches, with the members of their process groups
+    (stage4 starts each command in its own group); any process whose root (a chroot), working directory or
+    open files are below `work` counts too.
+    """
+    groups = set()
+    for record in records:
+        if record.get("what") == "process" and isinstance(record.get("pid"), int) \
+                and record.get("start") is not None:
+            leader = Owner.of(record["pid"])
+            if leader is None or leader.start == record["start"]:
+                groups.add(record["pid"])  # the group is ours unless its leader's PID now names a later process
+    me = os.getpid()
+    victims = [pid for pid in _pids() if pid != me and (_group(pid) in groups or _uses(pid, work))]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    starts = {pid: process_start(pid) for pid in victims}
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while time.monotonic() < deadline and any(process_start(p) == s and s is not None for p, s in starts.items()):
+        time.sleep(0.1)
+    return victims
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _group(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[2])
+
+
+def _uses(pid: int, work: Path) -> bool:
+    prefix = str(work) + "/"
+    links = [f"/proc/{pid}/root", f"/proc/{pid}/cwd"]
+    with contextlib.suppress(OSError):
+        links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+    for link in links:
+        with contextlib.suppress(OSError):
+            target = os.readlink(link)
+            if target == str(work) or target.startswith(prefix):
+                return True
+    return False
+
+
+def mounts_in_order(work: Path) -> list[tuple[str, str]]:
+    """(mount point, file system type) at or below `work`, the newest mount first."""
+    prefix = str(work) + "/"
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            target = fields[4].replace("\\040", " ")
+            fs_type = fields[fields.index("-") + 1]
+            if target == str(work) or target.startswith(prefix):
+                found.append((target, fs_type))
+    return found[::-1]
+
+
+def loop_devices(work: Path, records: list[dict]) -> list[str]:
+    """Loop devices whose backing file is below `work` (recorded or not: a kill can come before the record)."""
+    prefix = str(work) + "/"
+    devices = {r["device"] for r in records if r.get("what") == "loop" and isinstance(r.get("device"), str)}
+    devices |= {f"/dev/{p.name}" for p in Path("/sys/block").glob("loop*")}
+    attached = []
+    for device in sorted(devices):
+        backing = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+        with contextlib.suppress(OSError):
+            if backing.read_text().strip().removesuffix(" (deleted)").startswith(prefix):
+                attached.append(device)
+    return attached
+
+
+def _remove_partials(image_dir: Path, pid: int) -> list[Freed]:
+    freed = []
+    if pid and image_dir.is_dir():
+        for entry in image_dir.iterdir():
+            match = _PARTIAL.match(entry.name)
+            if match and int(match["pid"]) == pid:
+                end_processes(entry.resolve(), [])  # a qemu-img still writing it
+                size = allocated_bytes(entry)
+                remove_tree(entry)
+                freed.append(Freed(entry, KILLED, size))
+    return freed
+
+
+def allocated_bytes(path: Path) -> int:
+    """Disk space taken below `path` (images are sparse), hard links once, on its file system only."""
+    try:
+        top = os.lstat(path)
+    except OSError:
+        return 0
+    if not os.path.isdir(path) or os.path.islink(path):
+        return top.st_blocks * 512
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if _device(os.path.join(dirpath, d)) == top.st_dev]
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def _device(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_dev
+    except OSError:
+        return None
+
+
+def format_size(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
