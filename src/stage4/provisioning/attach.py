@@ -176,11 +176,14 @@ def _private_archives(shared: Path) -> Iterator[Path]:
 
 def _link_debs(source: Path, target: Path) -> None:
     for deb in source.glob("*.deb"):
-        with contextlib.suppress(FileExistsError):
-            try:
-                os.link(deb, target / deb.name)
-            except OSError:
-                shutil.copyfile(deb, target / deb.name)
+        if (target / deb.name).exists():
+            continue
+        try:
+            os.link(deb, target / deb.name)
+        except FileExistsError:
+            pass  # another build put it there meanwhile
+        except OSError:  # another filesystem
+            shutil.copyfile(deb, target / deb.name)
 
 
 def _rmdir_quietly(path: Path) -> None:
