@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from stage4 import api, config
-from stage4.builders.base import BaseJob
+from stage4.builders.base_image import bootstrap_plan
+from stage4.pipeline import Context
 from stage4.fsutil import remove_tree
 from stage4.runner import Runner
 
@@ -34,7 +35,7 @@ def main() -> int:
         data = {"build": {"output_dir": str(tmp / "out"), "cache_dir": str(tmp / "cache")},
                 "images": {"bench": {"distribution": "debian-12"}}}
         cfg = config.from_dict(data, "bench")
-        plan = BaseJob("bench", cfg.images["bench"], cfg.machine, "bench", tmp, tmp, Runner()).plan()
+        plan = bootstrap_plan(Context("bench", cfg.images["bench"], cfg.machine, "bench", tmp, tmp, Runner()))
 
         plain_dir = tmp / "plain-rootfs"
         plain_argv = ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(plan.packages())}",

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stage4 import api, config  # noqa: E402
 from stage4.boot import accel  # noqa: E402
-from stage4.image.files import extract_boot_files  # noqa: E402
+from stage4.image.filesystem import extract_boot_files  # noqa: E402
 from stage4.layers import overlay  # noqa: E402
 from stage4.provisioning import ansible, attach, packer_way, vm  # noqa: E402
 from stage4.runner import Runner, install_signal_handlers  # noqa: E402

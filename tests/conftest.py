@@ -7,9 +7,11 @@ built once per session and shared; tests that only need a file of some shape mak
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,30 @@ from stage4 import api, config
 
 VENV_BIN = Path(sys.executable).parent
 STAGE4 = str(VENV_BIN / "stage4")
+SHARED_CACHE = Path("~/.cache/stage4").expanduser()
+# Downloads are shared with other runs; what stage4 builds (initramfs images, work folders) is not, so the
+# code that builds them runs in every test session, whatever an earlier session left in ~/.cache.
+SHARED_PARTS = ("apt", "sources", "probe", "accelerator.json")
+
+
+def session_cache() -> Path:
+    """This test session's stage4 cache folder (removed at the end of the session)."""
+    cache = Path(tempfile.gettempdir()) / f"stage4-test-cache-{os.getpid()}"
+    if not cache.is_dir():
+        cache.mkdir()
+        SHARED_CACHE.mkdir(parents=True, exist_ok=True)
+        for part in SHARED_PARTS:
+            (cache / part).symlink_to(SHARED_CACHE / part, target_is_directory=not part.endswith(".json"))
+        (SHARED_CACHE / "apt").mkdir(exist_ok=True)
+        (SHARED_CACHE / "sources").mkdir(exist_ok=True)
+        (SHARED_CACHE / "probe").mkdir(exist_ok=True)
+    return cache
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    cache = Path(tempfile.gettempdir()) / f"stage4-test-cache-{os.getpid()}"
+    if cache.is_dir():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(cache)], check=False)
 
 
 @dataclass
@@ -32,10 +58,9 @@ class BuiltImage:
 
 
 def make_config(tmp: Path, images: dict, cache_dir: Path | None = None) -> config.Config:
-    """A config like a user's stage4.toml, with the output in `tmp`; the package cache is shared."""
+    """A config like a user's stage4.toml, with the output in `tmp` and this session's cache."""
     data = {
-        "build": {"output_dir": str(tmp / "output"),
-                  "cache_dir": str(cache_dir or Path("~/.cache/stage4").expanduser())},
+        "build": {"output_dir": str(tmp / "output"), "cache_dir": str(cache_dir or session_cache())},
         "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
         "images": images,
     }

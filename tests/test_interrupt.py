@@ -14,7 +14,7 @@ import pytest
 
 from stage4 import api, config
 from stage4.fsutil import mounts_below
-from tests.conftest import STAGE4, BuiltImage
+from tests.conftest import STAGE4, BuiltImage, session_cache
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,10 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_interrupted_build_leaves_nothing_and_resumes(tmp_path: Path) -> None:
-    cache = Path("~/.cache/stage4").expanduser()
+    cache = session_cache()
     toml = tmp_path / "stage4.toml"
     toml.write_text(f'[build]\noutput_dir = "{tmp_path}/out"\ncache_dir = "{cache}"\n'
-                    '[machine]\ndisk_size = "3G"\n[images.interrupted]\ndistribution = "debian-12"\n'
+                    '[machine]\ndisk_size = "3G"\n[images.stopme]\ndistribution = "debian-12"\n'
                     'packages = ["less"]\n', encoding="utf-8")
     work_root = cache / "work"
 
@@ -71,19 +71,21 @@ def test_interrupted_build_leaves_nothing_and_resumes(tmp_path: Path) -> None:
     build = Stage4Process("-c", str(toml), "build")
     build.wait_for("bootstrap", timeout=60)
     deadline = time.monotonic() + 180
-    while not [m for m in mounts_below(work_root) if "/interrupted-" in m] and time.monotonic() < deadline:
+    while not [m for m in mounts_below(work_root) if "/stopme-" in m]:
+        assert time.monotonic() < deadline, "mmdebstrap never mounted /proc in its chroot"
         time.sleep(0.2)
     assert build.interrupt(signal.SIGINT) == 130, "".join(build.lines)[-2000:]
-    assert "interrupted" in build.lines[-1]
-    assert not [m for m in mounts_below(work_root) if "/interrupted-" in m]
-    assert not processes_mentioning("interrupted-")
+    assert build.lines[-1].strip() == "stage4: interrupted; partial results were removed", build.lines[-3:]
+    assert not [m for m in mounts_below(work_root) if "/stopme-" in m]
+    assert not processes_mentioning("stopme-")
     assert leftovers(tmp_path / "out") == []
 
     # 2. SIGTERM during the disk assembly, after the bootstrap finished.
     build = Stage4Process("-c", str(toml), "build")
     build.wait_for("assemble GPT disk", timeout=600)
     assert build.interrupt(signal.SIGTERM) == 130, "".join(build.lines)[-2000:]
-    assert not [m for m in mounts_below(work_root) if "/interrupted-" in m]
+    assert build.lines[-1].strip() == "stage4: interrupted; partial results were removed", build.lines[-3:]
+    assert not [m for m in mounts_below(work_root) if "/stopme-" in m]
     assert leftovers(tmp_path / "out") == []
 
     # 3. The rerun continues: no second bootstrap, and the image is complete.
@@ -91,11 +93,11 @@ def test_interrupted_build_leaves_nothing_and_resumes(tmp_path: Path) -> None:
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "bootstrap" not in rerun.stderr
     assert "assemble GPT disk" in rerun.stderr
-    image = tmp_path / "out" / "interrupted" / "base.qcow2"
+    image = tmp_path / "out" / "stopme" / "base.qcow2"
     report = api.inspect(image)
     assert report.passed, report.problems()
     cfg = config.load(toml)
-    assert not list((cfg.build.cache_dir / "work").glob("interrupted-*"))
+    assert not list((cfg.build.cache_dir / "work").glob("stopme-*"))
 
 
 def test_sigterm_during_boot_leaves_no_qemu(base_image: BuiltImage, tmp_path: Path) -> None:

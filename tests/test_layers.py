@@ -9,7 +9,6 @@ qemu under TCG.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,8 +20,8 @@ import pytest
 from stage4 import api
 from stage4.errors import ConfigError, StepFailed
 from stage4.fsutil import mounts_below, sha256_file
-from stage4.image.files import FilesystemReader, partitions, raw_view, root_partition
-from stage4.layers import chain
+from stage4.image.filesystem import FilesystemReader
+from stage4.image.partitions import partitions, raw_view, root_partition
 from stage4.runner import Runner
 from tests.conftest import STAGE4, BuiltImage, make_config, require
 
@@ -53,20 +52,22 @@ def config_for(base_image: BuiltImage, project: Path, **kwargs):
 
 
 def read_files(image: Path, *paths: str) -> dict[str, str | None]:
-    """Contents of files in the image's root filesystem (None if absent), read with debugfs."""
+    """Contents of files in the image's root filesystem, read with debugfs; None where the file's folder
+    does not list it (any other failure to read is an error, never taken for absence)."""
     runner = Runner()
     found: dict[str, str | None] = {}
     with raw_view(image, runner) as raw:
         _, parts = partitions(raw, runner)
         with FilesystemReader(raw, root_partition(parts, "SLX_SYS"), runner) as reader:
             for path in paths:
+                folder, name = path.rsplit("/", 1)
+                if name not in reader.list_dir(folder or "/"):
+                    found[path] = None
+                    continue
                 dest = raw.parent / "out"
                 dest.unlink(missing_ok=True)
-                try:
-                    reader.copy_out(path, dest)
-                    found[path] = dest.read_text(errors="replace")
-                except StepFailed:
-                    found[path] = None
+                reader.copy_out(path, dest)
+                found[path] = dest.read_text(errors="replace")
     return found
 
 
@@ -100,6 +101,7 @@ def layered(base_image: BuiltImage, project: Path):
     cfg = config_for(base_image, project)
     started = time.monotonic()
     (result,) = api.build(cfg, [NAME], keep_dev=True)
+    assert result.base.reused and result.base.identity == base_image.manifest["identity"]
     return cfg, result, time.monotonic() - started
 
 
@@ -110,14 +112,21 @@ def test_full_pipeline_builds_dev_and_prod(layered, base_image: BuiltImage) -> N
     image_dir = result.image.parent
     kernel = base_image.manifest["kernel_versions"][-1]
 
-    artifacts = json.loads((image_dir / "artifacts/artifacts.json").read_text())
-    assert artifacts["kernel_version"] == kernel
-    assert artifacts["dev_identity"] == result.dev_manifest["identity"]
-    assert artifacts["dev_identity"] == json.loads((image_dir / "dev.json").read_text())["identity"]
-    for relative, facts in artifacts["files"].items():
-        assert sha256_file(image_dir / "artifacts" / relative) == facts["sha256"]
-    assert {"vmlinuz-" + kernel, "initrd.img-" + kernel, "components/fixture/stage4hello.ko",
-            "components/fixture/stage4-hello"} <= set(artifacts["files"])
+    dev_manifest = json.loads((image_dir / "dev.json").read_text())
+    assert dev_manifest["identity"] == result.dev_manifest["identity"]
+    assert dev_manifest["parent"] == base_image.manifest["identity"]
+    assert dev_manifest["artifacts"]["kernel_version"] == kernel
+    assert dev_manifest["files"]
+    for relative, facts in dev_manifest["files"].items():
+        assert sha256_file(image_dir / relative) == facts["sha256"]
+    assert {"artifacts/vmlinuz-" + kernel, "artifacts/initrd.img-" + kernel,
+            "artifacts/components/fixture/stage4hello.ko",
+            "artifacts/components/fixture/stage4-hello"} <= set(dev_manifest["files"])
+    # Facts a later step needs travel forward in the manifests.
+    prod_manifest = json.loads((image_dir / "prod.json").read_text())
+    assert (prod_manifest["identifier"], prod_manifest["filesystem"]) == ("SLX_SYS", "ext4")
+    assert prod_manifest["initramfs"] == str(image_dir / "artifacts" / f"initrd.img-{kernel}")
+    assert prod_manifest["dracut_modules"] == ["stage4test"]
 
     # The dev layer is an overlay on the base (kept with keep_dev) and has the compiler.
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image_dir / "dev.qcow2")],
@@ -170,7 +179,7 @@ def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(layered
                          capture_output=True, text=True).stdout
     assert "stage4test" in out.split("dracut modules:", 1)[1]
     assert f"lib/modules/{kernel}/" in out
-    assert result.artifacts["initramfs_dracut_modules"].count("stage4test") == 1
+    assert result.dev_manifest["artifacts"]["initramfs_dracut_modules"].count("stage4test") == 1
 
 
 def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered, base_image: BuiltImage) -> None:
@@ -196,7 +205,7 @@ def test_unchanged_rebuild_builds_nothing(layered) -> None:
 def test_layers_lists_the_chain(layered, project: Path, tmp_path: Path) -> None:
     cfg, result, _ = layered
     found = api.layers(cfg, [NAME])[NAME]
-    assert [s.name for s in found] == ["base", "dev", "artifacts", "prod"]
+    assert [s.name for s in found] == ["base", "dev", "prod"]
     assert all(s.state.startswith("cached, up to date") for s in found), [s.state for s in found]
     assert found[-1].identity == result.identity and found[-1].size == result.image.stat().st_size
     toml = tmp_path / "stage4.toml"
@@ -205,7 +214,9 @@ def test_layers_lists_the_chain(layered, project: Path, tmp_path: Path) -> None:
                            "images": {NAME: layered_image_config(project)}}))
     out = subprocess.run([STAGE4, "-c", str(toml), "layers", NAME], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for line, status in zip(out.stdout.splitlines()[1:], found):
+    lines = out.stdout.splitlines()
+    assert lines[0] == NAME and len(lines) == 1 + len(found), out.stdout
+    for line, status in zip(lines[1:], found):
         assert status.name in line and status.identity[:16] in line and "cached, up to date" in line
 
 
@@ -243,16 +254,26 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_ima
                                        "source": {"tarball": str(tarball), "sha256": "0" * 64}}}
     failing(make_config(base_image.output_dir.parent, {NAME: wrong}), "dev: fetch sources", "checksum mismatch")
 
+    # The first failing build command stops the component; its own output is the message, and the next
+    # command (whose failure would be a confusing follow-on) never runs.
     broken = layered_image_config(project)
-    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": ["exit 3"]}}
-    failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)", "Build fixture")
+    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": [
+        "echo configured; echo the-real-cause >&2; exit 3", "echo the-follow-on >&2; exit 4"]}}
+    message = failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)",
+                      "component fixture: 'echo configured; echo the-real-cause >&2; exit 3' failed with exit code 3",
+                      "the-real-cause")
+    assert "the-follow-on" not in message and "exit 4" not in message
 
 
-def test_prod_only_change_rebuilds_only_prod(layered, base_image: BuiltImage, project: Path) -> None:
+def test_prod_only_change_rebuilds_only_prod(layered, base_image: BuiltImage, project: Path,
+                                            tmp_path: Path) -> None:
     cfg, first, _ = layered
-    playbook = project / "playbooks/prod.yml"
+    # A changed copy of the project: the shared fixture project stays as the other tests expect it.
+    changed_project = tmp_path / "project"
+    shutil.copytree(project, changed_project)
+    playbook = changed_project / "playbooks/prod.yml"
     playbook.write_text(playbook.read_text().replace("Leave a file", "Leave one file"))
-    changed = config_for(base_image, project, prod_text="prod v2")
+    changed = config_for(base_image, changed_project, prod_text="prod v2")  # same dev inputs by content
     (again,) = api.build(changed, [NAME])
     assert again.built == ["prod"]
     assert again.base.identity == first.base.identity
@@ -272,6 +293,11 @@ def _attached_to(path: Path) -> list[str]:
     return found
 
 
+def _ansible_running(work: Path) -> bool:
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return any("ansible-playbook" in line and str(work) in line for line in procs.splitlines())
+
+
 def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(layered, base_image: BuiltImage,
                                                                           project: Path, tmp_path: Path) -> None:
     cfg, first, _ = layered
@@ -288,7 +314,9 @@ def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(layered
     while not any("export.raw" in line for line in _attached_to(work)):
         assert proc.poll() is None and time.monotonic() < deadline, "the dev run never attached its layer"
         time.sleep(0.5)
-    time.sleep(8)  # Ansible is running in the chroot now
+    while not _ansible_running(work):
+        assert proc.poll() is None and time.monotonic() < deadline, "Ansible never started in the dev layer"
+        time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out

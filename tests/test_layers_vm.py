@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stage4.boot import accel
-from stage4.image.files import extract_boot_files
+from stage4.image.filesystem import extract_boot_files
 from stage4.layers import overlay
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner

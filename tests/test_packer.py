@@ -56,13 +56,24 @@ def _qemu_processes(marker: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if "qemu-system" in line]
 
 
-def test_packer_version_selects_the_template_format() -> None:
+def test_packer_version_selects_the_template_format(tmp_path: Path) -> None:
     version = packer_mod.packer_version(Runner(), env={"CHECKPOINT_DISABLE": "1"})
     shown = subprocess.run(["packer", "version"], capture_output=True, text=True, env={**os.environ,
                            "CHECKPOINT_DISABLE": "1"}).stdout
     assert f"v{version[0]}.{version[1]}.{version[2]}" in shown
-    # Debian's 1.6.6 gets the legacy JSON template (the original invocation); >= 1.7 gets HCL2.
-    assert (version < packer_mod.FIRST_HCL_VERSION) is (version < (1, 7, 0))
+    iso = tmp_path / "fake.iso"
+    iso.write_bytes(b"not an installer")
+    template = _render_local(tmp_path / "tree", "rocky-9", iso, "sha256:" + hashlib.sha256(b"not an installer").hexdigest())
+    # Debian's 1.6.6 and anything before 1.7 get the legacy JSON template (the original invocation) ...
+    for old in ((1, 6, 6), (1, 6, 0), version if version < (1, 7, 0) else (1, 5, 0)):
+        argv = packer_mod.build_argv(template, old, "tcg")
+        assert argv[-1] == template.json_template.name and argv[-1].endswith(".json")
+        assert "-only=qemu" in argv and "-var-file=base.json" in argv
+    # ... 1.7 and later the HCL2 template.
+    for new in ((1, 7, 0), (1, 9, 4), (1, 11, 2)):
+        argv = packer_mod.build_argv(template, new, "tcg")
+        assert argv[-1] == template.hcl_template.name and argv[-1].endswith(".pkr.hcl")
+        assert f"-only=qemu.{template.source_name}" in argv and "-var-file=base.pkrvars.hcl" in argv
 
 
 @needs_qemu

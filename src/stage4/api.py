@@ -12,13 +12,13 @@ from pathlib import Path
 
 from stage4.boot import accel, netboot as netboot_mod, qemu
 from stage4.boot.qemu import BootResult, BootSpec
-from stage4.builders.base import BaseJob, BaseResult, build_base, check_disk_fits
-from stage4.config import Config, SourceConfig
+from stage4.builders.base_image import check_disk_fits
+from stage4.config import DEFAULT_IDENTIFIER, Config, SourceConfig
 from stage4.errors import InputError
-from stage4.image.files import extract_boot_files, partitions, raw_view
-from stage4.layers import chain
-from stage4.layers.build import LayeredResult, LayerJob, build_layers, identities
-from stage4.image.inspect import DEFAULT_IDENTIFIER, InspectReport, detect_identifier, inspect_image
+from stage4.image.filesystem import extract_boot_files
+from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
+from stage4.image.partitions import partitions, raw_view
+from stage4.pipeline import LAYERS, Context, ImageResult, LayerStatus, build_image, read_manifest, status
 from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4 import workdirs
 from stage4.runner import Runner
@@ -40,37 +40,27 @@ def _runner(log_path: Path | None, debug: bool) -> Iterator[Runner]:
 
 
 def build(config: Config, images: list[str] | None = None, output_dir: Path | None = None,
-          rebuild: set[str] | None = None, debug: bool = False,
-          keep_dev: bool = False) -> list[BaseResult | LayeredResult]:
-    """Build the named images (default: all in the config); unchanged layers are reused.
+          rebuild: set[str] | None = None, debug: bool = False, keep_dev: bool = False) -> list[ImageResult]:
+    """Build the named images (default: all in the config); unchanged steps are reused.
 
     An image with [images.NAME.dev] or [images.NAME.prod] gets the dev and prod layers on its base and
-    its result is the flattened prod image; `rebuild` forces the named layers and all above them.
+    its result is the flattened prod image; `rebuild` forces the named steps and all after them.
     """
     names = images or list(config.images)
     for name in names:
         config.image(name)
-    unknown = (rebuild or set()) - set(chain.LAYERS)
+    unknown = (rebuild or set()) - set(LAYERS)
     if unknown:
-        raise InputError(f"--rebuild {sorted(unknown)[0]!r}: unknown layer; layers: {', '.join(chain.LAYERS)}")
+        raise InputError(f"--rebuild {sorted(unknown)[0]!r}: unknown layer; layers: {', '.join(LAYERS)}")
     check_disk_fits(config.machine, config.build.cache_dir, config.source)
     output_dir = (output_dir or config.build.output_dir).absolute()
     results = []
     for name in names:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         log_path = output_dir / name / "logs" / f"build-{stamp}.log"
-        with _runner(log_path, debug) as runner, \
-                workdirs.image_build(config.build.cache_dir, name, output_dir, runner):
+        with _runner(log_path, debug) as runner:
             runner.display.info(f"{name}: build log {log_path}")
-            job = BaseJob(name, config.images[name], config.machine, config.source, output_dir,
-                          config.build.cache_dir, runner, rebuild="base" in (rebuild or set()))
-            base = build_base(job)
-            if not config.images[name].layered:
-                results.append(base)
-                continue
-            results.append(build_layers(LayerJob(
-                name, config.images[name], config.machine, config.source, output_dir, config.build.cache_dir,
-                runner, base, rebuild=set(rebuild or ()), keep_dev=keep_dev)))
+            results.append(build_image(_context(config, name, output_dir, runner, rebuild, keep_dev)))
     return results
 
 
@@ -83,58 +73,21 @@ def clean(config: Config, images: list[str] | None = None, cache: bool = False,
 
 
 def layers(config: Config, images: list[str] | None = None,
-           output_dir: Path | None = None) -> dict[str, list[chain.LayerStatus]]:
-    """The layer chain of each image: wanted identity, stored identity, file, size and what is cached."""
-    from stage4.builders.base import BASE_IMAGE, BASE_MANIFEST
-
+           output_dir: Path | None = None) -> dict[str, list[LayerStatus]]:
+    """The steps of each image: wanted identity, stored identity, file, size and what is cached."""
     output_dir = (output_dir or config.build.output_dir).absolute()
-    found: dict[str, list[chain.LayerStatus]] = {}
+    found: dict[str, list[LayerStatus]] = {}
     for name in images or list(config.images):
-        image = config.image(name)
-        image_dir = output_dir / name
+        config.image(name)
         with _runner(None, False) as runner:
-            job = BaseJob(name, image, config.machine, config.source, output_dir, config.build.cache_dir, runner)
-            base_id = job.identity()
-        stored = chain.read_json(image_dir / BASE_MANIFEST) or {}
-        base_file = image_dir / BASE_IMAGE
-        statuses = [_status("base", base_id, stored, base_file, base_file.is_file())]
-        if image.layered and stored.get("kernel_versions"):
-            base = BaseResult(name, base_file, stored, reused=True)
-            base.manifest = {**stored, "identity": base_id}
-            dev_id, prod_id = identities(image, base)
-            dev_stored = chain.read_json(image_dir / chain.DEV_MANIFEST) or {}
-            dev_file = image_dir / chain.DEV_IMAGE
-            status = _status("dev", dev_id, dev_stored, dev_file if dev_file.is_file() else None,
-                             chain.artifacts_intact(image_dir, dev_id) is not None)
-            status.state += ", layer kept" if dev_file.is_file() else ", layer deleted (artifacts kept)"
-            statuses.append(status)
-            statuses.append(_status("artifacts", dev_id, chain.read_json(
-                image_dir / chain.ARTIFACTS_DIR / chain.ARTIFACTS_MANIFEST) or {}, image_dir / chain.ARTIFACTS_DIR,
-                chain.artifacts_intact(image_dir, dev_id) is not None, key="dev_identity"))
-            prod_file = image_dir / chain.PROD_IMAGE
-            statuses.append(_status("prod", prod_id, chain.read_json(image_dir / chain.PROD_MANIFEST) or {},
-                                    prod_file, chain.prod_intact(image_dir, prod_id) is not None))
-        elif image.layered:
-            statuses += [chain.LayerStatus(layer, None, None, None, None, "not built (needs the base)")
-                         for layer in ("dev", "prod")]
-        found[name] = statuses
+            found[name] = status(_context(config, name, output_dir, runner))
     return found
 
 
-def _status(layer: str, wanted: str, stored: dict, path: Path | None, intact: bool,
-            key: str = "identity") -> chain.LayerStatus:
-    stored_id = stored.get(key)
-    if path is not None and path.is_dir():
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    else:
-        size = path.stat().st_size if path is not None and path.is_file() else None
-    if not stored_id:
-        state = "not built"
-    elif stored_id != wanted:
-        state = "stale (inputs changed)"
-    else:
-        state = "cached, up to date" if intact else "damaged or missing"
-    return chain.LayerStatus(layer, wanted, stored_id, path, size, state)
+def _context(config: Config, name: str, output_dir: Path, runner: Runner, rebuild: set[str] | None = None,
+             keep_dev: bool = False) -> Context:
+    return Context(name, config.images[name], config.machine, config.source, output_dir, config.build.cache_dir,
+                   runner, frozenset(rebuild or ()), keep_dev)
 
 
 def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> InspectReport:
@@ -165,21 +118,32 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
     except OSError as exc:
         raise InputError(f"{serial_log.parent}: cannot write the boot logs there ({exc.strerror}); "
                          "give --log FILE") from None
+    manifest = _manifest_of(image)
+    identifier = identifier or manifest.get("identifier")
+    if kernel is None and manifest.get("kernel") and Path(manifest["kernel"]).is_file():
+        kernel, initrd = Path(manifest["kernel"]), Path(manifest["initramfs"])  # the dev run's, as export has them
     with _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner, \
             tempfile.TemporaryDirectory(prefix="stage4-boot-") as tmp:
-        if kernel is None or via == "bootloader" and config.machine.accelerator == "auto":
-            with runner.display.step(f"take kernel and initramfs out of {image.name}"):
-                found_kernel, found_initrd = extract_boot_files(image, Path(tmp), runner, identifier or _identifier(image, runner))
-            kernel, initrd = (kernel, initrd) if kernel else (found_kernel, found_initrd)
+        needs_kernel = via == "kernel" or config.machine.accelerator == "auto"  # the KVM probe boots it
+        if identifier is None or (kernel is None and needs_kernel):
+            with runner.display.step(f"read {image.name}"), raw_view(image, runner) as raw:
+                identifier = identifier or detect_identifier(partitions(raw, runner)[1]) or DEFAULT_IDENTIFIER
+                if kernel is None and needs_kernel:
+                    kernel, initrd = extract_boot_files(raw, Path(tmp), runner, identifier)
         accelerator = accel.choose(config.machine.accelerator.value, kernel, runner, config.build.cache_dir)
-        root = identifier or _identifier(image, runner)
         spec = BootSpec(image, accelerator, config.machine.cpus, config.machine.memory >> 20, serial_log,
                         writable=writable, timeout=timeout, firmware=firmware)
         if via == "kernel":
             spec.kernel, spec.initrd = kernel, initrd
-            spec.append = f"root=PARTLABEL={root} ro console=ttyS0,115200n8 panic=-1"
+            spec.append = f"root=PARTLABEL={identifier} ro console=ttyS0,115200n8 panic=-1"
         with runner.display.step(f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"):
             return qemu.boot(spec, runner)
+
+
+def _manifest_of(image: Path) -> dict:
+    """The stage4 manifest of a built image (base.json beside base.qcow2, ...): where facts travel."""
+    manifest = read_manifest(image.with_suffix(".json")) or {}
+    return manifest if manifest.get("image", {}).get("file") == image.name else {}
 
 
 def sources(config: Config) -> list[Entry]:
@@ -209,12 +173,6 @@ def remove_source(config: Config, url: str, ref: str | None = None, sha256: str 
     with _runner(None, debug) as runner:
         return SourceCache(config.build.cache_dir).remove(url, ref or SourceConfig.model_fields["ref"].default,
                                                           sha256, runner)
-
-
-def _identifier(image: Path, runner: Runner) -> str:
-    with raw_view(image, runner) as raw:
-        _, parts = partitions(raw, runner)
-    return detect_identifier(parts) or DEFAULT_IDENTIFIER
 
 
 def netboot(config: Config, store: Path, name: str, rid: int | None = None, servers: tuple[str, ...] = (),

@@ -334,6 +334,9 @@ def default_components() -> dict[str, ComponentConfig]:
     }
 
 
+# The root partition's GPT name and filesystem label where nothing else is said (the OpenSLX convention).
+DEFAULT_IDENTIFIER = "SLX_SYS"
+
 # The stage-3 dracut module shipped with stage4 (a tree with modules.d/), used when no source is given.
 SHIPPED_STAGE3 = Path(__file__).parent / "stage3"
 
@@ -385,7 +388,7 @@ class ImageConfig(Strict):
         "default: bootstrap where the distribution allows it, else packer")
     filesystem: Filesystem = Field(Filesystem.ext4, description="root filesystem: 'ext4', 'btrfs' or 'xfs'")
     identifier: str = Field(
-        "SLX_SYS",
+        DEFAULT_IDENTIFIER,
         description="GPT partition name and filesystem label of the root partition "
         "(the clients' SLX_SYSTEM_PARTITION_IDENTIFIER)",
     )

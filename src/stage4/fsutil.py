@@ -20,6 +20,11 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_facts(folder: Path, *relatives: str) -> dict[str, dict]:
+    """The `files` entry of a manifest: size and sha256 of each file, relative to `folder`."""
+    return {rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in relatives}
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

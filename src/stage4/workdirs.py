@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 RECORDS = ".stage4-records.jsonl"
 KILL_WAIT_SECONDS = 15
-# Work directory names (builders/base.py, layers/build.py): <image>-<16 hex> for a base (rootfs or
+# Work directory names (builders/base_image.py, layers/provision.py): <image>-<16 hex> for a base (rootfs or
 # Packer identity), <image>-layers-<12 hex> for the dev and prod layers.
 _WORK_DIR = re.compile(r"^(?P<image>.+)-(?:layers-[0-9a-f]{12}|[0-9a-f]{16})$")
 # Partial files of temporary_sibling and the layers' artifact swap: .<name>.partial-<pid>, .<name>.old-<pid>.

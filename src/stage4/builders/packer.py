@@ -466,6 +466,20 @@ def _check_plugin(runner: Runner, env: dict[str, str]) -> None:
         )
 
 
+def build_argv(template: RenderedTemplate, version: tuple[int, int, int], accelerator: str,
+               only: str | None = None) -> list[str]:
+    """`packer build` for this Packer: the legacy JSON template (builder `qemu`) before 1.7, else HCL2."""
+    if version < FIRST_HCL_VERSION:
+        argv = ["packer", "build", "-color=false", f"-only={only or 'qemu'}", "-var-file=base.json"]
+        template_file = template.json_template.name
+    else:
+        argv = ["packer", "build", "-color=false", f"-only={only or 'qemu.' + template.source_name}",
+                "-var-file=base.pkrvars.hcl"]
+        template_file = template.hcl_template.name
+    return [*argv, f"-var=accelerator={_accelerator_value(accelerator)}", f"-var=cpu_model={cpu_model(accelerator)}",
+            template_file]
+
+
 def run_packer_build(
     template: RenderedTemplate,
     runner: Runner,
@@ -485,16 +499,9 @@ def run_packer_build(
     tree = template.tree
     env = packer_env(tree, cache_dir or tree / "packer_cache", debug)
     step = f"packer build {label or template.distribution}"
-    legacy = version < FIRST_HCL_VERSION
-    if not legacy and version >= FIRST_UNBUNDLED_VERSION:
+    if version >= FIRST_UNBUNDLED_VERSION:
         _check_plugin(runner, env)
-    if legacy:
-        argv = ["packer", "build", "-color=false", f"-only={only or 'qemu'}", "-var-file=base.json"]
-    else:
-        argv = ["packer", "build", "-color=false", f"-only={only or 'qemu.' + template.source_name}",
-                "-var-file=base.pkrvars.hcl"]
-    argv += [f"-var=accelerator={_accelerator_value(accelerator)}", f"-var=cpu_model={cpu_model(accelerator)}"]
-    argv.append(template.json_template.name if legacy else template.hcl_template.name)
+    argv = build_argv(template, version, accelerator, only)
     output = tree / template.output
     if output.parent.exists():
         shutil.rmtree(output.parent)  # Packer refuses to start when the output directory exists

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stage4.config import DEFAULT_IDENTIFIER
 from stage4.dnbd3 import diskview
 from stage4.image import qcow2
 from stage4.dnbd3.client import Client, ConnectionLost, Dnbd3Error, query_images
@@ -29,7 +30,6 @@ from stage4.errors import InputError, Stage4Error
 
 CHUNK = 1 << 20
 MAX_PROBLEMS = 20
-DEFAULT_IDENTIFIER = "SLX_SYS"
 Progress = Callable[[int, int], None]
 
 

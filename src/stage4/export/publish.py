@@ -145,7 +145,7 @@ class Export:
         job = self.job
         with contextlib.ExitStack() as stack:
             if self.extract:
-                from stage4.image.files import extract_boot_files
+                from stage4.image.filesystem import extract_boot_files
 
                 extracted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage4-boot-")))
                 kernel, initrd = extract_boot_files(job.image, extracted, self.runner, job.identifier)

@@ -1,7 +1,7 @@
 """`stage4 inspect`: what an image holds and whether a Stage4 client can boot it.
 
 Facts come from the qcow2 header, sfdisk, blkid and the root filesystem's /boot (read without
-mounting where the filesystem allows, see files.py). The checks are the client side's conditions:
+mounting where the filesystem allows, see filesystem.py). The checks are the client side's conditions:
 the root partition found by the identifier as both GPT name and filesystem label, and a standalone
 qcow2 that xloop accepts.
 """
@@ -14,10 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from stage4.image import files, qcow2
+from stage4.config import DEFAULT_IDENTIFIER
+from stage4.image import filesystem, qcow2
+from stage4.image.partitions import PartitionInfo, raw_view, root_partition
+from stage4.image.partitions import partitions as read_partitions
 from stage4.runner import Runner
 
-DEFAULT_IDENTIFIER = "SLX_SYS"
 GROWABLE_FILESYSTEMS = ("ext4", "xfs")  # what stage 4's systemd-grow_rootfs can resize
 
 
@@ -37,7 +39,7 @@ class InspectReport:
     identifier: str
     qcow2: qcow2.Qcow2Header | None
     partition_table: str | None
-    partitions: list[files.PartitionInfo] = field(default_factory=list)
+    partitions: list[PartitionInfo] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
 
@@ -81,7 +83,7 @@ class InspectReport:
         console.print("[green]Stage4 requirements met[/green]" if self.passed else "[red]Stage4 requirements NOT met[/red]")
 
 
-def detect_identifier(parts: list[files.PartitionInfo]) -> str | None:
+def detect_identifier(parts: list[PartitionInfo]) -> str | None:
     """The identifier an image was built with: a partition whose GPT name equals its filesystem label."""
     candidates = [p for p in parts if p.name and p.name == p.fs_label and p.fs_type not in (None, "vfat")]
     return candidates[0].name if candidates else None
@@ -96,13 +98,13 @@ def _qcow2_checks(header: qcow2.Qcow2Header | None) -> list[Check]:
 def inspect_image(image: Path, identifier: str | None = None, runner: Runner | None = None) -> InspectReport:
     runner = runner or Runner()
     header = qcow2.read_header(image) if qcow2.is_qcow2(image) else None
-    with files.raw_view(image, runner) as raw:
-        table, parts = files.partitions(raw, runner)
+    with raw_view(image, runner) as raw:
+        table, parts = read_partitions(raw, runner)
         wanted = identifier or detect_identifier(parts) or DEFAULT_IDENTIFIER
         report = InspectReport(image, "qcow2" if header else "raw", image.stat().st_size, wanted, header, table, parts)
         report.checks += _qcow2_checks(header)
         report.checks.append(Check("GPT partition table", table == "gpt", table or "none"))
-        root = files.root_partition(parts, wanted)
+        root = root_partition(parts, wanted)
         report.checks.append(Check(f"a partition with GPT name {wanted!r}", root is not None,
                                    "" if root else f"names: {', '.join(p.name for p in parts) or 'none'}"))
         if root is None:
@@ -112,8 +114,8 @@ def inspect_image(image: Path, identifier: str | None = None, runner: Runner | N
         report.checks.append(Check("root filesystem can be grown by stage 4 (ext4, xfs)",
                                    root.fs_type in GROWABLE_FILESYSTEMS, root.fs_type or "unknown", required=False))
         if root.fs_type in ("ext4", "xfs", "btrfs"):
-            with files.FilesystemReader(raw, root, runner) as reader:
-                report.kernels = files.boot_files(reader)
+            with filesystem.FilesystemReader(raw, root, runner) as reader:
+                report.kernels = filesystem.boot_files(reader)
         report.checks.append(Check("a kernel and its initramfs in /boot", any(report.kernels.values()),
                                    ", ".join(sorted(report.kernels)) or "none found"))
     return report

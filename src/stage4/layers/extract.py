@@ -1,8 +1,8 @@
 """Taking the dev layer's results out without booting it: kernel, initramfs and component artifacts.
 
-The dev overlay is attached read-only; the files are copied into a new artifacts folder with a manifest
-(kernel version, sha256 of each file, identity of the dev layer). The initramfs is checked with lsinitrd:
-its kernel modules must be those of the image's kernel, and it must hold the configured dracut modules.
+The dev overlay is attached read-only; the files are copied into a new artifacts folder, which the dev
+manifest describes. The initramfs is checked with lsinitrd: its kernel modules must be those of the
+image's kernel, and it must hold the configured dracut modules.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from stage4.config import ImageConfig
 from stage4.errors import StepFailed
-from stage4.fsutil import sha256_file, write_json_atomically
 from stage4.runner import Runner
 
 # Where the dev layer's roles leave their results, inside the layer.
@@ -36,9 +35,9 @@ def initramfs_facts(initrd: Path, runner: Runner, step: str) -> dict:
     return {"kernel_versions": versions, "dracut_modules": modules}
 
 
-def extract(root: Path, image: ImageConfig, kernel: str, dev_id: str, dest: Path, runner: Runner,
-            step: str) -> dict:
-    """Copy the results out of the mounted dev layer at `root` into `dest`; returns the manifest."""
+def extract(root: Path, image: ImageConfig, kernel: str, dest: Path, runner: Runner, step: str) -> dict:
+    """Copy the results out of the mounted dev layer at `root` into `dest`; returns what the dev manifest
+    records of them (file names relative to `dest`)."""
     dest.mkdir(parents=True)
     if not (root / "lib/modules" / kernel).is_dir():
         raise StepFailed(step, f"the dev layer has no /lib/modules/{kernel}", runner.log_path)
@@ -67,14 +66,11 @@ def extract(root: Path, image: ImageConfig, kernel: str, dev_id: str, dest: Path
     missing = [m for m in image.initramfs.dracut_modules if m not in facts["dracut_modules"]]
     if missing:
         raise StepFailed(step, f"the initramfs lacks the dracut modules {missing}", runner.log_path)
-    manifest = {
-        "dev_identity": dev_id,
+    return {
         "kernel_version": kernel,
         "kernel": f"vmlinuz-{kernel}",
         "initramfs": f"initrd.img-{kernel}",
         "initramfs_dracut_modules": facts["dracut_modules"],
         "components": components,
-        "files": {rel: {"sha256": sha256_file(dest / rel), "size": (dest / rel).stat().st_size} for rel in files},
+        "files": sorted(files),
     }
-    write_json_atomically(dest / "artifacts.json", manifest)
-    return manifest

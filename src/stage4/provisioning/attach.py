@@ -140,8 +140,7 @@ def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
         stack.enter_context(_host_resolv_conf(root))
         stack.enter_context(_temporary_file(root / "usr/sbin/policy-rc.d", POLICY_RC_D, 0o755))
         if apt_cache is not None and (root / "etc/apt").is_dir():
-            apt_cache.mkdir(parents=True, exist_ok=True)
-            (apt_cache / "partial").mkdir(exist_ok=True)
+            apt_cache = stack.enter_context(_private_archives(apt_cache))
             mount_point = root / APT_CACHE_MOUNT
             mount_point.mkdir(parents=True, exist_ok=True)
             stack.callback(_rmdir_quietly, mount_point)
@@ -153,6 +152,38 @@ def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
                 root / APT_CACHE_CONF,
                 f'Dir::Cache::Archives "/{APT_CACHE_MOUNT}/";\nAPT::Keep-Downloaded-Packages "true";\n', 0o644))
         yield root
+
+
+@contextlib.contextmanager
+def _private_archives(shared: Path) -> Iterator[Path]:
+    """This build's own apt archives folder, filled with hard links to the shared cache's packages and
+    linked back on exit: apt locks its archives folder for a whole install, so builds of other images
+    that shared one folder would wait for each other (and time out)."""
+    shared.mkdir(parents=True, exist_ok=True)
+    for stale in shared.parent.glob(f".{shared.name}.*"):
+        if stale.name.rsplit(".", 1)[-1].isdigit() and not Path(f"/proc/{stale.name.rsplit('.', 1)[-1]}").exists():
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
+    private = shared.parent / f".{shared.name}.{os.getpid()}"
+    shutil.rmtree(private, ignore_errors=True)
+    (private / "partial").mkdir(parents=True)
+    _link_debs(shared, private)
+    try:
+        yield private
+    finally:
+        _link_debs(private, shared)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _link_debs(source: Path, target: Path) -> None:
+    for deb in source.glob("*.deb"):
+        if (target / deb.name).exists():
+            continue
+        try:
+            os.link(deb, target / deb.name)
+        except FileExistsError:
+            pass  # another build put it there meanwhile
+        except OSError:  # another filesystem
+            shutil.copyfile(deb, target / deb.name)
 
 
 def _rmdir_quietly(path: Path) -> None:

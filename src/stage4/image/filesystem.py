@@ -1,64 +1,21 @@
-"""Reading files out of an image without booting it: partitions, filesystem labels, /boot.
+"""Reading files of an image's root filesystem without booting or mounting it writable.
 
-A qcow2 (with its whole backing chain) is first seen as raw through `qemu-img convert` into a sparse
-temporary file. ext4 is then read with debugfs at the partition's offset: no mount, no root. debugfs
-cannot read btrfs or xfs; for those a read-only loop mount at the partition's offset is used.
+ext4 is read with debugfs at the partition's offset: no mount, no root. debugfs cannot read btrfs or
+xfs; for those a read-only loop mount at the partition's offset is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from stage4.config import DEFAULT_IDENTIFIER
 from stage4.errors import StepFailed
-from stage4.image import qcow2
+from stage4.image.partitions import PartitionInfo, partitions, raw_view, root_partition
 from stage4.runner import Runner
-
-
-@dataclass(frozen=True)
-class PartitionInfo:
-    number: int
-    name: str
-    type_guid: str
-    offset: int
-    size: int
-    fs_type: str | None
-    fs_label: str | None
-
-
-@contextlib.contextmanager
-def raw_view(image: Path, runner: Runner) -> Iterator[Path]:
-    """The image as a raw disk: the file itself if it is raw, else a sparse temporary conversion."""
-    if not qcow2.is_qcow2(image):
-        yield image
-        return
-    with tempfile.TemporaryDirectory(prefix="stage4-raw-") as tmp:
-        raw = Path(tmp) / "disk.raw"
-        runner.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw], step="read image")
-        yield raw
-
-
-def partitions(raw: Path, runner: Runner) -> tuple[str | None, list[PartitionInfo]]:
-    """The partition table type and its partitions, read by sfdisk and blkid (not by stage4's writer)."""
-    result = runner.run(["sfdisk", "--json", raw], step="read partition table", capture=True, check=False)
-    if result.returncode != 0 or not result.stdout.strip():
-        return None, []
-    table = json.loads(result.stdout)["partitiontable"]
-    sector = table.get("sectorsize", 512)
-    found = []
-    for number, entry in enumerate(table.get("partitions", []), start=1):
-        offset, size = entry["start"] * sector, entry["size"] * sector
-        probe = runner.run(["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), raw],
-                           step="read filesystem label", capture=True, check=False)
-        tags = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
-        found.append(PartitionInfo(number, entry.get("name", ""), entry.get("type", ""), offset, size,
-                                   tags.get("TYPE"), tags.get("LABEL")))
-    return table.get("label"), found
 
 
 class FilesystemReader:
@@ -113,10 +70,6 @@ class FilesystemReader:
                 self.runner.run(["umount", tmp], step="read files (unmount)", check=False)
 
 
-def root_partition(parts: list[PartitionInfo], identifier: str) -> PartitionInfo | None:
-    return next((p for p in parts if p.name == identifier), None)
-
-
 def boot_files(reader: FilesystemReader) -> dict[str, str]:
     """Kernel version -> initramfs file name ('' if none) found in /boot."""
     names = reader.list_dir("/boot")
@@ -129,7 +82,7 @@ def boot_files(reader: FilesystemReader) -> dict[str, str]:
     return kernels
 
 
-def extract_boot_files(image: Path, dest: Path, runner: Runner, identifier: str = "SLX_SYS",
+def extract_boot_files(image: Path, dest: Path, runner: Runner, identifier: str = DEFAULT_IDENTIFIER,
                        kernel_version: str | None = None) -> tuple[Path, Path]:
     """Copy the (newest, or the given) kernel and its initramfs out of the image into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
