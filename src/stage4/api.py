@@ -6,11 +6,18 @@ import datetime as dt
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stage4 import distributions as distributions_mod
 from stage4.boot import accel, netboot as netboot_mod, qemu
+from stage4.builders import packer
+from stage4.dnbd3 import client as dnbd3_client, protocol, verify as dnbd3_verify_mod
+from stage4.dnbd3.server import DevServer
+from stage4.dnbd3.store import Store, validate_name
+from stage4.export import publish as export_publish, revisions as export_revisions
+from stage4.export.publish import Publication
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders.base_image import check_disk_fits
 from stage4.config import DEFAULT_IDENTIFIER, Config, SourceConfig
@@ -195,3 +202,88 @@ def netboot(config: Config, store: Path, name: str, rid: int | None = None, serv
             tempfile.TemporaryDirectory(prefix="stage4-netboot-") as tmp:
         return netboot_mod.netboot(revision, targets, config.machine, config.build.cache_dir, timeout,
                                    serial_log, Path(tmp), runner)
+
+
+def distributions() -> list[type[distributions_mod.Distribution]]:
+    """What stage4 can build: the catalog, one entry per distribution release."""
+    return [distributions_mod.get(name) for name in distributions_mod.names()]
+
+
+# ----- publishing and serving: the export, the store's revisions, DNBD3 servers ------------------------
+
+
+def export(image: Path, store: str, name: str, *, debug: bool = False, **options) -> Publication:
+    """Publish a standalone qcow2 as a new revision of `name` in a DNBD3 store (local or [user@]host:/path).
+
+    Every input is checked first (bad input raises InputError before anything is written); the options are
+    those of export.publish.prepare (rid, servers, kernel, initrd, boot_dir, activate, manifest, ...).
+    """
+    display = Display(debug=debug)
+    planned = export_publish.prepare(image, store, name, runner=Runner(display), **options)
+    with display.step(f"export {image} as {name}"):
+        publication = planned.run()
+    for warning in publication.warnings:
+        display.info(f"warning: {warning}")
+    return publication
+
+
+def revisions(store: Path, name: str) -> list[export_revisions.RevisionState]:
+    """Every revision of `name` in a local store, complete or not (image, .crc, boot files, record)."""
+    local = Store(store)
+    local.check()
+    validate_name(name)
+    return export_revisions.states(local, name)
+
+
+def repair_revisions(store: Path, name: str) -> list[int]:
+    """Withdraw the incomplete revisions of `name` a crashed export left; returns their numbers."""
+    local = Store(store)
+    local.check()
+    validate_name(name)
+    return export_revisions.repair(local, name)
+
+
+def prune(store: Path, name: str, keep: int, protect: tuple[str, ...] = (), dry_run: bool = False,
+          reload_pidfile: Path | None = None) -> list[int]:
+    """Remove old revisions of `name`, keeping the newest `keep`, the protected and the active one."""
+    validate_name(name)
+    return export_revisions.prune(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile)
+
+
+def serve(store: Path, host: str, port: int, alt_servers: tuple[str, ...] = (),
+          log: Callable[[str], None] | None = None) -> DevServer:
+    """A development DNBD3 server for `store` (not started: call serve_forever())."""
+    if not store.is_dir():
+        raise InputError(f"store {store}: not a directory")
+    entries = []
+    for item in alt_servers:
+        alt_host, alt_port = protocol.parse_address(item)
+        try:
+            entries.append(protocol.ServerEntry(alt_host, alt_port))
+        except ValueError:
+            raise InputError(f"--alt-server {item!r}: needs an IP address") from None
+    return DevServer(store, host, port, alt_servers=entries, log=log)
+
+
+def dnbd3_images(server: str, timeout: float = 10.0) -> list[dict]:
+    """The images a DNBD3 server (host[:port]) has loaded (GET /query?q=images)."""
+    return dnbd3_client.query_images(server, timeout=timeout)
+
+
+def dnbd3_verify(server: str, name: str, rid: int = 0, **options) -> dnbd3_verify_mod.VerifyReport:
+    """Check image `name` on a DNBD3 server the way a client reads it (dnbd3.verify.verify's options)."""
+    return dnbd3_verify_mod.verify(server, name, rid, **options)
+
+
+def dnbd3_download(server: str, name: str, output: Path, rid: int = 0, timeout: float = 10.0) -> tuple[int, int, str]:
+    """Download image `name` from a DNBD3 server: (rid, size, sha256)."""
+    return dnbd3_verify_mod.download(server, name, output, rid, timeout=timeout)
+
+
+def render(config: Config, targets: list[str], output: Path, overrides: dict[str, object], debug: bool = False,
+           **options) -> list[packer.RenderedTemplate]:
+    """Packer templates and answer files for distributions or images of the config (their settings, then
+    `overrides` and the options of builders.packer.targets_for: efi, iso, iso_checksum, ssh_timeout)."""
+    chosen = packer.targets_for(targets or distributions_mod.installer_names(), config.images, overrides=overrides,
+                                **options)
+    return packer.render_tree(output, chosen, config.machine, Runner(Display(debug=debug)))

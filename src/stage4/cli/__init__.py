@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from stage4 import api, distributions
+from stage4 import api
 from stage4 import config as config_mod
 from stage4.cli.options import IMAGE_FILE, check_identifier, check_output_dir
 from stage4.errors import EXIT_FAILURE, EXIT_INTERRUPTED, Interrupted, Stage4Error
@@ -139,10 +139,9 @@ def show_config(obj: Context, reference: bool) -> None:
 @cli.command("distributions")
 def list_distributions() -> None:
     """List the distributions stage4 knows and how each can be built."""
-    for name in distributions.names():
-        dist = distributions.get(name)
+    for dist in api.distributions():
         how = "bootstrap, packer" if dist.bootstrappable else "packer"
-        click.echo(f"{name:14} {dist.pretty_name:36} {how}")
+        click.echo(f"{dist.name:14} {dist.pretty_name:36} {how}")
 
 
 def _register() -> None:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import click
 
+from stage4 import api
 from stage4.cli.options import check_identifier
 from stage4.dnbd3 import protocol
-from stage4.dnbd3.client import query_images
-from stage4.dnbd3.store import Store, parse_rid, validate_name
-from stage4.errors import InputError
+from stage4.dnbd3.store import parse_rid
 
 TIMEOUT = click.FloatRange(min=0, min_open=True)
 
@@ -48,22 +47,11 @@ def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: 
     CRC are refused (connection closed) and logged. Production serving is dnbd3-server's job, not this
     command's.
     """
-    from stage4.dnbd3.server import DevServer
-
-    if not store.is_dir():
-        raise InputError(f"store {store}: not a directory")
-    entries = []
-    for item in alt_servers:
-        alt_host, alt_port = protocol.parse_address(item)
-        try:
-            entries.append(protocol.ServerEntry(alt_host, alt_port))
-        except ValueError:
-            raise InputError(f"--alt-server {item!r}: needs an IP address") from None
     def log(line: str) -> None:  # warnings (failed hash blocks) always, the rest with --verbose
         if verbose or line.startswith("WARNING"):
             click.echo(line, err=True)
 
-    server = DevServer(store, host, port, alt_servers=entries, log=log)
+    server = api.serve(store, host, port, alt_servers, log=log)
     bound_host, bound_port = server.address
     if pidfile is not None:
         pidfile.write_text(f"{os.getpid()}\n")
@@ -92,16 +80,11 @@ def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: 
 @click.option("--repair", is_flag=True, help="withdraw incomplete revisions (the image first)")
 def revisions(name: str, store: Path, as_json: bool, check: bool, repair: bool) -> None:
     """List the complete revisions of image NAME in a store (image, .crc, boot files and record)."""
-    from stage4.export import revisions as revs
-
-    local = Store(store)
-    local.check()
-    validate_name(name)
     if repair:
-        withdrawn = revs.repair(local, name)
+        withdrawn = api.repair_revisions(store, name)
         click.echo(f"{name}: withdrew " + (", ".join(f"r{r}" for r in withdrawn) if withdrawn else "nothing"))
         return
-    states = revs.states(local, name)
+    states = api.revisions(store, name)
     rows = [state.row() for state in states if state.complete]
     broken = [state for state in states if not state.complete]
     if as_json:
@@ -137,10 +120,7 @@ def prune(name: str, store: Path, keep: int, protect: tuple[str, ...], dry_run: 
     Move clients (SLX_DNBD3_RID) to a kept revision first: a server keeps serving a removed file until
     its next rescan (SIGHUP).
     """
-    from stage4.export.revisions import prune as prune_revisions
-
-    validate_name(name)
-    removed = prune_revisions(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile)
+    removed = api.prune(store, name, keep, protect, dry_run=dry_run, reload_pidfile=reload_pidfile)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{name}: {verb} " + (", ".join(f"r{r}" for r in removed) if removed else "nothing"))
 
@@ -157,7 +137,7 @@ def dnbd3_group() -> None:
 def images(server: str, timeout: float, as_json: bool) -> None:
     """List the images SERVER (host[:port]) has loaded (GET /query?q=images; a revision nobody has asked
     for since the server's last rescan is not listed)."""
-    found = query_images(server, timeout=timeout)
+    found = api.dnbd3_images(server, timeout=timeout)
     if as_json:
         _echo_json(found)
         return
@@ -183,10 +163,8 @@ def images(server: str, timeout: float, as_json: bool) -> None:
 def verify_command(server: str, name: str, rid: str | None, store: Path | None, published: Path | None,
                    sample: int | None, identifier: str | None, timeout: float, as_json: bool) -> None:
     """Check image NAME on SERVER the way a client reads it; exit 1 if anything is wrong."""
-    from stage4.dnbd3.verify import verify
-
-    report = verify(server, name, _rid_option(rid), store=store, published=published, sample=sample,
-                    identifier=identifier, timeout=timeout)
+    report = api.dnbd3_verify(server, name, _rid_option(rid), store=store, published=published, sample=sample,
+                              identifier=identifier, timeout=timeout)
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -208,9 +186,7 @@ def verify_command(server: str, name: str, rid: str | None, store: Path | None, 
 @click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds per network operation")
 def get(server: str, name: str, rid: str | None, output: Path, timeout: float) -> None:
     """Download image NAME from SERVER into a file (block CRCs checked when the server has a list)."""
-    from stage4.dnbd3.verify import download
-
-    got_rid, size, sha256 = download(server, name, output, _rid_option(rid), timeout=timeout)
+    got_rid, size, sha256 = api.dnbd3_download(server, name, output, _rid_option(rid), timeout=timeout)
     click.echo(f"{name}:{got_rid}: {size} bytes to {output} (sha256 {sha256})")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from stage4 import api
+
 
 @click.command()
 @click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
@@ -58,22 +60,12 @@ def export(obj, image: Path, store: str, ssh_options: tuple[str, ...], name: str
     needs a POSIX sh, flock(1) and GNU coreutils. Ports, users, identities and host keys come from
     ~/.ssh/config or from --ssh-option.
     """
-    from stage4.export.publish import prepare
-    from stage4.runner import Runner
-    from stage4.ui import Display
-
-    display = Display(debug=bool(getattr(obj, "debug", False)))
-    runner = Runner(display)
-    planned = prepare(  # every check first: bad input is one line, before any step starts
-        image, store, name, rid=rid, kernel=kernel, initrd=initrd, servers=list(servers),
-        identifier=identifier, source_identity=source_identity, manifest=manifest,
+    publication = api.export(
+        image, store, name, debug=bool(getattr(obj, "debug", False)), rid=rid, kernel=kernel, initrd=initrd,
+        servers=list(servers), identifier=identifier, source_identity=source_identity, manifest=manifest,
         reload_pidfile=reload_pidfile, boot_dir=boot_dir, activate=activate, boot_files=not no_boot_files,
-        runner=runner, ssh_options=ssh_options,
+        ssh_options=ssh_options,
     )
-    with display.step(f"export {image} as {name}"):
-        publication = planned.run()
-    for warning in publication.warnings:
-        display.info(f"warning: {warning}")
     if as_json:
         click.echo(json.dumps(publication.to_dict(), indent=2))
     else:

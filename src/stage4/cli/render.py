@@ -6,10 +6,7 @@ from pathlib import Path
 
 import click
 
-from stage4 import distributions
-from stage4.builders.packer import render_tree, targets_for
-from stage4.runner import Runner
-from stage4.ui import Display
+from stage4 import api
 
 
 @click.command("render")
@@ -42,9 +39,8 @@ def render(obj, targets: tuple[str, ...], output: Path, identifier: str | None, 
     cfg = obj.config()
     overrides = {key: value for key, value in (("identifier", identifier), ("filesystem", filesystem))
                  if value is not None}
-    render_targets = targets_for(list(targets) or distributions.installer_names(), cfg.images, overrides=overrides,
-                                 efi=efi, iso=iso, iso_checksum=iso_checksum, ssh_timeout=ssh_timeout)
-    rendered = render_tree(output, render_targets, cfg.machine, Runner(Display(debug=obj.debug)))
+    rendered = api.render(cfg, list(targets), output, overrides, debug=obj.debug, efi=efi, iso=iso,
+                          iso_checksum=iso_checksum, ssh_timeout=ssh_timeout)
     for template in rendered:
         click.echo(f"{template.distribution:14} {output / template.json_template.name}  "
                    f"{output / template.hcl_template.name}")
