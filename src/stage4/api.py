@@ -244,10 +244,13 @@ def repair_revisions(store: Path, name: str) -> list[int]:
 
 
 def prune(store: Path, name: str, keep: int, protect: tuple[str, ...] = (), dry_run: bool = False,
-          reload_pidfile: Path | None = None) -> list[int]:
-    """Remove old revisions of `name`, keeping the newest `keep`, the protected and the active one."""
+          reload_pidfile: Path | None = None, servers: tuple[str, ...] | None = None,
+          force: bool = False) -> list[int]:
+    """Remove old revisions of `name`, keeping the newest `keep`, the protected and the active one, and any
+    that a DNBD3 server (`servers`, default: those recorded at export) reports users for, unless `force`."""
     validate_name(name)
-    return export_revisions.prune(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile)
+    return export_revisions.prune(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile,
+                                  servers=servers, force=force)
 
 
 def serve(store: Path, host: str, port: int, alt_servers: tuple[str, ...] = (),

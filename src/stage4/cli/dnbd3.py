@@ -112,15 +112,20 @@ def revisions(name: str, store: Path, as_json: bool, check: bool, repair: bool) 
 @click.option("--dry-run", is_flag=True, help="only show what would be removed")
 @click.option("--reload-pidfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="send SIGHUP to this server afterwards so that it drops removed revisions")
+@click.option("--server", "servers", multiple=True, metavar="HOST[:PORT]",
+              help="DNBD3 server to ask for users of a revision before removing it (repeatable; default: the "
+              "servers recorded at export)")
+@click.option("--force", is_flag=True, help="remove revisions even if a server reports users or cannot be asked")
 def prune(name: str, store: Path, keep: int, protect: tuple[str, ...], dry_run: bool,
-          reload_pidfile: Path | None) -> None:
+          reload_pidfile: Path | None, servers: tuple[str, ...], force: bool) -> None:
     """Remove old revisions of NAME, keeping the newest KEEP; never the newest, never a protected one, never
-    the active one (the revision <boot-dir>/config points at).
+    the active one (the revision <boot-dir>/config points at), never one a DNBD3 server reports users for.
 
     Move clients (SLX_DNBD3_RID) to a kept revision first: a server keeps serving a removed file until
     its next rescan (SIGHUP).
     """
-    removed = api.prune(store, name, keep, protect, dry_run=dry_run, reload_pidfile=reload_pidfile)
+    removed = api.prune(store, name, keep, protect, dry_run=dry_run, reload_pidfile=reload_pidfile,
+                        servers=servers or None, force=force)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{name}: {verb} " + (", ".join(f"r{r}" for r in removed) if removed else "nothing"))
 

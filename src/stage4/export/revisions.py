@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stage4.dnbd3.client import Dnbd3Error, query_images
 from stage4.dnbd3.protocol import MAX_RID
 from stage4.dnbd3.store import Store, fsync_dir, parse_rid, validate_name
 from stage4.errors import InputError, Stage4Error
@@ -138,12 +139,15 @@ def active_rids(store: Store, name: str, revisions: Sequence[RevisionState]) -> 
 
 
 def prune(store: Path, name: str, keep: int, protect: Sequence[int | str] = (), *, dry_run: bool = False,
-          pidfile: Path | None = None) -> list[int]:
-    """Remove all but the newest `keep` complete revisions of `name`; never the newest, a protected one or
-    an active one (the revision a `<boot-dir>/config` points at, whatever `keep` says).
+          pidfile: Path | None = None, servers: Sequence[str] | None = None, force: bool = False) -> list[int]:
+    """Remove all but the newest `keep` complete revisions of `name`; never the newest, a protected one, an
+    active one (the revision a `<boot-dir>/config` points at, whatever `keep` says), or one that a DNBD3
+    server reports users for.
 
-    Removal follows §2.4: the image first, then its .crc, boot files and record; send SIGHUP afterwards
-    (pidfile) so the server drops them. Clients still using a removed revision keep reading it until then.
+    The servers asked are `servers`, by default those recorded at export; a revision with users, or a
+    server that cannot be asked, stops the prune (naming them) unless `force`. Removal follows
+    docs/dnbd3-store.md ("Published files are immutable"): the image first, then its .crc, boot files and
+    record; send SIGHUP afterwards (pidfile) so the server drops them.
     """
     if keep < 1:
         raise InputError("--keep must be at least 1 (the newest revision is never removed)")
@@ -154,9 +158,41 @@ def prune(store: Path, name: str, keep: int, protect: Sequence[int | str] = (), 
         kept = complete(local, name)
         protected |= active_rids(local, name, kept)
         removable = [s for s in kept[:-keep] if s.rid not in protected] if len(kept) > keep else []
+        if removable and not force:
+            asked = list(servers) if servers is not None else recorded_servers(Path(store), name, kept)
+            in_use = revisions_in_use(asked, name, [s.rid for s in removable])
+            if in_use:
+                raise Stage4Error(f"{name}: {in_use}; move the clients to a kept revision first, or --force")
         if not dry_run:
             for state in removable:
                 _remove(state)
     if removable and pidfile is not None and not dry_run:
         reload_server(pidfile)
     return [state.rid for state in removable]
+
+
+def recorded_servers(store: Path, name: str, states: Sequence[RevisionState]) -> list[str]:
+    """The DNBD3 servers the revisions' records name (what the clients were told to use)."""
+    found: list[str] = []
+    for state in states:
+        for server in (records.read_record(store, name, state.rid) or {}).get("servers", []):
+            if server not in found:
+                found.append(server)
+    return found
+
+
+def revisions_in_use(servers: Sequence[str], name: str, rids: Sequence[int]) -> str:
+    """Why some of `rids` must not be removed ('' if none): users reported by a server, or a server that
+    could not be asked (its answer is needed to know)."""
+    problems = []
+    for server in servers:
+        try:
+            images = query_images(server, timeout=5)
+        except Dnbd3Error as exc:
+            problems.append(f"cannot ask {server} whether revisions {', '.join(f'r{r}' for r in rids)} "
+                            f"have users ({exc})")
+            continue
+        for image in images:
+            if image.get("name") == name and image.get("rid") in rids and int(image.get("users") or 0) > 0:
+                problems.append(f"r{image['rid']} has {image['users']} user(s) on {server}")
+    return "; ".join(problems)
