@@ -18,8 +18,8 @@ from pathlib import Path
 
 from stage4 import api, config
 from stage4.builders.base_image import bootstrap_plan
-from stage4.pipeline import Context
 from stage4.fsutil import remove_tree
+from stage4.pipeline import Context
 from stage4.runner import Runner
 
 
@@ -32,14 +32,23 @@ def timed(action) -> tuple[float, object]:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="stage4-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        data = {"build": {"output_dir": str(tmp / "out"), "cache_dir": str(tmp / "cache")},
-                "images": {"bench": {"distribution": "debian-12"}}}
+        data = {
+            "build": {"output_dir": str(tmp / "out"), "cache_dir": str(tmp / "cache")},
+            "images": {"bench": {"distribution": "debian-12"}},
+        }
         cfg = config.from_dict(data, "bench")
         plan = bootstrap_plan(Context("bench", cfg.images["bench"], cfg.machine, "bench", tmp, tmp, Runner()))
 
         plain_dir = tmp / "plain-rootfs"
-        plain_argv = ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(plan.packages())}",
-                      plan.distribution.codename, str(plain_dir), *plan.sources()]
+        plain_argv = [
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=minbase",
+            f"--include={','.join(plan.packages())}",
+            plan.distribution.codename,
+            str(plain_dir),
+            *plan.sources(),
+        ]
         plain_seconds, _ = timed(lambda: subprocess.run(plain_argv, check=True, capture_output=True))
         remove_tree(plain_dir)
 

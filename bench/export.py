@@ -1,4 +1,6 @@
-"""Benchmark of `stage4 export` and the DNBD3 client (not a test). Run once: `.venv/bin/python bench/export.py`.
+"""Benchmark of `stage4 export` and the DNBD3 client (not a test).
+
+Run once: `.venv/bin/python bench/export.py`.
 
 On one file of real, non-zero data (default 1 GiB, repeated random 16 MiB chunks, size not a multiple of
 4096 so the padding path runs): export time vs plain `cp` (and `cp` + sync, since export fsyncs), CRC
@@ -67,8 +69,13 @@ def main() -> None:
         t_export = timed(lambda: publish(source, store, "bench/img", check_image=False, boot_files=False))
         rows.append(("cp", t_cp, ""))
         rows.append(("cp + sync", t_cp_sync, ""))
-        rows.append(("stage4 export (copy+CRC+sha256+fsync)", t_export,
-                     f"{t_export / t_cp:.2f}x cp, {t_export / t_cp_sync:.2f}x cp+sync (target <= 1.3x cp)"))
+        rows.append(
+            (
+                "stage4 export (copy+CRC+sha256+fsync)",
+                t_export,
+                f"{t_export / t_cp:.2f}x cp, {t_export / t_cp_sync:.2f}x cp+sync (target <= 1.3x cp)",
+            )
+        )
 
         with source.open("rb") as handle:
             import mmap
@@ -79,7 +86,9 @@ def main() -> None:
             t_raw = timed(lambda: zlib.crc32(view))
             view.release()
             mapped.close()
-        rows.append(("CRC list (block_crcs over mmap)", t_crc, f"{size / t_crc / 1e9:.2f} GB/s (target >= 1 GB/s)"))
+        rows.append(
+            ("CRC list (block_crcs over mmap)", t_crc, f"{size / t_crc / 1e9:.2f} GB/s (target >= 1 GB/s)")
+        )
         rows.append(("zlib.crc32 over the whole mmap", t_raw, f"{size / t_raw / 1e9:.2f} GB/s"))
 
         published = store / "bench/img.r1"
@@ -96,10 +105,18 @@ def main() -> None:
 
             t_client = timed(read_all)
         rows.append(("cat of the published file", t_cat, f"{size / t_cat / 1e9:.2f} GB/s"))
-        rows.append(("client read via stage4 serve (loopback)", t_client,
-                     f"{size / t_client / 1e9:.2f} GB/s, {t_client / t_cat:.2f}x cat"))
+        rows.append(
+            (
+                "client read via stage4 serve (loopback)",
+                t_client,
+                f"{size / t_client / 1e9:.2f} GB/s, {t_client / t_cat:.2f}x cat",
+            )
+        )
 
-        print(f"\nfile: {size} bytes ({size / MiB:.0f} MiB), {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+        print(
+            f"\nfile: {size} bytes ({size / MiB:.0f} MiB), {os.cpu_count()} CPUs, "
+            f"python {sys.version.split()[0]}"
+        )
         width = max(len(r[0]) for r in rows)
         print(f"{'what':<{width}}  {'seconds':>8}  notes")
         for name, seconds, note in rows:

@@ -19,14 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stage4 import api, config  # noqa: E402
-from stage4.layers import overlay  # noqa: E402
-from stage4.layers.provision import choose_accelerator, root_partition  # noqa: E402
-from stage4.pipeline import Context  # noqa: E402
-from stage4.provisioning import ansible, attach, vm  # noqa: E402
-from stage4.runner import Runner  # noqa: E402
-from stage4.ui import Display  # noqa: E402
-from timing import timed  # noqa: E402  (bench/timing.py, beside this script)
+from timing import timed
+
+from stage4 import api, config
+from stage4.layers import overlay
+from stage4.layers.provision import choose_accelerator, root_partition
+from stage4.pipeline import Context
+from stage4.provisioning import ansible, attach, vm
+from stage4.runner import Runner
+from stage4.ui import Display
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 NAME = "debian-12"
@@ -43,19 +44,32 @@ SMALL_PLAYBOOK = """\
 
 
 def make(root: Path, prod_text: str) -> config.Config:
-    images = {NAME: {
-        "distribution": "debian-12",
-        "dev": {"playbooks": [str(root / "playbooks/dev.yml")]},
-        "prod": {"playbooks": [str(root / "playbooks/prod.yml")], "vars": {"stage4_fixture_text": prod_text}},
-        "initramfs": {"dracut_modules": ["stage4test"], "source": {"path": str(root / "dracut")}},
-        "components": {"fixture": {
-            "source": {"path": str(root / "component")},
-            "build": ['make -C "$KDIR" M="$PWD" modules', "gcc -O2 -o stage4-hello hello.c"],
-            "artifacts": [{"path": "stage4hello.ko", "kind": "module"},
-                          {"path": "stage4-hello", "dest": "/usr/local/bin/stage4-hello", "mode": "0755"}]}},
-    }}
-    data = {"build": {"output_dir": str(root / "output"), "cache_dir": str(Path("~/.cache/stage4").expanduser())},
-            "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"}, "images": images}
+    images = {
+        NAME: {
+            "distribution": "debian-12",
+            "dev": {"playbooks": [str(root / "playbooks/dev.yml")]},
+            "prod": {
+                "playbooks": [str(root / "playbooks/prod.yml")],
+                "vars": {"stage4_fixture_text": prod_text},
+            },
+            "initramfs": {"dracut_modules": ["stage4test"], "source": {"path": str(root / "dracut")}},
+            "components": {
+                "fixture": {
+                    "source": {"path": str(root / "component")},
+                    "build": ['make -C "$KDIR" M="$PWD" modules', "gcc -O2 -o stage4-hello hello.c"],
+                    "artifacts": [
+                        {"path": "stage4hello.ko", "kind": "module"},
+                        {"path": "stage4-hello", "dest": "/usr/local/bin/stage4-hello", "mode": "0755"},
+                    ],
+                }
+            },
+        }
+    }
+    data = {
+        "build": {"output_dir": str(root / "output"), "cache_dir": str(Path("~/.cache/stage4").expanduser())},
+        "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
+        "images": images,
+    }
     return config.from_dict(data, str(root / "stage4.toml"))
 
 
@@ -66,19 +80,27 @@ def main() -> None:
         if not (root / name).exists():
             shutil.copytree(FIXTURES / name, root / name)
     print("stage4 layer benchmark", flush=True)
-    (full,), t_full = timed("full layered build", lambda: api.build(make(root, "bench v1"), [NAME], rebuild={"dev"}))
+    (full,), t_full = timed(
+        "full layered build", lambda: api.build(make(root, "bench v1"), [NAME], rebuild={"dev"})
+    )
     (_,), t_none = timed("rebuild, no change", lambda: api.build(make(root, "bench v1"), [NAME]))
-    (changed,), t_prod = timed("rebuild after a prod-only change", lambda: api.build(make(root, "bench v2"), [NAME]))
+    (changed,), t_prod = timed(
+        "rebuild after a prod-only change", lambda: api.build(make(root, "bench v2"), [NAME])
+    )
     prod_step = sum(changed.manifest["timings_seconds"].values())
     print(f"  prod step alone (provision + flatten, from prod.json): {prod_step:.1f} s")
-    print(f"  ratios: no-change rebuild {t_none:.1f} s (target < 5 s); "
-          f"prod-only rebuild / prod step = {t_prod / prod_step:.2f} (target <= 1.1); "
-          f"full / no-change = {t_full / max(t_none, 0.01):.0f}x")
+    print(
+        f"  ratios: no-change rebuild {t_none:.1f} s (target < 5 s); "
+        f"prod-only rebuild / prod step = {t_prod / prod_step:.2f} (target <= 1.1); "
+        f"full / no-change = {t_full / max(t_none, 0.01):.0f}x"
+    )
 
     # chroot vs VM for the same small playbook, each on a fresh overlay of the base.
     cfg = make(root, "bench v2")
     runner = Runner(Display())
-    ctx = Context(NAME, cfg.images[NAME], cfg.machine, cfg.source, cfg.build.output_dir, cfg.build.cache_dir, runner)
+    ctx = Context(
+        NAME, cfg.images[NAME], cfg.machine, cfg.source, cfg.build.output_dir, cfg.build.cache_dir, runner
+    )
     base_manifest, part = full.base.manifest, root_partition(ctx, full.base.manifest)
     with tempfile.TemporaryDirectory(prefix="stage4-bench-", dir=cfg.build.cache_dir / "work") as tmp:
         work = Path(tmp)
@@ -89,16 +111,21 @@ def main() -> None:
         def chroot_way() -> None:
             layer = work / "chroot.qcow2"
             overlay.create(full.base.image, layer, runner, "bench: overlay")
-            with attach.attached(layer, part, work / "a1", runner, writable=True) as mounted, \
-                    attach.chroot_ready(mounted, runner):
-                ansible.run(ansible.Target("chroot", root=mounted), plays, {}, work / "ans1", runner, "bench chroot")
+            with (
+                attach.attached(layer, part, work / "a1", runner, writable=True) as mounted,
+                attach.chroot_ready(mounted, runner),
+            ):
+                ansible.run(
+                    ansible.Target("chroot", root=mounted), plays, {}, work / "ans1", runner, "bench chroot"
+                )
 
         def vm_way() -> None:
             layer = work / "vm.qcow2"
             overlay.create(full.base.image, layer, runner, "bench: overlay")
             accelerator = choose_accelerator(ctx, base_manifest, work)
-            with vm.running(layer, part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work,
-                            runner, "bench vm") as target:
+            with vm.running(
+                layer, part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work, runner, "bench vm"
+            ) as target:
                 ansible.run(target, plays, {}, work / "ans2", runner, "bench vm")
 
         _, t_chroot = timed("small playbook, chroot way (attach + run + detach)", chroot_way)
@@ -113,18 +140,25 @@ def real_components(root: Path) -> None:
     from stage4.provisioning.source_cache import SourceCache
 
     cache = SourceCache(Path("~/.cache/stage4").expanduser())
-    missing = [name for name, c in config.default_components().items()
-               if c.source.git and not cache.git_entry(c.source.git, c.source.ref)]
+    missing = [
+        name
+        for name, c in config.default_components().items()
+        if c.source.git and not cache.git_entry(c.source.git, c.source.ref)
+    ]
     if missing:
-        print(f"  real dnbd3/xloop: skipped, not in the source cache: {', '.join(missing)} "
-              "(stage4 sources import URL DIR)")
+        print(
+            f"  real dnbd3/xloop: skipped, not in the source cache: {', '.join(missing)} "
+            "(stage4 sources import URL DIR)"
+        )
         return
     cfg = make(root, "bench v2")
     data = cfg.model_dump(mode="json")
     data["images"][NAME] = {"distribution": "debian-12", "dev": {}, "prod": {}}  # defaults: dnbd3, xloop
     real = config.from_dict(data, str(root / "stage4.toml"))
-    (built,), seconds = timed("layered build with the real dnbd3 and xloop, base reused",
-                              lambda: api.build(real, [NAME], rebuild={"dev"}))
+    (built,), seconds = timed(
+        "layered build with the real dnbd3 and xloop, base reused",
+        lambda: api.build(real, [NAME], rebuild={"dev"}),
+    )
     dev_t, prod_t = built.dev_manifest["timings_seconds"], built.manifest["timings_seconds"]
     print(f"  of it: dev {sum(dev_t.values()):.1f} s {dev_t}, prod {sum(prod_t.values()):.1f} s {prod_t}")
     print(f"  target <= 90 s: {'met' if seconds <= 90 else 'not met'} ({seconds:.1f} s)")

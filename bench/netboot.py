@@ -1,4 +1,6 @@
-"""Benchmark of `stage4 netboot` (not a test). Run once: `.venv/bin/python bench/netboot.py -c stage4.toml IMAGE`.
+"""Benchmark of `stage4 netboot` (not a test).
+
+Run once: `.venv/bin/python bench/netboot.py -c stage4.toml IMAGE`.
 
 One revision of a layered image (built or reused by `stage4 build`), exported into a temporary store and
 booted twice on the same accelerator with the same kernel and initramfs: as a client (`stage4 netboot`:

@@ -14,14 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stage4 import api, config  # noqa: E402
-from stage4.boot import accel  # noqa: E402
-from stage4.image.filesystem import extract_boot_files  # noqa: E402
-from stage4.layers import overlay  # noqa: E402
-from stage4.provisioning import ansible, attach, packer_way, vm  # noqa: E402
-from stage4.runner import Runner, install_signal_handlers  # noqa: E402
-from stage4.ui import Display  # noqa: E402
-from timing import timed  # noqa: E402  (bench/timing.py, beside this script)
+from timing import timed
+
+from stage4 import api, config
+from stage4.boot import accel
+from stage4.image.filesystem import extract_boot_files
+from stage4.layers import overlay
+from stage4.provisioning import ansible, attach, packer_way, vm
+from stage4.runner import Runner, install_signal_handlers
+from stage4.ui import Display
 
 PROD_PLAYBOOK = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "playbooks" / "prod.yml"
 NAME = "debian-12"
@@ -31,10 +32,15 @@ MIB = 1 << 20
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/stage4-bench-packer")
     root.mkdir(parents=True, exist_ok=True)
-    data = {"build": {"output_dir": str(root / "output"), "cache_dir": str(Path("~/.cache/stage4").expanduser())},
-            "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"}, "images": {NAME: {"distribution": NAME}}}
+    data = {
+        "build": {"output_dir": str(root / "output"), "cache_dir": str(Path("~/.cache/stage4").expanduser())},
+        "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
+        "images": {NAME: {"distribution": NAME}},
+    }
     cfg = config.from_dict(data, str(root / "stage4.toml"))
-    print("stage4 benchmark: prod playbook by Packer (disk_image over a backing file) vs the VM way", flush=True)
+    print(
+        "stage4 benchmark: prod playbook by Packer (disk_image over a backing file) vs the VM way", flush=True
+    )
     (base,), _ = timed("base (built or reused)", lambda: api.build(cfg, [NAME]))
     manifest = json.loads((base.image.parent / "base.json").read_text())
     image = cfg.images[NAME]
@@ -54,26 +60,43 @@ def main() -> None:
             layer = work / "packer-way" / "layer.qcow2"
             layer.parent.mkdir()
             overlay.create(base.image, layer, runner, "bench: overlay")
-            facts = packer_way.provision(layer, part, accelerator, cfg.machine, plays, variables, layer.parent,
-                                         runner, "bench: packer", "bench: prod")
+            facts = packer_way.provision(
+                layer,
+                part,
+                accelerator,
+                cfg.machine,
+                plays,
+                variables,
+                layer.parent,
+                runner,
+                "bench: packer",
+                "bench: prod",
+            )
             return {**facts, "layer": layer.stat().st_size}
 
         def vm_run() -> dict:
             layer = work / "vm-way" / "layer.qcow2"
             layer.parent.mkdir()
             overlay.create(base.image, layer, runner, "bench: overlay")
-            with vm.running(layer, part, accelerator, cfg.machine.cpus, memory_mib, layer.parent, runner,
-                            "bench: vm") as target:
+            with vm.running(
+                layer, part, accelerator, cfg.machine.cpus, memory_mib, layer.parent, runner, "bench: vm"
+            ) as target:
                 ansible.run(target, plays, variables, layer.parent / "ansible", runner, "bench: vm")
             return {"layer": layer.stat().st_size}
 
-        packer_facts, t_packer = timed("Packer way (build user, packer build: boot + SSH + playbook + poweroff, "
-                                       "commit, remove user)", packer_run)
-        vm_facts, t_vm = timed("VM way (build user, qemu: boot + SSH + playbook + poweroff, remove user)", vm_run)
+        packer_facts, t_packer = timed(
+            "Packer way (build user, packer build: boot + SSH + playbook + poweroff, commit, remove user)",
+            packer_run,
+        )
+        vm_facts, t_vm = timed(
+            "VM way (build user, qemu: boot + SSH + playbook + poweroff, remove user)", vm_run
+        )
         print(f"  Packer {packer_facts['packer_version']} / VM way = {t_packer / t_vm:.2f}x")
-        print(f"  overlay sizes before flattening: Packer way {packer_facts['layer'] / MIB:.1f} MiB "
-              f"(Packer's own overlay before the commit: {packer_facts['packer_overlay_size'] / MIB:.1f} MiB), "
-              f"VM way {vm_facts['layer'] / MIB:.1f} MiB")
+        print(
+            f"  overlay sizes before flattening: Packer way {packer_facts['layer'] / MIB:.1f} MiB "
+            f"(Packer's own overlay before the commit: {packer_facts['packer_overlay_size'] / MIB:.1f} MiB), "
+            f"VM way {vm_facts['layer'] / MIB:.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,14 @@ def _build(tmp: Path, name: str, image: dict) -> BuiltImage:
     cfg = make_config(tmp, {name: image})
     (result,) = api.build(cfg, [name])
     manifest = json.loads((result.image.parent / "base.json").read_text())
-    return BuiltImage(result.image, manifest, cfg.images[name].identifier, cfg.images[name].filesystem.value,
-                      cfg, cfg.build.output_dir)
+    return BuiltImage(
+        result.image,
+        manifest,
+        cfg.images[name].identifier,
+        cfg.images[name].filesystem.value,
+        cfg,
+        cfg.build.output_dir,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +90,11 @@ def base_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
 @pytest.fixture(scope="session")
 def xfs_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     """The usegalaxy-style variant: xfs with the identifier 'system'."""
-    return _build(tmp_path_factory.mktemp("xfs"), "debian-12-xfs",
-                  {"distribution": "debian-12", "filesystem": "xfs", "identifier": "system"})
+    return _build(
+        tmp_path_factory.mktemp("xfs"),
+        "debian-12-xfs",
+        {"distribution": "debian-12", "filesystem": "xfs", "identifier": "system"},
+    )
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def children(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         parents.setdefault(ppid, []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
@@ -78,11 +78,14 @@ def sshd(tmp_path_factory):
         pytest.skip("sshd needs root here (privilege separation directory, login as root)")
     tmp = tmp_path_factory.mktemp("sshd")
     for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", tmp / key], check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", tmp / key], check=True
+        )
     shutil.copy(tmp / "client_key.pub", tmp / "authorized_keys")
     port = free_port()
     config = tmp / "sshd_config"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         ListenAddress 127.0.0.1
         Port {port}
         HostKey {tmp}/host_key
@@ -97,12 +100,18 @@ def sshd(tmp_path_factory):
         MaxStartups 50
         LogLevel VERBOSE
         Subsystem sftp internal-sftp
-        """))
+        """)
+    )
     (tmp / "known_hosts").write_text(f"[127.0.0.1]:{port} " + (tmp / "host_key.pub").read_text())
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     log = (tmp / "sshd.log").open("wb")
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", config], stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", config],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -113,9 +122,14 @@ def sshd(tmp_path_factory):
             except OSError:
                 assert time.monotonic() < deadline, "sshd did not listen"
                 time.sleep(0.05)
-        options = [f"Port={port}", f"IdentityFile={tmp}/client_key", "IdentitiesOnly=yes",
-                   f"UserKnownHostsFile={tmp}/known_hosts", "GlobalKnownHostsFile=/dev/null",
-                   "StrictHostKeyChecking=yes"]
+        options = [
+            f"Port={port}",
+            f"IdentityFile={tmp}/client_key",
+            "IdentitiesOnly=yes",
+            f"UserKnownHostsFile={tmp}/known_hosts",
+            "GlobalKnownHostsFile=/dev/null",
+            "StrictHostKeyChecking=yes",
+        ]
         yield SimpleNamespace(port=port, options=options, dir=tmp, host="root@127.0.0.1")
     finally:
         sessions = children(server.pid)

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def sfdisk(raw: Path) -> dict:
-    return json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
-                                     text=True).stdout)["partitiontable"]
+    return json.loads(
+        subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True, text=True).stdout
+    )["partitiontable"]
 
 
 def root_entry(table: dict, identifier: str) -> dict:
@@ -27,14 +28,19 @@ def root_entry(table: dict, identifier: str) -> dict:
 
 
 def blkid(raw: Path, offset: int) -> dict:
-    out = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(offset), str(raw)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["blkid", "-p", "-o", "export", "-O", str(offset), str(raw)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def debugfs(raw: Path, offset: int, command: str) -> str:
-    return subprocess.run(["debugfs", "-R", command, f"{raw}?offset={offset}"], check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["debugfs", "-R", command, f"{raw}?offset={offset}"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def test_gpt_name_and_filesystem_label_are_the_identifier(base_image: BuiltImage, raw_copy: Path) -> None:
@@ -55,13 +61,20 @@ def test_gpt_name_and_filesystem_label_are_the_identifier(base_image: BuiltImage
 
 
 def test_qcow2_is_standalone_clean_and_compressed(base_image: BuiltImage) -> None:
-    check = subprocess.run(["qemu-img", "check", "--output=json", str(base_image.path)], capture_output=True,
-                           text=True)
+    check = subprocess.run(
+        ["qemu-img", "check", "--output=json", str(base_image.path)], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     result = json.loads(check.stdout)
     assert result.get("corruptions", 0) == 0 and result.get("leaks", 0) == 0
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(base_image.path)], check=True,
-                                     capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(base_image.path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert info["format"] == "qcow2"
     assert "backing-filename" not in info
     specific = info["format-specific"]["data"]
@@ -124,13 +137,19 @@ def test_inspect_passes(base_image: BuiltImage) -> None:
     data = json.loads(cli.stdout)
     assert data["passed"] is True
     assert data["qcow2"]["backing_file"] is None and data["qcow2"]["compression"] == "zstd"
-    assert {c["name"] for c in data["checks"] if c["passed"]} >= {"no backing file", "its filesystem label is 'SLX_SYS'"}
+    assert {c["name"] for c in data["checks"] if c["passed"]} >= {
+        "no backing file",
+        "its filesystem label is 'SLX_SYS'",
+    }
 
 
 def test_inspect_fails_on_an_overlay_and_a_wrong_identifier(base_image: BuiltImage, tmp_path: Path) -> None:
     overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base_image.path), str(overlay)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base_image.path), str(overlay)],
+        check=True,
+        capture_output=True,
+    )
     report = api.inspect(overlay)
     assert not report.passed
     assert any(problem.startswith("no backing file") for problem in report.problems())
@@ -158,13 +177,17 @@ def test_boots_via_its_own_bootloader(base_image: BuiltImage) -> None:
 
 
 def test_boots_via_extracted_kernel_with_partlabel_root(base_image: BuiltImage) -> None:
-    cli = run_stage4("boot", "--via", "kernel", "--timeout", "400", str(base_image.path),
-                     cwd=base_image.output_dir)
+    cli = run_stage4(
+        "boot", "--via", "kernel", "--timeout", "400", str(base_image.path), cwd=base_image.output_dir
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     match = re.search(r"serial log: (\S+)", cli.stdout)
     assert match, cli.stdout
-    log = (base_image.output_dir / match.group(1)).read_text(errors="replace") \
-        if not Path(match.group(1)).is_absolute() else Path(match.group(1)).read_text(errors="replace")
+    log = (
+        (base_image.output_dir / match.group(1)).read_text(errors="replace")
+        if not Path(match.group(1)).is_absolute()
+        else Path(match.group(1)).read_text(errors="replace")
+    )
     assert "root=PARTLABEL=SLX_SYS" in log
     assert "STAGE4-USERSPACE-UP" in log
 

@@ -21,7 +21,9 @@ VECTORS = [
 ]
 
 
-@pytest.mark.parametrize(("content", "expected"), VECTORS, ids=["16MiB-zero", "5000-zero", "16MiB+5000", "pattern"])
+@pytest.mark.parametrize(
+    ("content", "expected"), VECTORS, ids=["16MiB-zero", "5000-zero", "16MiB+5000", "pattern"]
+)
 def test_reference_vectors(tmp_path, content, expected):
     assert crc_file_bytes(block_crcs(content)).hex(" ") == expected
     image = tmp_path / "img"
@@ -37,12 +39,14 @@ def test_crc_of_unpadded_5000_bytes_is_not_what_the_server_wants():
 def independent_crc_file(data: bytes) -> bytes:
     """Straight from the reference's wording, with binascii instead of zlib and no shared code."""
     padded = data + bytes(-len(data) % 4096)
-    blocks = [binascii.crc32(padded[i:i + 16 * MiB]) for i in range(0, len(padded), 16 * MiB)]
+    blocks = [binascii.crc32(padded[i : i + 16 * MiB]) for i in range(0, len(padded), 16 * MiB)]
     body = b"".join(struct.pack("<I", c) for c in blocks)
     return struct.pack("<I", binascii.crc32(body)) + body
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 16 * MiB - 1, 16 * MiB, 16 * MiB + 1, 33 * MiB + 12345])
+@pytest.mark.parametrize(
+    "size", [1, 4095, 4096, 4097, 16 * MiB - 1, 16 * MiB, 16 * MiB + 1, 33 * MiB + 12345]
+)
 def test_copy_and_digest_against_independent_computation(tmp_path, size):
     data = os.urandom(size)
     source = tmp_path / "src"

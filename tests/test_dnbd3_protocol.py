@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stage4.image import qcow2
 from stage4.dnbd3 import protocol as p
 from stage4.dnbd3.crc import CrcError, parse_crc_file
 from stage4.errors import InputError, Stage4Error
+from stage4.image import qcow2
 
 
 def h(text: str) -> bytes:
@@ -19,21 +19,27 @@ def h(text: str) -> bytes:
 
 
 def test_select_image_request_matches_verified_bytes():
-    expected = h("73 72 02 00 14 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
-                 "03 00 74 65 73 74 2f 69 6d 67 2e 71 63 6f 77 32 00 00 00 00")
+    expected = h(
+        "73 72 02 00 14 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
+        "03 00 74 65 73 74 2f 69 6d 67 2e 71 63 6f 77 32 00 00 00 00"
+    )
     assert p.select_image_request("test/img.qcow2", 0) == expected
     assert len(expected) == 44
 
 
 def test_select_image_request_computed_vector():
-    expected = h("73 72 02 00 10 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
-                 "03 00 74 65 73 74 2e 71 63 6f 77 32 00 00 00 00")
+    expected = h(
+        "73 72 02 00 10 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
+        "03 00 74 65 73 74 2e 71 63 6f 77 32 00 00 00 00"
+    )
     assert p.select_image_request("test.qcow2", 0) == expected
 
 
 def test_select_reply_matches_verified_bytes_and_parses():
-    expected = h("73 72 02 00 1b 00 00 00 00 00 00 00 00 00 00 00"
-                 "03 00 74 65 73 74 2f 69 6d 67 2e 71 63 6f 77 32 00 02 00 00 00 86 02 00 00 00 00")
+    expected = h(
+        "73 72 02 00 1b 00 00 00 00 00 00 00 00 00 00 00"
+        "03 00 74 65 73 74 2f 69 6d 67 2e 71 63 6f 77 32 00 02 00 00 00 86 02 00 00 00 00"
+    )
     assert p.select_reply(3, "test/img.qcow2", 2, 42_336_256) == expected
     reply = p.parse_reply(expected[:16])
     assert (reply.cmd, reply.size, reply.handle) == (p.CMD_SELECT_IMAGE, 27, 0)
@@ -41,23 +47,34 @@ def test_select_reply_matches_verified_bytes_and_parses():
 
 
 def test_select_reply_ten_gib_vector():
-    expected = h("73 72 02 00 17 00 00 00 00 00 00 00 00 00 00 00"
-                 "03 00 74 65 73 74 2e 71 63 6f 77 32 00 07 00 00 00 00 80 02 00 00 00")
+    expected = h(
+        "73 72 02 00 17 00 00 00 00 00 00 00 00 00 00 00"
+        "03 00 74 65 73 74 2e 71 63 6f 77 32 00 07 00 00 00 00 80 02 00 00 00"
+    )
     assert p.select_reply(3, "test.qcow2", 7, 10 << 30) == expected
 
 
-@pytest.mark.parametrize(("offset", "size", "handle", "expected"), [
-    (0, 4096, 1, "73 72 01 00 00 10 00 00 00 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00"),
-    (1 << 20, 64 << 10, 0x1122334455667788,
-     "73 72 01 00 00 00 01 00 00 00 10 00 00 00 00 00 88 77 66 55 44 33 22 11"),
-])
+@pytest.mark.parametrize(
+    ("offset", "size", "handle", "expected"),
+    [
+        (0, 4096, 1, "73 72 01 00 00 10 00 00 00 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00"),
+        (
+            1 << 20,
+            64 << 10,
+            0x1122334455667788,
+            "73 72 01 00 00 00 01 00 00 00 10 00 00 00 00 00 88 77 66 55 44 33 22 11",
+        ),
+    ],
+)
 def test_get_block_request_vectors(offset, size, handle, expected):
     assert p.get_block_request(offset, size, handle) == h(expected)
 
 
 def test_reply_and_simple_request_vectors():
     assert p.Reply(p.CMD_GET_BLOCK, 4096, 1).pack() == h("73 72 01 00 00 10 00 00 01 00 00 00 00 00 00 00")
-    assert p.Reply(p.CMD_ERROR, 0, 0x112233445566770A).pack() == h("73 72 04 00 00 00 00 00 0a 77 66 55 44 33 22 11")
+    assert p.Reply(p.CMD_ERROR, 0, 0x112233445566770A).pack() == h(
+        "73 72 04 00 00 00 00 00 0a 77 66 55 44 33 22 11"
+    )
     assert p.simple_request(p.CMD_KEEPALIVE) == h("73 72 05 00") + bytes(20)
     assert p.simple_request(p.CMD_GET_SERVERS) == h("73 72 03 00") + bytes(20)
     assert p.simple_request(p.CMD_GET_CRC32) == h("73 72 08 00") + bytes(20)
@@ -90,23 +107,32 @@ def test_select_image_payload_is_parsed_as_leniently_as_the_server():
             p.parse_select_image(bad)
 
 
-@pytest.mark.parametrize("payload", [
-    struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 0, 8192),  # RID 0
-    struct.pack("<H", 1) + b"img\0" + struct.pack("<HQ", 1, 8192),  # version 1
-    struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 1, 100),  # size below 4096
-    struct.pack("<H", 3) + b"img" + struct.pack("<HQ", 1, 8192),  # no NUL
-    struct.pack("<H", 3) + b"\0" + struct.pack("<HQ", 1, 8192) + b"xx",  # empty name
-    struct.pack("<H", 3) + b"abcdefghij\0" + b"\1",  # cut after the name
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 0, 8192),  # RID 0
+        struct.pack("<H", 1) + b"img\0" + struct.pack("<HQ", 1, 8192),  # version 1
+        struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 1, 100),  # size below 4096
+        struct.pack("<H", 3) + b"img" + struct.pack("<HQ", 1, 8192),  # no NUL
+        struct.pack("<H", 3) + b"\0" + struct.pack("<HQ", 1, 8192) + b"xx",  # empty name
+        struct.pack("<H", 3) + b"abcdefghij\0" + b"\1",  # cut after the name
+    ],
+)
 def test_bad_select_replies_are_refused(payload):
     with pytest.raises(p.ProtocolError):
         p.parse_select_reply(payload)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("host", ("host", 5003)), ("host:1234", ("host", 1234)), ("[::1]:99", ("::1", 99)), ("::1", ("::1", 5003)),
-    ("10.0.0.1", ("10.0.0.1", 5003)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("host", ("host", 5003)),
+        ("host:1234", ("host", 1234)),
+        ("[::1]:99", ("::1", 99)),
+        ("::1", ("::1", 5003)),
+        ("10.0.0.1", ("10.0.0.1", 5003)),
+    ],
+)
 def test_parse_address(text, expected):
     assert p.parse_address(text) == expected
 
@@ -119,18 +145,31 @@ def test_parse_address_refuses(text):
 
 # --- hostile input: every parser either returns a value or raises a Stage4Error -------------------------
 
-PARSERS = [p.parse_reply, p.parse_request, p.parse_select_reply, p.parse_select_image, p.parse_servers,
-           parse_crc_file, qcow2.parse_header]
+PARSERS = [
+    p.parse_reply,
+    p.parse_request,
+    p.parse_select_reply,
+    p.parse_select_image,
+    p.parse_servers,
+    parse_crc_file,
+    qcow2.parse_header,
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.one_of(
-    st.binary(max_size=1100),
-    st.builds(lambda tail: b"sr" + tail, st.binary(max_size=40)),
-    st.builds(lambda v, name, tail: struct.pack("<H", v) + name + b"\0" + tail,
-              st.integers(0, 65535), st.binary(max_size=30), st.binary(max_size=12)),
-    st.builds(lambda tail: b"QFI\xfb" + tail, st.binary(max_size=120)),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=1100),
+        st.builds(lambda tail: b"sr" + tail, st.binary(max_size=40)),
+        st.builds(
+            lambda v, name, tail: struct.pack("<H", v) + name + b"\0" + tail,
+            st.integers(0, 65535),
+            st.binary(max_size=30),
+            st.binary(max_size=12),
+        ),
+        st.builds(lambda tail: b"QFI\xfb" + tail, st.binary(max_size=120)),
+    )
+)
 def test_parsers_never_crash(data):
     for parse in PARSERS:
         try:
@@ -140,8 +179,12 @@ def test_parsers_never_crash(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(version=st.integers(2, 65535), name=st.text(min_size=1, max_size=60).filter(lambda s: "\0" not in s),
-       rid=st.integers(1, 65535), size=st.integers(4096, (1 << 64) - 1))
+@given(
+    version=st.integers(2, 65535),
+    name=st.text(min_size=1, max_size=60).filter(lambda s: "\0" not in s),
+    rid=st.integers(1, 65535),
+    size=st.integers(4096, (1 << 64) - 1),
+)
 def test_select_reply_roundtrip(version, name, rid, size):
     frame = p.select_reply(version, name, rid, size)
     reply = p.parse_reply(frame[:16])

@@ -1,4 +1,5 @@
-"""`stage4 serve` and the client against each other on loopback, raw protocol behaviour, hostile peers, load."""
+"""`stage4 serve` and the client against each other on loopback, raw protocol behaviour, hostile peers,
+load."""
 
 from __future__ import annotations
 
@@ -34,10 +35,41 @@ def make_qcow2(tmp: Path, extra_random: int = 20, convert_options: tuple[str, ..
     with raw.open("wb") as handle:
         handle.truncate(64 * MiB)
     start = 4096 * 512
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "SLX_SYS", "-E", f"offset={start}", raw,
-                    f"{(64 * MiB - start - 34 * 512) // 1024}k"], check=True, capture_output=True)
-    subprocess.run(["sgdisk", "-n", "1:2048:+1M", "-t", "1:EF02", "-c", "1:bios_grub", "-n", "2:4096:0",
-                    "-t", "2:8300", "-c", "2:SLX_SYS", raw], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "SLX_SYS",
+            "-E",
+            f"offset={start}",
+            raw,
+            f"{(64 * MiB - start - 34 * 512) // 1024}k",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "sgdisk",
+            "-n",
+            "1:2048:+1M",
+            "-t",
+            "1:EF02",
+            "-c",
+            "1:bios_grub",
+            "-n",
+            "2:4096:0",
+            "-t",
+            "2:8300",
+            "-c",
+            "2:SLX_SYS",
+            raw,
+        ],
+        check=True,
+        capture_output=True,
+    )
     with raw.open("r+b") as handle:  # real non-zero data inside the partition, spanning several hash blocks
         handle.seek(20 * MiB)
         handle.write(os.urandom(extra_random * MiB))
@@ -67,7 +99,8 @@ def server(published):
 
 
 def addr(srv: DevServer) -> str:
-    return "%s:%d" % srv.address
+    host, port = srv.address
+    return f"{host}:{port}"
 
 
 def test_verify_passes_and_reports_what_a_client_finds(server, published):
@@ -86,7 +119,9 @@ def test_verify_passes_and_reports_what_a_client_finds(server, published):
 def test_verify_reads_through_compressed_clusters(tmp_path, compression, monkeypatch):
     store = tmp_path / "store"
     store.mkdir()
-    image = make_qcow2(tmp_path, extra_random=2, convert_options=("-c", "-o", f"compression_type={compression}"))
+    image = make_qcow2(
+        tmp_path, extra_random=2, convert_options=("-c", "-o", f"compression_type={compression}")
+    )
     publish(image, store, "comp.qcow2", check_image=False, boot_files=False)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # decoding runs in process: no zstd tool needed
     with DevServer(store, read_timeout=2.0) as srv:
@@ -140,8 +175,13 @@ def test_corrupted_byte_in_store_fails_verify_naming_the_block(tmp_path):
         with pytest.raises(Stage4Error, match="block 1"):
             download(addr(srv), "c", tmp_path / "out")
         assert not (tmp_path / "out").exists()
-        result = subprocess.run([sys.executable, "-m", "stage4", "dnbd3", "verify", addr(srv), "c", "--store",
-                                 str(store)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "stage4", "dnbd3", "verify", addr(srv), "c", "--store", str(store)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert result.returncode == 1 and "block 1 (bytes 16777216..33554431)" in result.stdout
 
 
@@ -156,8 +196,12 @@ def test_serve_refuses_a_block_that_fails_its_crc_like_dnbd3_server(tmp_path):
     publish(tmp_path / "img", store, "lab/c.qcow2", check_image=False, boot_files=False)
     flip_byte(store / "lab/c.qcow2.r2", 16 * MiB + 777)
     flip_byte(store / "lab/c.qcow2.r1", 32 * MiB + 5)  # found only by the full check (SIGUSR1)
-    server = subprocess.Popen([sys.executable, "-m", "stage4", "serve", str(store), "--port", "0"],
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stage4", "serve", str(store), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         address = server.stderr.readline().split(" on ", 1)[1].split(",", 1)[0]
         with Client.open(address, "lab/c.qcow2", timeout=5) as client:
@@ -167,7 +211,7 @@ def test_serve_refuses_a_block_that_fails_its_crc_like_dnbd3_server(tmp_path):
             with pytest.raises(ConnectionLost):  # not a RangeError: no CMD_ERROR, the connection is closed
                 client.read(16 * MiB - 4096, 8192)  # straddles blocks 0 and 1
         with Client.open(address, "lab/c.qcow2", 2, timeout=5) as client:
-            assert client.read(32 * MiB, MiB) == data[32 * MiB:33 * MiB]  # good blocks still served
+            assert client.read(32 * MiB, MiB) == data[32 * MiB : 33 * MiB]  # good blocks still served
             with pytest.raises(ConnectionLost):  # the result is remembered
                 client.read(20 * MiB, 1)
         entries = {i["rid"]: i for i in query_images(address, timeout=5) if i["name"] == "lab/c.qcow2"}
@@ -255,7 +299,9 @@ def test_raw_protocol_behaviour(server):
         sock.sendall(p.get_block_request(5, 0, 8))
         assert recv_exact(sock, 16) == p.Reply(p.CMD_GET_BLOCK, 0, 8).pack()
         # GET_CRC32: the .crc bytes; GET_SERVERS: empty; SET_CLIENT_MODE and unknown commands: silence
-        sock.sendall(p.simple_request(p.CMD_SET_CLIENT_MODE) + p.simple_request(99) + p.simple_request(p.CMD_GET_CRC32))
+        sock.sendall(
+            p.simple_request(p.CMD_SET_CLIENT_MODE) + p.simple_request(99) + p.simple_request(p.CMD_GET_CRC32)
+        )
         reply = p.parse_reply(recv_exact(sock, 16))
         assert (reply.cmd, reply.size, reply.handle) == (p.CMD_GET_CRC32, 8, 8)
         recv_exact(sock, 8)
@@ -266,16 +312,21 @@ def test_raw_protocol_behaviour(server):
         assert sock.recv(16) == b""
 
 
-@pytest.mark.parametrize("frame", [
-    p.select_image_request("rand", 0)[:2][::-1] + p.select_image_request("rand", 0)[2:],  # swapped magic
-    p.get_block_request(0, 4096, 1),  # first command is not SELECT_IMAGE
-    p.select_image_request("rand", 0, version=1),
-    p.select_image_request("rand.r1", 0),  # the file name is not the image name
-    p.select_image_request("Rand", 0),  # case matters
-    p.select_image_request("/rand", 0), p.select_image_request(".rand", 0), p.select_image_request("a/../rand", 0),
-    p.Request(p.CMD_SELECT_IMAGE, 2).pack() + b"\3\0",  # only the version
-    p.Request(p.CMD_SELECT_IMAGE, 1001).pack(),
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        p.select_image_request("rand", 0)[:2][::-1] + p.select_image_request("rand", 0)[2:],  # swapped magic
+        p.get_block_request(0, 4096, 1),  # first command is not SELECT_IMAGE
+        p.select_image_request("rand", 0, version=1),
+        p.select_image_request("rand.r1", 0),  # the file name is not the image name
+        p.select_image_request("Rand", 0),  # case matters
+        p.select_image_request("/rand", 0),
+        p.select_image_request(".rand", 0),
+        p.select_image_request("a/../rand", 0),
+        p.Request(p.CMD_SELECT_IMAGE, 2).pack() + b"\3\0",  # only the version
+        p.Request(p.CMD_SELECT_IMAGE, 1001).pack(),
+    ],
+)
 def test_bad_handshakes_are_closed_without_reply(server, frame):
     with socket.create_connection(server.address, timeout=5) as sock:
         sock.sendall(frame)
@@ -297,17 +348,27 @@ def test_http_query_on_the_same_port(server):
 
 frames = st.one_of(
     st.binary(max_size=64),
-    st.builds(lambda cmd, size, off, handle: p.Request(cmd, size, off, handle).pack(),
-              st.integers(0, 12), st.one_of(st.integers(0, 5000), st.integers(0, 2**32 - 1)),
-              st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
-    st.builds(lambda name, rid, v: p.select_image_request(name, rid, version=v),
-              st.sampled_from(["rand", "nope", "stage4/disk.qcow2", "a//rand"]), st.integers(0, 3),
-              st.integers(0, 5)),
+    st.builds(
+        lambda cmd, size, off, handle: p.Request(cmd, size, off, handle).pack(),
+        st.integers(0, 12),
+        st.one_of(st.integers(0, 5000), st.integers(0, 2**32 - 1)),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 2**64 - 1),
+    ),
+    st.builds(
+        lambda name, rid, v: p.select_image_request(name, rid, version=v),
+        st.sampled_from(["rand", "nope", "stage4/disk.qcow2", "a//rand"]),
+        st.integers(0, 3),
+        st.integers(0, 5),
+    ),
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(stream=st.lists(frames, max_size=8))
 def test_server_handler_survives_hostile_frames(server, stream):
     """Random frames into the request handler: it ends on EOF, and everything it sends is a valid reply."""
@@ -331,7 +392,7 @@ def test_server_handler_survives_hostile_frames(server, stream):
         return
     view, position = received, 0
     while position < len(view):  # every byte sent is part of a well-formed reply
-        reply = p.parse_reply(view[position:position + 16])
+        reply = p.parse_reply(view[position : position + 16])
         assert reply.cmd in (1, 2, 3, 4, 5, 8)
         position += 16 + reply.size
     assert position == len(view)
@@ -339,10 +400,18 @@ def test_server_handler_survives_hostile_frames(server, stream):
 
 replies = st.one_of(
     st.binary(max_size=48),
-    st.builds(lambda cmd, size, handle: p.Reply(cmd, size, handle).pack(), st.integers(0, 10),
-              st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)), st.integers(0, 3)),
-    st.builds(lambda name, rid, size: p.select_reply(3, name, rid, size), st.sampled_from(["img", "other"]),
-              st.integers(0, 3), st.integers(0, 1 << 20)),
+    st.builds(
+        lambda cmd, size, handle: p.Reply(cmd, size, handle).pack(),
+        st.integers(0, 10),
+        st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),
+        st.integers(0, 3),
+    ),
+    st.builds(
+        lambda name, rid, size: p.select_reply(3, name, rid, size),
+        st.sampled_from(["img", "other"]),
+        st.integers(0, 3),
+        st.integers(0, 1 << 20),
+    ),
 )
 
 
@@ -390,7 +459,7 @@ def test_silent_server_times_out():
     try:
         started = time.monotonic()
         with pytest.raises(ImageUnavailable):
-            Client.open("127.0.0.1:%d" % listener.getsockname()[1], "img", timeout=0.3)
+            Client.open(f"127.0.0.1:{listener.getsockname()[1]}", "img", timeout=0.3)
         assert time.monotonic() - started < 2
     finally:
         listener.close()
@@ -434,7 +503,7 @@ def test_32_concurrent_clients_read_random_blocks(server, published):
                     length = rng.choice([1, 512, 4096, 65536, 1 << 20])
                     ranges.append((rng.randrange(0, size - length + 1), length))
                 for offset, data in client.read_many(ranges, window=8):
-                    assert bytes(data) == expected[offset:offset + len(data)], f"mismatch at {offset}"
+                    assert bytes(data) == expected[offset : offset + len(data)], f"mismatch at {offset}"
                     with lock:
                         checked[0] += len(data)
         except BaseException as exc:

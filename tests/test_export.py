@@ -35,8 +35,9 @@ class LocalShellTransport(RemoteTransport):
         self.runner = runner
 
     def run_script(self, script: str, args, *, step: str) -> tuple[int, str]:
-        result = self.runner.run(["sh", "-s", "--", *args], step=step, input=script.encode(), capture=True,
-                                 check=False)
+        result = self.runner.run(
+            ["sh", "-s", "--", *args], step=step, input=script.encode(), capture=True, check=False
+        )
         return result.returncode, result.stdout
 
     def upload(self, local: Path, remote: str, *, step: str) -> None:
@@ -76,8 +77,15 @@ def export(image: Path, store: Path, name: str = "stage4/test.qcow2", **kwargs):
 def test_export_layout_crc_and_record(tmp_path, image, boot):
     store = tmp_path / "store"
     store.mkdir()
-    pub = export(image, store, kernel=boot[0], initrd=boot[1], boot_files=True, servers=["10.0.0.1", "10.0.0.2:5003"],
-                 source_identity="abc123")
+    pub = export(
+        image,
+        store,
+        kernel=boot[0],
+        initrd=boot[1],
+        boot_files=True,
+        servers=["10.0.0.1", "10.0.0.2:5003"],
+        source_identity="abc123",
+    )
     assert pub.rid == 1
     assert visible(store) == ["stage4/test.qcow2.r1", "stage4/test.qcow2.r1.crc"]
     published = store / "stage4/test.qcow2.r1"
@@ -153,7 +161,8 @@ def test_killed_export_leaves_only_hidden_files_and_rerun_works(tmp_path, image)
             time.sleep(60)
 
         local.LocalExport.commit = stop_before_commit
-        publish(Path({str(image)!r}), {str(store)!r}, "stage4/test.qcow2", check_image=False, boot_files=False)
+        publish(Path({str(image)!r}), {str(store)!r}, "stage4/test.qcow2", check_image=False,
+                boot_files=False)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -177,7 +186,9 @@ def test_concurrent_exports_get_distinct_revisions(tmp_path, image):
         from stage4.export.publish import publish
         print(publish(Path({str(image)!r}), {str(store)!r}, "n", check_image=False, boot_files=False).rid)
     """)
-    children = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    children = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
     rids = sorted(int(c.communicate(timeout=60)[0]) for c in children)
     assert rids == [1, 2, 3, 4]
     assert sorted(visible(store)) == sorted([f"n.r{r}" for r in rids] + [f"n.r{r}.crc" for r in rids])
@@ -205,7 +216,9 @@ def test_concurrent_threads_also_get_distinct_revisions(tmp_path, image):
 def test_qcow2_with_backing_file_is_refused(tmp_path):
     base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"], check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay], check=True
+    )
     store = tmp_path / "store"
     store.mkdir()
     with pytest.raises(InputError, match="backing file"):
@@ -218,9 +231,31 @@ def test_qcow2_with_backing_file_is_refused(tmp_path):
     assert pub.size % 4096 == 0
 
 
-BAD_NAMES = ["", "/abs/img", "a/../img", "..", "a//img", "img/", ".hidden", "a/.img", "./img", "a/./img",
-             "x" * 151 + "/img", "y" * 144, "with space", "star*", "q?", "br[a]ck", "quo'te", "tab\tname",
-             "nul\0byte", "ümlaut", "img.r7", "img.crc", "a\\b"]
+BAD_NAMES = [
+    "",
+    "/abs/img",
+    "a/../img",
+    "..",
+    "a//img",
+    "img/",
+    ".hidden",
+    "a/.img",
+    "./img",
+    "a/./img",
+    "x" * 151 + "/img",
+    "y" * 144,
+    "with space",
+    "star*",
+    "q?",
+    "br[a]ck",
+    "quo'te",
+    "tab\tname",
+    "nul\0byte",
+    "ümlaut",
+    "img.r7",
+    "img.crc",
+    "a\\b",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -236,7 +271,13 @@ def test_bad_names_are_refused(tmp_path, image, name):
 
 
 def test_good_names_are_accepted():
-    for name in ["img", "stage4/debian-12.qcow2", "a/b/c/rocky+workers-internal.qcow2", "x" * 143, "v1.2_3@4"]:
+    for name in [
+        "img",
+        "stage4/debian-12.qcow2",
+        "a/b/c/rocky+workers-internal.qcow2",
+        "x" * 143,
+        "v1.2_3@4",
+    ]:
         assert validate_name(name) == name
 
 
@@ -250,12 +291,24 @@ def test_cli_refuses_bad_name_with_exit_code_2_and_one_line(tmp_path, image):
     store = tmp_path / "store"
     store.mkdir()
     for name in ["../escape", "/abs", "a//b", ".hidden", "z" * 200]:
-        result = subprocess.run([*STAGE4, "export", str(image), "--store", str(store), "--name", name],
-                                check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        result = subprocess.run(
+            [*STAGE4, "export", str(image), "--store", str(store), "--name", name],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "image name" in result.stderr
-    result = subprocess.run([*STAGE4, "export", str(image), "--store", str(store), "--name", "ok", "--rid", "007"],
-                            check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [*STAGE4, "export", str(image), "--store", str(store), "--name", "ok", "--rid", "007"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 2 and "leading zeros" in result.stderr
     assert list(store.iterdir()) == []
 
@@ -274,8 +327,14 @@ def test_revisions_and_prune(tmp_path, image):
     assert [r.rid for r in Store(store).revisions("p")] == [5]
     with pytest.raises(InputError):
         prune(store, "p", 0)
-    out = subprocess.run([*STAGE4, "revisions", "p", "--store", str(store), "--json"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [*STAGE4, "revisions", "p", "--store", str(store), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    ).stdout
     assert [row["rid"] for row in json.loads(out)] == [5]
 
 
@@ -285,8 +344,15 @@ def test_remote_store_script_publishes_the_same_layout(tmp_path, image, boot):
     store.mkdir()
     runner = Runner()
     transport = LocalShellTransport(runner)
-    kwargs = {"check_image": False, "transport": transport, "runner": runner, "kernel": boot[0], "initrd": boot[1],
-              "servers": ["10.1.1.1"], "activate": True}
+    kwargs = {
+        "check_image": False,
+        "transport": transport,
+        "runner": runner,
+        "kernel": boot[0],
+        "initrd": boot[1],
+        "servers": ["10.1.1.1"],
+        "activate": True,
+    }
     pub = publish(image, f"fakehost:{store}", "r/img.qcow2", **kwargs)
     assert pub.rid == 1 and pub.image == f"fakehost:{store}/r/img.qcow2.r1"
     pub2 = publish(image, f"fakehost:{store}", "r/img.qcow2", **kwargs)
@@ -313,8 +379,12 @@ def test_reload_sends_sighup_to_the_dev_server(tmp_path, image):
     store = tmp_path / "store"
     store.mkdir()
     pidfile = tmp_path / "server.pid"
-    server = subprocess.Popen([*STAGE4, "serve", str(store), "--port", "0", "--pidfile", str(pidfile)],
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    server = subprocess.Popen(
+        [*STAGE4, "serve", str(store), "--port", "0", "--pidfile", str(pidfile)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         line = server.stderr.readline()
         address = line.split(" on ", 1)[1].split(",", 1)[0]

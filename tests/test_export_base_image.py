@@ -23,11 +23,30 @@ def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):
     store = tmp_path / "store"
     store.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", str(store), "--name",
-         "stage4/debian-12.qcow2", "--server", "10.0.0.1", "--server", "10.0.0.2", "--json"],
-        check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "stage4",
+            "export",
+            str(base_image.path),
+            "--store",
+            str(store),
+            "--name",
+            "stage4/debian-12.qcow2",
+            "--server",
+            "10.0.0.1",
+            "--server",
+            "10.0.0.2",
+            "--json",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr
-    publication = json.loads(result.stdout[result.stdout.index("{"):])
+    publication = json.loads(result.stdout[result.stdout.index("{") :])
     assert publication["rid"] == 1 and publication["identifier"] == base_image.identifier
     assert publication["source_identity"] == base_image.manifest["identity"]
     meta = store / ".stage4/stage4/debian-12.qcow2"
@@ -38,15 +57,40 @@ def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):
     # The base's initramfs lacks the dracut module a layered build configures: as a dev-run manifest would
     # name it, the export is refused before anything is written.
     manifest = tmp_path / "prod.json"
-    manifest.write_text(json.dumps({
-        "kind": "prod", "identity": "x", "identifier": base_image.identifier,
-        "dracut_modules": ["dnbd3-rootfs"], "kernel": str(meta / "kernel.r1"),
-        "initramfs": str(meta / "initrd.r1"), "kernel_version": "unknown"}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "kind": "prod",
+                "identity": "x",
+                "identifier": base_image.identifier,
+                "dracut_modules": ["dnbd3-rootfs"],
+                "kernel": str(meta / "kernel.r1"),
+                "initramfs": str(meta / "initrd.r1"),
+                "kernel_version": "unknown",
+            }
+        )
+    )
     before = sorted(store.rglob("*"))
     result = subprocess.run(
-        [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", str(store), "--name",
-         "stage4/debian-12.qcow2", "--manifest", str(manifest)],
-        check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "stage4",
+            "export",
+            str(base_image.path),
+            "--store",
+            str(store),
+            "--name",
+            "stage4/debian-12.qcow2",
+            "--manifest",
+            str(manifest),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     refusal = f"initramfs {meta / 'initrd.r1'} lacks the configured dracut module 'dnbd3-rootfs'"
     assert refusal in result.stderr
@@ -63,12 +107,36 @@ def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):
     remote.mkdir()
     options = [arg for option in sshd.options for arg in ("--ssh-option", option)]
     result = subprocess.run(
-        [sys.executable, "-m", "stage4", "export", str(base_image.path), "--store", f"{sshd.host}:{remote}",
-         *options, "--name", "stage4/debian-12.qcow2", "--server", "10.0.0.1", "--server", "10.0.0.2", "--json"],
-        check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "stage4",
+            "export",
+            str(base_image.path),
+            "--store",
+            f"{sshd.host}:{remote}",
+            *options,
+            "--name",
+            "stage4/debian-12.qcow2",
+            "--server",
+            "10.0.0.1",
+            "--server",
+            "10.0.0.2",
+            "--json",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout[result.stdout.index("{"):])["rid"] == 1
-    for name in ("stage4/debian-12.qcow2.r1", "stage4/debian-12.qcow2.r1.crc",
-                 ".stage4/stage4/debian-12.qcow2/kernel.r1", ".stage4/stage4/debian-12.qcow2/initrd.r1",
-                 ".stage4/stage4/debian-12.qcow2/config.r1"):
+    assert json.loads(result.stdout[result.stdout.index("{") :])["rid"] == 1
+    for name in (
+        "stage4/debian-12.qcow2.r1",
+        "stage4/debian-12.qcow2.r1.crc",
+        ".stage4/stage4/debian-12.qcow2/kernel.r1",
+        ".stage4/stage4/debian-12.qcow2/initrd.r1",
+        ".stage4/stage4/debian-12.qcow2/config.r1",
+    ):
         assert filecmp.cmp(store / name, remote / name, shallow=False), name

@@ -35,10 +35,27 @@ def build_initramfs(work: Path, output: Path, modules: str) -> Path:
             (base / "modules.d" / module.name).symlink_to(module)
         (base / "modules.d" / FIXTURE_MODULE.name).symlink_to(FIXTURE_MODULE)
         (work / "conf.d").mkdir()
-    subprocess.run(["dracut", "--no-kernel", "--no-hostonly", "--no-early-microcode", "--no-compress",
-                    "--force", "--conf", "/dev/null", "--confdir", work / "conf.d", "-m", modules, output],
-                   env={**os.environ, "dracutbasedir": str(base)}, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [
+            "dracut",
+            "--no-kernel",
+            "--no-hostonly",
+            "--no-early-microcode",
+            "--no-compress",
+            "--force",
+            "--conf",
+            "/dev/null",
+            "--confdir",
+            work / "conf.d",
+            "-m",
+            modules,
+            output,
+        ],
+        env={**os.environ, "dracutbasedir": str(base)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return output
 
 
@@ -65,9 +82,17 @@ def built(tmp_path, initramfs):
     kernel.write_bytes(os.urandom(200_000))
     initrd = out / "artifacts/initrd.img-6.1.0-test"
     shutil.copyfile(initramfs["with"], initrd)
-    manifest = {"kind": "prod", "name": "debian-12", "identity": "prod-identity-123", "identifier": "system",
-                "dracut_modules": ["stage4test"], "kernel": str(kernel), "initramfs": str(initrd),
-                "kernel_version": "6.1.0-test", "image": {"file": "prod.qcow2", "size": image.stat().st_size}}
+    manifest = {
+        "kind": "prod",
+        "name": "debian-12",
+        "identity": "prod-identity-123",
+        "identifier": "system",
+        "dracut_modules": ["stage4test"],
+        "kernel": str(kernel),
+        "initramfs": str(initrd),
+        "kernel_version": "6.1.0-test",
+        "image": {"file": "prod.qcow2", "size": image.stat().st_size},
+    }
     (out / "prod.json").write_text(json.dumps(manifest))
     return image, manifest
 
@@ -80,14 +105,22 @@ def write_manifest(target: Path, **changes) -> dict:
 
 
 def visible(store: Path) -> list[str]:
-    return sorted(str(p.relative_to(store)) for p in store.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(store).parts))
+    return sorted(
+        str(p.relative_to(store))
+        for p in store.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(store).parts)
+    )
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stage4", *args], check=False, capture_output=True,
-                          text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stage4", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_the_dev_runs_kernel_and_initramfs_are_published(tmp_path, built):
@@ -98,16 +131,23 @@ def test_the_dev_runs_kernel_and_initramfs_are_published(tmp_path, built):
     meta = store / ".stage4" / NAME
     assert (meta / "kernel.r1").read_bytes() == Path(manifest["kernel"]).read_bytes()
     assert (meta / "initrd.r1").read_bytes() == Path(manifest["initramfs"]).read_bytes()
-    listing = subprocess.run(["lsinitrd", "-f", "usr/lib/dracut/modules.txt", meta / "initrd.r1"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["lsinitrd", "-f", "usr/lib/dracut/modules.txt", meta / "initrd.r1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert "stage4test" in listing
     assert pub.identifier == "system" and pub.source_identity == "prod-identity-123"
     assert "SLX_SYSTEM_PARTITION_IDENTIFIER='system'\n" in (meta / "config.r1").read_text()
     lines = (meta / "ipxe.r1").read_text().splitlines()
     assert lines[0] == "#!ipxe" and lines[1].startswith("# ") and "prod-identity-123" in lines[1]
     assert lines[2:] == [
-        ("kernel http://${slxsrv}/${slxbase}/kernel.r1 initrd=initrd.r1 slxsrv=${slxsrv} slxbase=${slxbase} "
-         "SLX_DNBD3_RID=1"),
+        (
+            "kernel http://${slxsrv}/${slxbase}/kernel.r1 initrd=initrd.r1 "
+            "slxsrv=${slxsrv} slxbase=${slxbase} "
+            "SLX_DNBD3_RID=1"
+        ),
         "initrd http://${slxsrv}/${slxbase}/initrd.r1",
         "boot",
     ]
@@ -164,12 +204,15 @@ def test_a_base_manifest_gives_the_identity_only(tmp_path):
     assert pub.source_identity == "base-id" and pub.identifier == "SLX_SYS" and pub.kernel is None
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"identifier": None}, "key 'identifier'"),
-    ({"dracut_modules": "stage4test"}, "key 'dracut_modules'"),
-    ({"kernel": "/nonexistent/vmlinuz"}, "kernel /nonexistent/vmlinuz: no such file"),
-    ({"image": {"size": 5}}, "describes an image of 5 bytes"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"identifier": None}, "key 'identifier'"),
+        ({"dracut_modules": "stage4test"}, "key 'dracut_modules'"),
+        ({"kernel": "/nonexistent/vmlinuz"}, "kernel /nonexistent/vmlinuz: no such file"),
+        ({"image": {"size": 5}}, "describes an image of 5 bytes"),
+    ],
+)
 def test_a_wrong_manifest_is_one_line_naming_the_key(tmp_path, built, changes, message):
     image, _ = built
     write_manifest(image, **changes)

@@ -46,8 +46,11 @@ def boot(tmp_path) -> tuple[Path, Path]:
 
 def tree(store: Path) -> dict[str, tuple[int, int]]:
     """Every file of a store (hidden ones too) -> (mode, size)."""
-    return {str(p.relative_to(store)): (p.stat().st_mode & 0o7777, p.stat().st_size)
-            for p in sorted(store.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(store)): (p.stat().st_mode & 0o7777, p.stat().st_size)
+        for p in sorted(store.rglob("*"))
+        if p.is_file()
+    }
 
 
 def visible(store: Path) -> list[str]:
@@ -61,13 +64,21 @@ def test_ssh_export_is_byte_identical_to_a_local_export(sshd, tmp_path, image, b
     local.mkdir()
     runner = Runner()
     transport = SshTransport(sshd.host, runner, sshd.options, use_rsync=copier == "rsync")
-    kwargs = {"check_image": False, "kernel": boot[0], "initrd": boot[1], "servers": ["10.1.1.1", "10.1.1.2:5003"],
-              "activate": True, "runner": runner}
+    kwargs = {
+        "check_image": False,
+        "kernel": boot[0],
+        "initrd": boot[1],
+        "servers": ["10.1.1.1", "10.1.1.2:5003"],
+        "activate": True,
+        "runner": runner,
+    }
     pub = publish(image, f"{sshd.host}:{remote}", NAME, transport=transport, **kwargs)
     assert transport.copier == copier
     ref = publish(image, local, NAME, **kwargs)
     assert pub.rid == ref.rid == 1
-    assert pub.image == f"{sshd.host}:{remote}/{NAME}.r1" and pub.sha256 == ref.sha256 and pub.size == ref.size
+    assert (
+        pub.image == f"{sshd.host}:{remote}/{NAME}.r1" and pub.sha256 == ref.sha256 and pub.size == ref.size
+    )
 
     assert tree(remote) == tree(local), "same names, modes and sizes"
     assert visible(remote) == [f"{NAME}.r1", f"{NAME}.r1.crc"]
@@ -81,7 +92,12 @@ def test_ssh_export_is_byte_identical_to_a_local_export(sshd, tmp_path, image, b
     assert records[0] == records[1]
 
     pub2 = publish(image, f"{sshd.host}:{remote}", NAME, transport=transport, **kwargs)
-    assert pub2.rid == 2 and visible(remote) == [f"{NAME}.r1", f"{NAME}.r1.crc", f"{NAME}.r2", f"{NAME}.r2.crc"]
+    assert pub2.rid == 2 and visible(remote) == [
+        f"{NAME}.r1",
+        f"{NAME}.r1.crc",
+        f"{NAME}.r2",
+        f"{NAME}.r2.crc",
+    ]
     assert "SLX_DNBD3_RID='2'" in (remote / f".stage4/{NAME}/config").read_text()
     with pytest.raises(InputError, match="revision 1 exists"):
         publish(image, f"{sshd.host}:{remote}", NAME, rid=1, transport=transport, **kwargs)
@@ -110,8 +126,16 @@ def test_concurrent_ssh_exports_get_distinct_revisions(sshd, tmp_path, image):
     remote = tmp_path / "remote"
     remote.mkdir()
     script = _publish_script(image, f"{sshd.host}:{remote}", sshd.options)
-    children = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, cwd=ROOT) for _ in range(2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
     results = [child.communicate(timeout=120) for child in children]
     assert all(child.returncode == 0 for child in children), [err[-800:] for _, err in results]
     assert sorted(int(out) for out, _ in results) == [1, 2]
@@ -127,8 +151,9 @@ def _start_big_upload(sshd, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     remote = tmp_path / "remote"
     remote.mkdir()
     script = _publish_script(big, f"{sshd.host}:{remote}", sshd.options)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=ROOT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     deadline = time.monotonic() + 60
     while True:  # wait until the image upload is under way, then interrupt it
         parts = [p for p in remote.rglob(".img.qcow2.stage4-*.part") if p.stat().st_size > 0]
@@ -150,8 +175,17 @@ def test_interrupted_ssh_upload_leaves_nothing_in_the_store(sshd, tmp_path, imag
     assert visible(remote) == []
     assert not [p for p in remote.rglob("*") if "stage4-" in p.name], "the remote temporaries are removed"
     assert not [p for p in copiers if is_live(p)], "rsync/ssh of the interrupted export still run"
-    assert publish(image, f"{sshd.host}:{remote}", NAME, check_image=False, boot_files=False,
-                   ssh_options=sshd.options).rid == 1
+    assert (
+        publish(
+            image,
+            f"{sshd.host}:{remote}",
+            NAME,
+            check_image=False,
+            boot_files=False,
+            ssh_options=sshd.options,
+        ).rid
+        == 1
+    )
 
 
 def test_killed_ssh_upload_leaves_no_visible_file(sshd, tmp_path, image):
@@ -166,8 +200,17 @@ def test_killed_ssh_upload_leaves_no_visible_file(sshd, tmp_path, image):
     time.sleep(0.5)  # the remote rsync notices the closed connection
     assert visible(remote) == []
     assert [p.name for p in remote.rglob("*.part")], "the partial upload stays, under a hidden name"
-    assert publish(image, f"{sshd.host}:{remote}", NAME, check_image=False, boot_files=False,
-                   ssh_options=sshd.options).rid == 1
+    assert (
+        publish(
+            image,
+            f"{sshd.host}:{remote}",
+            NAME,
+            check_image=False,
+            boot_files=False,
+            ssh_options=sshd.options,
+        ).rid
+        == 1
+    )
     assert visible(remote) == [f"{NAME}.r1", f"{NAME}.r1.crc"]
 
 
@@ -178,28 +221,45 @@ def test_ssh_failures_are_one_line_errors(sshd, tmp_path, image):
     with pytest.raises(Stage4Error, match=r"ssh to root@127.0.0.1 failed \(exit 255"):
         publish(image, f"{sshd.host}:{remote}", NAME, check_image=False, boot_files=False, ssh_options=closed)
     with pytest.raises(InputError, match="not a directory"):
-        publish(image, f"{sshd.host}:{remote}/missing", NAME, check_image=False, boot_files=False,
-                ssh_options=sshd.options)
+        publish(
+            image,
+            f"{sshd.host}:{remote}/missing",
+            NAME,
+            check_image=False,
+            boot_files=False,
+            ssh_options=sshd.options,
+        )
     assert tree(remote) == {}
 
 
-@pytest.mark.parametrize("store, options, message", [
-    ("-oProxyCommand=x:/srv", (), "store host"),
-    ("host:/srv/a b", (), "store path"),
-    ("host:/srv/$(reboot)", (), "store path"),
-    ("host:/srv", ("-F/etc/passwd",), "ssh option"),
-    ("host:/srv", ("Port",), "ssh option"),
-    ("host:/srv", ("ProxyCommand='x'",), "ssh option"),
-])
+@pytest.mark.parametrize(
+    "store, options, message",
+    [
+        ("-oProxyCommand=x:/srv", (), "store host"),
+        ("host:/srv/a b", (), "store path"),
+        ("host:/srv/$(reboot)", (), "store path"),
+        ("host:/srv", ("-F/etc/passwd",), "ssh option"),
+        ("host:/srv", ("Port",), "ssh option"),
+        ("host:/srv", ("ProxyCommand='x'",), "ssh option"),
+    ],
+)
 def test_bad_remote_stores_and_ssh_options_are_refused(tmp_path, image, store, options, message):
     with pytest.raises(InputError, match=message):
         publish(image, store, NAME, check_image=False, boot_files=False, ssh_options=options)
 
 
 def test_cli_ssh_option_errors_are_one_line_with_exit_code_2(tmp_path, image):
-    for extra in (["--store", str(tmp_path), "--ssh-option", "Port=2222"],
-                  ["--store", "host:/srv", "--ssh-option", "-oPort=2"]):
-        result = subprocess.run([sys.executable, "-m", "stage4", "export", str(image), "--name", NAME,
-                                 "--no-boot-files", *extra], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    for extra in (
+        ["--store", str(tmp_path), "--ssh-option", "Port=2222"],
+        ["--store", "host:/srv", "--ssh-option", "-oPort=2"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "stage4", "export", str(image), "--name", NAME, "--no-boot-files", *extra],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -29,14 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE4 = [sys.executable, "-m", "stage4"]
 NAME = "sub/dir/img.qcow2"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="mounts tmpfs and bind mounts: run the tests as root")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="mounts tmpfs and bind mounts: run the tests as root"
+)
 
 
 def visible(store: Path) -> list[str]:
     """What dnbd3-server's scan can see."""
-    return sorted(str(p.relative_to(store)) for p in store.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(store).parts))
+    return sorted(
+        str(p.relative_to(store))
+        for p in store.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(store).parts)
+    )
 
 
 def everything(directory: Path) -> list[str]:
@@ -49,8 +53,9 @@ def one_line(message: str) -> str:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*STAGE4, *args], check=False, capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(
+        [*STAGE4, *args], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def cli_error(result: subprocess.CompletedProcess, code: int) -> str:
@@ -176,8 +181,12 @@ def test_read_only_store_and_boot_dir_are_one_line_errors(tmp_path, mounts, imag
         export(image, store)
     writable = tmp_path / "writable"
     writable.mkdir()
-    line = cli_error(cli("export", str(image), "--store", str(writable), "--name", NAME, "--boot-dir",
-                         str(store / "boot")), 2)
+    line = cli_error(
+        cli(
+            "export", str(image), "--store", str(writable), "--name", NAME, "--boot-dir", str(store / "boot")
+        ),
+        2,
+    )
     assert "boot directory" in line and "read-only file system" in line
     assert everything(source) == before and everything(writable) == []
     assert listed(store) == [1]
@@ -187,8 +196,19 @@ def test_missing_pid_file_fails_before_anything_is_published(tmp_path, image, sm
     store = tmp_path / "store"
     store.mkdir()
     assert export(small, store).rid == 1
-    line = cli_error(cli("export", str(image), "--store", str(store), "--name", NAME, "--reload-pidfile",
-                         "/nonexistent.pid"), 2)
+    line = cli_error(
+        cli(
+            "export",
+            str(image),
+            "--store",
+            str(store),
+            "--name",
+            NAME,
+            "--reload-pidfile",
+            "/nonexistent.pid",
+        ),
+        2,
+    )
     assert "pid file /nonexistent.pid" in line
     assert listed(store) == [1] and visible(store) == [f"{NAME}.r1", f"{NAME}.r1.crc"]
     assert export(small, store).rid == 2
@@ -201,8 +221,9 @@ def test_dead_server_fails_before_anything_is_published(tmp_path, image):
     dead.wait()
     pidfile = tmp_path / "server.pid"
     pidfile.write_text(f"{dead.pid}\n")
-    line = cli_error(cli("export", str(image), "--store", str(store), "--name", NAME, "--reload-pidfile",
-                         str(pidfile)), 1)
+    line = cli_error(
+        cli("export", str(image), "--store", str(store), "--name", NAME, "--reload-pidfile", str(pidfile)), 1
+    )
     assert f"no process {dead.pid}" in line
     assert listed(store) == [] and visible(store) == []
     assert export(image, store).rid == 1
@@ -213,8 +234,13 @@ def test_server_gone_after_the_link_withdraws_the_revision(tmp_path, image, boot
     withdrawn again, image first; the active config is the previous one again."""
     store = tmp_path / "store"
     store.mkdir()
-    kwargs = {"kernel": boot[0], "initrd": boot[1], "boot_files": True, "activate": True,
-              "check_image": False}
+    kwargs = {
+        "kernel": boot[0],
+        "initrd": boot[1],
+        "boot_files": True,
+        "activate": True,
+        "check_image": False,
+    }
     assert publish(image, store, NAME, **kwargs).rid == 1
     meta = store / ".stage4" / NAME
     active = (meta / "config").read_text()
@@ -298,8 +324,9 @@ def test_boot_dir_inside_the_store_must_be_hidden(tmp_path, image, boot):
     store = tmp_path / "store"
     store.mkdir()
     for inside in (store / "netboot", store, store / "a/b"):
-        line = cli_error(cli("export", str(image), "--store", str(store), "--name", NAME, "--boot-dir",
-                             str(inside)), 2)
+        line = cli_error(
+            cli("export", str(image), "--store", str(store), "--name", NAME, "--boot-dir", str(inside)), 2
+        )
         assert "visible to dnbd3-server" in line and "kernel.r<RID>" in line
     assert everything(store) == []
     hidden = store / "netboot/.boot"
@@ -334,22 +361,40 @@ def test_remote_store_script_is_one_transaction_too(tmp_path, mounts, image, boo
     active = (meta / "config").read_text()
     before = everything(store)
     with pytest.raises(InputError, match="pid file /nonexistent.pid"):
-        publish(image, f"host:{store}", NAME, transport=LocalShellTransport(runner),
-                reload_pidfile="/nonexistent.pid", **kwargs)
+        publish(
+            image,
+            f"host:{store}",
+            NAME,
+            transport=LocalShellTransport(runner),
+            reload_pidfile="/nonexistent.pid",
+            **kwargs,
+        )
     assert everything(store) == before
     server = subprocess.Popen(["sleep", "60"])
     pidfile = tmp_path / "server.pid"
     pidfile.write_text(f"{server.pid}\n")
     with pytest.raises(Stage4Error) as info:
-        publish(image, f"host:{store}", NAME, transport=DyingServerTransport(runner, server),
-                reload_pidfile=pidfile, **kwargs)
+        publish(
+            image,
+            f"host:{store}",
+            NAME,
+            transport=DyingServerTransport(runner, server),
+            reload_pidfile=pidfile,
+            **kwargs,
+        )
     message = one_line(str(info.value))
     assert "no process" in message and "withdrawn" in message
     assert everything(store) == before and (meta / "config").read_text() == active
     boot_dir = mounts(tmp_path / "boot", "size=8m,nr_inodes=3")
     with pytest.raises(Stage4Error) as info:
-        publish(image, f"host:{store}", NAME, transport=LocalShellTransport(runner), boot_dir=str(boot_dir),
-                **kwargs)
+        publish(
+            image,
+            f"host:{store}",
+            NAME,
+            transport=LocalShellTransport(runner),
+            boot_dir=str(boot_dir),
+            **kwargs,
+        )
     assert "nothing published" in one_line(str(info.value))
     assert everything(store) == before and everything(boot_dir) == []
     assert publish(image, f"host:{store}", NAME, transport=LocalShellTransport(runner), **kwargs).rid == 2

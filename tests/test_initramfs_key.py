@@ -27,8 +27,10 @@ class Tree:
         self._write()
 
     def _write(self) -> None:
-        stanzas = [f"Package: {name}\nStatus: install ok installed\nVersion: {version}\n"
-                   for name, (version, _) in sorted(self.packages.items())]
+        stanzas = [
+            f"Package: {name}\nStatus: install ok installed\nVersion: {version}\n"
+            for name, (version, _) in sorted(self.packages.items())
+        ]
         (self.root / "var/lib/dpkg/status").write_text("\n".join(stanzas))
         for name, (_, files) in self.packages.items():
             (self.root / f"var/lib/dpkg/info/{name}.list").write_text("\n".join(files) + "\n")
@@ -36,7 +38,9 @@ class Tree:
 
 def make_tree(tmp_path: Path) -> tuple[Tree, list[str]]:
     tree = Tree(tmp_path / "root")
-    tree.install("systemd", "252.39", {"/usr/lib/systemd/systemd": "elf", "/usr/lib/systemd/system/a.service": "x"})
+    tree.install(
+        "systemd", "252.39", {"/usr/lib/systemd/systemd": "elf", "/usr/lib/systemd/system/a.service": "x"}
+    )
     tree.install("udev", "252.39", {"/usr/lib/udev/rules.d/50-udev-default.rules": "rules"})
     tree.install("dracut-core", "059-4", {"/usr/lib/dracut/modules.d/99base/init.sh": "#!/bin/sh"})
     tree.install("tree", "2.1.0-1", {"/usr/bin/tree": "elf"})

@@ -23,8 +23,9 @@ class Stage4Process:
     """`stage4 ...` in the background, its output lines collected as they come."""
 
     def __init__(self, *args: str):
-        self.popen = subprocess.Popen([STAGE4, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
+        self.popen = subprocess.Popen(
+            [STAGE4, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -62,9 +63,12 @@ def processes_mentioning(text: str) -> list[str]:
 def test_interrupted_build_leaves_nothing_and_resumes(tmp_path: Path) -> None:
     cache = session_cache()
     toml = tmp_path / "stage4.toml"
-    toml.write_text(f'[build]\noutput_dir = "{tmp_path}/out"\ncache_dir = "{cache}"\n'
-                    '[machine]\ndisk_size = "3G"\n[images.stopme]\ndistribution = "debian-12"\n'
-                    'packages = ["less"]\n', encoding="utf-8")
+    toml.write_text(
+        f'[build]\noutput_dir = "{tmp_path}/out"\ncache_dir = "{cache}"\n'
+        '[machine]\ndisk_size = "3G"\n[images.stopme]\ndistribution = "debian-12"\n'
+        'packages = ["less"]\n',
+        encoding="utf-8",
+    )
     work_root = cache / "work"
 
     # 1. Ctrl-C while mmdebstrap has the chroot's /proc, /sys and /dev mounted.

@@ -34,14 +34,21 @@ def layered_image_config(project: Path, prod_text: str = "prod v1", extra: dict 
     return {
         "distribution": "debian-12",
         "dev": {"playbooks": [str(project / "playbooks/dev.yml")]},
-        "prod": {"playbooks": [str(project / "playbooks/prod.yml")], "vars": {"stage4_fixture_text": prod_text}},
+        "prod": {
+            "playbooks": [str(project / "playbooks/prod.yml")],
+            "vars": {"stage4_fixture_text": prod_text},
+        },
         "initramfs": {"dracut_modules": ["stage4test"], "source": {"path": str(project / "dracut")}},
-        "components": {"fixture": {
-            "source": {"path": str(project / "component")},
-            "build": ['make -C "$KDIR" M="$PWD" modules', "gcc -O2 -o stage4-hello hello.c"],
-            "artifacts": [{"path": "stage4hello.ko", "kind": "module"},
-                          {"path": "stage4-hello", "dest": "/usr/local/bin/stage4-hello", "mode": "0755"}],
-        }},
+        "components": {
+            "fixture": {
+                "source": {"path": str(project / "component")},
+                "build": ['make -C "$KDIR" M="$PWD" modules', "gcc -O2 -o stage4-hello hello.c"],
+                "artifacts": [
+                    {"path": "stage4hello.ko", "kind": "module"},
+                    {"path": "stage4-hello", "dest": "/usr/local/bin/stage4-hello", "mode": "0755"},
+                ],
+            }
+        },
         **(extra or {}),
     }
 
@@ -81,7 +88,9 @@ def listing(image: Path, directory: str) -> list[str]:
 
 def installed(dpkg_status: str, package: str) -> bool:
     for stanza in dpkg_status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
+        )
         if fields.get("Package") == package:
             return fields.get("Status", "").endswith(" installed")
     return False
@@ -119,9 +128,12 @@ def test_full_pipeline_builds_dev_and_prod(layered, base_image: BuiltImage) -> N
     assert dev_manifest["files"]
     for relative, facts in dev_manifest["files"].items():
         assert sha256_file(image_dir / relative) == facts["sha256"]
-    assert {"artifacts/vmlinuz-" + kernel, "artifacts/initrd.img-" + kernel,
-            "artifacts/components/fixture/stage4hello.ko",
-            "artifacts/components/fixture/stage4-hello"} <= set(dev_manifest["files"])
+    assert {
+        "artifacts/vmlinuz-" + kernel,
+        "artifacts/initrd.img-" + kernel,
+        "artifacts/components/fixture/stage4hello.ko",
+        "artifacts/components/fixture/stage4-hello",
+    } <= set(dev_manifest["files"])
     # Facts a later step needs travel forward in the manifests.
     prod_manifest = json.loads((image_dir / "prod.json").read_text())
     assert (prod_manifest["identifier"], prod_manifest["filesystem"]) == ("SLX_SYS", "ext4")
@@ -129,8 +141,14 @@ def test_full_pipeline_builds_dev_and_prod(layered, base_image: BuiltImage) -> N
     assert prod_manifest["dracut_modules"] == ["stage4test"]
 
     # The dev layer is an overlay on the base (kept with keep_dev) and has the compiler.
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image_dir / "dev.qcow2")],
-                                     check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", "-U", str(image_dir / "dev.qcow2")],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert info["backing-filename"] == str(base_image.path)
     assert info["backing-filename-format"] == "qcow2"
     dev_status = read_files(image_dir / "dev.qcow2", "/var/lib/dpkg/status")["/var/lib/dpkg/status"]
@@ -141,18 +159,32 @@ def test_full_pipeline_builds_dev_and_prod(layered, base_image: BuiltImage) -> N
 def test_prod_image_is_clean_standalone_and_has_the_component(layered, base_image: BuiltImage) -> None:
     cfg, result, _ = layered
     kernel = base_image.manifest["kernel_versions"][-1]
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(result.image)],
-                                     check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(result.image)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert "backing-filename" not in info
     data = info["format-specific"]["data"]
     assert data["compat"] == "1.1" and data["compression-type"] == "zstd" and not info.get("dirty-flag")
     report = api.inspect(result.image)
     assert report.passed, report.to_dict()
 
-    files = read_files(result.image, "/var/lib/dpkg/status", "/etc/shadow", "/etc/passwd", "/etc/machine-id",
-                       f"/lib/modules/{kernel}/modules.dep", "/etc/stage4-fixture",
-                       "/etc/sudoers.d/stage4-build", "/usr/local/bin/stage4-hello",
-                       "/etc/apt/apt.conf.d/00stage4-cache")
+    files = read_files(
+        result.image,
+        "/var/lib/dpkg/status",
+        "/etc/shadow",
+        "/etc/passwd",
+        "/etc/machine-id",
+        f"/lib/modules/{kernel}/modules.dep",
+        "/etc/stage4-fixture",
+        "/etc/sudoers.d/stage4-build",
+        "/usr/local/bin/stage4-hello",
+        "/etc/apt/apt.conf.d/00stage4-cache",
+    )
     status = files["/var/lib/dpkg/status"]
     assert not installed(status, "gcc") and not installed(status, "build-essential")
     assert not installed(status, f"linux-headers-{kernel}")
@@ -169,14 +201,22 @@ def test_prod_image_is_clean_standalone_and_has_the_component(layered, base_imag
     assert files["/etc/apt/apt.conf.d/00stage4-cache"] is None
     assert not [n for n in listing(result.image, "/etc/ssh") if n.startswith("ssh_host_")]
     assert listing(result.image, "/home") == []
-    assert not listing(result.image, "/var/lib/apt/lists") or listing(result.image, "/var/lib/apt/lists") == ["partial"]
+    assert not listing(result.image, "/var/lib/apt/lists") or listing(result.image, "/var/lib/apt/lists") == [
+        "partial"
+    ]
 
 
-def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(layered, base_image: BuiltImage) -> None:
+def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(
+    layered, base_image: BuiltImage
+) -> None:
     _, result, _ = layered
     kernel = base_image.manifest["kernel_versions"][-1]
-    out = subprocess.run(["lsinitrd", str(result.artifacts_dir / f"initrd.img-{kernel}")], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["lsinitrd", str(result.artifacts_dir / f"initrd.img-{kernel}")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "stage4test" in out.split("dracut modules:", 1)[1]
     assert f"lib/modules/{kernel}/" in out
     assert result.dev_manifest["artifacts"]["initramfs_dracut_modules"].count("stage4test") == 1
@@ -185,8 +225,14 @@ def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(layered
 def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered, base_image: BuiltImage) -> None:
     cfg, result, _ = layered
     kernel = base_image.manifest["kernel_versions"][-1]
-    booted = api.boot(cfg, result.image, via="kernel", kernel=result.artifacts_dir / f"vmlinuz-{kernel}",
-                      initrd=result.artifacts_dir / f"initrd.img-{kernel}", timeout=600)
+    booted = api.boot(
+        cfg,
+        result.image,
+        via="kernel",
+        kernel=result.artifacts_dir / f"vmlinuz-{kernel}",
+        initrd=result.artifacts_dir / f"initrd.img-{kernel}",
+        timeout=600,
+    )
     log = booted.serial_log.read_text(errors="replace")
     assert "STAGE4-TEST-DRACUT-MODULE" in log
     assert f"STAGE4-USERSPACE-UP {booted.marker}" in log
@@ -209,19 +255,26 @@ def test_layers_lists_the_chain(layered, project: Path, tmp_path: Path) -> None:
     assert all(s.state.startswith("cached, up to date") for s in found), [s.state for s in found]
     assert found[-1].identity == result.identity and found[-1].size == result.image.stat().st_size
     toml = tmp_path / "stage4.toml"
-    toml.write_text(_toml({"build": {"output_dir": str(cfg.build.output_dir), "cache_dir": str(cfg.build.cache_dir)},
-                           "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
-                           "images": {NAME: layered_image_config(project)}}))
+    toml.write_text(
+        _toml(
+            {
+                "build": {"output_dir": str(cfg.build.output_dir), "cache_dir": str(cfg.build.cache_dir)},
+                "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
+                "images": {NAME: layered_image_config(project)},
+            }
+        )
+    )
     out = subprocess.run([STAGE4, "-c", str(toml), "layers", NAME], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == NAME and len(lines) == 1 + len(found), out.stdout
-    for line, status in zip(lines[1:], found):
+    for line, status in zip(lines[1:], found, strict=True):
         assert status.name in line and status.identity[:16] in line and "cached, up to date" in line
 
 
-def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_image: BuiltImage,
-                                                                project: Path, tmp_path: Path) -> None:
+def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
+    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+) -> None:
     cfg, result, _ = layered
     before = sha256_file(result.image)
 
@@ -237,36 +290,56 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_ima
 
     # A missing playbook is bad input, found when the config is read (no build starts).
     with pytest.raises(ConfigError, match=r"images\.\S+\.prod\.playbooks\.0 = .*nope\.yml.*: no such file"):
-        make_config(base_image.output_dir.parent, {NAME: {
-            **layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}})
+        make_config(
+            base_image.output_dir.parent,
+            {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}},
+        )
 
     bad_task = tmp_path / "fail.yml"
-    bad_task.write_text("- hosts: all\n  tasks:\n    - name: Deliberately failing task\n"
-                        "      ansible.builtin.command: /bin/false\n")
-    failing(make_config(base_image.output_dir.parent, {NAME: {
-        **layered_image_config(project), "prod": {"playbooks": [str(bad_task)]}}}),
-        "prod: provision (chroot)", "Deliberately failing task")
+    bad_task.write_text(
+        "- hosts: all\n  tasks:\n    - name: Deliberately failing task\n"
+        "      ansible.builtin.command: /bin/false\n"
+    )
+    failing(
+        make_config(
+            base_image.output_dir.parent,
+            {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(bad_task)]}}},
+        ),
+        "prod: provision (chroot)",
+        "Deliberately failing task",
+    )
 
     tarball = tmp_path / "src.tar.gz"
     subprocess.run(["tar", "-czf", str(tarball), "-C", str(project / "component"), "."], check=True)
     wrong = layered_image_config(project)
-    wrong["components"] = {"fixture": {**wrong["components"]["fixture"],
-                                       "source": {"tarball": str(tarball), "sha256": "0" * 64}}}
-    failing(make_config(base_image.output_dir.parent, {NAME: wrong}), "dev: fetch sources", "checksum mismatch")
+    wrong["components"] = {
+        "fixture": {**wrong["components"]["fixture"], "source": {"tarball": str(tarball), "sha256": "0" * 64}}
+    }
+    failing(
+        make_config(base_image.output_dir.parent, {NAME: wrong}), "dev: fetch sources", "checksum mismatch"
+    )
 
     # The first failing build command stops the component; its own output is the message, and the next
     # command (whose failure would be a confusing follow-on) never runs.
     broken = layered_image_config(project)
-    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": [
-        "echo configured; echo the-real-cause >&2; exit 3", "echo the-follow-on >&2; exit 4"]}}
-    message = failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)",
-                      "component fixture: 'echo configured; echo the-real-cause >&2; exit 3' failed with exit code 3",
-                      "the-real-cause")
+    broken["components"] = {
+        "fixture": {
+            **broken["components"]["fixture"],
+            "build": ["echo configured; echo the-real-cause >&2; exit 3", "echo the-follow-on >&2; exit 4"],
+        }
+    }
+    message = failing(
+        make_config(base_image.output_dir.parent, {NAME: broken}),
+        "dev: provision (chroot)",
+        "component fixture: 'echo configured; echo the-real-cause >&2; exit 3' failed with exit code 3",
+        "the-real-cause",
+    )
     assert "the-follow-on" not in message and "exit 4" not in message
 
 
-def test_prod_only_change_rebuilds_only_prod(layered, base_image: BuiltImage, project: Path,
-                                            tmp_path: Path) -> None:
+def test_prod_only_change_rebuilds_only_prod(
+    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+) -> None:
     cfg, first, _ = layered
     # A changed copy of the project: the shared fixture project stays as the other tests expect it.
     changed_project = tmp_path / "project"
@@ -284,11 +357,14 @@ def test_prod_only_change_rebuilds_only_prod(layered, base_image: BuiltImage, pr
 
 
 def _attached_to(path: Path) -> list[str]:
-    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-                           capture_output=True, text=True).stdout
+    loops = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True, text=True
+    ).stdout
     procs = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     found = [line for line in loops.splitlines() if str(path) in line]
-    found += [line for line in procs.splitlines() if str(path) in line and ("qemu" in line or "ansible" in line)]
+    found += [
+        line for line in procs.splitlines() if str(path) in line and ("qemu" in line or "ansible" in line)
+    ]
     found += mounts_below(path)
     return found
 
@@ -298,18 +374,22 @@ def _ansible_running(work: Path) -> bool:
     return any("ansible-playbook" in line and str(work) in line for line in procs.splitlines())
 
 
-def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(layered, base_image: BuiltImage,
-                                                                          project: Path, tmp_path: Path) -> None:
+def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(
+    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+) -> None:
     cfg, first, _ = layered
     work = cfg.build.cache_dir / "work"
     toml = tmp_path / "stage4.toml"
-    data = {"build": {"output_dir": str(base_image.output_dir), "cache_dir": str(cfg.build.cache_dir)},
-            "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
-            "images": {NAME: layered_image_config(project, extra={})}}
+    data = {
+        "build": {"output_dir": str(base_image.output_dir), "cache_dir": str(cfg.build.cache_dir)},
+        "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
+        "images": {NAME: layered_image_config(project, extra={})},
+    }
     data["images"][NAME]["dev"]["vars"] = {"interrupted": "yes"}  # a new dev identity
     toml.write_text(_toml(data))
-    proc = subprocess.Popen([STAGE4, "-c", str(toml), "build", NAME], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [STAGE4, "-c", str(toml), "build", NAME], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 300
     while not any("export.raw" in line for line in _attached_to(work)):
         assert proc.poll() is None and time.monotonic() < deadline, "the dev run never attached its layer"
@@ -321,15 +401,21 @@ def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(layered
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert _attached_to(work) == [], out
-    assert sha256_file(first.image) == json.loads((first.image.parent / "prod.json").read_text())["image"]["sha256"]
+    assert (
+        sha256_file(first.image)
+        == json.loads((first.image.parent / "prod.json").read_text())["image"]["sha256"]
+    )
 
-    rerun = subprocess.run([STAGE4, "-c", str(toml), "build", NAME], capture_output=True, text=True, timeout=1200)
+    rerun = subprocess.run(
+        [STAGE4, "-c", str(toml), "build", NAME], capture_output=True, text=True, timeout=1200
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _attached_to(work) == []
 
 
 def _toml(data: dict) -> str:
     """A small TOML writer for the test's config (tables, strings, lists, inline tables)."""
+
     def value(v):
         if isinstance(v, str):
             return json.dumps(v)

@@ -37,11 +37,24 @@ def test_rendered_layer_templates_validate_with_the_installed_packer(tmp_path: P
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     layer = tmp_path / "layer.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(layer), "64M"], check=True)
-    cfg = config.from_dict({"build": {"output_dir": str(tmp_path / "out")}, "images": {NAME: {"distribution": NAME}}},
-                           str(tmp_path / "stage4.toml"))
-    prepared = ansible.prepare(ansible.Target("vm", port=2299, key=key), ansible.site([], [], []), {}, tmp_path / "a")
-    template = packer_way.render(tmp_path / "packer", layer, "sha256:" + "0" * 64, "64M", cfg.machine, key, 2299,
-                                 prepared, "test: prod")
+    cfg = config.from_dict(
+        {"build": {"output_dir": str(tmp_path / "out")}, "images": {NAME: {"distribution": NAME}}},
+        str(tmp_path / "stage4.toml"),
+    )
+    prepared = ansible.prepare(
+        ansible.Target("vm", port=2299, key=key), ansible.site([], [], []), {}, tmp_path / "a"
+    )
+    template = packer_way.render(
+        tmp_path / "packer",
+        layer,
+        "sha256:" + "0" * 64,
+        "64M",
+        cfg.machine,
+        key,
+        2299,
+        prepared,
+        "test: prod",
+    )
     data = json.loads(template.json_template.read_text())
     (builder,), (provisioner,) = data["builders"], data["provisioners"]
     assert builder["disk_image"] is True and builder["use_backing_file"] is True
@@ -49,10 +62,13 @@ def test_rendered_layer_templates_validate_with_the_installed_packer(tmp_path: P
     assert provisioner["type"] == "ansible" and provisioner["use_proxy"] is False
     assert provisioner["inventory_file"] == str(prepared.inventory)
     env = {"CHECKPOINT_DISABLE": "1", "PATH": "/usr/bin:/bin"}
-    for argv in (["-var-file=base.json", template.json_template.name],
-                 ["-var-file=base.pkrvars.hcl", template.hcl_template.name]):
-        result = subprocess.run(["packer", "validate", *argv], cwd=template.tree, env=env, capture_output=True,
-                                text=True)
+    for argv in (
+        ["-var-file=base.json", template.json_template.name],
+        ["-var-file=base.pkrvars.hcl", template.hcl_template.name],
+    ):
+        result = subprocess.run(
+            ["packer", "validate", *argv], cwd=template.tree, env=env, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -77,11 +93,19 @@ def test_prod_layer_by_packer_over_the_bootstrap_base(base_image: BuiltImage, tm
     manifest = json.loads((result.image.parent / "prod.json").read_text())
     assert manifest["way"] == "packer" and manifest["identity"] == result.identity
 
-    files = read_files(result.image, "/etc/stage4-packer", "/etc/passwd", "/etc/sudoers.d/stage4-build",
-                       "/home/stage4-build/.ssh/authorized_keys")
+    files = read_files(
+        result.image,
+        "/etc/stage4-packer",
+        "/etc/passwd",
+        "/etc/sudoers.d/stage4-build",
+        "/home/stage4-build/.ssh/authorized_keys",
+    )
     assert files["/etc/stage4-packer"] == "made by packer\n"
     assert "stage4-build" not in files["/etc/passwd"]
-    assert files["/etc/sudoers.d/stage4-build"] is None and files["/home/stage4-build/.ssh/authorized_keys"] is None
+    assert (
+        files["/etc/sudoers.d/stage4-build"] is None
+        and files["/home/stage4-build/.ssh/authorized_keys"] is None
+    )
     report = api.inspect(result.image)
     assert report.passed, report.problems()
     cli = run_stage4("inspect", str(result.image))
@@ -101,4 +125,7 @@ def test_missing_packer_is_one_line_naming_the_layer(tmp_path: Path, monkeypatch
     with pytest.raises(StepFailed) as caught:
         packer_way.check_packer(Runner(), "img: prod: provision (packer)")
     message = str(caught.value)
-    assert message.startswith("img: prod: provision (packer) failed: Packer is not installed") and "\n" not in message
+    assert (
+        message.startswith("img: prod: provision (packer) failed: Packer is not installed")
+        and "\n" not in message
+    )

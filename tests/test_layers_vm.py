@@ -32,7 +32,9 @@ PLAYBOOK = """\
 """
 
 
-def test_vm_way_runs_a_playbook_over_ssh_and_removes_the_build_user(base_image: BuiltImage, tmp_path: Path) -> None:
+def test_vm_way_runs_a_playbook_over_ssh_and_removes_the_build_user(
+    base_image: BuiltImage, tmp_path: Path
+) -> None:
     require("qemu-system-x86_64", "qemu-storage-daemon", "ssh", "ssh-keygen")
     cfg, runner = base_image.config, Runner()
     work = cfg.build.cache_dir / "work" / f"test-vm-{tmp_path.name}"
@@ -40,21 +42,29 @@ def test_vm_way_runs_a_playbook_over_ssh_and_removes_the_build_user(base_image: 
     try:
         layer = work / "layer.qcow2"
         overlay.create(base_image.path, layer, runner, "overlay")
-        part = attach.RootPartition.from_manifest(base_image.manifest, base_image.identifier, base_image.filesystem)
+        part = attach.RootPartition.from_manifest(
+            base_image.manifest, base_image.identifier, base_image.filesystem
+        )
         kernel, _ = extract_boot_files(base_image.path, work / "probe", runner, base_image.identifier)
         accelerator = accel.choose(cfg.machine.accelerator.value, kernel, runner, cfg.build.cache_dir)
         playbook = tmp_path / "small.yml"
         playbook.write_text(PLAYBOOK)
-        with vm.running(layer, part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work, runner,
-                        "test vm") as target:
+        with vm.running(
+            layer, part, accelerator, cfg.machine.cpus, cfg.machine.memory >> 20, work, runner, "test vm"
+        ) as target:
             assert target.way == "vm" and (work / "build_key").is_file()
             # with the prod layer's closing cleanup role, which removes the SSH host keys the VM runs on
             plays = ansible.site([], [playbook], [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"])])
             ansible.run(target, plays, {}, work / "ansible", runner, "test vm")
         assert not (work / "build_key").exists()
         assert _attached_to(work) == []
-        files = read_files(layer, "/etc/stage4-vm", "/etc/passwd", "/etc/sudoers.d/stage4-build",
-                           "/etc/ssh/ssh_host_ed25519_key")
+        files = read_files(
+            layer,
+            "/etc/stage4-vm",
+            "/etc/passwd",
+            "/etc/sudoers.d/stage4-build",
+            "/etc/ssh/ssh_host_ed25519_key",
+        )
         assert files["/etc/stage4-vm"] == "provisioned over ssh\n"
         assert files["/etc/ssh/ssh_host_ed25519_key"] is None
         assert "stage4-build" not in files["/etc/passwd"]

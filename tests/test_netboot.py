@@ -18,7 +18,8 @@ from stage4.errors import InputError, StepFailed
 MODULE_LIB = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
 
 IPXE = """#!ipxe
-kernel http://${slxsrv}/${slxbase}/kernel.r3 initrd=initrd.r3 slxsrv=${slxsrv} slxbase=${slxbase} SLX_DNBD3_RID=3
+kernel http://${slxsrv}/${slxbase}/kernel.r3 initrd=initrd.r3 \
+slxsrv=${slxsrv} slxbase=${slxbase} SLX_DNBD3_RID=3
 initrd http://${slxsrv}/${slxbase}/initrd.r3
 boot
 """
@@ -335,6 +336,6 @@ def test_two_clients_boot_the_same_revision_at_once(published: dict) -> None:
             for _ in range(2)
         ]
         outputs = [client.communicate(timeout=1500) for client in clients]
-    for client, (out, err) in zip(clients, outputs):
+    for client, (out, err) in zip(clients, outputs, strict=True):
         assert client.returncode == 0, err[-2000:]
         assert "netbooted stage4/netboot-e2e.qcow2:1" in out

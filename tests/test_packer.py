@@ -26,9 +26,12 @@ from stage4.errors import InputError, StepFailed
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
-pytestmark = pytest.mark.skipif(shutil.which("packer") is None, reason="packer is not installed (apt: packer)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("packer") is None, reason="packer is not installed (apt: packer)"
+)
 needs_qemu = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None, reason="qemu is not installed"
+    shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
+    reason="qemu is not installed",
 )
 
 
@@ -43,8 +46,12 @@ def _fake_iso(folder: Path) -> tuple[Path, str]:
     return iso, hashlib.sha256(iso.read_bytes()).hexdigest()
 
 
-def _render_local(tree: Path, name: str, iso: Path, digest: str, **machine: object) -> packer_mod.RenderedTemplate:
-    target = RenderTarget(ImageConfig(distribution=name, identifier="system"), iso=str(iso), iso_checksum=digest)
+def _render_local(
+    tree: Path, name: str, iso: Path, digest: str, **machine: object
+) -> packer_mod.RenderedTemplate:
+    target = RenderTarget(
+        ImageConfig(distribution=name, identifier="system"), iso=str(iso), iso_checksum=digest
+    )
     [template] = render_tree(
         tree, [target], MachineConfig(**{"memory": "512M", "cpus": 1, **machine}), Runner(), ssh_timeout="20s"
     )
@@ -58,12 +65,15 @@ def _qemu_processes(marker: str) -> list[str]:
 
 def test_packer_version_selects_the_template_format(tmp_path: Path) -> None:
     version = packer_mod.packer_version(Runner(), env={"CHECKPOINT_DISABLE": "1"})
-    shown = subprocess.run(["packer", "version"], capture_output=True, text=True, env={**os.environ,
-                           "CHECKPOINT_DISABLE": "1"}).stdout
+    shown = subprocess.run(
+        ["packer", "version"], capture_output=True, text=True, env={**os.environ, "CHECKPOINT_DISABLE": "1"}
+    ).stdout
     assert f"v{version[0]}.{version[1]}.{version[2]}" in shown
     iso = tmp_path / "fake.iso"
     iso.write_bytes(b"not an installer")
-    template = _render_local(tmp_path / "tree", "rocky-9", iso, "sha256:" + hashlib.sha256(b"not an installer").hexdigest())
+    template = _render_local(
+        tmp_path / "tree", "rocky-9", iso, "sha256:" + hashlib.sha256(b"not an installer").hexdigest()
+    )
     # Debian's 1.6.6 and anything before 1.7 get the legacy JSON template (the original invocation) ...
     for old in ((1, 6, 6), (1, 6, 0), version if version < (1, 7, 0) else (1, 5, 0)):
         argv = packer_mod.build_argv(template, old, "tcg")
@@ -83,9 +93,15 @@ def test_qemu_img_wrapper_adds_the_backing_format(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"], check=True, env=env)
     overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", base, overlay, "64M"], check=True, env=env,
-                   capture_output=True)
-    info = subprocess.run(["qemu-img", "info", overlay], check=True, env=env, capture_output=True, text=True).stdout
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-b", base, overlay, "64M"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    info = subprocess.run(
+        ["qemu-img", "info", overlay], check=True, env=env, capture_output=True, text=True
+    ).stdout
     assert "backing file format: qcow2" in info
     assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / ".bin")
     assert env["CHECKPOINT_DISABLE"] == "1" and env["PACKER_CACHE_DIR"] == str(tmp_path / "cache")
@@ -130,7 +146,10 @@ def test_wrapper_fails_when_only_matches_nothing(tmp_path: Path) -> None:
             run_packer_build(template, runner, version=version, accelerator="tcg", only=only)
         assert f"-only={only}" in str(failure.value)
     log = (tmp_path / "build.log").read_text()
-    assert "$ packer build -color=false -only=qemu-typo -var-file=base.json -var=accelerator=tcg -var=cpu_model=max debian-12-amd64.json" in log
+    assert (
+        "$ packer build -color=false -only=qemu-typo -var-file=base.json -var=accelerator=tcg "
+        "-var=cpu_model=max debian-12-amd64.json" in log
+    )
     assert "-var-file=base.pkrvars.hcl" in log and "debian-12-amd64.pkr.hcl" in log
     assert "qemu: Starting VM" not in log
 
@@ -155,11 +174,29 @@ def test_build_base_refuses_a_wrong_checksum_before_packer(tmp_path: Path) -> No
     runner = _runner(tmp_path / "build.log")
     wrong = "sha256:" + ("0" if digest[0] != "0" else "1") + digest[1:]
     with pytest.raises(InputError, match="checksum mismatch"):
-        build_base_with_packer("base", ImageConfig(distribution="debian-12"), MachineConfig(), tmp_path / "work",
-                               runner, "tcg", iso, wrong, False)
+        build_base_with_packer(
+            "base",
+            ImageConfig(distribution="debian-12"),
+            MachineConfig(),
+            tmp_path / "work",
+            runner,
+            "tcg",
+            iso,
+            wrong,
+            False,
+        )
     with pytest.raises(InputError, match="not accepted"):
-        build_base_with_packer("base", ImageConfig(distribution="debian-12"), MachineConfig(), tmp_path / "work",
-                               runner, "tcg", iso, "none", False)
+        build_base_with_packer(
+            "base",
+            ImageConfig(distribution="debian-12"),
+            MachineConfig(),
+            tmp_path / "work",
+            runner,
+            "tcg",
+            iso,
+            "none",
+            False,
+        )
     assert "packer build" not in (tmp_path / "build.log").read_text()
 
 
@@ -176,18 +213,34 @@ def test_installer_build_end_to_end(tmp_path: Path, name: str) -> None:
     variable = _iso_env(name)
     iso, checksum = os.environ.get(variable), os.environ.get(variable + "_SHA256")
     if not iso or not checksum:
-        pytest.skip(f"set {variable} and {variable}_SHA256 to an installer ISO and its sha256 to run this build")
-    from stage4.image.inspect import inspect_image  # noqa: PLC0415 - the image inspector, only needed here
+        pytest.skip(
+            f"set {variable} and {variable}_SHA256 to an installer ISO and its sha256 to run this build"
+        )
+    from stage4.image.inspect import inspect_image
 
     runner = _runner(tmp_path / "build.log")
     # 'auto' lets Packer pick KVM where /dev/kvm exists; set tcg where KVM guests do not run.
     accelerator = os.environ.get("STAGE4_TEST_ACCELERATOR", "auto")
     image = ImageConfig(distribution=name, identifier="system")
-    qcow2 = build_base_with_packer("e2e", image, MachineConfig(), tmp_path / "work", runner, str(accelerator),
-                                   iso, checksum, True, ssh_timeout="90m")
+    qcow2 = build_base_with_packer(
+        "e2e",
+        image,
+        MachineConfig(),
+        tmp_path / "work",
+        runner,
+        str(accelerator),
+        iso,
+        checksum,
+        True,
+        ssh_timeout="90m",
+    )
     assert qcow2.is_file()
     report = inspect_image(qcow2, identifier="system")
     assert report.passed, report.to_dict()
-    result = subprocess.run([sys.executable, "-m", "stage4", "boot", str(qcow2), "--identifier", "system",
-                             "--timeout", "900"], capture_output=True, text=True, timeout=1000)
+    result = subprocess.run(
+        [sys.executable, "-m", "stage4", "boot", str(qcow2), "--identifier", "system", "--timeout", "900"],
+        capture_output=True,
+        text=True,
+        timeout=1000,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

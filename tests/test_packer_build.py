@@ -21,8 +21,10 @@ def test_packer_build_that_never_installs_fails_cleanly(tmp_path: Path) -> None:
         f'[build]\noutput_dir = "{tmp_path}/out"\ncache_dir = "{tmp_path}/cache"\n'
         '[machine]\naccelerator = "tcg"\nmemory = "1G"\n'
         f'[images.rocky]\ndistribution = "rocky-9"\nbuilder = "packer"\nfilesystem = "xfs"\n'
-        f'identifier = "system"\niso = "{iso}"\niso_checksum = "sha256:{digest}"\ninstaller_timeout = "20s"\n',
-        encoding="utf-8")
+        f'identifier = "system"\niso = "{iso}"\niso_checksum = "sha256:{digest}"\n'
+        'installer_timeout = "20s"\n',
+        encoding="utf-8",
+    )
     result = run_stage4("-c", str(toml), "build", timeout=600)
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -40,7 +42,9 @@ def test_packer_build_refuses_a_wrong_iso_checksum(tmp_path: Path) -> None:
     toml.write_text(
         f'[build]\noutput_dir = "{tmp_path}/out"\ncache_dir = "{tmp_path}/cache"\n'
         f'[images.deb]\ndistribution = "debian-12"\nbuilder = "packer"\niso = "{iso}"\n'
-        f'iso_checksum = "sha256:{"0" * 64}"\n', encoding="utf-8")
+        f'iso_checksum = "sha256:{"0" * 64}"\n',
+        encoding="utf-8",
+    )
     result = run_stage4("-c", str(toml), "build", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "checksum" in result.stderr.strip().splitlines()[-1].lower()

@@ -60,7 +60,9 @@ def test_a_server_that_cannot_be_asked_stops_the_prune(store: Path) -> None:
     with DevServer(store) as server:
         port = server.address[1]
     # the server is gone: nobody can say whether r1 and r2 have users
-    with pytest.raises(Stage4Error, match=rf"cannot ask 127\.0\.0\.1:{port} whether revisions r1, r2 have users"):
+    with pytest.raises(
+        Stage4Error, match=rf"cannot ask 127\.0\.0\.1:{port} whether revisions r1, r2 have users"
+    ):
         prune(store, NAME, 1, servers=[f"127.0.0.1:{port}"])
     assert [r.rid for r in Store(store).revisions(NAME)] == [1, 2, 3]
     assert prune(store, NAME, 1, servers=[f"127.0.0.1:{port}"], force=True) == [1, 2]

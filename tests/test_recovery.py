@@ -37,8 +37,11 @@ SHARED_CACHE = Path("~/.cache/stage4").expanduser()
 def traces(*paths: Path) -> list[str]:
     """Mounts, loop devices and processes that mention or live in one of `paths`."""
     marks = [str(p) for p in paths]
-    found = [f"mount: {line}" for line in Path("/proc/mounts").read_text().splitlines()
-             if any(m in line for m in marks)]
+    found = [
+        f"mount: {line}"
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if any(m in line for m in marks)
+    ]
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
     found += [f"loop: {line}" for line in losetup.splitlines() if any(m in line for m in marks)]
     ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
@@ -57,7 +60,9 @@ def traces(*paths: Path) -> list[str]:
     return found
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str, log: Callable[[], str] = str) -> object:
+def wait_until(
+    condition: Callable[[], object], timeout: float, what: str, log: Callable[[], str] = str
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if result := condition():
@@ -67,8 +72,11 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, log: 
 
 
 def mounted_below(path: Path, suffix: str = "") -> list[str]:
-    return [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-            if line.split()[1].startswith(str(path)) and line.split()[1].endswith(suffix)]
+    return [
+        line.split()[1]
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if line.split()[1].startswith(str(path)) and line.split()[1].endswith(suffix)
+    ]
 
 
 def processes(pattern: str) -> list[str]:
@@ -115,8 +123,11 @@ ATTACH_SCRIPT = textwrap.dedent("""\
 
 
 def start_attached(cache: Path, image: str, hold: bool) -> tuple[subprocess.Popen, str]:
-    child = subprocess.Popen([sys.executable, "-c", ATTACH_SCRIPT, str(cache), image, "hold" if hold else "-"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", ATTACH_SCRIPT, str(cache), image, "hold" if hold else "-"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     device = child.stdout.readline().strip()
     assert device.startswith("/dev/loop"), f"the attaching child failed (exit {child.poll()})"
     return child, device
@@ -146,8 +157,13 @@ def test_clean_releases_what_a_killed_build_left(cache: Path) -> None:
     child.wait()
     assert any("sleep" in t for t in traces(work)), "the worker should outlive its (unguarded) owner"
 
-    result = subprocess.run([STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", "--json"],
-                            check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["busy"] == []
@@ -168,8 +184,13 @@ def test_clean_removes_a_work_dir_kept_for_resuming(cache: Path) -> None:
     (work / "rootfs.done").touch()
     with workdirs.scope(work):
         pass
-    result = subprocess.run([STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", "--json"],
-                            check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     (removed,) = json.loads(result.stdout)["removed"]
     assert removed["state"] == workdirs.RESUMABLE and removed["bytes"] >= 1 << 20
@@ -183,8 +204,13 @@ def test_clean_leaves_a_live_build_alone(cache: Path, hold_lock: bool) -> None:
     work = cache / "work" / f"{NAME}-0123456789abcdef"
     try:
         before = traces(work)
-        result = subprocess.run([STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", NAME],
-                                check=False, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", NAME],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         assert f"{NAME}: a build is running; left alone" in result.stdout
         assert "freed 0 bytes" in result.stdout
@@ -192,8 +218,11 @@ def test_clean_leaves_a_live_build_alone(cache: Path, hold_lock: bool) -> None:
     finally:
         child.kill()
         child.wait()
-        subprocess.run([STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", NAME],
-                       check=False, capture_output=True)
+        subprocess.run(
+            [STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", NAME],
+            check=False,
+            capture_output=True,
+        )
     assert traces(work) == [] and not work.exists()
 
 
@@ -222,7 +251,9 @@ def test_children_die_with_a_killed_stage4(tmp_path: Path) -> None:
 
 def group_members(group: int) -> int:
     ps = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
-    return sum(1 for line in ps.splitlines() if int(line.split()[0]) == group and not line.split()[1].startswith("Z"))
+    return sum(
+        1 for line in ps.splitlines() if int(line.split()[0]) == group and not line.split()[1].startswith("Z")
+    )
 
 
 # --- slow: real builds killed at each step -------------------------------------------------------------
@@ -241,8 +272,13 @@ def toml_value(value: object) -> str:
 
 
 def project_file(root: Path, cache: Path, image: dict | None = None) -> Path:
-    lines = ["[build]", f"output_dir = {toml_value(str(root / 'out'))}", f"cache_dir = {toml_value(str(cache))}",
-             "[machine]", 'disk_size = "3G"']
+    lines = [
+        "[build]",
+        f"output_dir = {toml_value(str(root / 'out'))}",
+        f"cache_dir = {toml_value(str(cache))}",
+        "[machine]",
+        'disk_size = "3G"',
+    ]
     if image is not None:
         lines.append(f"[images.{NAME}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in image.items()]
@@ -258,25 +294,31 @@ class Build:
         self.env = env
         self.output = env.root / f"build-{time.monotonic_ns()}.out"
         with self.output.open("w") as handle:
-            self.popen = subprocess.Popen([STAGE4, "-c", str(env.toml), "build", *args], stdout=handle,
-                                          stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                [STAGE4, "-c", str(env.toml), "build", *args], stdout=handle, stderr=subprocess.STDOUT
+            )
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")[-4000:]
 
     def wait_for(self, condition: Callable[[], object], what: str, timeout: float = 900) -> object:
         def seen() -> object:
-            assert self.popen.poll() is None, f"the build ended (exit {self.popen.returncode}) before {what}:\n" \
-                                              f"{self.text()}"
+            assert self.popen.poll() is None, (
+                f"the build ended (exit {self.popen.returncode}) before {what}:\n{self.text()}"
+            )
             return condition()
 
         return wait_until(seen, timeout, what, self.text)
 
     def kill(self) -> None:
         """SIGKILL to the stage4 process alone, as the OOM killer does; its children are not signalled."""
-        self.env.loops = [line.split(":")[0] for line in subprocess.run(
-            ["losetup", "-a"], capture_output=True, text=True, check=True).stdout.splitlines()
-            if str(self.env.cache) in line]
+        self.env.loops = [
+            line.split(":")[0]
+            for line in subprocess.run(
+                ["losetup", "-a"], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+            if str(self.env.cache) in line
+        ]
         os.kill(self.popen.pid, signal.SIGKILL)
         assert self.popen.wait(timeout=30) == -signal.SIGKILL
 
@@ -298,8 +340,12 @@ class Env:
         image = layered_image_config(root)
         # A component without build commands (its artifact is a source file): provisioning exists, and
         # these tests do not depend on what the components role does with them.
-        image["components"] = {"fixture": {"source": {"path": str(root / "component")},
-                                           "artifacts": [{"path": "hello.c", "dest": "/usr/local/share/hello.c"}]}}
+        image["components"] = {
+            "fixture": {
+                "source": {"path": str(root / "component")},
+                "artifacts": [{"path": "hello.c", "dest": "/usr/local/share/hello.c"}],
+            }
+        }
         self.toml = project_file(root, self.cache, image)
 
     @property
@@ -308,26 +354,46 @@ class Env:
 
     def after_kill(self) -> None:
         """Within seconds of the kill no process of the build is left (nothing keeps writing a layer)."""
-        wait_until(lambda: not [t for t in traces(self.cache, self.out) if t.startswith("process")], 45,
-                   "end of the killed build's processes", lambda: "\n".join(traces(self.cache, self.out)))
+        wait_until(
+            lambda: not [t for t in traces(self.cache, self.out) if t.startswith("process")],
+            45,
+            "end of the killed build's processes",
+            lambda: "\n".join(traces(self.cache, self.out)),
+        )
 
     def rebuild_and_check(self) -> subprocess.CompletedProcess:
         """The next plain build succeeds and nothing of the killed one is left; the result passes inspect."""
-        result = subprocess.run([STAGE4, "-c", str(self.toml), "build"], check=False, capture_output=True,
-                                text=True, timeout=1800)
+        result = subprocess.run(
+            [STAGE4, "-c", str(self.toml), "build"], check=False, capture_output=True, text=True, timeout=1800
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert traces(self.cache, self.out) == []
         for device in self.loops:  # once its FUSE export is gone, a loop's backing file is shown as "/"
-            back = subprocess.run(["losetup", "-n", "-l", "-O", "BACK-FILE", device], capture_output=True,
-                                  text=True, check=False).stdout.strip()
-            assert not back or back != "/" and str(self.cache) not in back, f"{device} still attached ({back})"
+            back = subprocess.run(
+                ["losetup", "-n", "-l", "-O", "BACK-FILE", device],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            assert not back or back != "/" and str(self.cache) not in back, (
+                f"{device} still attached ({back})"
+            )
         # The lock stays; so does the empty parent of the layers' work folders after a finished build.
-        left = [p for p in self.work.iterdir() if p.name != f"{NAME}.lock" and not (p.is_dir() and not any(p.iterdir()))]
+        left = [
+            p
+            for p in self.work.iterdir()
+            if p.name != f"{NAME}.lock" and not (p.is_dir() and not any(p.iterdir()))
+        ]
         assert left == []
         partial = [p for p in (self.out / NAME).iterdir() if ".partial-" in p.name or ".old-" in p.name]
         assert partial == []
-        inspect = subprocess.run([STAGE4, "inspect", str(self.out / NAME / "prod.qcow2")], check=False,
-                                 capture_output=True, text=True, timeout=300)
+        inspect = subprocess.run(
+            [STAGE4, "inspect", str(self.out / NAME / "prod.qcow2")],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert inspect.returncode == 0, inspect.stdout[-2000:] + inspect.stderr[-2000:]
         return result
 
@@ -350,8 +416,9 @@ def test_clean_frees_a_build_killed_in_bootstrap(env: Env) -> None:
     build.kill()
     env.after_kill()
     (stale,) = base_work(env)
-    result = subprocess.run([STAGE4, "-c", str(env.toml), "clean", NAME], check=False, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [STAGE4, "-c", str(env.toml), "clean", NAME], check=False, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert f"removed {stale} ({workdirs.KILLED})" in result.stdout
     freed = int(result.stdout.split("freed ")[1].split()[0])
@@ -371,7 +438,8 @@ def test_kill_in_bootstrap(env: Env) -> None:
 
 @pytest.mark.slow
 def test_kill_in_disk_assembly(env: Env) -> None:
-    # The interrupted `--rebuild base` of the report: the rerun reuses the old base but removes the work folder.
+    # The interrupted `--rebuild base` of the report: the rerun reuses the old base but removes the
+    # work folder.
     build = Build(env, "--rebuild", "base")
     build.wait_for(lambda: [p for p in base_work(env) if (p / "disk.raw").exists()], "the GPT disk file", 900)
     build.kill()
@@ -383,8 +451,10 @@ def test_kill_in_disk_assembly(env: Env) -> None:
 
 def provisioning(env: Env, layer: str) -> Callable[[], object]:
     """The chroot is ready (its /proc mounted) and Ansible runs."""
-    return lambda: mounted_below(env.work, f"/{layer}/attach/root/proc") and processes(
-        f"ansible-playbook.*{env.work}/.*/{layer}/ansible")
+    return lambda: (
+        mounted_below(env.work, f"/{layer}/attach/root/proc")
+        and processes(f"ansible-playbook.*{env.work}/.*/{layer}/ansible")
+    )
 
 
 @pytest.mark.slow
@@ -413,7 +483,9 @@ def test_kill_in_prod_provisioning(env: Env) -> None:
 @pytest.mark.slow
 def test_kill_in_flatten(env: Env) -> None:
     build = Build(env, "--rebuild", "prod")
-    build.wait_for(lambda: processes(r"qemu-img convert .*\.prod\.qcow2\.partial-"), "qemu-img flattening", 1200)
+    build.wait_for(
+        lambda: processes(r"qemu-img convert .*\.prod\.qcow2\.partial-"), "qemu-img flattening", 1200
+    )
     build.kill()
     env.after_kill()
     result = env.rebuild_and_check()

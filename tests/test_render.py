@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 import yaml
+from pydantic import ValidationError
 
 from stage4 import distributions
 from stage4.builders import credentials
@@ -33,15 +33,32 @@ from stage4.runner import Runner
 
 ID = "system"
 INSTALLER_DISTROS = [
-    "alma-8", "alma-9", "centos-7", "debian-12", "debian-13", "rocky-8", "rocky-9",
-    "ubuntu-16.04", "ubuntu-18.04", "ubuntu-22.04", "ubuntu-24.04",
+    "alma-8",
+    "alma-9",
+    "centos-7",
+    "debian-12",
+    "debian-13",
+    "rocky-8",
+    "rocky-9",
+    "ubuntu-16.04",
+    "ubuntu-18.04",
+    "ubuntu-22.04",
+    "ubuntu-24.04",
 ]
-KICKSTART_VERSIONS = {"centos-7": "RHEL7", "rocky-8": "RHEL8", "alma-8": "RHEL8", "rocky-9": "RHEL9", "alma-9": "RHEL9"}
+KICKSTART_VERSIONS = {
+    "centos-7": "RHEL7",
+    "rocky-8": "RHEL8",
+    "alma-8": "RHEL8",
+    "rocky-9": "RHEL9",
+    "alma-9": "RHEL9",
+}
 PRESEED = ["debian-12", "debian-13", "ubuntu-16.04", "ubuntu-18.04"]
 AUTOINSTALL = ["ubuntu-22.04", "ubuntu-24.04"]
 PACKER_ENV = {**os.environ, "CHECKPOINT_DISABLE": "1"}
 
-needs_packer = pytest.mark.skipif(shutil.which("packer") is None, reason="packer is not installed (apt: packer)")
+needs_packer = pytest.mark.skipif(
+    shutil.which("packer") is None, reason="packer is not installed (apt: packer)"
+)
 needs_debconf = pytest.mark.skipif(
     shutil.which("debconf-set-selections") is None, reason="debconf-set-selections is not installed"
 )
@@ -64,7 +81,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def efi_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _render(tmp_path_factory.mktemp("render-efi") / "tree", INSTALLER_DISTROS, efi=True, filesystem="xfs")
+    return _render(
+        tmp_path_factory.mktemp("render-efi") / "tree", INSTALLER_DISTROS, efi=True, filesystem="xfs"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +96,9 @@ def fake_iso(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def _answer(tree: Path, name: str) -> str:
     folder = tree / "http" / name
     kind = distributions.get(name).installer
-    return (folder / {"preseed": "preseed.cfg", "kickstart": "ks.cfg", "autoinstall": "user-data"}[kind]).read_text()
+    return (
+        folder / {"preseed": "preseed.cfg", "kickstart": "ks.cfg", "autoinstall": "user-data"}[kind]
+    ).read_text()
 
 
 # ----- catalog ------------------------------------------------------------------------------------
@@ -116,7 +137,12 @@ def test_bootstrap_attributes_unchanged() -> None:
 
 def test_tree_layout(tree: Path) -> None:
     assert json.loads((tree / "base.json").read_text()) == {
-        "cpus": "2", "memory": "2048", "disk_size": "4096M", "accelerator": "", "cpu_model": "max", "headless": "true",
+        "cpus": "2",
+        "memory": "2048",
+        "disk_size": "4096M",
+        "accelerator": "",
+        "cpu_model": "max",
+        "headless": "true",
     }  # [machine] only: the SSH timeout is each image's installer_timeout, a default in its template
     assert 'disk_size   = "4096M"' in (tree / "base.pkrvars.hcl").read_text()
     for name in INSTALLER_DISTROS:
@@ -158,7 +184,13 @@ def test_packer_validate_syntax(tree: Path, fmt: str) -> None:
         if fmt == "json":
             argv = ["packer", "validate", "-syntax-only", "-var-file=base.json", f"{name}-amd64.json"]
         else:
-            argv = ["packer", "validate", "-syntax-only", "-var-file=base.pkrvars.hcl", f"{name}-amd64.pkr.hcl"]
+            argv = [
+                "packer",
+                "validate",
+                "-syntax-only",
+                "-var-file=base.pkrvars.hcl",
+                f"{name}-amd64.pkr.hcl",
+            ]
         result = subprocess.run(argv, cwd=tree, env=PACKER_ENV, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{name} ({fmt}): {result.stdout}{result.stderr}"
 
@@ -190,8 +222,13 @@ def test_packer_validate_catches_a_broken_template(tmp_path: Path, fake_iso: tup
     broken = json.loads((out / "debian-12-amd64.json").read_text())
     broken["builders"][0]["no_such_key"] = True
     (out / "broken.json").write_text(json.dumps(broken))
-    result = subprocess.run(["packer", "validate", "-var-file=base.json", "broken.json"], cwd=out, env=PACKER_ENV,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["packer", "validate", "-var-file=base.json", "broken.json"],
+        cwd=out,
+        env=PACKER_ENV,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "no_such_key" in result.stdout + result.stderr
 
 
@@ -205,7 +242,9 @@ def test_kickstart_passes_ksvalidator(tree: Path, efi_tree: Path, name: str) -> 
         pytest.skip("pykickstart is not installed")
     for folder in (tree, efi_tree):
         ks = folder / "http" / name / "ks.cfg"
-        result = subprocess.run([ksvalidator, "-v", KICKSTART_VERSIONS[name], ks], capture_output=True, text=True)
+        result = subprocess.run(
+            [ksvalidator, "-v", KICKSTART_VERSIONS[name], ks], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -223,7 +262,9 @@ def test_ksvalidator_rejects_unknown_commands(tree: Path, tmp_path: Path) -> Non
 def test_preseed_passes_debconf_checkonly(tree: Path, efi_tree: Path, name: str) -> None:
     for folder in (tree, efi_tree):
         preseed = folder / "http" / name / "preseed.cfg"
-        result = subprocess.run(["debconf-set-selections", "--checkonly", preseed], capture_output=True, text=True)
+        result = subprocess.run(
+            ["debconf-set-selections", "--checkonly", preseed], capture_output=True, text=True
+        )
         assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
@@ -265,16 +306,40 @@ def test_autoinstall_user_data_has_what_subiquity_requires(tree: Path, efi_tree:
 # keyboard requires layout (layout, variant, toggle only); refresh-installer allows update and channel;
 # version is 1.
 _SUBIQUITY_2204_KEYS = {
-    "apt", "debconf-selections", "drivers", "early-commands", "error-commands", "identity", "kernel", "keyboard",
-    "late-commands", "locale", "network", "packages", "proxy", "refresh-installer", "reporting", "shutdown",
-    "snaps", "ssh", "storage", "timezone", "ubuntu-advantage", "updates", "user-data", "version",
+    "apt",
+    "debconf-selections",
+    "drivers",
+    "early-commands",
+    "error-commands",
+    "identity",
+    "kernel",
+    "keyboard",
+    "late-commands",
+    "locale",
+    "network",
+    "packages",
+    "proxy",
+    "refresh-installer",
+    "reporting",
+    "shutdown",
+    "snaps",
+    "ssh",
+    "storage",
+    "timezone",
+    "ubuntu-advantage",
+    "updates",
+    "user-data",
+    "version",
 }
 SUBIQUITY_TOP_LEVEL_KEYS = {
     "ubuntu-22.04": _SUBIQUITY_2204_KEYS,
-    "ubuntu-24.04": _SUBIQUITY_2204_KEYS | {"active-directory", "codecs", "interactive-sections", "oem", "source",
-                                            "ubuntu-pro"},
+    "ubuntu-24.04": _SUBIQUITY_2204_KEYS
+    | {"active-directory", "codecs", "interactive-sections", "oem", "source", "ubuntu-pro"},
 }
-SUBIQUITY_REFS = {"ubuntu-22.04": ["22.04.2", "22.07.2", "d2fe66f1"], "ubuntu-24.04": ["24.04.1", "24.04.4.1"]}
+SUBIQUITY_REFS = {
+    "ubuntu-22.04": ["22.04.2", "22.07.2", "d2fe66f1"],
+    "ubuntu-24.04": ["24.04.1", "24.04.4.1"],
+}
 
 
 @pytest.mark.parametrize("name", AUTOINSTALL)
@@ -283,17 +348,24 @@ def test_autoinstall_user_data_is_valid_for_the_isos_subiquity(tree: Path, efi_t
         data = yaml.safe_load((folder / "http" / name / "user-data").read_text())["autoinstall"]
         assert set(data) <= SUBIQUITY_TOP_LEVEL_KEYS[name], set(data) - SUBIQUITY_TOP_LEVEL_KEYS[name]
         assert data["version"] == 1
-        assert {"username", "hostname", "password"} <= set(data["identity"]) <= {"realname", "username", "hostname",
-                                                                                 "password"}
+        assert (
+            {"username", "hostname", "password"}
+            <= set(data["identity"])
+            <= {"realname", "username", "hostname", "password"}
+        )
         assert all(isinstance(value, str) for value in data["identity"].values())
         assert "layout" in data["keyboard"] and set(data["keyboard"]) <= {"layout", "variant", "toggle"}
         assert set(data["refresh-installer"]) <= {"update", "channel"}
         assert set(data["ssh"]) <= {"install-server", "authorized-keys", "allow-pw"}
-        assert all(isinstance(item, (str, list)) for key in ("early-commands", "late-commands") for item in data[key])
+        assert all(
+            isinstance(item, (str, list)) for key in ("early-commands", "late-commands") for item in data[key]
+        )
         assert all(isinstance(package, str) for package in data["packages"])
         if "source" in data:  # valid also for the snapshot that required search_drivers
             assert set(data["source"]) <= {"id", "search_drivers"}
-            assert isinstance(data["source"]["search_drivers"], bool) and isinstance(data["source"]["id"], str)
+            assert isinstance(data["source"]["search_drivers"], bool) and isinstance(
+                data["source"]["id"], str
+            )
     assert ("source" in data) is (name == "ubuntu-24.04")  # 22.04's subiquity would ignore it
 
 
@@ -301,13 +373,21 @@ def test_autoinstall_user_data_is_valid_for_the_isos_subiquity(tree: Path, efi_t
 def test_autoinstall_user_data_against_subiquity_schema_files(tree: Path, name: str) -> None:
     """The full schema check, against a local clone of subiquity (not shipped: AGPL-3.0)."""
     checkout = os.environ.get("STAGE4_SUBIQUITY_CHECKOUT")
-    jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema to check against subiquity's schema")
+    jsonschema = pytest.importorskip(
+        "jsonschema", reason="pip install jsonschema to check against subiquity's schema"
+    )
     if not checkout:
         pytest.skip("set STAGE4_SUBIQUITY_CHECKOUT to a git clone of github.com/canonical/subiquity")
     data = yaml.safe_load((tree / "http" / name / "user-data").read_text())["autoinstall"]
     for ref in SUBIQUITY_REFS[name]:
-        schema = json.loads(subprocess.run(["git", "-C", checkout, "show", f"{ref}:autoinstall-schema.json"],
-                                           capture_output=True, text=True, check=True).stdout)
+        schema = json.loads(
+            subprocess.run(
+                ["git", "-C", checkout, "show", f"{ref}:autoinstall-schema.json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         errors = [error.message for error in jsonschema.Draft7Validator(schema).iter_errors(data)]
         assert not errors, (ref, errors)
         assert set(data) <= set(schema["properties"]), (ref, set(data) - set(schema["properties"]))
@@ -328,15 +408,22 @@ def test_preseed_partitioning(tree: Path, efi_tree: Path, name: str) -> None:
     bios = _answer(tree, name)
     assert "d-i partman-partitioning/choose_label select gpt" in bios
     assert "d-i partman-partitioning/default_label string gpt" in bios
-    assert re.search(r"1 1 1 free\s+\\\s+\$iflabel\{ gpt \}\s+\\\s+\$reusemethod\{ \}\s+\\\s+method\{ biosgrub \}", bios)
+    assert re.search(
+        r"1 1 1 free\s+\\\s+\$iflabel\{ gpt \}\s+\\\s+\$reusemethod\{ \}\s+\\\s+method\{ biosgrub \}", bios
+    )
     assert re.search(r"1000 10000 -1 ext4\s+\\\s+method\{ format \} format\{ \}", bios)
     assert "filesystem{ ext4 }" in bios and "label{ system }" in bios and "mountpoint{ / }" in bios
     # partman cannot name a GPT partition: the late_command does, on the root partition (2).
-    assert "in-target sgdisk --change-name=2:system /dev/vda || in-target sfdisk --part-label /dev/vda 2 system" in bios
+    assert (
+        "in-target sgdisk --change-name=2:system /dev/vda || in-target sfdisk --part-label /dev/vda 2 system"
+        in bios
+    )
     assert "gdisk" in re.search(r"^d-i pkgsel/include string (.*)$", bios, re.M).group(1).split()
     assert "method{ efi }" not in bios and "non_efi_system" not in bios
     efi = _answer(efi_tree, name)
-    assert re.search(r"538 538 1075 free\s+\\\s+\$iflabel\{ gpt \}\s+\\\s+\$reusemethod\{ \}\s+\\\s+method\{ efi \}", efi)
+    assert re.search(
+        r"538 538 1075 free\s+\\\s+\$iflabel\{ gpt \}\s+\\\s+\$reusemethod\{ \}\s+\\\s+method\{ efi \}", efi
+    )
     assert "method{ biosgrub }" not in efi
     assert "d-i partman-efi/non_efi_system boolean true" in efi
     assert "d-i grub-installer/force-efi-extra-removable boolean true" in efi
@@ -370,11 +457,20 @@ def test_autoinstall_partitioning(tree: Path, efi_tree: Path, name: str) -> None
         ids = {action["id"]: action for action in data["storage"]["config"]}
         root = ids["part-root"]
         assert root["number"] == 2 and root["size"] == -1
-        assert ids["fs-root"] == {"id": "fs-root", "type": "format", "volume": "part-root", "fstype": fs, "label": ID}
+        assert ids["fs-root"] == {
+            "id": "fs-root",
+            "type": "format",
+            "volume": "part-root",
+            "fstype": fs,
+            "label": ID,
+        }
         assert ids["mnt-root"]["path"] == "/"
         assert root.get("partition_name", ID) == ID
         assert ("partition_name" in root) is (name == "ubuntu-24.04")
-        assert data["late-commands"][0] == "sgdisk --change-name=2:system /dev/vda || sfdisk --part-label /dev/vda 2 system"
+        assert (
+            data["late-commands"][0]
+            == "sgdisk --change-name=2:system /dev/vda || sfdisk --part-label /dev/vda 2 system"
+        )
     bios = {a["id"]: a for a in yaml.safe_load(_answer(tree, name))["autoinstall"]["storage"]["config"]}
     assert bios["part-bios"]["flag"] == "bios_grub" and bios["disk0"]["grub_device"] is True
 
@@ -391,8 +487,11 @@ def test_unsupported_filesystem_is_refused(tmp_path: Path) -> None:
 def test_extra_packages_and_mirror(tmp_path: Path) -> None:
     targets = [
         RenderTarget(ImageConfig(distribution=name, identifier=ID, packages=("htop",), mirror=mirror))
-        for name, mirror in (("debian-12", "https://mirror.example/debian"), ("ubuntu-24.04", "http://m.example/ubuntu"),
-                             ("rocky-9", "http://m.example/rocky/9/BaseOS/x86_64/os"))
+        for name, mirror in (
+            ("debian-12", "https://mirror.example/debian"),
+            ("ubuntu-24.04", "http://m.example/ubuntu"),
+            ("rocky-9", "http://m.example/rocky/9/BaseOS/x86_64/os"),
+        )
     ]
     render_tree(tmp_path, targets, MachineConfig(), Runner())
     preseed = _answer(tmp_path, "debian-12")
@@ -413,8 +512,16 @@ def test_sha512_crypt_matches_openssl() -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     for password, salt in (("packer", "slxpacker"), ("x" * 70, "abcdefghijklmnop"), ("pässwörd", "S.l/t")):
-        expected = subprocess.run(["openssl", "passwd", "-6", "-salt", salt, "-stdin"], input=password.encode(),
-                                  capture_output=True, check=True).stdout.decode().strip()
+        expected = (
+            subprocess.run(
+                ["openssl", "passwd", "-6", "-salt", salt, "-stdin"],
+                input=password.encode(),
+                capture_output=True,
+                check=True,
+            )
+            .stdout.decode()
+            .strip()
+        )
         assert credentials.sha512_crypt(password, salt) == expected
 
 
@@ -478,15 +585,20 @@ def test_hcl_string_escapes() -> None:
 
 
 def _stage4(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stage4", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stage4", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_render(tmp_path: Path, fake_iso: tuple[Path, str]) -> None:
     iso, digest = fake_iso
     (tmp_path / "stage4.toml").write_text(
-        '[machine]\ncpus = 3\nmemory = "1G"\n\n[images.lab]\ndistribution = "ubuntu-16.04"\nidentifier = "LAB_SYS"\n'
+        '[machine]\ncpus = 3\nmemory = "1G"\n\n'
+        '[images.lab]\ndistribution = "ubuntu-16.04"\nidentifier = "LAB_SYS"\n'
     )
-    result = _stage4("render", "lab", "debian-12", "-o", "out", "--iso-checksum", "sha256:" + digest, cwd=tmp_path)
+    result = _stage4(
+        "render", "lab", "debian-12", "-o", "out", "--iso-checksum", "sha256:" + digest, cwd=tmp_path
+    )
     assert result.returncode == 2 and "exactly one DISTRO" in result.stderr
     result = _stage4("render", "lab", "debian-12", "-o", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -497,8 +609,17 @@ def test_cli_render(tmp_path: Path, fake_iso: tuple[Path, str]) -> None:
     assert "label{ SLX_SYS }" in (out / "http" / "debian-12" / "preseed.cfg").read_text()
     assert (out / "ubuntu-16.04-amd64.json").is_file() and (out / "debian-12-amd64.pkr.hcl").is_file()
 
-    result = _stage4("render", "rocky-9", "-o", "iso", "--iso", str(iso), "--iso-checksum", "sha256:" + "1" * 64,
-                     cwd=tmp_path)
+    result = _stage4(
+        "render",
+        "rocky-9",
+        "-o",
+        "iso",
+        "--iso",
+        str(iso),
+        "--iso-checksum",
+        "sha256:" + "1" * 64,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "iso" / "rocky-9-amd64.json").exists()
@@ -506,7 +627,9 @@ def test_cli_render(tmp_path: Path, fake_iso: tuple[Path, str]) -> None:
     assert result.returncode == 2 and "give the checksum" in result.stderr
     result = _stage4("render", "rocky-9", "-o", "iso", "--filesystem", "btrfs", cwd=tmp_path)
     assert result.returncode == 2 and "btrfs" in result.stderr
-    result = _stage4("render", "debian-12", "-o", "iso", "--identifier", "much-too-long-for-ext4", cwd=tmp_path)
+    result = _stage4(
+        "render", "debian-12", "-o", "iso", "--identifier", "much-too-long-for-ext4", cwd=tmp_path
+    )
     assert result.returncode == 2 and "identifier" in result.stderr
     result = _stage4("render", "nosuch", "-o", "iso", cwd=tmp_path)
     assert result.returncode == 2 and "neither an image" in result.stderr
@@ -524,9 +647,14 @@ def _rendered_settings(out: Path, name: str) -> dict[str, object]:
     [builder] = template["builders"]
     efi = ["-bios", "/usr/share/ovmf/OVMF.fd"] in builder["qemuargs"]
     assert efi == ('"/usr/share/ovmf/OVMF.fd"' in hcl)
-    return {"iso_url": variables["iso_url"], "iso_checksum": variables["iso_checksum"],
-            "ssh_timeout": variables["ssh_timeout"], "efi": efi, "boot_command": builder["boot_command"],
-            "answer": _answer(out, name)}
+    return {
+        "iso_url": variables["iso_url"],
+        "iso_checksum": variables["iso_checksum"],
+        "ssh_timeout": variables["ssh_timeout"],
+        "efi": efi,
+        "boot_command": builder["boot_command"],
+        "answer": _answer(out, name),
+    }
 
 
 def test_cli_render_takes_every_setting_of_the_image(tmp_path: Path, fake_iso: tuple[Path, str]) -> None:
@@ -548,8 +676,20 @@ def test_cli_render_takes_every_setting_of_the_image(tmp_path: Path, fake_iso: t
     assert got["boot_command"] == distributions.get("rocky-9").boot_keys(True, http_url)
     assert "--fstype=efi" in got["answer"] and "--label=system" in got["answer"]
 
-    result = _stage4("render", "lab", "-o", "out2", "--bios", "--ssh-timeout", "2h", "--iso", str(other),
-                     "--iso-checksum", other_digest, cwd=tmp_path)
+    result = _stage4(
+        "render",
+        "lab",
+        "-o",
+        "out2",
+        "--bios",
+        "--ssh-timeout",
+        "2h",
+        "--iso",
+        str(other),
+        "--iso-checksum",
+        other_digest,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     got = _rendered_settings(tmp_path / "out2", "rocky-9")
     assert got["iso_url"] == str(other) and got["iso_checksum"] == f"sha256:{other_digest}"

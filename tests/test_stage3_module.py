@@ -123,7 +123,7 @@ def _closed_port() -> int:
 def servers(tmp_path: Path):
     """Two real DNBD3 servers on 127.0.0.1: A has revisions 1 and 2 of the image, B only revision 2."""
     stores = [tmp_path / "a", tmp_path / "b"]
-    for store, rids in zip(stores, ((1, 2), (2,))):
+    for store, rids in zip(stores, ((1, 2), (2,)), strict=True):
         (store / "stage4").mkdir(parents=True)
         for rid in rids:
             (store / "stage4" / f"img.qcow2.r{rid}").write_bytes(b"QFI\xfb" + bytes(8188))

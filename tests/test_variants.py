@@ -16,11 +16,16 @@ pytestmark = pytest.mark.slow
 def test_xfs_system_image_carries_the_identifier_twice(xfs_image: BuiltImage, tmp_path) -> None:
     raw = tmp_path / "disk.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(xfs_image.path), str(raw)], check=True)
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
-                                      text=True).stdout)["partitiontable"]
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True, text=True).stdout
+    )["partitiontable"]
     (root,) = [p for p in table["partitions"] if p.get("name") == "system"]
-    probe = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(root["start"] * 512), str(raw)],
-                           check=True, capture_output=True, text=True).stdout
+    probe = subprocess.run(
+        ["blkid", "-p", "-o", "export", "-O", str(root["start"] * 512), str(raw)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     tags = dict(line.split("=", 1) for line in probe.splitlines() if "=" in line)
     assert (tags["LABEL"], tags["TYPE"]) == ("system", "xfs")
 

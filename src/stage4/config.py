@@ -77,8 +77,10 @@ def identifier_problem(value: str, filesystem: str | None = None) -> str | None:
     if not IDENTIFIER_RE.match(value):
         return "may contain only letters, digits, '_', '.' and '-' (no whitespace or '/')"
     if value in (".", ".."):
-        return ("is not a name: /dev/disk/by-partlabel/.. is a directory, and systemd cannot make a unit name "
-                "from that path (the image would not boot)")
+        return (
+            "is not a name: /dev/disk/by-partlabel/.. is a directory, and systemd cannot make a unit name "
+            "from that path (the image would not boot)"
+        )
     if value.startswith("."):
         return "must not start with '.' (a hidden by-partlabel link that systemd escapes in unit names)"
     if value.startswith("-"):
@@ -157,7 +159,8 @@ class BuildPaths(Strict):
 
     output_dir: Path = Field(Path("output"), description="images, manifests and logs, one folder per image")
     cache_dir: Path = Field(
-        Path("~/.cache/stage4"), description="package cache and accelerator probe results, kept between builds"
+        Path("~/.cache/stage4"),
+        description="package cache and accelerator probe results, kept between builds",
     )
 
     @field_validator("output_dir", "cache_dir")
@@ -264,10 +267,14 @@ class ArtifactConfig(Strict):
     """One file a component's build produces."""
 
     path: str = Field(description="the file, relative to the component's source directory after the build")
-    kind: str = Field("file",
-                      description="'module': a kernel module, installed into /lib/modules/KVER/extra with depmod; "
-                      "'file': installed at dest")
-    dest: str | None = Field(None, description="with kind 'file': absolute destination path in the prod image")
+    kind: str = Field(
+        "file",
+        description="'module': a kernel module, installed into /lib/modules/KVER/extra with depmod; "
+        "'file': installed at dest",
+    )
+    dest: str | None = Field(
+        None, description="with kind 'file': absolute destination path in the prod image"
+    )
     mode: str = Field("0644", description="with kind 'file': file mode")
 
     @field_validator("kind")
@@ -296,11 +303,17 @@ class ComponentConfig(Strict):
 
     source: SourceConfig = Field(description="where the sources come from")
     build: tuple[str, ...] = Field(
-        (), description="shell commands run in the source directory in the dev layer; $KVER and $KDIR "
-        "(the image kernel's version and build directory) are set")
+        (),
+        description="shell commands run in the source directory in the dev layer; $KVER and $KDIR "
+        "(the image kernel's version and build directory) are set",
+    )
     artifacts: tuple[ArtifactConfig, ...] = Field((), description="files the build produces")
-    build_packages: tuple[PackageName, ...] = Field((), description="packages the build needs (dev layer only)")
-    runtime_packages: tuple[PackageName, ...] = Field((), description="packages the artifacts need (installed in prod)")
+    build_packages: tuple[PackageName, ...] = Field(
+        (), description="packages the build needs (dev layer only)"
+    )
+    runtime_packages: tuple[PackageName, ...] = Field(
+        (), description="packages the artifacts need (installed in prod)"
+    )
 
 
 def default_components() -> dict[str, ComponentConfig]:
@@ -309,6 +322,7 @@ def default_components() -> dict[str, ComponentConfig]:
     Release builds: a Debug xloop also builds its kernel tests (which need libcap) and logs every cached
     cluster. Each module lands in build/src/kernel/<module>/<module>.ko (upstream cmake/Kernel.cmake).
     """
+
     def module(name: str) -> ArtifactConfig:
         return ArtifactConfig(path=f"build/src/kernel/{name}/{name}.ko", kind="module")
 
@@ -319,16 +333,22 @@ def default_components() -> dict[str, ComponentConfig]:
     return {
         "dnbd3": ComponentConfig(
             source=SourceConfig(git="https://github.com/bwLehrpool/dnbd3.git", ref="master"),
-            build=(f"{configure} -DDNBD3_KERNEL_MODULE=ON -DDNBD3_CLIENT_FUSE=OFF -DDNBD3_SERVER=OFF",
-                   "cmake --build build --parallel"),
+            build=(
+                f"{configure} -DDNBD3_KERNEL_MODULE=ON -DDNBD3_CLIENT_FUSE=OFF -DDNBD3_SERVER=OFF",
+                "cmake --build build --parallel",
+            ),
             artifacts=(module("dnbd3"), tool("build/src/client/dnbd3-client")),
             build_packages=("cmake", "git"),
         ),
         "xloop": ComponentConfig(
             source=SourceConfig(git="https://github.com/bwLehrpool/xloop.git", ref="master"),
             build=(configure, "cmake --build build --parallel"),
-            artifacts=(module("xloop"), module("xloop_file_fmt_qcow"),
-                       module("xloop_file_fmt_raw"), tool("build/src/utils/sys-utils/xlosetup")),
+            artifacts=(
+                module("xloop"),
+                module("xloop_file_fmt_qcow"),
+                module("xloop_file_fmt_raw"),
+                tool("build/src/utils/sys-utils/xlosetup"),
+            ),
             build_packages=("cmake", "git"),
         ),
     }
@@ -346,10 +366,14 @@ class InitramfsConfig(Strict):
 
     dracut_modules: tuple[str, ...] = Field(("dnbd3-rootfs",), description="dracut modules to add")
     source: SourceConfig | None = Field(
-        None, description="where the dracut modules come from: a tree with build-initramfs.sh (OpenSLX "
-        "systemd-init) or one with modules.d/; default: the dnbd3-rootfs module shipped with stage4")
+        None,
+        description="where the dracut modules come from: a tree with build-initramfs.sh (OpenSLX "
+        "systemd-init) or one with modules.d/; default: the dnbd3-rootfs module shipped with stage4",
+    )
     script_args: tuple[str, ...] = Field(
-        ("--qcow-handler", "xloop"), description="extra arguments for build-initramfs.sh (if the source has it)")
+        ("--qcow-handler", "xloop"),
+        description="extra arguments for build-initramfs.sh (if the source has it)",
+    )
 
     @field_validator("dracut_modules")
     @classmethod
@@ -367,15 +391,20 @@ class InitramfsConfig(Strict):
 class LayerConfig(Strict):
     """[images.NAME.dev] and [images.NAME.prod]: one provisioning layer on top of the base."""
 
-    playbooks: tuple[Playbook, ...] = Field((), description="Ansible playbooks run in this layer, in order "
-                                        "(relative to the project file; target hosts: all)")
+    playbooks: tuple[Playbook, ...] = Field(
+        (),
+        description="Ansible playbooks run in this layer, in order "
+        "(relative to the project file; target hosts: all)",
+    )
     packages: tuple[PackageName, ...] = Field((), description="packages installed before the playbooks")
     vars: dict[str, Any] = Field(default_factory=dict, description="variables passed to the playbooks")
-    way: Way = Field(Way.chroot, description="'chroot': attach the layer on the host (fast); "
-                     "'vm': boot it in qemu and provision over SSH (for tasks that need the image's kernel or init); "
-                     "'packer': the same run done by Packer's qemu builder (disk_image over the base) and its "
-                     "ansible provisioner")
-
+    way: Way = Field(
+        Way.chroot,
+        description="'chroot': attach the layer on the host (fast); "
+        "'vm': boot it in qemu and provision over SSH (for tasks that need the image's kernel or init); "
+        "'packer': the same run done by Packer's qemu builder (disk_image over the base) and its "
+        "ansible provisioner",
+    )
 
 
 class ImageConfig(Strict):
@@ -385,7 +414,8 @@ class ImageConfig(Strict):
     builder: BuilderKind = Field(
         BuilderKind.bootstrap,
         description="'bootstrap' (mmdebstrap, no VM) or 'packer' (the installer ISO); "
-        "default: bootstrap where the distribution allows it, else packer")
+        "default: bootstrap where the distribution allows it, else packer",
+    )
     filesystem: Filesystem = Field(Filesystem.ext4, description="root filesystem: 'ext4', 'btrfs' or 'xfs'")
     identifier: str = Field(
         DEFAULT_IDENTIFIER,
@@ -394,18 +424,24 @@ class ImageConfig(Strict):
     )
     packages: tuple[PackageName, ...] = Field((), description="extra packages for the base (keep it small)")
     mirror: str | None = Field(None, description="package mirror URL; default: the distribution's own")
-    iso: str | None = Field(None, description="with packer: installer ISO, a local path or URL; default: the catalog's")
+    iso: str | None = Field(
+        None, description="with packer: installer ISO, a local path or URL; default: the catalog's"
+    )
     iso_checksum: str | None = Field(
-        None, description="with iso: 'sha256:<hex>', a bare digest, 'file:<URL>' or a local checksum file")
+        None, description="with iso: 'sha256:<hex>', a bare digest, 'file:<URL>' or a local checksum file"
+    )
     efi: bool = Field(False, strict=True, description="with packer: install for UEFI instead of BIOS")
     installer_timeout: str = Field(
-        "60m", description="with packer: how long the installer may take, e.g. '60m'")
+        "60m", description="with packer: how long the installer may take, e.g. '60m'"
+    )
     dev: LayerConfig | None = Field(
-        None, description="the dev layer; giving dev or prod (even empty) builds both layers on the base")
+        None, description="the dev layer; giving dev or prod (even empty) builds both layers on the base"
+    )
     prod: LayerConfig | None = Field(None, description="the prod layer (see dev)")
     initramfs: InitramfsConfig = Field(InitramfsConfig(), description="the initramfs built in the dev layer")
     components: dict[Annotated[str, Field(pattern=NAME_RE.pattern)], ComponentConfig] = Field(
-        default_factory=default_components, description="components built in dev and installed in prod")
+        default_factory=default_components, description="components built in dev and installed in prod"
+    )
 
     @property
     def layered(self) -> bool:
@@ -416,7 +452,9 @@ class ImageConfig(Strict):
     def _known_distribution(cls, value: str) -> str:
         if value not in distributions.names():
             raise PydanticCustomError(
-                "distribution", "unknown distribution; known: {known}", {"known": ", ".join(distributions.names())}
+                "distribution",
+                "unknown distribution; known: {known}",
+                {"known": ", ".join(distributions.names())},
             )
         return value
 
@@ -424,8 +462,12 @@ class ImageConfig(Strict):
     @classmethod
     def _default_builder(cls, data: Any) -> Any:
         """Without a builder, a distribution that cannot be bootstrapped is installed with Packer."""
-        if (isinstance(data, dict) and "builder" not in data and data.get("distribution") in distributions.names()
-                and not distributions.get(data["distribution"]).bootstrappable):
+        if (
+            isinstance(data, dict)
+            and "builder" not in data
+            and data.get("distribution") in distributions.names()
+            and not distributions.get(data["distribution"]).bootstrappable
+        ):
             return {**data, "builder": BuilderKind.packer.value}
         return data
 
@@ -437,7 +479,9 @@ class ImageConfig(Strict):
             return value
         dist = distributions.get(name)
         if value is BuilderKind.bootstrap and not dist.bootstrappable:
-            raise PydanticCustomError("builder", "{dist} cannot be bootstrapped; use 'packer'", {"dist": name})
+            raise PydanticCustomError(
+                "builder", "{dist} cannot be bootstrapped; use 'packer'", {"dist": name}
+            )
         if value is BuilderKind.packer and not dist.has_installer():
             raise PydanticCustomError("builder", "{dist} has no installer in the catalog", {"dist": name})
         return value
@@ -449,8 +493,11 @@ class ImageConfig(Strict):
         if name is not None and builder is BuilderKind.packer:
             dist = distributions.get(name)
             if value.value not in dist.filesystems:
-                raise PydanticCustomError("filesystem", "the {dist} installer cannot create it; use one of {known}",
-                                          {"dist": name, "known": ", ".join(dist.filesystems)})
+                raise PydanticCustomError(
+                    "filesystem",
+                    "the {dist} installer cannot create it; use one of {known}",
+                    {"dist": name, "known": ", ".join(dist.filesystems)},
+                )
         return value
 
     @field_validator("installer_timeout")
@@ -505,16 +552,21 @@ class Config(Strict):
 
     def warnings(self) -> list[str]:
         """Valid but probably unintended settings, one line each."""
-        return [f"{self.source}: images.{name}.components.{component}.artifacts: none given; the component is "
-                "built in the dev layer but nothing of it is installed"
-                for name, image in self.images.items()
-                for component, settings in image.components.items() if not settings.artifacts]
+        return [
+            f"{self.source}: images.{name}.components.{component}.artifacts: none given; the component is "
+            "built in the dev layer but nothing of it is installed"
+            for name, image in self.images.items()
+            for component, settings in image.components.items()
+            if not settings.artifacts
+        ]
 
     def image(self, name: str) -> ImageConfig:
         try:
             return self.images[name]
         except KeyError:
-            raise ConfigError(self.source, f"images.{name}", MISSING, f"no such image; defined: {', '.join(self.images)}") from None
+            raise ConfigError(
+                self.source, f"images.{name}", MISSING, f"no such image; defined: {', '.join(self.images)}"
+            ) from None
 
 
 def _dotted(loc: tuple) -> str:
@@ -566,16 +618,19 @@ def _message(error: dict) -> str:
 def from_dict(data: dict, source: str) -> Config:
     """Validate parsed TOML; the first problem becomes a ConfigError naming source, key and value."""
     try:
-        return Config.model_validate({**data, "source": source},
-                                     context={"base_dir": str(Path(source).absolute().parent)})
+        return Config.model_validate(
+            {**data, "source": source}, context={"base_dir": str(Path(source).absolute().parent)}
+        )
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = error["loc"]
         if loc and loc[-1] == "[key]":
             loc = loc[:-1]
             what = "component" if loc[-2] == "components" else "image"
-            problem = (f"{what} name {loc[-1]!r} is not a simple name (a letter or digit, then letters, digits, "
-                       "'.', '_', '-'; at most 64 characters)")
+            problem = (
+                f"{what} name {loc[-1]!r} is not a simple name (a letter or digit, then letters, digits, "
+                "'.', '_', '-'; at most 64 characters)"
+            )
             raise ConfigError(source, _dotted(loc[:-1]), MISSING, problem) from None
         raise ConfigError(source, _dotted(loc), _lookup(data, loc), _message(error)) from None
 
@@ -593,9 +648,12 @@ def load(path: Path | None = None) -> Config:
         raise ConfigError(str(path), "(file)", MISSING, f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError(str(path), "(file)", MISSING,
-                          f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} in line {line}); "
-                          "TOML files are UTF-8") from None
+        raise ConfigError(
+            str(path),
+            "(file)",
+            MISSING,
+            f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} in line {line}); TOML files are UTF-8",
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -629,11 +687,16 @@ def reference() -> str:
     table("images.NAME.dev", LayerConfig)
     table("images.NAME.prod", LayerConfig)
     table("images.NAME.initramfs", InitramfsConfig)
-    lines.append("| `images.NAME.initramfs.source` | the dnbd3-rootfs module shipped with stage4 | "
-                 + InitramfsConfig.model_fields["source"].description + " |")
+    lines.append(
+        "| `images.NAME.initramfs.source` | the dnbd3-rootfs module shipped with stage4 | "
+        + InitramfsConfig.model_fields["source"].description
+        + " |"
+    )
     table("images.NAME.initramfs.source", SourceConfig)
-    lines.append("| `images.NAME.components` | dnbd3, xloop (public repositories) | components built in dev and "
-                 "installed in prod; a table replaces the defaults |")
+    lines.append(
+        "| `images.NAME.components` | dnbd3, xloop (public repositories) | components built in dev and "
+        "installed in prod; a table replaces the defaults |"
+    )
     table("images.NAME.components.C", ComponentConfig)
     table("images.NAME.components.C.source", SourceConfig)
     table("images.NAME.components.C.artifacts[]", ArtifactConfig)

@@ -22,7 +22,9 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 def file_facts(folder: Path, *relatives: str) -> dict[str, dict]:
     """The `files` entry of a manifest: size and sha256 of each file, relative to `folder`."""
-    return {rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in relatives}
+    return {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in relatives
+    }
 
 
 def fsync_path(path: Path) -> None:
@@ -117,4 +119,3 @@ def dir_size(path: Path) -> int:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_size
     return total
-

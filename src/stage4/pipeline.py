@@ -135,7 +135,11 @@ class Step:
             return None
         for relative, facts in manifest.get("files", {}).items():
             path = ctx.image_dir / relative
-            if not path.is_file() or path.stat().st_size != facts["size"] or sha256_file(path) != facts["sha256"]:
+            if (
+                not path.is_file()
+                or path.stat().st_size != facts["size"]
+                or sha256_file(path) != facts["sha256"]
+            ):
                 return None
         return manifest
 
@@ -212,8 +216,14 @@ class LayerStatus:
     state: str  # what is cached: 'cached, up to date', 'stale (inputs changed)', 'not built', ...
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "identity": self.identity, "stored_identity": self.stored_identity,
-                "file": str(self.file) if self.file else None, "size": self.size, "state": self.state}
+        return {
+            "name": self.name,
+            "identity": self.identity,
+            "stored_identity": self.stored_identity,
+            "file": str(self.file) if self.file else None,
+            "size": self.size,
+            "state": self.state,
+        }
 
 
 def status(ctx: Context) -> list[LayerStatus]:
@@ -229,8 +239,13 @@ def status(ctx: Context) -> list[LayerStatus]:
         stored = read_manifest(ctx.image_dir / step.manifest_file) or {}
         files = [ctx.image_dir / relative for relative in stored.get("files", {})]
         size = sum(f.stat().st_size for f in files if f.is_file()) if files else None
-        main = ctx.image_dir / stored["image"]["file"] if "image" in stored else \
-            ctx.image_dir / dev.ARTIFACTS_DIR if files else None
+        main = (
+            ctx.image_dir / stored["image"]["file"]
+            if "image" in stored
+            else ctx.image_dir / dev.ARTIFACTS_DIR
+            if files
+            else None
+        )
         if not stored.get("identity"):
             state = "not built"
         elif stored["identity"] != identity:
@@ -238,7 +253,11 @@ def status(ctx: Context) -> list[LayerStatus]:
         else:
             state = "cached, up to date" if step.current(ctx, identity) is not None else "damaged or missing"
         if step.name == "dev":
-            state += ", layer kept" if (ctx.image_dir / dev.DEV_IMAGE).is_file() else ", layer deleted (artifacts kept)"
+            state += (
+                ", layer kept"
+                if (ctx.image_dir / dev.DEV_IMAGE).is_file()
+                else ", layer deleted (artifacts kept)"
+            )
         found.append(LayerStatus(step.name, identity, stored.get("identity"), main, size, state))
         if stored:  # later identities build on the wanted one: a stale parent makes its children stale
             done[step.name] = StepResult(step.name, {**stored, "identity": identity}, True, ctx.image_dir)
@@ -255,10 +274,15 @@ def read_manifest(path: Path) -> dict | None:
 def write_manifest(ctx: Context, step: Step, identity: str, parent: str | None, body: dict) -> dict:
     """The one manifest writer: what every step's manifest shares, then the step's own facts."""
     manifest = {
-        "kind": step.name, "name": ctx.name, "identity": identity, "parent": parent,
-        "identifier": ctx.image.identifier, "filesystem": ctx.image.filesystem.value,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "stage4_version": __version__, **body,
+        "kind": step.name,
+        "name": ctx.name,
+        "identity": identity,
+        "parent": parent,
+        "identifier": ctx.image.identifier,
+        "filesystem": ctx.image.filesystem.value,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "stage4_version": __version__,
+        **body,
     }
     write_json_atomically(ctx.image_dir / step.manifest_file, manifest)
     return manifest

@@ -85,14 +85,21 @@ def _guard(line: str) -> None:
     """Tell the guardian about a process group (started once per stage4 process, lazily)."""
     global _guardian
     if _guardian is None or _guardian.poll() is not None:
-        _guardian = subprocess.Popen([sys.executable, "-m", "stage4.guardian"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _guardian = subprocess.Popen(
+            [sys.executable, "-m", "stage4.guardian"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     with contextlib.suppress(BrokenPipeError):
         _guardian.stdin.write(f"{line}\n".encode())
         _guardian.stdin.flush()
 
 
-def _stop_group(popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = TERMINATE_GRACE_SECONDS) -> None:
+def _stop_group(
+    popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = TERMINATE_GRACE_SECONDS
+) -> None:
     """Stop a child and everything it started; escalate to SIGKILL after `grace` seconds."""
     if popen.poll() is not None:
         return
@@ -128,8 +135,12 @@ class Runner:
 
     def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
         # preexec_fn only calls prctl (no allocation, no locks), so the reader threads cannot deadlock it.
-        popen = subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent(),  # noqa: PLW1509
-                                 **kwargs)
+        popen = subprocess.Popen(
+            args,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+            **kwargs,
+        )
         _guard(f"+{popen.pid}")
         if self._recording:
             workdirs.note_process(self._recording[-1], popen.pid, args)
@@ -183,6 +194,7 @@ class Runner:
         if capture:
             readers.append(threading.Thread(target=lambda: captured.append(popen.stdout.read()), daemon=True))
         else:
+
             def pump_stdout() -> None:
                 for raw in popen.stdout:
                     line = raw.decode(errors="replace")
@@ -200,7 +212,9 @@ class Runner:
             popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop_group(popen)
-            raise StepFailed(step, f"{args[0]} did not finish within {timeout:.0f} s", self.log_path) from None
+            raise StepFailed(
+                step, f"{args[0]} did not finish within {timeout:.0f} s", self.log_path
+            ) from None
         except BaseException:
             _stop_group(popen)
             raise
@@ -237,8 +251,9 @@ class Runner:
         self.display.command(args)
         full_env = None if env is None else {**os.environ, **env}
         try:
-            popen = self._popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=full_env)
+            popen = self._popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env
+            )
         except FileNotFoundError as exc:
             raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
         process = Process(args, popen)

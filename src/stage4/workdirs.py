@@ -83,7 +83,7 @@ def process_start(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
@@ -177,13 +177,18 @@ def image_build(cache_dir: Path, image: str, output_dir: Path, runner: Runner) -
     Yields what was freed. The owner record says who builds the image; it is removed on every orderly exit.
     """
     display = runner.display
-    with exclusive_lock(lock_file(cache_dir, image), lambda: display.info(f"{image}: waiting for another build of it")):
+    with exclusive_lock(
+        lock_file(cache_dir, image), lambda: display.info(f"{image}: waiting for another build of it")
+    ):
         freed = recover(cache_dir, image, runner)
         for item in freed:
-            display.info(f"{image}: released what a killed build left: {item.path} ({format_size(item.bytes)})")
+            display.info(
+                f"{image}: released what a killed build left: {item.path} ({format_size(item.bytes)})"
+            )
         record = owner_record(cache_dir, image)
-        write_json_atomically(record, {**Owner.me().to_record(), "image": image,
-                                       "output_dir": str(output_dir.absolute())})
+        write_json_atomically(
+            record, {**Owner.me().to_record(), "image": image, "output_dir": str(output_dir.absolute())}
+        )
         try:
             yield freed
         finally:
@@ -278,7 +283,9 @@ def recover(cache_dir: Path, image: str, runner: Runner) -> list[Freed]:
     return freed
 
 
-def clean(cache_dir: Path, images: list[str] | None, runner: Runner, shared_caches: bool = False) -> CleanReport:
+def clean(
+    cache_dir: Path, images: list[str] | None, runner: Runner, shared_caches: bool = False
+) -> CleanReport:
     """Remove the work directories of images no live build holds: those of killed builds (after releasing
     what they attached) and those kept to resume an interrupted build; with `shared_caches` also the
     caches kept between builds. Images being built are reported as busy and left alone."""
@@ -314,7 +321,9 @@ def release(work: Path, records: list[dict], runner: Runner, state: str) -> Free
     step = f"release {work.name}"
     # The loop devices mounted here: once qemu-storage-daemon is gone (stage4's death ends it), a loop's
     # backing file no longer names the work directory.
-    devices = loop_devices(work, records) | {source for _, _, source in mounts if source.startswith("/dev/loop")}
+    devices = loop_devices(work, records) | {
+        source for _, _, source in mounts if source.startswith("/dev/loop")
+    }
     for target, fs_type, _ in mounts:
         if not fs_type.startswith("fuse"):
             _unmount(target, runner, step)
@@ -342,11 +351,16 @@ def end_processes(work: Path, records: list[dict]) -> list[int]:
     """
     groups = set()
     for record in records:
-        if record.get("what") == "process" and isinstance(record.get("pid"), int) \
-                and record.get("start") is not None:
+        if (
+            record.get("what") == "process"
+            and isinstance(record.get("pid"), int)
+            and record.get("start") is not None
+        ):
             leader = Owner.of(record["pid"])
             if leader is None or leader.start == record["start"]:
-                groups.add(record["pid"])  # the group is ours unless its leader's PID now names a later process
+                groups.add(
+                    record["pid"]
+                )  # the group is ours unless its leader's PID now names a later process
     me = os.getpid()
     victims = [pid for pid in _pids() if pid != me and (_group(pid) in groups or _uses(pid, work))]
     for pid in victims:
@@ -354,7 +368,9 @@ def end_processes(work: Path, records: list[dict]) -> list[int]:
             os.kill(pid, signal.SIGKILL)
     starts = {pid: process_start(pid) for pid in victims}
     deadline = time.monotonic() + KILL_WAIT_SECONDS
-    while time.monotonic() < deadline and any(process_start(p) == s and s is not None for p, s in starts.items()):
+    while time.monotonic() < deadline and any(
+        process_start(p) == s and s is not None for p, s in starts.items()
+    ):
         time.sleep(0.1)
     return victims
 
@@ -368,7 +384,7 @@ def _group(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[2])
+    return int(stat[stat.rindex(")") + 2 :].split()[2])
 
 
 def _uses(pid: int, work: Path) -> bool:
@@ -392,7 +408,7 @@ def mounts_in_order(work: Path) -> list[tuple[str, str, str]]:
         for line in handle:
             fields = line.split()
             target = fields[4].replace("\\040", " ")
-            fs_type, source = fields[fields.index("-") + 1:fields.index("-") + 3]
+            fs_type, source = fields[fields.index("-") + 1 : fields.index("-") + 3]
             if target == str(work) or target.startswith(prefix):
                 found.append((target, fs_type, source))
     return found[::-1]
@@ -400,18 +416,25 @@ def mounts_in_order(work: Path) -> list[tuple[str, str, str]]:
 
 def loop_devices(work: Path, records: list[dict]) -> set[str]:
     """Loop devices whose backing file is below `work` (recorded or not: a kill can come before the record),
-    and recorded ones whose backing file lost its name (its FUSE export is gone) with the recorded geometry."""
+    and recorded ones whose backing file lost its name (its FUSE export is gone) with the recorded
+    geometry."""
     prefix = str(work) + "/"
-    recorded = {r["device"]: r for r in records if r.get("what") == "loop" and isinstance(r.get("device"), str)}
+    recorded = {
+        r["device"]: r for r in records if r.get("what") == "loop" and isinstance(r.get("device"), str)
+    }
     attached = set()
     for sys_dir in Path("/sys/block").glob("loop*"):
         device = f"/dev/{sys_dir.name}"
         with contextlib.suppress(OSError, ValueError):
             backing = (sys_dir / "loop/backing_file").read_text().strip().removesuffix(" (deleted)")
             record = recorded.get(device)
-            if backing.startswith(prefix) or record is not None and backing == "/" and \
-                    int((sys_dir / "loop/offset").read_text()) == record.get("offset") and \
-                    int((sys_dir / "loop/sizelimit").read_text()) == record.get("sizelimit"):
+            if (
+                backing.startswith(prefix)
+                or record is not None
+                and backing == "/"
+                and int((sys_dir / "loop/offset").read_text()) == record.get("offset")
+                and int((sys_dir / "loop/sizelimit").read_text()) == record.get("sizelimit")
+            ):
                 attached.add(device)
     return attached
 

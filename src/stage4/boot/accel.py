@@ -36,9 +36,28 @@ def probe_kvm(kernel: Path, runner: Runner) -> tuple[bool, str]:
     """Boot `kernel` under KVM; (True, '') if it gets to mounting its root, else (False, why not)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
-    argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-smp", "1",
-            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", kernel, "-append", "console=ttyS0 panic=-1"]
+    argv = [
+        "qemu-system-x86_64",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+        kernel,
+        "-append",
+        "console=ttyS0 panic=-1",
+    ]
     with runner.background(argv, step="probe KVM", grace=2) as process:
         deadline = time.monotonic() + PROBE_TIMEOUT
         while time.monotonic() < deadline:
@@ -73,7 +92,9 @@ def choose(requested: str, kernel: Path | None, runner: Runner, cache_dir: Path)
     kept = cache_dir / "probe" / "vmlinuz"
     kernel = kernel or (kept if kept.exists() else None)
     if kernel is None:
-        runner.display.info("accelerator: tcg (KVM not probed: no kernel at hand yet; build a bootstrap image once)")
+        runner.display.info(
+            "accelerator: tcg (KVM not probed: no kernel at hand yet; build a bootstrap image once)"
+        )
         return "tcg"
     with runner.display.step("probe accelerator (KVM, else TCG)"):
         works, why = probe_kvm(kernel, runner)

@@ -304,7 +304,7 @@ class Forwards:
         parts = ["user,model=virtio-net-pci,restrict=off", forward(HTTP_GUEST, 80, self.http)]
         parts += [
             forward(address, DEFAULT_PORT, relay)
-            for address, relay in zip(guest_servers(len(self.dnbd3)), self.dnbd3)
+            for address, relay in zip(guest_servers(len(self.dnbd3)), self.dnbd3, strict=True)
         ]
         return ",".join(parts)
 

@@ -20,7 +20,9 @@ from stage4.runner import Runner
 
 POWEROFF_WAIT = 90
 # Terminal escape sequences (GRUB's menu draws with CSI sequences) and other control characters.
-ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-~]|[\x00-\x1f\x7f]")
+ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-~]|[\x00-\x1f\x7f]"
+)
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 
@@ -58,17 +60,33 @@ def _format(image: Path) -> str:
 
 def build_argv(spec: BootSpec, nonce: str) -> list[str]:
     argv = [
-        "qemu-system-x86_64", "-accel", spec.accelerator, "-cpu", cpu_model(spec.accelerator),
-        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-        "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+        "qemu-system-x86_64",
+        "-accel",
+        spec.accelerator,
+        "-cpu",
+        cpu_model(spec.accelerator),
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        str(spec.memory_mib),
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
     ]
     if spec.image is not None:
         snapshot = "off" if spec.writable else "on"
         argv += ["-drive", f"file={spec.image},if=virtio,format={_format(spec.image)},snapshot={snapshot}"]
     argv += [
-        "-nic", spec.nic,
-        "-fw_cfg", f"name=opt/org.stage4/marker,string={nonce}",
-        "-fw_cfg", "name=opt/org.stage4/poweroff,string=1",
+        "-nic",
+        spec.nic,
+        "-fw_cfg",
+        f"name=opt/org.stage4/marker,string={nonce}",
+        "-fw_cfg",
+        "name=opt/org.stage4/poweroff,string=1",
     ]
     if spec.firmware == "uefi":
         argv += ["-bios", str(OVMF)]
@@ -92,8 +110,10 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
         if spec.fail_on is not None and not failed and spec.fail_on.search(line):
             failed.append(line.strip())
 
-    with spec.serial_log.open("w", encoding="utf-8", errors="replace") as log, \
-            runner.background(build_argv(spec, nonce), step="boot", grace=5, on_line=on_line) as process:
+    with (
+        spec.serial_log.open("w", encoding="utf-8", errors="replace") as log,
+        runner.background(build_argv(spec, nonce), step="boot", grace=5, on_line=on_line) as process,
+    ):
         seen_at = None
         while time.monotonic() - started < spec.timeout:
             if any(marker.search(line) for line in list(process.lines)):
@@ -109,8 +129,11 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
         if seen_at is None:
             shown = (ESCAPES.sub("", line).strip() for line in list(process.lines)[-8:])
             tail = " | ".join(line for line in shown if line)
-            why = (f"qemu exited with {process.popen.returncode}" if not process.running()
-                   else f"no userspace marker within {spec.timeout:.0f} s")
+            why = (
+                f"qemu exited with {process.popen.returncode}"
+                if not process.running()
+                else f"no userspace marker within {spec.timeout:.0f} s"
+            )
             raise StepFailed("boot", f"{why}; last console lines: {tail[-800:]}", spec.serial_log)
         deadline = time.monotonic() + POWEROFF_WAIT
         while process.running() and time.monotonic() < deadline:

@@ -19,9 +19,17 @@ from stage4.config import BuilderKind, MachineConfig, format_size
 from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
 from stage4.errors import MISSING, ConfigError, InputError, StepFailed
+from stage4.fsutil import (
+    dir_size,
+    file_facts,
+    place_atomically,
+    remove_tree,
+    temporary_sibling,
+    unmount_below,
+)
+from stage4.identity import identity as identity_of
+from stage4.identity import source_digest
 from stage4.image.inspect import inspect_image
-from stage4.fsutil import dir_size, file_facts, place_atomically, remove_tree, temporary_sibling, unmount_below
-from stage4.identity import identity as identity_of, source_digest
 from stage4.runner import Runner
 from stage4.timing import timed
 
@@ -38,27 +46,50 @@ ROOT_SLACK = 128 << 20
 def bootstrap_plan(ctx: Context) -> bootstrap.BootstrapPlan:
     distribution = distributions.get(ctx.image.distribution)
     if not issubclass(distribution, AptDistribution) or not distribution.bootstrappable:
-        raise ConfigError(ctx.source, f"images.{ctx.name}.builder", "bootstrap",
-                          f"{distribution.name} cannot be bootstrapped; use builder = 'packer'")
-    return bootstrap.BootstrapPlan(distribution, ctx.image.mirror, ctx.image.filesystem.value,
-                                   ctx.image.identifier, ctx.image.packages, hostname=ctx.name)
+        raise ConfigError(
+            ctx.source,
+            f"images.{ctx.name}.builder",
+            "bootstrap",
+            f"{distribution.name} cannot be bootstrapped; use builder = 'packer'",
+        )
+    return bootstrap.BootstrapPlan(
+        distribution,
+        ctx.image.mirror,
+        ctx.image.filesystem.value,
+        ctx.image.identifier,
+        ctx.image.packages,
+        hostname=ctx.name,
+    )
 
 
 def identity_inputs(ctx: Context) -> dict:
     image = ctx.image
     if image.builder is BuilderKind.packer:
-        inputs = {"builder": "packer", "distribution": image.distribution, "iso": image.iso,
-                  "iso_checksum": image.iso_checksum, "efi": image.efi, "identifier": image.identifier,
-                  "filesystem": image.filesystem.value, "packages": sorted(image.packages), "mirror": image.mirror}
+        inputs = {
+            "builder": "packer",
+            "distribution": image.distribution,
+            "iso": image.iso,
+            "iso_checksum": image.iso_checksum,
+            "efi": image.efi,
+            "identifier": image.identifier,
+            "filesystem": image.filesystem.value,
+            "packages": sorted(image.packages),
+            "mirror": image.mirror,
+        }
     else:
         inputs = {"builder": "bootstrap", **bootstrap_plan(ctx).identity_inputs()}
     return {**inputs, "disk_size": ctx.machine.disk_size}
 
 
 def identity(ctx: Context) -> str:
-    recipe = (packer, packer_template, installer) if ctx.image.builder is BuilderKind.packer \
+    recipe = (
+        (packer, packer_template, installer)
+        if ctx.image.builder is BuilderKind.packer
         else (bootstrap, initramfs, disk, grub)
-    return identity_of("base", {**identity_inputs(ctx), "recipe": source_digest(*recipe, sys.modules[__name__])})
+    )
+    return identity_of(
+        "base", {**identity_inputs(ctx), "recipe": source_digest(*recipe, sys.modules[__name__])}
+    )
 
 
 def build(ctx: Context, base_id: str) -> dict:
@@ -87,8 +118,13 @@ def build(ctx: Context, base_id: str) -> dict:
     return {
         "inputs": identity_inputs(ctx),
         **facts,
-        "image": {"file": BASE_IMAGE, "format": "qcow2", "compression": "zstd",
-                  "virtual_size": ctx.machine.disk_size, **files[BASE_IMAGE]},
+        "image": {
+            "file": BASE_IMAGE,
+            "format": "qcow2",
+            "compression": "zstd",
+            "virtual_size": ctx.machine.disk_size,
+            **files[BASE_IMAGE],
+        },
         "files": files,
         "timings_seconds": timings,
     }
@@ -97,13 +133,21 @@ def build(ctx: Context, base_id: str) -> dict:
 def _bootstrap_work_dir(ctx: Context) -> Path:
     plan = bootstrap_plan(ctx)
     if reason := bootstrap.check_mirror_reachable(plan):
-        raise ConfigError(ctx.source, f"images.{ctx.name}.mirror", ctx.image.mirror or MISSING,
-                          f"mirror unreachable ({reason}); {plan.distribution.name} needs a reachable mirror")
+        raise ConfigError(
+            ctx.source,
+            f"images.{ctx.name}.mirror",
+            ctx.image.mirror or MISSING,
+            f"mirror unreachable ({reason}); {plan.distribution.name} needs a reachable mirror",
+        )
     keyring = plan.distribution.keyring
     if keyring and not Path(keyring).is_file():
-        raise ConfigError(ctx.source, f"images.{ctx.name}.distribution", plan.distribution.name,
-                          f"verifying its mirror needs the keyring {keyring}, which this host lacks; "
-                          f"install {plan.distribution.keyring_package}")
+        raise ConfigError(
+            ctx.source,
+            f"images.{ctx.name}.distribution",
+            plan.distribution.name,
+            f"verifying its mirror needs the keyring {keyring}, which this host lacks; "
+            f"install {plan.distribution.keyring_package}",
+        )
     # The tree depends on fewer inputs than the disk: a new disk size reuses it.
     rootfs_id = identity_of("rootfs", {**plan.tree_inputs(), "recipe": source_digest(bootstrap, initramfs)})
     work = ctx.cache_dir / "work" / f"{ctx.name}-{rootfs_id[:16]}"
@@ -118,7 +162,10 @@ def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, f
     layout = disk.DiskLayout.plan(ctx.machine.disk_size, plan.identifier)
     if not (work / "rootfs.done").exists():
         remove_tree(rootfs)
-        with display.step(f"{ctx.name}: bootstrap {plan.distribution.pretty_name}"), timed(timings, "bootstrap"):
+        with (
+            display.step(f"{ctx.name}: bootstrap {plan.distribution.pretty_name}"),
+            timed(timings, "bootstrap"),
+        ):
             bootstrap.run_mmdebstrap(plan, rootfs, work, ctx.cache_dir, ctx.runner)
         (work / "rootfs.done").touch()
     kernels = bootstrap.kernel_versions(rootfs)
@@ -129,9 +176,13 @@ def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, f
     disk_stamp = work / "disk.done"
     if not disk_stamp.exists() or disk_stamp.read_text() != base_id:
         disk_stamp.unlink(missing_ok=True)
-        with display.step(f"{ctx.name}: assemble GPT disk ({plan.filesystem}, root '{plan.identifier}')"), \
-                timed(timings, "disk"):
-            grub.install_files(rootfs, plan.identifier, kernels[-1], f"{plan.distribution.pretty_name} ({ctx.name})")
+        with (
+            display.step(f"{ctx.name}: assemble GPT disk ({plan.filesystem}, root '{plan.identifier}')"),
+            timed(timings, "disk"),
+        ):
+            grub.install_files(
+                rootfs, plan.identifier, kernels[-1], f"{plan.distribution.pretty_name} ({ctx.name})"
+            )
             disk.create_disk(layout, raw, ctx.runner)
             disk.write_root_filesystem(layout, raw, rootfs, plan.filesystem, work, ctx.runner)
             efi = work / "BOOTX64.EFI"
@@ -142,8 +193,10 @@ def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, f
     facts = {
         "kernel_versions": kernels,
         "packages": bootstrap.installed_packages(rootfs, ctx.runner),
-        "partitions": [{"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.bytes}
-                       for p in (layout.bios_boot, layout.esp, layout.root)],
+        "partitions": [
+            {"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.bytes}
+            for p in (layout.bios_boot, layout.esp, layout.root)
+        ],
         "rootfs_bytes": dir_size(rootfs),
     }
     return raw, facts
@@ -152,45 +205,82 @@ def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, f
 def _packer_base(ctx: Context, base_id: str, work: Path, timings: dict[str, float]) -> tuple[Path, dict]:
     """An installer run under Packer; the result must pass the Stage4 checks before it is published."""
     accelerator = accel.choose(ctx.machine.accelerator.value, None, ctx.runner, ctx.cache_dir)
-    with ctx.runner.display.step(f"{ctx.name}: install {ctx.image.distribution} with Packer on {accelerator}"), \
-            timed(timings, "install"):
+    with (
+        ctx.runner.display.step(f"{ctx.name}: install {ctx.image.distribution} with Packer on {accelerator}"),
+        timed(timings, "install"),
+    ):
         installed = packer.build_base_with_packer(
-            ctx.name, ctx.image, ctx.machine, work, ctx.runner, accelerator, ctx.image.iso, ctx.image.iso_checksum,
-            ctx.runner.display.debug, efi=ctx.image.efi, ssh_timeout=ctx.image.installer_timeout,
-            cache_dir=ctx.cache_dir / "packer")
+            ctx.name,
+            ctx.image,
+            ctx.machine,
+            work,
+            ctx.runner,
+            accelerator,
+            ctx.image.iso,
+            ctx.image.iso_checksum,
+            ctx.runner.display.debug,
+            efi=ctx.image.efi,
+            ssh_timeout=ctx.image.installer_timeout,
+            cache_dir=ctx.cache_dir / "packer",
+        )
     with ctx.runner.display.step(f"{ctx.name}: check the installed image"):
         report = inspect_image(installed, ctx.image.identifier, ctx.runner)
     failed = [p for p in report.problems() if not p.startswith(("compression", "format"))]
     if failed:
-        raise StepFailed(f"{ctx.name}: Stage4 checks of the installed image", "; ".join(failed),
-                         ctx.runner.log_path)
+        raise StepFailed(
+            f"{ctx.name}: Stage4 checks of the installed image", "; ".join(failed), ctx.runner.log_path
+        )
     facts = {
         "kernel_versions": sorted(report.kernels),
         "packages": None,  # not read back from installer-built images yet
-        "partitions": [{"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.size}
-                       for p in report.partitions],
+        "partitions": [
+            {"number": p.number, "name": p.name, "type": p.type_guid, "start": p.offset, "size": p.size}
+            for p in report.partitions
+        ],
     }
     return installed, facts
 
 
 def compress(raw: Path, target: Path, runner: Runner) -> None:
     """A standalone qcow2 v3, zstd-compressed (xloop reads zlib and zstd); -W and -m use both cores."""
-    runner.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
-                "-W", "-m", "8", raw, target], step="compress")
+    runner.run(
+        [
+            "qemu-img",
+            "convert",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "compression_type=zstd",
+            "-W",
+            "-m",
+            "8",
+            raw,
+            target,
+        ],
+        step="compress",
+    )
 
 
 def check_disk_fits(machine: MachineConfig, cache_dir: Path, source: str) -> None:
-    """Before any step: the raw disk is a sparse file in the work folder, whose filesystem must allow its size."""
+    """Before any step: the raw disk is a sparse file in the work folder, whose filesystem must allow
+    its size."""
     work = cache_dir / "work"
     try:
         work.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=work) as probe:
             too_large = _truncate_error(probe, machine.disk_size)
     except OSError as exc:
-        raise ConfigError(source, "build.cache_dir", str(cache_dir), f"cannot write {work}: {exc.strerror}") from None
+        raise ConfigError(
+            source, "build.cache_dir", str(cache_dir), f"cannot write {work}: {exc.strerror}"
+        ) from None
     if too_large:
-        raise ConfigError(source, "machine.disk_size", format_size(machine.disk_size),
-                          f"the filesystem of {work} cannot hold a disk file that large ({too_large})")
+        raise ConfigError(
+            source,
+            "machine.disk_size",
+            format_size(machine.disk_size),
+            f"the filesystem of {work} cannot hold a disk file that large ({too_large})",
+        )
 
 
 def _truncate_error(handle: BinaryIO, size: int) -> str | None:
@@ -205,9 +295,13 @@ def _check_fits(ctx: Context, rootfs: Path, layout: disk.DiskLayout) -> None:
     needed = int(dir_size(rootfs) * ROOT_OVERHEAD) + ROOT_SLACK
     if needed > layout.root.bytes:
         minimum = -(-(needed + layout.root.offset + (1 << 20)) // (1 << 30))
-        raise ConfigError(ctx.source, "machine.disk_size", f"{ctx.machine.disk_size >> 20}M",
-                          f"too small for the root filesystem of images.{ctx.name} "
-                          f"(needs {needed >> 20} MiB; use at least '{minimum}G')")
+        raise ConfigError(
+            ctx.source,
+            "machine.disk_size",
+            f"{ctx.machine.disk_size >> 20}M",
+            f"too small for the root filesystem of images.{ctx.name} "
+            f"(needs {needed >> 20} MiB; use at least '{minimum}G')",
+        )
 
 
 def _remove_stale_work(current: Path) -> None:

@@ -70,19 +70,37 @@ class DiskLayout:
 def create_disk(layout: DiskLayout, path: Path, runner: Runner) -> None:
     with path.open("wb") as handle:
         handle.truncate(layout.disk_bytes)
-    runner.run(["sfdisk", "--no-reread", "--no-tell-kernel", path], step="partition table",
-               input=layout.sfdisk_script().encode())
+    runner.run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", path],
+        step="partition table",
+        input=layout.sfdisk_script().encode(),
+    )
 
 
-def write_root_filesystem(layout: DiskLayout, disk: Path, rootfs: Path, filesystem: str, work: Path,
-                          runner: Runner) -> None:
+def write_root_filesystem(
+    layout: DiskLayout, disk: Path, rootfs: Path, filesystem: str, work: Path, runner: Runner
+) -> None:
     """Create the root filesystem with the identifier as its label and fill it from `rootfs`."""
     part, label = layout.root, layout.root.name
     step = f"{filesystem} root filesystem"
     if filesystem == "ext4":
         # Straight into the partition; the explicit size keeps mke2fs off the backup GPT.
-        runner.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", rootfs, "-E", f"offset={part.offset}",
-                    disk, f"{part.bytes // 1024}k"], step=step)
+        runner.run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                label,
+                "-d",
+                rootfs,
+                "-E",
+                f"offset={part.offset}",
+                disk,
+                f"{part.bytes // 1024}k",
+            ],
+            step=step,
+        )
         return
     image = work / "root.fs"
     with image.open("wb") as handle:
@@ -129,5 +147,15 @@ def write_esp(layout: DiskLayout, disk: Path, efi_binary: Path, work: Path, runn
 
 
 def _copy_into(source: Path, disk: Path, offset: int, runner: Runner, step: str) -> None:
-    runner.run(["dd", f"if={source}", f"of={disk}", "bs=1M", f"seek={offset // MIB}", "conv=notrunc,sparse",
-                "status=none"], step=step)
+    runner.run(
+        [
+            "dd",
+            f"if={source}",
+            f"of={disk}",
+            "bs=1M",
+            f"seek={offset // MIB}",
+            "conv=notrunc,sparse",
+            "status=none",
+        ],
+        step=step,
+    )

@@ -17,8 +17,21 @@ from stage4.errors import StepFailed
 from stage4.runner import Runner
 
 GRUB_LIB = Path("/usr/lib/grub")
-MODULES = ["part_gpt", "ext2", "btrfs", "xfs", "search", "search_label", "normal", "configfile", "linux",
-           "echo", "serial", "terminal", "test"]
+MODULES = [
+    "part_gpt",
+    "ext2",
+    "btrfs",
+    "xfs",
+    "search",
+    "search_label",
+    "normal",
+    "configfile",
+    "linux",
+    "echo",
+    "serial",
+    "terminal",
+    "test",
+]
 PLATFORM_MODULES = {"i386-pc": ["biosdisk"], "x86_64-efi": ["efi_gop", "all_video"]}
 
 # Offsets in boot.img (GRUB's i386-pc boot sector) and in the first sector of core.img (diskboot).
@@ -65,8 +78,22 @@ def install_files(rootfs: Path, identifier: str, kernel_version: str, title: str
 def make_image(platform: str, output: Path, identifier: str, work: Path, runner: Runner) -> None:
     early = work / f"early-{platform}.cfg"
     early.write_text(early_config(identifier), encoding="utf-8")
-    runner.run(["grub-mkimage", "-O", platform, "-o", output, "-c", early, "-p", "/boot/grub",
-                *MODULES, *PLATFORM_MODULES[platform]], step="bootloader")
+    runner.run(
+        [
+            "grub-mkimage",
+            "-O",
+            platform,
+            "-o",
+            output,
+            "-c",
+            early,
+            "-p",
+            "/boot/grub",
+            *MODULES,
+            *PLATFORM_MODULES[platform],
+        ],
+        step="bootloader",
+    )
 
 
 def embed_bios(layout: DiskLayout, disk: Path, work: Path, identifier: str, runner: Runner) -> None:
@@ -80,7 +107,7 @@ def embed_bios(layout: DiskLayout, disk: Path, work: Path, identifier: str, runn
         raise StepFailed("bootloader", f"core.img ({len(core)} bytes) does not fit the bios_grub partition")
     # diskboot's block list: core.img's remaining sectors follow its first one, loaded at CORE_SEGMENT.
     struct.pack_into("<QHH", core, BLOCKLIST_AT, layout.bios_boot.start + 1, sectors - 1, CORE_SEGMENT)
-    core[BLOCKLIST_AT - 12:BLOCKLIST_AT] = bytes(12)
+    core[BLOCKLIST_AT - 12 : BLOCKLIST_AT] = bytes(12)
     boot = bytearray((GRUB_LIB / "i386-pc" / "boot.img").read_bytes())
     struct.pack_into("<Q", boot, KERNEL_SECTOR_AT, layout.bios_boot.start)
     boot[BOOT_DRIVE_AT] = 0xFF

@@ -31,17 +31,29 @@ DRACUT_ARGS = ("--force", "--no-hostonly", "--no-compress", "--no-early-microcod
 COMPRESS = ("zstd", "-q", "-T0", "-9")
 # Where dracut looks for what to include, beyond the files it was asked for by name.
 # (systemd units are not here: dracut installs them by name, so they are among the listed contents.)
-DRACUT_INPUT_DIRS = ("/usr/lib/dracut/", "/etc/dracut.conf", "/usr/lib/udev/", "/etc/udev/", "/usr/lib/modprobe.d/",
-                     "/etc/modprobe.d/", "/usr/lib/modules/", "/lib/modules/")
+DRACUT_INPUT_DIRS = (
+    "/usr/lib/dracut/",
+    "/etc/dracut.conf",
+    "/usr/lib/udev/",
+    "/etc/udev/",
+    "/usr/lib/modprobe.d/",
+    "/etc/modprobe.d/",
+    "/usr/lib/modules/",
+    "/lib/modules/",
+)
 KEEP_PER_KERNEL = 3
 # An `ls -l` line of lsinitrd: mode, links, owner, group, size or "major, minor", date, path.
-LISTING_LINE = re.compile(r"^[-dlcbps][-rwxsStT]{9}\s+\d+\s+\S+\s+\S+\s+(?:\d+,\s*)?\d+\s+\w{3}\s+\d+\s+"
-                          r"(?:\d+:\d+|\d{4})\s+(.+)$")
+LISTING_LINE = re.compile(
+    r"^[-dlcbps][-rwxsStT]{9}\s+\d+\s+\S+\s+\S+\s+(?:\d+,\s*)?\d+\s+\w{3}\s+\d+\s+"
+    r"(?:\d+:\d+|\d{4})\s+(.+)$"
+)
 
 
 def _installed(root: Path) -> dict[str, str]:
     versions, fields = {}, {}
-    for line in (root / "var/lib/dpkg/status").read_text(encoding="utf-8", errors="replace").splitlines() + [""]:
+    for line in (root / "var/lib/dpkg/status").read_text(encoding="utf-8", errors="replace").splitlines() + [
+        ""
+    ]:
         if not line:
             if fields.get("Status") == "install ok installed":
                 versions[fields["Package"]] = fields.get("Version", "")
@@ -76,7 +88,8 @@ def _merged_usr(path: str) -> str:
 
 
 def key_for(root: Path, kernel_version: str, contents: list[str]) -> tuple[str, dict]:
-    """The key of an initramfs with these `contents` (paths inside it), built from this tree, and its inputs."""
+    """The key of an initramfs with these `contents` (paths inside it), built from this tree, and its
+    inputs."""
     wanted = {_merged_usr("/" + path.lstrip("./")) for path in contents}
     wanted = {path for path in wanted if not _is_directory(root, path)}
     versions, owned = _installed(root), _owned_files(root)
@@ -84,7 +97,9 @@ def key_for(root: Path, kernel_version: str, contents: list[str]) -> tuple[str, 
     for package, files in owned.items():
         normalized = {_merged_usr(f) for f in files}
         owned_paths |= normalized
-        if package in versions and (normalized & wanted or any(f.startswith(DRACUT_INPUT_DIRS) for f in normalized)):
+        if package in versions and (
+            normalized & wanted or any(f.startswith(DRACUT_INPUT_DIRS) for f in normalized)
+        ):
             relevant[package] = versions[package]
     unowned = {}
     for path in sorted(wanted - owned_paths):
@@ -92,14 +107,20 @@ def key_for(root: Path, kernel_version: str, contents: list[str]) -> tuple[str, 
         if full.is_file() and not full.is_symlink():
             unowned[path] = hashlib.sha256(full.read_bytes()).hexdigest()
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    data = {"kernel": kernel_version, "dracut": DRACUT_ARGS, "packages": relevant, "unowned": unowned,
-            "recipe": recipe}
+    data = {
+        "kernel": kernel_version,
+        "dracut": DRACUT_ARGS,
+        "packages": relevant,
+        "unowned": unowned,
+        "recipe": recipe,
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), data
 
 
 def _contents(root: Path, image: str) -> list[str]:
-    listing = subprocess.run(["chroot", str(root), "lsinitrd", image], check=True, capture_output=True,
-                             text=True).stdout
+    listing = subprocess.run(
+        ["chroot", str(root), "lsinitrd", image], check=True, capture_output=True, text=True
+    ).stdout
     return [m.group(1).split(" -> ")[0] for m in map(LISTING_LINE.match, listing.splitlines()) if m]
 
 
@@ -116,8 +137,10 @@ def provide(root: Path, cache: Path, kernel_version: str) -> str:
             os.utime(record)
             return f"reused the initramfs for {kernel_version} from the cache ({entry['key'][:16]})"
     plain = target.with_name(f".{target.name}.cpio")
-    subprocess.run(["chroot", str(root), "dracut", "--quiet", *DRACUT_ARGS, f"/boot/{plain.name}", kernel_version],
-                   check=True)
+    subprocess.run(
+        ["chroot", str(root), "dracut", "--quiet", *DRACUT_ARGS, f"/boot/{plain.name}", kernel_version],
+        check=True,
+    )
     contents = _contents(root, f"/boot/{plain.name}")
     subprocess.run([*COMPRESS, "-f", str(plain), "-o", str(target)], check=True)
     plain.unlink()

@@ -28,7 +28,15 @@ from stage4 import distributions
 from stage4.builders import credentials as credentials_mod
 from stage4.builders import packer_template
 from stage4.builders.credentials import BuildCredentials
-from stage4.builders.packer_template import TemplatePath, Var, Variable, to_hcl, to_json, var_file_hcl, var_file_json
+from stage4.builders.packer_template import (
+    TemplatePath,
+    Var,
+    Variable,
+    to_hcl,
+    to_json,
+    var_file_hcl,
+    var_file_json,
+)
 from stage4.config import ImageConfig, MachineConfig
 from stage4.distributions.installer import HOSTNAME, AnswerContext
 from stage4.errors import InputError, StepFailed
@@ -56,21 +64,40 @@ class RenderTarget:
     ssh_timeout: str | None = None  # how long Packer waits for the installed system; default: render_tree's
 
     @classmethod
-    def of_image(cls, image: ImageConfig, *, efi: bool | None = None, iso: str | None = None,
-                 iso_checksum: str | None = None, ssh_timeout: str | None = None) -> RenderTarget:
+    def of_image(
+        cls,
+        image: ImageConfig,
+        *,
+        efi: bool | None = None,
+        iso: str | None = None,
+        iso_checksum: str | None = None,
+        ssh_timeout: str | None = None,
+    ) -> RenderTarget:
         """The image's own efi, iso, iso_checksum and installer_timeout, each replaced by a given override.
 
         An overriding ISO comes with its own checksum (or none): the image's checksum belongs to its ISO.
         """
         if iso is None:
             iso, iso_checksum = image.iso, image.iso_checksum if iso_checksum is None else iso_checksum
-        return cls(image, efi=image.efi if efi is None else efi, iso=iso, iso_checksum=iso_checksum,
-                   ssh_timeout=ssh_timeout or image.installer_timeout)
+        return cls(
+            image,
+            efi=image.efi if efi is None else efi,
+            iso=iso,
+            iso_checksum=iso_checksum,
+            ssh_timeout=ssh_timeout or image.installer_timeout,
+        )
 
 
-def targets_for(names: list[str], images: dict[str, ImageConfig], *, overrides: dict[str, object] | None = None,
-                efi: bool | None = None, iso: str | None = None, iso_checksum: str | None = None,
-                ssh_timeout: str | None = None) -> list[RenderTarget]:
+def targets_for(
+    names: list[str],
+    images: dict[str, ImageConfig],
+    *,
+    overrides: dict[str, object] | None = None,
+    efi: bool | None = None,
+    iso: str | None = None,
+    iso_checksum: str | None = None,
+    ssh_timeout: str | None = None,
+) -> list[RenderTarget]:
     """What `stage4 render NAME...` renders: each name is an image of the project file (with all its
     settings) or a distribution with default settings; `overrides` (image keys such as identifier) and the
     other arguments replace the image's own values."""
@@ -94,8 +121,9 @@ def targets_for(names: list[str], images: dict[str, ImageConfig], *, overrides: 
             key = ".".join(str(part) for part in error["loc"])
             shown = f" = {error['input']!r}" if error["loc"] and not isinstance(error["input"], dict) else ""
             raise InputError(f"{name}: {key}{shown}: {error['msg'].removeprefix('Value error, ')}") from None
-        targets.append(RenderTarget.of_image(image, efi=efi, iso=iso, iso_checksum=iso_checksum,
-                                             ssh_timeout=ssh_timeout))
+        targets.append(
+            RenderTarget.of_image(image, efi=efi, iso=iso, iso_checksum=iso_checksum, ssh_timeout=ssh_timeout)
+        )
     return targets
 
 
@@ -154,11 +182,15 @@ def _literal_checksum(text: str) -> str | None:
     algorithm, digest = match.group(1), match.group(2).lower()
     expected = HASH_LENGTHS.get(len(digest))
     if expected is None or (algorithm and algorithm != expected):
-        raise InputError(f"iso checksum {text!r}: a {algorithm or 'hex'} digest of {len(digest)} digits is not valid")
+        raise InputError(
+            f"iso checksum {text!r}: a {algorithm or 'hex'} digest of {len(digest)} digits is not valid"
+        )
     return f"{expected}:{digest}"
 
 
-def resolve_iso(dist: type[distributions.Distribution], iso: str | None, checksum: str | None) -> tuple[str, str]:
+def resolve_iso(
+    dist: type[distributions.Distribution], iso: str | None, checksum: str | None
+) -> tuple[str, str]:
     """The `iso_url` and `iso_checksum` for Packer. A checksum is always required and never 'none'.
 
     A local ISO is verified here (a clear error beats Packer's), against a literal digest or its line in
@@ -203,7 +235,9 @@ def resolve_iso(dist: type[distributions.Distribution], iso: str | None, checksu
     algorithm, expected = literal.split(":", 1)
     actual = file_digest(path, algorithm)
     if actual != expected:
-        raise InputError(f"checksum mismatch for {path}: expected {algorithm} {expected}, the file has {actual}")
+        raise InputError(
+            f"checksum mismatch for {path}: expected {algorithm} {expected}, the file has {actual}"
+        )
     return str(path), literal
 
 
@@ -245,10 +279,18 @@ def _variables(base: dict[str, object], iso_url: str, iso_checksum: str, ssh_tim
         "headless": ("bool", "run qemu without a window"),
     }
     variables = packer_template.variables(base, descriptions)
-    variables.append(Variable("ssh_timeout", "string", ssh_timeout,
-                              "how long to wait for the installed system's SSH (the installer's run)"))
+    variables.append(
+        Variable(
+            "ssh_timeout",
+            "string",
+            ssh_timeout,
+            "how long to wait for the installed system's SSH (the installer's run)",
+        )
+    )
     variables.append(Variable("iso_url", "string", iso_url, "installer ISO (URL or local path)"))
-    variables.append(Variable("iso_checksum", "string", iso_checksum, "sha256:<hex> or file:<checksum file URL>"))
+    variables.append(
+        Variable("iso_checksum", "string", iso_checksum, "sha256:<hex> or file:<checksum file URL>")
+    )
     return variables
 
 
@@ -316,7 +358,9 @@ def render_tree(
             raise InputError(f"ssh timeout {timeout!r}: expected a duration such as '60m' or '1h30m'")
         dist = distributions.get(target.image.distribution)
         if not dist.has_installer():
-            raise InputError(f"{dist.name} has no installer in the catalog; build it with the bootstrap builder")
+            raise InputError(
+                f"{dist.name} has no installer in the catalog; build it with the bootstrap builder"
+            )
         dist.check_filesystem(str(target.image.filesystem))
         dist.boot_keys(target.efi, "")
         plans.append((target, dist, timeout, *resolve_iso(dist, target.iso, target.iso_checksum)))
@@ -364,8 +408,14 @@ def render_tree(
         _write(hcl_path, to_hcl(builder, variables, source_name, description))
         rendered.append(
             RenderedTemplate(
-                dist.name, stem, source_name, json_path, hcl_path,
-                Path(f"output-{stem}") / f"{stem}.qcow2", iso_url, iso_checksum,
+                dist.name,
+                stem,
+                source_name,
+                json_path,
+                hcl_path,
+                Path(f"output-{stem}") / f"{stem}.qcow2",
+                iso_url,
+                iso_checksum,
             )
         )
     _write(out_dir / "README.txt", _readme(rendered))
@@ -383,12 +433,15 @@ def _readme(rendered: list[RenderedTemplate]) -> str:
         f"  PACKER_LOG=1 PACKER_LOG_PATH=packer.log packer build -debug -only=qemu -var-file=base.json "
         f"{first.json_template.name}",
         "",
-        "Current Packer (HCL2; install the qemu plugin first: packer plugins install github.com/hashicorp/qemu):",
+        "Current Packer (HCL2; install the qemu plugin first: "
+        "packer plugins install github.com/hashicorp/qemu):",
         f"  packer build -var-file=base.pkrvars.hcl {first.hcl_template.name}",
         "",
         "An ISO already on disk: add -var iso_url=/path/to.iso -var iso_checksum=sha256:<hex>.",
-        "The image: output-<template>/<template>.qcow2. secrets/ holds this tree's build-user key and password;",
-        "the build user 'packer' (passwordless sudo, key login) must be removed before an image is published.",
+        "The image: output-<template>/<template>.qcow2. secrets/ holds this tree's build-user key and "
+        "password;",
+        "the build user 'packer' (passwordless sudo, key login) must be removed before an image is "
+        "published.",
         "",
         "Templates: " + ", ".join(item.json_template.name for item in rendered),
     ]
@@ -457,27 +510,40 @@ def packer_env(tree: Path, cache_dir: Path, debug: bool) -> dict[str, str]:
 
 
 def _check_plugin(runner: Runner, env: dict[str, str]) -> None:
-    result = runner.run(["packer", "plugins", "installed"], step="packer plugins", capture=True, env=env, check=False)
+    result = runner.run(
+        ["packer", "plugins", "installed"], step="packer plugins", capture=True, env=env, check=False
+    )
     if "qemu" not in result.stdout:
         raise StepFailed(
             "packer build",
-            "this Packer has no qemu plugin; install it with `packer plugins install github.com/hashicorp/qemu` "
+            "this Packer has no qemu plugin; install it with "
+            "`packer plugins install github.com/hashicorp/qemu` "
             "(or use Debian's packer 1.6.6, which has it built in)",
         )
 
 
-def build_argv(template: RenderedTemplate, version: tuple[int, int, int], accelerator: str,
-               only: str | None = None) -> list[str]:
+def build_argv(
+    template: RenderedTemplate, version: tuple[int, int, int], accelerator: str, only: str | None = None
+) -> list[str]:
     """`packer build` for this Packer: the legacy JSON template (builder `qemu`) before 1.7, else HCL2."""
     if version < FIRST_HCL_VERSION:
         argv = ["packer", "build", "-color=false", f"-only={only or 'qemu'}", "-var-file=base.json"]
         template_file = template.json_template.name
     else:
-        argv = ["packer", "build", "-color=false", f"-only={only or 'qemu.' + template.source_name}",
-                "-var-file=base.pkrvars.hcl"]
+        argv = [
+            "packer",
+            "build",
+            "-color=false",
+            f"-only={only or 'qemu.' + template.source_name}",
+            "-var-file=base.pkrvars.hcl",
+        ]
         template_file = template.hcl_template.name
-    return [*argv, f"-var=accelerator={_accelerator_value(accelerator)}", f"-var=cpu_model={cpu_model(accelerator)}",
-            template_file]
+    return [
+        *argv,
+        f"-var=accelerator={_accelerator_value(accelerator)}",
+        f"-var=cpu_model={cpu_model(accelerator)}",
+        template_file,
+    ]
 
 
 def run_packer_build(
@@ -536,16 +602,28 @@ def build_base_with_packer(
 
     Renders into `work_dir/packer` with fresh build credentials, picks the template format the installed
     Packer reads, and runs it with CHECKPOINT_DISABLE=1, PACKER_CACHE_DIR (`cache_dir`, e.g. the
-    project's cache, so ISOs are downloaded once) and, with `debug`, PACKER_LOG into work_dir/packer/packer.log.
+    project's cache, so ISOs are downloaded once) and, with `debug`, PACKER_LOG into
+    work_dir/packer/packer.log.
     (Packer's own -debug pauses for Enter after every step, so it is left to interactive use.)
     """
     tree = work_dir / "packer"
     if tree.exists():
         shutil.rmtree(tree)
-    target = RenderTarget(image, efi=efi, iso=None if iso is None else str(iso), iso_checksum=iso_checksum,
-                          ssh_timeout=ssh_timeout)
+    target = RenderTarget(
+        image,
+        efi=efi,
+        iso=None if iso is None else str(iso),
+        iso_checksum=iso_checksum,
+        ssh_timeout=ssh_timeout,
+    )
     [template] = render_tree(tree, [target], machine, runner)
     version = packer_version(runner, env={"CHECKPOINT_DISABLE": "1"})
     return run_packer_build(
-        template, runner, version=version, accelerator=accelerator, cache_dir=cache_dir, debug=debug, label=name
+        template,
+        runner,
+        version=version,
+        accelerator=accelerator,
+        cache_dir=cache_dir,
+        debug=debug,
+        label=name,
     )

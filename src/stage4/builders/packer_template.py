@@ -45,7 +45,7 @@ def variables(values: dict[str, Any], described: dict[str, tuple[str, str]]) -> 
 
 def _json_value(value: Any) -> Any:
     if isinstance(value, Var):
-        return "{{user `%s`}}" % value.name
+        return "{{user `" + value.name + "`}}"
     if isinstance(value, TemplatePath):
         return "{{template_dir}}/" + value.relative
     if isinstance(value, list | tuple):
@@ -62,8 +62,12 @@ def legacy_string(value: Any) -> str:
     return str(value)
 
 
-def to_json(builder: dict[str, Any], variables: list[Variable], description: str,
-            provisioners: list[dict[str, Any]] = ()) -> str:
+def to_json(
+    builder: dict[str, Any],
+    variables: list[Variable],
+    description: str,
+    provisioners: list[dict[str, Any]] = (),
+) -> str:
     template = {
         "description": description,
         "variables": {variable.name: legacy_string(variable.default) for variable in variables},
@@ -110,7 +114,12 @@ def _hcl_value(value: Any, indent: str, top: bool = False) -> str:
         return hcl_string(value)
     if isinstance(value, list | tuple):
         # A long list of strings (a boot command) gets one item per line; everything else stays inline.
-        if top and len(value) > 1 and all(isinstance(item, str) for item in value) and sum(map(len, value)) > 60:
+        if (
+            top
+            and len(value) > 1
+            and all(isinstance(item, str) for item in value)
+            and sum(map(len, value)) > 60
+        ):
             inner = indent + "  "
             return "[\n" + "".join(f"{inner}{_hcl_value(item, inner)},\n" for item in value) + indent + "]"
         return "[" + ", ".join(_hcl_value(item, indent) for item in value) + "]"
@@ -120,12 +129,18 @@ def _hcl_value(value: Any, indent: str, top: bool = False) -> str:
 def _attributes(settings: dict[str, Any], indent: str) -> str:
     width = max(len(key) for key in settings)
     return "".join(
-        f"{indent}{key.ljust(width)} = {_hcl_value(value, indent, top=True)}\n" for key, value in settings.items()
+        f"{indent}{key.ljust(width)} = {_hcl_value(value, indent, top=True)}\n"
+        for key, value in settings.items()
     )
 
 
-def to_hcl(builder: dict[str, Any], variables: list[Variable], source_name: str, description: str,
-           provisioners: list[dict[str, Any]] = ()) -> str:
+def to_hcl(
+    builder: dict[str, Any],
+    variables: list[Variable],
+    source_name: str,
+    description: str,
+    provisioners: list[dict[str, Any]] = (),
+) -> str:
     """An HCL2 template: the variables, one `source "qemu"` block and a build of it (with `provisioners`,
     each a dict with its "type", in order).
 
@@ -147,7 +162,8 @@ def to_hcl(builder: dict[str, Any], variables: list[Variable], source_name: str,
     blocks.append(f'\nsource "qemu" "{source_name}" {{\n{_attributes(settings, "  ")}}}\n')
     body = "".join(
         f'\n  provisioner "{provisioner["type"]}" {{\n'
-        + _attributes({k: v for k, v in provisioner.items() if k != "type"}, "    ") + "  }\n"
+        + _attributes({k: v for k, v in provisioner.items() if k != "type"}, "    ")
+        + "  }\n"
         for provisioner in provisioners
     )
     blocks.append(f'\nbuild {{\n  sources = ["source.qemu.{source_name}"]\n{body}}}\n')

@@ -12,9 +12,12 @@ from stage4.workdirs import format_size
 
 @click.command("clean")
 @click.argument("images", nargs=-1)
-@click.option("--cache", is_flag=True,
-              help="also remove the caches kept between builds, shared by all images (downloaded packages, "
-                   "initramfs images, the accelerator probe)")
+@click.option(
+    "--cache",
+    is_flag=True,
+    help="also remove the caches kept between builds, shared by all images (downloaded packages, "
+    "initramfs images, the accelerator probe)",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
 def clean(obj, images: tuple[str, ...], cache: bool, as_json: bool) -> None:
@@ -26,9 +29,19 @@ def clean(obj, images: tuple[str, ...], cache: bool, as_json: bool) -> None:
     """
     report = api.clean(obj.config(), images=list(images) or None, cache=cache, debug=obj.debug)
     if as_json:
-        click.echo(json.dumps({"freed_bytes": report.bytes, "busy": report.busy,
-                               "removed": [{"path": str(item.path), "state": item.state, "bytes": item.bytes}
-                                           for item in report.freed]}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "freed_bytes": report.bytes,
+                    "busy": report.busy,
+                    "removed": [
+                        {"path": str(item.path), "state": item.state, "bytes": item.bytes}
+                        for item in report.freed
+                    ],
+                },
+                indent=2,
+            )
+        )
         return
     for item in report.freed:
         click.echo(f"removed {item.path} ({item.state}): {format_size(item.bytes)}")

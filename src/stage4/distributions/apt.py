@@ -76,7 +76,14 @@ class PreseedInstaller(AptDistribution):
         cls.check_filesystem(context.filesystem)
         mirror = urlsplit(context.mirror or cls.default_mirror)
         packages = unique(
-            ["openssh-server", "sudo", "python3", "gdisk", INSTALLER_FS_TOOLS[context.filesystem], *context.packages]
+            [
+                "openssh-server",
+                "sudo",
+                "python3",
+                "gdisk",
+                INSTALLER_FS_TOOLS[context.filesystem],
+                *context.packages,
+            ]
         )
         text = render(
             cls.answer_template,

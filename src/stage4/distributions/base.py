@@ -66,5 +66,6 @@ class Distribution:
     def check_filesystem(cls, filesystem: str) -> None:
         if filesystem not in cls.filesystems:
             raise InputError(
-                f"{cls.name}: its installer cannot create a {filesystem} root; use one of {', '.join(cls.filesystems)}"
+                f"{cls.name}: its installer cannot create a {filesystem} root; "
+                f"use one of {', '.join(cls.filesystems)}"
             )

@@ -16,7 +16,8 @@ _BIOS_BOOT = (
 _EFI_BOOT = (
     "c<wait>",
     "linux /install.amd/vmlinuz auto=true priority=critical preseed/url=%HTTP%/preseed.cfg"
-    " locale=en_US.UTF-8 keymap=us netcfg/get_hostname=stage4 netcfg/get_domain=localdomain --- quiet<enter><wait>",
+    " locale=en_US.UTF-8 keymap=us netcfg/get_hostname=stage4 netcfg/get_domain=localdomain"
+    " --- quiet<enter><wait>",
     "initrd /install.amd/initrd.gz<enter><wait>",
     "boot<enter>",
 )
@@ -46,7 +47,9 @@ class Debian12(Debian):
     pretty_name = "Debian 12 (bookworm)"
     # Debian's archive keeps every superseded point release under its own number for good (not
     # `latest-oldstable` or `current`, which move on at the next point release).
-    iso_url = "https://cdimage.debian.org/cdimage/archive/12.14.0/amd64/iso-cd/debian-12.14.0-amd64-netinst.iso"
+    iso_url = (
+        "https://cdimage.debian.org/cdimage/archive/12.14.0/amd64/iso-cd/debian-12.14.0-amd64-netinst.iso"
+    )
     iso_checksum = "file:https://cdimage.debian.org/cdimage/archive/12.14.0/amd64/iso-cd/SHA256SUMS"
 
 

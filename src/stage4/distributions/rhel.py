@@ -40,7 +40,14 @@ class Kickstart(Distribution):
     def answer_files(cls, context: AnswerContext) -> dict[str, str]:
         cls.check_filesystem(context.filesystem)
         packages = unique(
-            ["openssh-server", "sudo", "python3", "parted", FILESYSTEM_TOOLS[context.filesystem], *context.packages]
+            [
+                "openssh-server",
+                "sudo",
+                "python3",
+                "parted",
+                FILESYSTEM_TOOLS[context.filesystem],
+                *context.packages,
+            ]
         )
         return {"ks.cfg": render(cls.answer_template, dist=cls, ctx=context, packages=packages)}
 

@@ -101,7 +101,9 @@ class UbuntuAutoinstall(Ubuntu):
     @classmethod
     def answer_files(cls, context: AnswerContext) -> dict[str, str]:
         cls.check_filesystem(context.filesystem)
-        packages = unique(["openssh-server", "sudo", "python3", FILESYSTEM_TOOLS[context.filesystem], *context.packages])
+        packages = unique(
+            ["openssh-server", "sudo", "python3", FILESYSTEM_TOOLS[context.filesystem], *context.packages]
+        )
         name, part, disk = context.identifier, context.root_partition, context.disk
         late_commands = [
             f"sgdisk --change-name={part}:{name} {disk} || sfdisk --part-label {disk} {part} {name}",

@@ -48,7 +48,9 @@ class RangeError(Dnbd3Error):
 
 
 # A host name: dot-separated labels (RFC 1123, plus the '_' that /etc/hosts entries may have).
-HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+HOST_RE = re.compile(
+    r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
 
 
 def server_address(server: str) -> tuple[str, int]:
@@ -58,7 +60,9 @@ def server_address(server: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         if len(host) > 253 or not HOST_RE.match(host):
-            raise InputError(f"server address {server!r}: {host!r} is not a host name or IP address") from None
+            raise InputError(
+                f"server address {server!r}: {host!r} is not a host name or IP address"
+            ) from None
     return host, port
 
 
@@ -107,7 +111,7 @@ class Client:
     def _connect(self) -> None:
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except socket.timeout:
+        except TimeoutError:
             raise Dnbd3Error(f"{self.where}: connection timed out after {self.timeout:g} s") from None
         except OSError as exc:
             raise Dnbd3Error(f"{self.where}: cannot connect: {exc.strerror or exc}") from None
@@ -120,12 +124,14 @@ class Client:
             raise ConnectionLost(f"{self.where}: not connected")
         try:
             self.sock.sendall(data)
-        except socket.timeout:
+        except TimeoutError:
             self.close()
             raise ConnectionLost(f"{self.where}: timed out sending a request") from None
         except OSError as exc:
             self.close()
-            raise ConnectionLost(f"{self.where}: connection lost while sending: {exc.strerror or exc}") from None
+            raise ConnectionLost(
+                f"{self.where}: connection lost while sending: {exc.strerror or exc}"
+            ) from None
 
     def _recv_into(self, view: memoryview, what: str, error: type[Dnbd3Error] = ConnectionLost) -> None:
         """Fill `view` completely or raise: EOF, reset, timeout and a too slow peer each end in an error."""
@@ -139,12 +145,16 @@ class Client:
                 raise error(f"{self.where}: {what} did not arrive in time")
             try:
                 count = self.sock.recv_into(view[got:])
-            except socket.timeout:
+            except TimeoutError:
                 self.close()
-                raise error(f"{self.where}: no answer within {self.timeout:g} s while reading {what}") from None
+                raise error(
+                    f"{self.where}: no answer within {self.timeout:g} s while reading {what}"
+                ) from None
             except OSError as exc:
                 self.close()
-                raise error(f"{self.where}: connection lost while reading {what}: {exc.strerror or exc}") from None
+                raise error(
+                    f"{self.where}: connection lost while reading {what}: {exc.strerror or exc}"
+                ) from None
             if count == 0:
                 self.close()
                 closed = "closed the connection" + (" (short read)" if got else "")
@@ -194,8 +204,10 @@ class Client:
         try:
             reply = self._reply(ImageUnavailable)
         except ImageUnavailable:
-            raise ImageUnavailable(f"{self.where}: {unavailable} is not available (the server closed the "
-                                   "connection without a reply)") from None
+            raise ImageUnavailable(
+                f"{self.where}: {unavailable} is not available (the server closed the "
+                "connection without a reply)"
+            ) from None
         if reply.cmd != p.CMD_SELECT_IMAGE:
             raise self._malformed(f"expected a SELECT_IMAGE reply, got {p.command_name(reply.cmd)}")
         if not p.MIN_SELECT_REPLY <= reply.size <= p.MAX_PAYLOAD:
@@ -219,14 +231,19 @@ class Client:
             raise ConnectionLost(f"{self.where}: no image selected (connection closed)")
         return self.image
 
-    def _reply_for(self, cmd: int, pending: dict[int, BlockRequest] | None = None) -> tuple[p.Reply, bytearray]:
-        """Read replies until one for `cmd` arrives; block replies for `pending` handles are not allowed here."""
+    def _reply_for(
+        self, cmd: int, pending: dict[int, BlockRequest] | None = None
+    ) -> tuple[p.Reply, bytearray]:
+        """Read replies until one for `cmd` arrives; block replies for `pending` handles are not allowed
+        here."""
         while True:
             reply = self._reply()
             if reply.cmd == cmd:
                 limit = self._payload_limit(cmd)
                 if reply.size > limit:
-                    raise self._malformed(f"{p.command_name(cmd)} reply announces {reply.size} bytes (at most {limit})")
+                    raise self._malformed(
+                        f"{p.command_name(cmd)} reply announces {reply.size} bytes (at most {limit})"
+                    )
                 return reply, self._recv(reply.size, f"the {p.command_name(cmd)} reply")
             if reply.cmd in (p.CMD_GET_BLOCK, p.CMD_ERROR, p.CMD_SELECT_IMAGE):
                 raise self._malformed(f"unexpected {p.command_name(reply.cmd)} reply")
@@ -275,7 +292,9 @@ class Client:
             return bytes(data)
         raise AssertionError("unreachable")
 
-    def read_many(self, ranges: Iterable[tuple[int, int]], *, window: int = PIPELINE) -> Iterator[tuple[int, memoryview]]:
+    def read_many(
+        self, ranges: Iterable[tuple[int, int]], *, window: int = PIPELINE
+    ) -> Iterator[tuple[int, memoryview]]:
         """Read byte ranges with up to `window` requests in flight; yields (offset, data) in request order.
 
         The data views are valid until the next item is requested.
@@ -294,7 +313,9 @@ class Client:
                     exhausted = True
                     break
                 if offset < 0 or size < 0 or offset + size > image.size:
-                    raise RangeError(f"{self.where}: range {offset}+{size} lies outside the image of {image.size} bytes")
+                    raise RangeError(
+                        f"{self.where}: range {offset}+{size} lies outside the image of {image.size} bytes"
+                    )
                 handle = self._next_handle
                 self._next_handle = (self._next_handle + 1) & 0xFFFFFFFFFFFFFFFF or 1
                 request = BlockRequest(handle, offset, size)
@@ -324,7 +345,9 @@ class Client:
             if request is None or reply.size:
                 raise self._malformed("ERROR reply for an unknown request")
             self.close()  # other requests may still be in flight: this connection is done
-            raise RangeError(f"{self.where}: server refused the range {request.offset}+{request.size} (past the end)")
+            raise RangeError(
+                f"{self.where}: server refused the range {request.offset}+{request.size} (past the end)"
+            )
         elif reply.cmd == p.CMD_SELECT_IMAGE:
             raise self._malformed("a second SELECT_IMAGE reply")
         else:
@@ -332,7 +355,8 @@ class Client:
 
 
 def query_images(server: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[dict]:
-    """The server's `/query?q=images` list (loaded images only: docs/dnbd3-protocol.md, "HTTP on the same port")."""
+    """The server's `/query?q=images` list (loaded images only: docs/dnbd3-protocol.md, "HTTP on the
+    same port")."""
     host, port = server_address(server)
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     connection = http.client.HTTPConnection(host, port, timeout=timeout)

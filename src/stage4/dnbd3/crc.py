@@ -98,7 +98,9 @@ def parse_crc_file(data: bytes, image_size: int | None = None) -> list[int]:
     if image_size is not None:
         needed = (block_count(image_size) + 1) * 4
         if len(data) != needed:
-            raise CrcError(f"CRC list has {len(data)} bytes, {needed} expected for an image of {image_size} bytes")
+            raise CrcError(
+                f"CRC list has {len(data)} bytes, {needed} expected for an image of {image_size} bytes"
+            )
     (master,) = struct.unpack_from("<I", data, 0)
     body = data[4:]
     if zlib.crc32(body) != master:
@@ -141,7 +143,9 @@ def digest_and_copy(source: Path, dest_fd: int | None = None) -> Digest:
 
                 threads = [threading.Thread(target=guarded, args=("sha", _sha256, view, padded - real))]
                 if dest_fd is not None:
-                    threads.append(threading.Thread(target=guarded, args=("copy", _copy, src.fileno(), dest_fd, real)))
+                    threads.append(
+                        threading.Thread(target=guarded, args=("copy", _copy, src.fileno(), dest_fd, real))
+                    )
                 for thread in threads:
                     thread.start()
                 guarded("crc", block_crcs, view)

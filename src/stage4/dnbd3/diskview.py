@@ -42,7 +42,9 @@ class Qcow2Disk:
         self.l2_entries = self.cluster_size // 8
         if facts.l1_size * 8 > MAX_TABLE:
             raise DiskError(f"L1 table of {facts.l1_size} entries is implausibly large")
-        self.l1 = struct.unpack(f">{facts.l1_size}Q", self._image(facts.l1_offset, facts.l1_size * 8, "L1 table"))
+        self.l1 = struct.unpack(
+            f">{facts.l1_size}Q", self._image(facts.l1_offset, facts.l1_size * 8, "L1 table")
+        )
         self._l2_cache: dict[int, tuple[int, ...]] = {}
 
     def _image(self, offset: int, size: int, what: str) -> bytes:
@@ -55,7 +57,9 @@ class Qcow2Disk:
 
     def read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > self.facts.virtual_size:
-            raise DiskError(f"disk read {offset}+{size} lies outside the virtual disk ({self.facts.virtual_size} bytes)")
+            raise DiskError(
+                f"disk read {offset}+{size} lies outside the virtual disk ({self.facts.virtual_size} bytes)"
+            )
         out = bytearray()
         while size > 0:
             within = offset % self.cluster_size
@@ -110,8 +114,9 @@ def _zstd_cluster(data: bytes, cluster_size: int) -> bytes:
     try:
         import zstandard
     except ImportError:
-        raise DiskError("zstd-compressed cluster, and the zstandard Python package is missing "
-                        "(run ./install.sh)") from None
+        raise DiskError(
+            "zstd-compressed cluster, and the zstandard Python package is missing (run ./install.sh)"
+        ) from None
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
     out = bytearray()
     try:

@@ -209,7 +209,9 @@ def parse_select_reply(payload: bytes) -> SelectReply:
         raise ProtocolError("SELECT_IMAGE reply: too short for revision and size")
     rid, size = struct.unpack_from("<HQ", payload, nul + 1)
     if version < MIN_SUPPORTED_VERSION:
-        raise ProtocolError(f"server speaks protocol version {version}, at least {MIN_SUPPORTED_VERSION} needed")
+        raise ProtocolError(
+            f"server speaks protocol version {version}, at least {MIN_SUPPORTED_VERSION} needed"
+        )
     if not name_raw:
         raise ProtocolError("SELECT_IMAGE reply: empty image name")
     if rid == 0:
@@ -231,13 +233,19 @@ class ServerEntry:
     def pack(self) -> bytes:
         address = ipaddress.ip_address(self.host)
         kind = HOST_TYPE_IPV4 if address.version == 4 else HOST_TYPE_IPV6
-        return address.packed.ljust(16, b"\0") + struct.pack(">H", self.port) + bytes([kind, self.failures & 0xFF])
+        return (
+            address.packed.ljust(16, b"\0")
+            + struct.pack(">H", self.port)
+            + bytes([kind, self.failures & 0xFF])
+        )
 
 
 def parse_servers(payload: bytes) -> list[ServerEntry]:
     """Parse a GET_SERVERS payload; empty (type 0) entries are skipped."""
     if len(payload) % SERVER_ENTRY_SIZE:
-        raise ProtocolError(f"GET_SERVERS payload of {len(payload)} bytes is not a multiple of {SERVER_ENTRY_SIZE}")
+        raise ProtocolError(
+            f"GET_SERVERS payload of {len(payload)} bytes is not a multiple of {SERVER_ENTRY_SIZE}"
+        )
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f"GET_SERVERS payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     entries = []

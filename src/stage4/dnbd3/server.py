@@ -91,12 +91,17 @@ class LoadedImage:
                     crc = None
                 self.checked[index] = crc == crcs[index]
                 if crc is not None and crc != crcs[index]:
-                    log(f"WARNING: Block {index} of {self.name}:{self.rid} is {crc:08x}, should be {crcs[index]:08x}")
+                    log(
+                        f"WARNING: Block {index} of {self.name}:{self.rid} is {crc:08x}, "
+                        f"should be {crcs[index]:08x}"
+                    )
                 if not self.checked[index]:
                     start = index * p.HASH_BLOCK_SIZE
                     end = min(start + p.HASH_BLOCK_SIZE, self.virtual_size) - 1
-                    log(f"WARNING: Hash check for block {index} of {self.name}:{self.rid} failed: "
-                        f"reads of bytes {start}..{end} are refused (connection closed)")
+                    log(
+                        f"WARNING: Hash check for block {index} of {self.name}:{self.rid} failed: "
+                        f"reads of bytes {start}..{end} are refused (connection closed)"
+                    )
             return self.checked[index]
 
     def complete(self) -> int:
@@ -105,7 +110,9 @@ class LoadedImage:
         map_bytes = -(-self.virtual_size // (32 << 10))
         with self.check_lock:
             bad = [index for index, ok in self.checked.items() if not ok]
-        missing = sum(-(-min(p.HASH_BLOCK_SIZE, self.virtual_size - i * p.HASH_BLOCK_SIZE) // (32 << 10)) for i in bad)
+        missing = sum(
+            -(-min(p.HASH_BLOCK_SIZE, self.virtual_size - i * p.HASH_BLOCK_SIZE) // (32 << 10)) for i in bad
+        )
         return 100 * (map_bytes - missing) // map_bytes
 
 
@@ -184,8 +191,12 @@ class Registry:
         """Load new images, drop vanished ones and ones whose size changed (then reload them)."""
         self.log("Re-scanning image directory")
         with self._lock:
-            on_disk = {(rev.name, rev.rid): rev for rev in self.store.all_images()
-                       if server_name_ok(rev.name) and all(len(c.encode()) <= SUBDIR_LEN for c in rev.name.split("/"))}
+            on_disk = {
+                (rev.name, rev.rid): rev
+                for rev in self.store.all_images()
+                if server_name_ok(rev.name)
+                and all(len(c.encode()) <= SUBDIR_LEN for c in rev.name.split("/"))
+            }
             for key, image in list(self._images.items()):
                 rev = on_disk.get(key)
                 if rev is None:
@@ -239,7 +250,7 @@ class Connection:
         while len(chunks) < count:
             try:
                 data = self.sock.recv(count - len(chunks))
-            except socket.timeout:
+            except TimeoutError:
                 idle += 1
                 if idle >= self.server.idle_timeouts:
                     raise _Closed("idle") from None
@@ -289,7 +300,7 @@ class Connection:
         if image is None:
             raise _Closed("no such image")
         try:
-            self.file = open(image.path, "rb")  # noqa: SIM115 - kept open for the whole connection
+            self.file = open(image.path, "rb")
         except OSError:
             raise _Closed("unreadable") from None
         self.image = image
@@ -366,8 +377,10 @@ class Connection:
 
     def _http_reply(self, status: int, kind: str, body: bytes) -> None:
         reason = {200: "OK", 404: "Not found"}[status]
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
         with contextlib.suppress(_Closed):
             self.send(head + body)
 
@@ -452,16 +465,30 @@ class DevServer:
         if "images" in wanted:
             result["runId"] = self.run_id
             result["images"] = [
-                {"id": img.id, "name": img.name, "wwn": f"0x{hash(img.name) & 0xFFFFFFFFFFFF:x}", "rid": img.rid,
-                 "users": max(img.users, 0), "complete": img.complete(), "idle": int(time.time() - img.last_use),
-                 "size": img.virtual_size, "problems": 0}
+                {
+                    "id": img.id,
+                    "name": img.name,
+                    "wwn": f"0x{hash(img.name) & 0xFFFFFFFFFFFF:x}",
+                    "rid": img.rid,
+                    "users": max(img.users, 0),
+                    "complete": img.complete(),
+                    "idle": int(time.time() - img.last_use),
+                    "size": img.virtual_size,
+                    "problems": 0,
+                }
                 for img in self.registry.loaded()
             ]
         if "stats" in wanted:
             with self._clients_lock:
                 clients = len(self._clients)
-            result.update(bytesReceived=0, bytesSent=self.bytes_sent, clientCount=clients, serverCount=0,
-                          uptime=int(time.time() - self.started), runId=self.run_id)
+            result.update(
+                bytesReceived=0,
+                bytesSent=self.bytes_sent,
+                clientCount=clients,
+                serverCount=0,
+                uptime=int(time.time() - self.started),
+                runId=self.run_id,
+            )
         if "version" in wanted:
             result.update(version=VERSION, build="stage4")
         return result

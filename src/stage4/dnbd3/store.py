@@ -71,7 +71,10 @@ def validate_name(name: str) -> str:
     leaf = parts[-1]
     if len(leaf.encode()) + RID_SUFFIX_MAX > SUBDIR_LEN:
         limit = SUBDIR_LEN - RID_SUFFIX_MAX
-        raise bad(f"last component is longer than {limit} bytes (the file name with '.r<RID>' must fit {SUBDIR_LEN})")
+        raise bad(
+            f"last component is longer than {limit} bytes "
+            f"(the file name with '.r<RID>' must fit {SUBDIR_LEN})"
+        )
     if ANY_RID_FILE.match(leaf):
         raise bad("must not end in '.r<number>' (the server would read that as a revision)")
     if leaf.endswith(FORBIDDEN_SUFFIXES):
@@ -83,7 +86,9 @@ def parse_rid(value: str | int) -> int:
     """A revision ID: plain decimal 1..65535, no leading zeros; else InputError."""
     text = str(value).strip()
     if not re.fullmatch(r"[1-9][0-9]*", text) or int(text) > MAX_RID:
-        raise InputError(f"revision {value!r}: must be a plain decimal number 1..{MAX_RID} without leading zeros")
+        raise InputError(
+            f"revision {value!r}: must be a plain decimal number 1..{MAX_RID} without leading zeros"
+        )
     return int(text)
 
 
@@ -139,8 +144,11 @@ class Store:
                 continue
             if not entry.is_file():
                 continue
-            found.append(Revision(name, int(match["rid"]), Path(entry.path), st.st_size,
-                                  os.path.exists(entry.path + ".crc")))
+            found.append(
+                Revision(
+                    name, int(match["rid"]), Path(entry.path), st.st_size, os.path.exists(entry.path + ".crc")
+                )
+            )
         return sorted(found, key=lambda r: r.rid)
 
     def taken_rids(self, name: str) -> set[int]:
@@ -186,8 +194,15 @@ class Store:
                 except OSError:
                     continue
                 if size:
-                    found.append(Revision(prefix + match["leaf"], int(match["rid"]), Path(entry.path), size,
-                                          os.path.exists(entry.path + ".crc")))
+                    found.append(
+                        Revision(
+                            prefix + match["leaf"],
+                            int(match["rid"]),
+                            Path(entry.path),
+                            size,
+                            os.path.exists(entry.path + ".crc"),
+                        )
+                    )
 
         scan(self.root, "")
         return found
@@ -203,11 +218,13 @@ class Store:
             fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if required and exc.errno == errno.EROFS:
-                raise InputError(f"store {self.root}: read-only file system (cannot take the lock "
-                                 f"{LOCK_FILE})") from None
+                raise InputError(
+                    f"store {self.root}: read-only file system (cannot take the lock {LOCK_FILE})"
+                ) from None
             if required:
-                raise Stage4Error(f"store {self.root}: cannot open the lock {LOCK_FILE}: "
-                                  f"{exc.strerror or exc}") from None
+                raise Stage4Error(
+                    f"store {self.root}: cannot open the lock {LOCK_FILE}: {exc.strerror or exc}"
+                ) from None
             fd = -1
         if fd < 0:
             yield
@@ -223,7 +240,11 @@ class Store:
         removed = []
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(directory):
-                if not (entry.name.startswith(".") and TEMP_MARK in entry.name and entry.name.endswith(TEMP_SUFFIX)):
+                if not (
+                    entry.name.startswith(".")
+                    and TEMP_MARK in entry.name
+                    and entry.name.endswith(TEMP_SUFFIX)
+                ):
                     continue
                 try:
                     fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)

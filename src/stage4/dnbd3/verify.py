@@ -21,12 +21,12 @@ from pathlib import Path
 
 from stage4.config import DEFAULT_IDENTIFIER
 from stage4.dnbd3 import diskview
-from stage4.image import qcow2
 from stage4.dnbd3.client import Client, ConnectionLost, Dnbd3Error, query_images
 from stage4.dnbd3.crc import CrcError, parse_crc_file
 from stage4.dnbd3.protocol import HASH_BLOCK_SIZE, virtual_size
 from stage4.dnbd3.store import META_DIR, validate_name
 from stage4.errors import InputError, Stage4Error
+from stage4.image import qcow2
 
 CHUNK = 1 << 20
 MAX_PROBLEMS = 20
@@ -55,9 +55,17 @@ class VerifyReport:
             self.problems.append("... more problems not shown")
 
     def to_dict(self) -> dict:
-        return {"server": self.server, "name": self.name, "rid": self.rid, "size": self.size, "passed": self.passed,
-                "blocks_checked": self.blocks_checked, "blocks_total": self.blocks_total, "facts": self.facts,
-                "problems": self.problems}
+        return {
+            "server": self.server,
+            "name": self.name,
+            "rid": self.rid,
+            "size": self.size,
+            "passed": self.passed,
+            "blocks_checked": self.blocks_checked,
+            "blocks_total": self.blocks_total,
+            "facts": self.facts,
+            "problems": self.problems,
+        }
 
 
 def _block_range(index: int, size: int) -> tuple[int, int]:
@@ -66,7 +74,11 @@ def _block_range(index: int, size: int) -> tuple[int, int]:
 
 
 def _local_bytes(handle, real_size: int, offset: int, size: int) -> bytes:
-    data = os.pread(handle.fileno(), max(0, min(size, real_size - offset)), offset) if offset < real_size else b""
+    data = (
+        os.pread(handle.fileno(), max(0, min(size, real_size - offset)), offset)
+        if offset < real_size
+        else b""
+    )
     return data + bytes(size - len(data))
 
 
@@ -89,8 +101,10 @@ def verify(
     try:
         image = client.image
         report.rid, report.size = image.rid, image.size
-        report.facts.append(f"server {client.where} serves {image.name}:{image.rid}, {image.size} bytes "
-                            f"(protocol version {image.version})")
+        report.facts.append(
+            f"server {client.where} serves {image.name}:{image.rid}, {image.size} bytes "
+            f"(protocol version {image.version})"
+        )
         record = None
         if store is not None:
             published = published or Path(store) / f"{name}.r{image.rid}"
@@ -104,8 +118,10 @@ def verify(
                 raise InputError(f"{published}: no such published image")
             real = published.stat().st_size
             if virtual_size(real) != image.size:
-                report.problem(f"size: server announces {image.size} bytes, {published} has {real} "
-                               f"({virtual_size(real)} rounded to 4 KiB)")
+                report.problem(
+                    f"size: server announces {image.size} bytes, {published} has {real} "
+                    f"({virtual_size(real)} rounded to 4 KiB)"
+                )
             crc_path = published.with_name(published.name + ".crc")
             if crc_path.is_file():
                 local_crc = crc_path.read_bytes()
@@ -120,8 +136,19 @@ def verify(
             chosen = sorted({0, blocks - 1, *middle}) if sample >= 2 else [0]
         handle = published.open("rb") if published is not None else None
         try:
-            client = _check_blocks(client, server, name, image.rid, timeout, chosen, crc_list, handle,
-                                   published, report, progress)
+            client = _check_blocks(
+                client,
+                server,
+                name,
+                image.rid,
+                timeout,
+                chosen,
+                crc_list,
+                handle,
+                published,
+                report,
+                progress,
+            )
         finally:
             if handle is not None:
                 handle.close()
@@ -132,16 +159,24 @@ def verify(
         except Dnbd3Error as exc:
             report.problem(f"KEEPALIVE: {exc}")
         servers = client.servers()
-        report.facts.append("alternative servers: " + (", ".join(f"{s.host}:{s.port}" for s in servers) or "none"))
+        report.facts.append(
+            "alternative servers: " + (", ".join(f"{s.host}:{s.port}" for s in servers) or "none")
+        )
     finally:
         client.close()
     try:
-        listed = [i for i in query_images(server, timeout=timeout) if i.get("name") == name and i.get("rid") == report.rid]
+        listed = [
+            i
+            for i in query_images(server, timeout=timeout)
+            if i.get("name") == name and i.get("rid") == report.rid
+        ]
         report.facts.append("listed by /query?q=images" if listed else "not listed by /query?q=images")
         for entry in listed:
             if entry.get("complete", 100) != 100 or entry.get("problems", 0):
-                report.problem(f"/query shows complete={entry.get('complete')} problems={entry.get('problems')} "
-                               "(a failed hash block?)")
+                report.problem(
+                    f"/query shows complete={entry.get('complete')} problems={entry.get('problems')} "
+                    "(a failed hash block?)"
+                )
     except Dnbd3Error as exc:
         report.facts.append(f"image list not available: {exc}")
     return report
@@ -157,8 +192,10 @@ def _check_crc_lists(client: Client, report: VerifyReport, local_crc: bytes | No
         except CrcError as exc:
             report.problem(f"server CRC list: {exc}")
     elif local_crc is not None:
-        report.problem("server sends no CRC list although a .crc is published: it discarded it (wrong master CRC "
-                       "or too short; docs/dnbd3-store.md, 'CRC file')")
+        report.problem(
+            "server sends no CRC list although a .crc is published: it discarded it (wrong master CRC "
+            "or too short; docs/dnbd3-store.md, 'CRC file')"
+        )
     else:
         report.facts.append("no CRC list published")
     if local_crc is not None:
@@ -173,9 +210,19 @@ def _check_crc_lists(client: Client, report: VerifyReport, local_crc: bytes | No
     return crcs
 
 
-def _check_blocks(client: Client, server: str, name: str, rid: int, timeout: float, chosen: list[int],
-                  crcs: list[int] | None, handle, published: Path | None, report: VerifyReport,
-                  progress: Progress | None) -> Client:
+def _check_blocks(
+    client: Client,
+    server: str,
+    name: str,
+    rid: int,
+    timeout: float,
+    chosen: list[int],
+    crcs: list[int] | None,
+    handle,
+    published: Path | None,
+    report: VerifyReport,
+    progress: Progress | None,
+) -> Client:
     size = client.image.size
     real = published.stat().st_size if published is not None else 0
     for done, index in enumerate(chosen):
@@ -192,15 +239,19 @@ def _check_blocks(client: Client, server: str, name: str, rid: int, timeout: flo
                         at = next(i for i in range(len(data)) if data[i] != expected[i])
                         differs = offset + at
         except ConnectionLost as exc:
-            report.problem(f"{where}: the server closed the connection while serving it ({exc}); "
-                           "a failed hash check on the server?")
+            report.problem(
+                f"{where}: the server closed the connection while serving it ({exc}); "
+                "a failed hash check on the server?"
+            )
             client.close()
             client = Client.open(server, name, rid, timeout=timeout)
             continue
         if differs is not None:
             report.problem(f"{where}: served data differ from {published} at byte {differs}")
         if crcs is not None and index < len(crcs) and crc != crcs[index]:
-            report.problem(f"{where}: CRC-32 of the served data is 0x{crc:08x}, the CRC list says 0x{crcs[index]:08x}")
+            report.problem(
+                f"{where}: CRC-32 of the served data is 0x{crc:08x}, the CRC list says 0x{crcs[index]:08x}"
+            )
         report.blocks_checked += 1
         if progress:
             progress(done + 1, len(chosen))
@@ -226,19 +277,32 @@ def _describe_contents(client: Client, report: VerifyReport, identifier: str) ->
         report.facts.append("GPT partitions: " + ", ".join(f"{p.number}:{p.name or '-'}" for p in parts))
         root = next((p for p in parts if p.name == identifier), None)
         if root is None:
-            report.problem(f"no partition named {identifier!r}: root=PARTLABEL={identifier} would not be found")
+            report.problem(
+                f"no partition named {identifier!r}: root=PARTLABEL={identifier} would not be found"
+            )
             return
         fs_type, label = diskview.filesystem(disk.read, root)
-        report.facts.append(f"root partition {root.number} {identifier!r}: {root.size} bytes at {root.offset}, "
-                            f"filesystem {fs_type or 'unknown'}, label {label!r}")
+        report.facts.append(
+            f"root partition {root.number} {identifier!r}: {root.size} bytes at {root.offset}, "
+            f"filesystem {fs_type or 'unknown'}, label {label!r}"
+        )
         if label != identifier:
-            report.facts.append(f"note: filesystem label {label!r} differs from the identifier (LABEL= would not match)")
+            report.facts.append(
+                f"note: filesystem label {label!r} differs from the identifier (LABEL= would not match)"
+            )
     except (diskview.DiskError, qcow2.Qcow2Error) as exc:
         report.problem(f"image contents: {exc}")
 
 
-def download(server: str, name: str, output: Path, rid: int = 0, *, timeout: float = 10.0,
-             progress: Progress | None = None) -> tuple[int, int, str]:
+def download(
+    server: str,
+    name: str,
+    output: Path,
+    rid: int = 0,
+    *,
+    timeout: float = 10.0,
+    progress: Progress | None = None,
+) -> tuple[int, int, str]:
     """Download an image to `output` (virtual size, zero padding included), checking block CRCs if the
     server has a list. Returns (rid, size, sha256). Written to a temporary name, renamed at the end."""
     validate_name(name)
@@ -262,8 +326,10 @@ def download(server: str, name: str, output: Path, rid: int = 0, *, timeout: flo
                         if end % HASH_BLOCK_SIZE == 0 or end == size:
                             if crcs is not None and crc != crcs[block]:
                                 start = block * HASH_BLOCK_SIZE
-                                raise Stage4Error(f"{name}:{client.image.rid} block {block} (bytes {start}..{end - 1}): "
-                                                  f"CRC-32 0x{crc:08x}, the server's list says 0x{crcs[block]:08x}")
+                                raise Stage4Error(
+                                    f"{name}:{client.image.rid} block {block} (bytes {start}..{end - 1}): "
+                                    f"CRC-32 0x{crc:08x}, the server's list says 0x{crcs[block]:08x}"
+                                )
                             block, crc = block + 1, 0
                         if progress:
                             progress(end, size)
@@ -273,9 +339,11 @@ def download(server: str, name: str, output: Path, rid: int = 0, *, timeout: flo
                         raise
                     start = refused * HASH_BLOCK_SIZE
                     last = min(start + HASH_BLOCK_SIZE, size) - 1
-                    raise Stage4Error(f"{name}:{client.image.rid} block {refused} (bytes {start}..{last}): the "
-                                      "server closes the connection on every read of it: a failed hash check on "
-                                      f"the server ({exc})") from None
+                    raise Stage4Error(
+                        f"{name}:{client.image.rid} block {refused} (bytes {start}..{last}): the "
+                        "server closes the connection on every read of it: a failed hash check on "
+                        f"the server ({exc})"
+                    ) from None
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, output)

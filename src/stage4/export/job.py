@@ -77,36 +77,66 @@ class Job:
         return self.kernel is not None and self.initrd is not None
 
     def boot_facts(self, rid: int | str) -> dict[str, dict]:
-        return {kind: {"file": f"{kind}.r{rid}", "source": self.origins.get(kind) or str(source.resolve()),
-                       **records.file_facts(source)}
-                for kind, source in self.boot_sources.items()}
+        return {
+            kind: {
+                "file": f"{kind}.r{rid}",
+                "source": self.origins.get(kind) or str(source.resolve()),
+                **records.file_facts(source),
+            }
+            for kind, source in self.boot_sources.items()
+        }
 
     def texts(self, rid: int | str, digest: Digest, boot_dir: str) -> dict[str, str]:
         """The text files of revision `rid`: config fragment, iPXE entry (with kernel and initrd), record."""
         note = records.comment(self.name, rid, digest.sha256, self.source_identity)
-        source = {"image": str(self.image.resolve()), "size": digest.real_size,
-                  "identity": self.source_identity, "manifest": str(self.manifest) if self.manifest else None,
-                  "dracut_modules": list(self.dracut_modules)}
-        record = records.record(name=self.name, rid=rid, size=digest.padded_size, sha256=digest.sha256,
-                                crc_file=digest.crc_file, identifier=self.identifier, servers=self.servers,
-                                source=source, boot_dir=boot_dir, boot_files=self.boot_facts(rid),
-                                ipxe=self.has_ipxe)
-        texts = {"config": records.config_fragment(self.servers, self.name, rid, self.identifier, note),
-                 "record": json.dumps(record, indent=2) + "\n"}
+        source = {
+            "image": str(self.image.resolve()),
+            "size": digest.real_size,
+            "identity": self.source_identity,
+            "manifest": str(self.manifest) if self.manifest else None,
+            "dracut_modules": list(self.dracut_modules),
+        }
+        record = records.record(
+            name=self.name,
+            rid=rid,
+            size=digest.padded_size,
+            sha256=digest.sha256,
+            crc_file=digest.crc_file,
+            identifier=self.identifier,
+            servers=self.servers,
+            source=source,
+            boot_dir=boot_dir,
+            boot_files=self.boot_facts(rid),
+            ipxe=self.has_ipxe,
+        )
+        texts = {
+            "config": records.config_fragment(self.servers, self.name, rid, self.identifier, note),
+            "record": json.dumps(record, indent=2) + "\n",
+        }
         if self.has_ipxe:
             texts["ipxe"] = records.ipxe_entry(rid, note)
         return texts
 
-    def publication(self, store: str, rid: int, digest: Digest, image: str, boot: str,
-                    meta: str) -> Publication:
+    def publication(
+        self, store: str, rid: int, digest: Digest, image: str, boot: str, meta: str
+    ) -> Publication:
         return Publication(
-            store=store, name=self.name, rid=rid, image=image, crc=f"{image}.crc", size=digest.padded_size,
-            source_size=digest.real_size, sha256=digest.sha256, identifier=self.identifier,
+            store=store,
+            name=self.name,
+            rid=rid,
+            image=image,
+            crc=f"{image}.crc",
+            size=digest.padded_size,
+            source_size=digest.real_size,
+            sha256=digest.sha256,
+            identifier=self.identifier,
             servers=self.servers,
             source_identity=self.source_identity,
             kernel=f"{boot}/kernel.r{rid}" if self.kernel else None,
             initrd=f"{boot}/initrd.r{rid}" if self.initrd else None,
-            config=f"{boot}/config.r{rid}", record=f"{meta}/publication.r{rid}.json",
-            ipxe=f"{boot}/ipxe.r{rid}" if self.has_ipxe else None, activated=self.activate,
+            config=f"{boot}/config.r{rid}",
+            record=f"{meta}/publication.r{rid}.json",
+            ipxe=f"{boot}/ipxe.r{rid}" if self.has_ipxe else None,
+            activated=self.activate,
             warnings=[] if self.servers else [NO_SERVER_WARNING],
         )

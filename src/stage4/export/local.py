@@ -42,8 +42,9 @@ class LocalExport:
         self.previous: Path | None = None  # hard link to the active config this export replaces
         self.activated = False
 
-    def temp(self, directory: Path, stem: str, kind: str = "", *, what: str,
-             locked: bool = False) -> TempFile:
+    def temp(
+        self, directory: Path, stem: str, kind: str = "", *, what: str, locked: bool = False
+    ) -> TempFile:
         # Created and flock'ed under the store lock: another export's cleanup (which runs under that lock)
         # must never find our file in the instant between its creation and its flock.
         with contextlib.nullcontext() if locked else self.store.lock():
@@ -96,8 +97,9 @@ class LocalExport:
         written = {}
         for kind, directory in (("config", self.boot), ("ipxe", self.boot), ("record", self.meta)):
             if kind in texts:
-                written[kind] = self.temp(directory, "publication" if kind == "record" else kind,
-                                          what=f"the {kind}", locked=True)
+                written[kind] = self.temp(
+                    directory, "publication" if kind == "record" else kind, what=f"the {kind}", locked=True
+                )
                 written[kind].write(texts[kind].encode())
         active = None
         if job.activate:
@@ -113,13 +115,18 @@ class LocalExport:
         # The record first (it names the boot directory, so `revisions --check` finds a crash's leftovers),
         # the image last.
         order = [(written["record"], self.meta / f"publication.r{rid}.json", "a publication record")]
-        order += [(boot[k], self.boot / f"{k}.r{rid}", f"a published {k}")
-                  for k in ("kernel", "initrd") if k in boot]
+        order += [
+            (boot[k], self.boot / f"{k}.r{rid}", f"a published {k}")
+            for k in ("kernel", "initrd")
+            if k in boot
+        ]
         order += [(written["config"], self.boot / f"config.r{rid}", "a published config")]
         if "ipxe" in written:
             order += [(written["ipxe"], self.boot / f"ipxe.r{rid}", "a published iPXE entry")]
-        order += [(crc, self.directory / f"{job.leaf}.r{rid}.crc", "a published .crc"),
-                  (image, self.directory / f"{job.leaf}.r{rid}", "a published revision")]
+        order += [
+            (crc, self.directory / f"{job.leaf}.r{rid}.crc", "a published .crc"),
+            (image, self.directory / f"{job.leaf}.r{rid}", "a published revision"),
+        ]
         for temp, target, what in order:
             temp.link(target, what)
             self.linked.append(target)

@@ -58,8 +58,10 @@ def read_manifest(path: Path, image: Path | None = None) -> BuildManifest:
     def text(key: str) -> str:
         value = data.get(key)
         if not isinstance(value, str) or not value:
-            raise InputError(f"manifest {path}: key {key!r} = {value!r}: expected a non-empty string "
-                             "(rebuild the image with this stage4, or pass --kernel and --initrd)")
+            raise InputError(
+                f"manifest {path}: key {key!r} = {value!r}: expected a non-empty string "
+                "(rebuild the image with this stage4, or pass --kernel and --initrd)"
+            )
         return value
 
     files = {}
@@ -70,14 +72,25 @@ def read_manifest(path: Path, image: Path | None = None) -> BuildManifest:
         files[key] = file
     modules = data.get("dracut_modules")
     if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-        raise InputError(f"manifest {path}: key 'dracut_modules' = {modules!r}: expected a list of module "
-                         "names (rebuild the image with this stage4)")
+        raise InputError(
+            f"manifest {path}: key 'dracut_modules' = {modules!r}: expected a list of module "
+            "names (rebuild the image with this stage4)"
+        )
     recorded = (data.get("image") or {}).get("size") if isinstance(data.get("image"), dict) else None
     if image is not None and isinstance(recorded, int) and recorded != Path(image).stat().st_size:
-        raise InputError(f"manifest {path} describes an image of {recorded} bytes, {image} has "
-                         f"{Path(image).stat().st_size}: not the manifest of this image")
-    return BuildManifest(Path(path), identity, text("identifier"), files["kernel"], files["initramfs"],
-                         text("kernel_version"), tuple(modules))
+        raise InputError(
+            f"manifest {path} describes an image of {recorded} bytes, {image} has "
+            f"{Path(image).stat().st_size}: not the manifest of this image"
+        )
+    return BuildManifest(
+        Path(path),
+        identity,
+        text("identifier"),
+        files["kernel"],
+        files["initramfs"],
+        text("kernel_version"),
+        tuple(modules),
+    )
 
 
 def dracut_modules(initramfs: Path, runner: Runner) -> list[str]:
@@ -85,8 +98,9 @@ def dracut_modules(initramfs: Path, runner: Runner) -> list[str]:
     step = f"list the dracut modules of {initramfs}"
     if shutil.which("lsinitrd") is None:
         raise StepFailed(step, "lsinitrd not found on the host (install dracut-core: ./install.sh)")
-    result = runner.run(["lsinitrd", "-f", DRACUT_MODULE_LIST, initramfs], step=step, capture=True,
-                        check=False)
+    result = runner.run(
+        ["lsinitrd", "-f", DRACUT_MODULE_LIST, initramfs], step=step, capture=True, check=False
+    )
     if result.returncode != 0:
         raise InputError(f"initramfs {initramfs}: lsinitrd cannot read it (exit {result.returncode})")
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
@@ -102,5 +116,7 @@ def check_dracut_modules(initramfs: Path, wanted: tuple[str, ...], runner: Runne
         names = ", ".join(repr(m) for m in missing)
         why = "" if found else f" (it has no {DRACUT_MODULE_LIST}: not built by dracut?)"
         plural = "s" if len(missing) > 1 else ""
-        raise InputError(f"initramfs {initramfs} lacks the configured dracut module{plural} {names}{why}; "
-                         "nothing published")
+        raise InputError(
+            f"initramfs {initramfs} lacks the configured dracut module{plural} {names}{why}; "
+            "nothing published"
+        )

@@ -59,8 +59,10 @@ def check_servers(servers: Sequence[str]) -> list[str]:
             raise InputError(f"--server {item!r}: empty; give a host or host:port")
         for server in item.split():
             if not SERVER_CHARS.match(server):
-                raise InputError(f"--server {server!r}: use a host name or address with an optional :port "
-                                 "(letters, digits and . - : [ ])")
+                raise InputError(
+                    f"--server {server!r}: use a host name or address with an optional :port "
+                    "(letters, digits and . - : [ ])"
+                )
             parse_address(server)  # InputError when malformed
             result.append(server)
     return result
@@ -78,10 +80,12 @@ def check_boot_dir(store: str, boot_dir: str | None, *, resolve: bool = True) ->
         return
     parts = [] if relative == "." else relative.split("/")
     if not any(part.startswith(".") for part in parts):
-        raise InputError(f"boot directory {boot_dir} is inside the store {store} and visible to "
-                         "dnbd3-server, which scans the store and would load kernel.r<RID>, initrd.r<RID> "
-                         "and config.r<RID> as images; use a hidden directory below the store "
-                         f"(e.g. {root}/.boot) or one outside it")
+        raise InputError(
+            f"boot directory {boot_dir} is inside the store {store} and visible to "
+            "dnbd3-server, which scans the store and would load kernel.r<RID>, initrd.r<RID> "
+            "and config.r<RID> as images; use a hidden directory below the store "
+            f"(e.g. {root}/.boot) or one outside it"
+        )
 
 
 def qcow2_backing_file(path: Path) -> str | None:
@@ -104,8 +108,10 @@ def check_image_file(image: Path) -> None:
         raise InputError(f"{image}: empty file; the DNBD3 server refuses empty images")
     backing = qcow2_backing_file(image)
     if backing is not None:
-        raise InputError(f"{image} has a backing file ({backing}); export a standalone qcow2 "
-                         "(qemu-img convert -O qcow2 flattens it)")
+        raise InputError(
+            f"{image} has a backing file ({backing}); export a standalone qcow2 "
+            "(qemu-img convert -O qcow2 flattens it)"
+        )
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -150,14 +156,21 @@ class Export:
                 extracted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage4-boot-")))
                 kernel, initrd = extract_boot_files(job.image, extracted, self.runner, job.identifier)
                 origin = f"{job.image.resolve()}: /boot/"
-                job = replace(job, kernel=job.kernel or kernel, initrd=job.initrd or initrd,
-                              origins={**({} if job.kernel else {"kernel": origin + kernel.name}),
-                                       **({} if job.initrd else {"initrd": origin + initrd.name})})
+                job = replace(
+                    job,
+                    kernel=job.kernel or kernel,
+                    initrd=job.initrd or initrd,
+                    origins={
+                        **({} if job.kernel else {"kernel": origin + kernel.name}),
+                        **({} if job.initrd else {"initrd": origin + initrd.name}),
+                    },
+                )
             remote = REMOTE_STORE.match(self.store)
             if remote:
                 transport = self.transport or SshTransport(remote["host"], self.runner, self.ssh_options)
-                return RemoteExport(job, remote["host"], remote["path"], self.boot_dir, transport,
-                                    self.runner).run()
+                return RemoteExport(
+                    job, remote["host"], remote["path"], self.boot_dir, transport, self.runner
+                ).run()
             return publish_local(job, Store(Path(self.store)), Path(self.boot_dir) if self.boot_dir else None)
 
 
@@ -231,9 +244,20 @@ def prepare(
         manifests.check_dracut_modules(initrd, dracut_modules, runner)
     if check_image:
         identifier = inspected_identifier(image, identifier, runner)
-    job = Job(image, name, wanted_rid, Path(kernel) if kernel else None, Path(initrd) if initrd else None,
-              servers, identifier or DEFAULT_IDENTIFIER, source_identity, activate,
-              Path(reload_pidfile) if reload_pidfile else None, build.path if build else None, dracut_modules)
+    job = Job(
+        image,
+        name,
+        wanted_rid,
+        Path(kernel) if kernel else None,
+        Path(initrd) if initrd else None,
+        servers,
+        identifier or DEFAULT_IDENTIFIER,
+        source_identity,
+        activate,
+        Path(reload_pidfile) if reload_pidfile else None,
+        build.path if build else None,
+        dracut_modules,
+    )
     extract = boot_files and (kernel is None or initrd is None)
     return Export(job, store, boot_dir, extract, runner, transport, ssh_options)
 

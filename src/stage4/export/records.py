@@ -41,11 +41,13 @@ def config_fragment(servers: list[str], name: str, rid: int | str, identifier: s
 def ipxe_entry(rid: int | str, comment: str) -> str:
     """The boot-menu entry of a revision: kernel and initramfs over HTTP from ${slxsrv}/${slxbase}."""
     base = "http://${slxsrv}/${slxbase}"
-    return (f"#!ipxe\n# {comment}\n"
-            f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}} "
-            f"SLX_DNBD3_RID={rid}\n"
-            f"initrd {base}/initrd.r{rid}\n"
-            "boot\n")
+    return (
+        f"#!ipxe\n# {comment}\n"
+        f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}} "
+        f"SLX_DNBD3_RID={rid}\n"
+        f"initrd {base}/initrd.r{rid}\n"
+        "boot\n"
+    )
 
 
 def comment(name: str, rid: int | str, sha256: str, identity: str | None) -> str:
@@ -61,8 +63,20 @@ def file_facts(path: Path) -> dict:
     return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
-def record(*, name: str, rid: int | str, size: int, sha256: str, crc_file: bytes, identifier: str,
-           servers: list[str], source: dict, boot_dir: str, boot_files: dict[str, dict], ipxe: bool) -> dict:
+def record(
+    *,
+    name: str,
+    rid: int | str,
+    size: int,
+    sha256: str,
+    crc_file: bytes,
+    identifier: str,
+    servers: list[str],
+    source: dict,
+    boot_dir: str,
+    boot_files: dict[str, dict],
+    ipxe: bool,
+) -> dict:
     return {
         "format": RECORD_FORMAT,
         "name": name,

@@ -46,12 +46,16 @@ def script() -> str:
 def check_remote(host: str, path: str, boot_dir: str | Path | None) -> None:
     """A remote store's host and paths: plain characters only (they pass through ssh, scp and rsync)."""
     if not REMOTE_HOST.match(host):
-        raise InputError(f"store host {host!r}: use letters, digits and . _ - @ (a ~/.ssh/config Host alias "
-                         "for anything else)")
+        raise InputError(
+            f"store host {host!r}: use letters, digits and . _ - @ (a ~/.ssh/config Host alias "
+            "for anything else)"
+        )
     for value, what in ((path, "store path"), (boot_dir, "boot directory")):
         if value is not None and not REMOTE_PATH.match(str(value)):
-            raise InputError(f"{what} {str(value)!r} on {host}: must be absolute and use only letters, "
-                             "digits, '/' and . _ - + @ , = ~")
+            raise InputError(
+                f"{what} {str(value)!r} on {host}: must be absolute and use only letters, "
+                "digits, '/' and . _ - + @ , = ~"
+            )
 
 
 def check_ssh_options(options: Sequence[str]) -> list[str]:
@@ -60,8 +64,9 @@ def check_ssh_options(options: Sequence[str]) -> list[str]:
     for option in options:
         option = option.strip()
         if not SSH_OPTION.match(option) or any(c in option for c in "'\"\\\n"):
-            raise InputError(f"ssh option {option!r}: expected Key=Value as in ssh_config(5), e.g. Port=2222 "
-                             "(no quotes)")
+            raise InputError(
+                f"ssh option {option!r}: expected Key=Value as in ssh_config(5), e.g. Port=2222 (no quotes)"
+            )
         result.append(option)
     return result
 
@@ -84,8 +89,9 @@ class SshTransport(RemoteTransport):
     password prompt. Files are written straight to their hidden temporary names (rsync --inplace), so an
     interrupted copy leaves nothing that dnbd3-server would scan."""
 
-    def __init__(self, host: str, runner: Runner, options: Sequence[str] = (), *,
-                 use_rsync: bool | None = None):
+    def __init__(
+        self, host: str, runner: Runner, options: Sequence[str] = (), *, use_rsync: bool | None = None
+    ):
         self.host, self.runner = host, runner
         self.options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
         for option in check_ssh_options(options):
@@ -95,11 +101,19 @@ class SshTransport(RemoteTransport):
 
     def run_script(self, script: str, args: Sequence[str], *, step: str) -> tuple[int, str]:
         command = "sh -s -- " + " ".join(shlex.quote(a) for a in args)
-        result = self.runner.run(["ssh", *self.options, "--", self.host, command], step=step,
-                                 input=script.encode(), capture=True, check=False)
+        result = self.runner.run(
+            ["ssh", *self.options, "--", self.host, command],
+            step=step,
+            input=script.encode(),
+            capture=True,
+            check=False,
+        )
         if result.returncode == 255:  # ssh's own failure: connection, authentication, host key
-            raise StepFailed(step, f"ssh to {self.host} failed (exit 255; see the log for ssh's message)",
-                             self.runner.log_path)
+            raise StepFailed(
+                step,
+                f"ssh to {self.host} failed (exit 255; see the log for ssh's message)",
+                self.runner.log_path,
+            )
         return result.returncode, result.stdout
 
     def remote_tools(self, tools: set[str]) -> None:
@@ -112,8 +126,17 @@ class SshTransport(RemoteTransport):
     def upload(self, local: Path, remote: str, *, step: str) -> None:
         if self.copier == "rsync":
             shell = shlex.join(["ssh", *self.options])
-            argv = ["rsync", "--inplace", "--whole-file", "--chmod=F644", "-e", shell, "--", local,
-                    f"{self.host}:{remote}"]
+            argv = [
+                "rsync",
+                "--inplace",
+                "--whole-file",
+                "--chmod=F644",
+                "-e",
+                shell,
+                "--",
+                local,
+                f"{self.host}:{remote}",
+            ]
         else:
             argv = ["scp", "-q", *self.options, "--", local, f"{self.host}:{remote}"]
         self.runner.run(argv, step=step)
@@ -135,8 +158,15 @@ def _error(code: int, out: str, where: str, step: str, runner: Runner) -> Stage4
 class RemoteExport:
     """One export into a store on `host`: prepare, upload, commit (or clean up)."""
 
-    def __init__(self, job: Job, host: str, root: str, boot_dir: str | Path | None,
-                 transport: RemoteTransport, runner: Runner):
+    def __init__(
+        self,
+        job: Job,
+        host: str,
+        root: str,
+        boot_dir: str | Path | None,
+        transport: RemoteTransport,
+        runner: Runner,
+    ):
         self.job, self.host, self.transport, self.runner = job, host, transport, runner
         self.root = root.rstrip("/") or "/"
         self.directory = str(Path(job.name).parent)
@@ -158,40 +188,58 @@ class RemoteExport:
     def run(self) -> Publication:
         job = self.job
         pidfile = str(job.reload_pidfile or "")
-        out = self.call(["prepare", self.root, self.directory, self.boot, self.meta, pidfile],
-                        f"prepare store {self.where}")
+        out = self.call(
+            ["prepare", self.root, self.directory, self.boot, self.meta, pidfile],
+            f"prepare store {self.where}",
+        )
         tools = re.search(r"^TOOLS=(.*)$", out, re.MULTILINE)
         if not tools:
-            raise StepFailed(f"prepare store {self.where}", "no tool list from the store host",
-                             self.runner.log_path)
+            raise StepFailed(
+                f"prepare store {self.where}", "no tool list from the store host", self.runner.log_path
+            )
         self.transport.remote_tools(set(tools[1].split()))
         digest = digest_and_copy(job.image)
         committed = False
         try:
             with tempfile.TemporaryDirectory(prefix="stage4-export-") as tmp:
                 local = Path(tmp)
-                self.transport.upload(job.image, self.temp(self.image_dir, job.leaf),
-                                      step=f"upload image to {self.where}")
+                self.transport.upload(
+                    job.image, self.temp(self.image_dir, job.leaf), step=f"upload image to {self.where}"
+                )
                 (local / "crc").write_bytes(digest.crc_file)
-                self.transport.upload(local / "crc", self.temp(self.image_dir, job.leaf, ".crc"),
-                                      step="upload .crc")
+                self.transport.upload(
+                    local / "crc", self.temp(self.image_dir, job.leaf, ".crc"), step="upload .crc"
+                )
                 for kind, source in job.boot_sources.items():
                     self.transport.upload(source, self.temp(self.boot, kind), step=f"upload {kind}")
                 boot = recorded_boot_dir(posixpath.normpath(self.root), posixpath.normpath(self.boot))
                 texts = job.texts(RID_PLACEHOLDER, digest, boot)
-                texts["record"] = texts["record"].replace(f'"rid": "{RID_PLACEHOLDER}"',
-                                                          f'"rid": {RID_PLACEHOLDER}')
+                texts["record"] = texts["record"].replace(
+                    f'"rid": "{RID_PLACEHOLDER}"', f'"rid": {RID_PLACEHOLDER}'
+                )
                 for kind, text in texts.items():
                     (local / kind).write_text(text)
                     directory, stem = (self.meta, "publication") if kind == "record" else (self.boot, kind)
                     self.transport.upload(local / kind, self.temp(directory, stem), step=f"upload {kind}")
-            args = ["commit", self.root, self.directory, job.leaf, self.token, str(job.rid or 0),
-                    str(digest.padded_size), self.boot, self.meta, "1" if job.activate else "0", pidfile]
+            args = [
+                "commit",
+                self.root,
+                self.directory,
+                job.leaf,
+                self.token,
+                str(job.rid or 0),
+                str(digest.padded_size),
+                self.boot,
+                self.meta,
+                "1" if job.activate else "0",
+                pidfile,
+            ]
             out = self.call(args, f"publish on {self.where}")
             match = re.search(r"^RID=(\d+)$", out, re.MULTILINE)
             if not match:
-                raise StepFailed(f"publish on {self.where}", "no revision from the store host",
-                                 self.runner.log_path)
+                raise StepFailed(
+                    f"publish on {self.where}", "no revision from the store host", self.runner.log_path
+                )
             committed = True
         except Stage4Error as exc:
             raise amended(exc, "nothing published") from None
@@ -202,5 +250,11 @@ class RemoteExport:
                     self.transport.run_script(script(), args, step=f"clean up {self.where}")
         rid = int(match[1])
         prefix = f"{self.host}:"
-        return job.publication(self.where, rid, digest, f"{prefix}{self.image_dir}/{job.leaf}.r{rid}",
-                               f"{prefix}{self.boot}", f"{prefix}{self.meta}")
+        return job.publication(
+            self.where,
+            rid,
+            digest,
+            f"{prefix}{self.image_dir}/{job.leaf}.r{rid}",
+            f"{prefix}{self.boot}",
+            f"{prefix}{self.meta}",
+        )

@@ -50,8 +50,9 @@ def taken_rids(store: Store, name: str, boot_dirs: Iterable[Path] = ()) -> set[i
 def next_rid(name: str, taken: set[int]) -> int:
     rid = max(taken, default=0) + 1
     if rid > MAX_RID:
-        raise Stage4Error(f"{name}: revision {MAX_RID} is taken; no higher revision exists "
-                          "(prune, then use --rid)")
+        raise Stage4Error(
+            f"{name}: revision {MAX_RID} is taken; no higher revision exists (prune, then use --rid)"
+        )
     return rid
 
 
@@ -72,9 +73,16 @@ class RevisionState:
 
     def row(self) -> dict:
         record = self.record or {}
-        return {"rid": self.rid, "file": str(self.image), "size": self.size, "crc": True,
-                "sha256": record.get("sha256"), "published_at": record.get("published_at"),
-                "identity": (record.get("source") or {}).get("identity"), "boot_dir": str(self.boot_dir)}
+        return {
+            "rid": self.rid,
+            "file": str(self.image),
+            "size": self.size,
+            "crc": True,
+            "sha256": record.get("sha256"),
+            "published_at": record.get("published_at"),
+            "identity": (record.get("source") or {}).get("identity"),
+            "boot_dir": str(self.boot_dir),
+        }
 
 
 def states(store: Store, name: str) -> list[RevisionState]:
@@ -92,8 +100,11 @@ def states(store: Store, name: str) -> list[RevisionState]:
         expected = [image, store.crc_path(name, rid), records.record_path(store.root, name, rid)]
         expected += [boot / file for file in names]
         # leftovers in the name's own directory that the record does not name (or there is no record)
-        expected += [meta / f"{kind}.r{rid}" for kind in ("kernel", "initrd", "config", "ipxe")
-                     if meta / f"{kind}.r{rid}" not in expected and (meta / f"{kind}.r{rid}").exists()]
+        expected += [
+            meta / f"{kind}.r{rid}"
+            for kind in ("kernel", "initrd", "config", "ipxe")
+            if meta / f"{kind}.r{rid}" not in expected and (meta / f"{kind}.r{rid}").exists()
+        ]
         size = image.stat().st_size if image.is_file() else None
         state = RevisionState(name, rid, image, size, record, boot)
         for path in expected:
@@ -138,8 +149,17 @@ def active_rids(store: Store, name: str, revisions: Sequence[RevisionState]) -> 
     return {rid for rid in (records.active_rid(d, name) for d in boot_dirs) if rid is not None}
 
 
-def prune(store: Path, name: str, keep: int, protect: Sequence[int | str] = (), *, dry_run: bool = False,
-          pidfile: Path | None = None, servers: Sequence[str] | None = None, force: bool = False) -> list[int]:
+def prune(
+    store: Path,
+    name: str,
+    keep: int,
+    protect: Sequence[int | str] = (),
+    *,
+    dry_run: bool = False,
+    pidfile: Path | None = None,
+    servers: Sequence[str] | None = None,
+    force: bool = False,
+) -> list[int]:
     """Remove all but the newest `keep` complete revisions of `name`; never the newest, a protected one, an
     active one (the revision a `<boot-dir>/config` points at, whatever `keep` says), or one that a DNBD3
     server reports users for.
@@ -189,8 +209,9 @@ def revisions_in_use(servers: Sequence[str], name: str, rids: Sequence[int]) -> 
         try:
             images = query_images(server, timeout=5)
         except Dnbd3Error as exc:
-            problems.append(f"cannot ask {server} whether revisions {', '.join(f'r{r}' for r in rids)} "
-                            f"have users ({exc})")
+            problems.append(
+                f"cannot ask {server} whether revisions {', '.join(f'r{r}' for r in rids)} have users ({exc})"
+            )
             continue
         for image in images:
             if image.get("name") == name and image.get("rid") in rids and int(image.get("users") or 0) > 0:

@@ -51,7 +51,7 @@ class TempFile:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
             os.fsync(self.fd)
         except OSError as exc:
             raise self.failed(exc) from None
@@ -106,8 +106,9 @@ def link_exclusive(source: Path, target: Path, what: str) -> None:
         if exc.errno not in _NO_HARD_LINKS:
             raise write_error(what, target.parent, exc) from None
         if os.path.lexists(target):
-            raise InputError(f"{target} exists; {what} is never overwritten (publish a new revision)") \
-                from None
+            raise InputError(
+                f"{target} exists; {what} is never overwritten (publish a new revision)"
+            ) from None
         os.rename(source, target)
 
 

@@ -50,11 +50,24 @@ def partitions(raw: Path, runner: Runner) -> tuple[str | None, list[PartitionInf
     found = []
     for number, entry in enumerate(table.get("partitions", []), start=1):
         offset, size = entry["start"] * sector, entry["size"] * sector
-        probe = runner.run(["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), raw],
-                           step="read filesystem label", capture=True, check=False)
+        probe = runner.run(
+            ["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), raw],
+            step="read filesystem label",
+            capture=True,
+            check=False,
+        )
         tags = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
-        found.append(PartitionInfo(number, entry.get("name", ""), entry.get("type", ""), offset, size,
-                                   tags.get("TYPE"), tags.get("LABEL")))
+        found.append(
+            PartitionInfo(
+                number,
+                entry.get("name", ""),
+                entry.get("type", ""),
+                offset,
+                size,
+                tags.get("TYPE"),
+                tags.get("LABEL"),
+            )
+        )
     return table.get("label"), found
 
 

@@ -56,8 +56,16 @@ class Qcow2Header:
         backing = self.backing_file
         return [
             ("format is qcow2 v2 or v3", self.version in (2, 3), f"version {self.version}"),
-            ("no backing file", backing is None, f"backing file {backing}; flatten the chain first" if backing else ""),
-            ("not dirty, not corrupt", not self.dirty and not self.corrupt, f"dirty={self.dirty} corrupt={self.corrupt}"),
+            (
+                "no backing file",
+                backing is None,
+                f"backing file {backing}; flatten the chain first" if backing else "",
+            ),
+            (
+                "not dirty, not corrupt",
+                not self.dirty and not self.corrupt,
+                f"dirty={self.dirty} corrupt={self.corrupt}",
+            ),
             ("no encryption", self.encryption == "none", self.encryption),
             ("no external data file", not self.external_data_file, ""),
             ("compression zlib or zstd", self.compression in ("zlib", "zstd"), self.compression),
@@ -68,8 +76,11 @@ class Qcow2Header:
         return [f"{name}: {detail}" for name, met, detail in self.client_checks() if not met]
 
     def describe(self) -> str:
-        return (f"qcow2 v{self.version}, virtual size {self.virtual_size} bytes, cluster {self.cluster_size} bytes, "
-                f"compression {self.compression}, backing file {self.backing_file or 'none'}")
+        return (
+            f"qcow2 v{self.version}, virtual size {self.virtual_size} bytes, "
+            f"cluster {self.cluster_size} bytes, "
+            f"compression {self.compression}, backing file {self.backing_file or 'none'}"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "cluster_size": self.cluster_size}
@@ -87,8 +98,21 @@ def parse_header(data: bytes) -> Qcow2Header | None:
         return None
     if len(data) < HEADER_V2:
         raise Qcow2Error("qcow2 header is truncated")
-    (_, version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size, l1_offset,
-     _refcount_offset, _refcount_clusters, snapshots, _snapshots_offset) = struct.unpack_from(">IIQIIQIIQQIIQ", data)
+    (
+        _,
+        version,
+        backing_offset,
+        backing_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_offset,
+        _refcount_offset,
+        _refcount_clusters,
+        snapshots,
+        _snapshots_offset,
+    ) = struct.unpack_from(">IIQIIQIIQQIIQ", data)
     incompatible, header_length, compression = 0, HEADER_V2, 0
     if version >= 3:
         if len(data) < HEADER_V3:
@@ -100,8 +124,11 @@ def parse_header(data: bytes) -> Qcow2Header | None:
     backing = None
     if backing_offset:
         end = backing_offset + backing_size
-        backing = (data[backing_offset:end].decode(errors="replace") if end <= len(data)
-                   else f"(a name at offset {backing_offset})")
+        backing = (
+            data[backing_offset:end].decode(errors="replace")
+            if end <= len(data)
+            else f"(a name at offset {backing_offset})"
+        )
     consistent = bool(incompatible & INCOMPAT_COMPRESSION) == (compression != 0)
     return Qcow2Header(
         version=version,
@@ -113,7 +140,9 @@ def parse_header(data: bytes) -> Qcow2Header | None:
         corrupt=bool(incompatible & INCOMPAT_CORRUPT),
         external_data_file=bool(incompatible & INCOMPAT_DATA_FILE),
         extended_l2=bool(incompatible & INCOMPAT_EXTL2),
-        compression=COMPRESSION_TYPES.get(compression, f"unknown ({compression})") if consistent else "inconsistent",
+        compression=COMPRESSION_TYPES.get(compression, f"unknown ({compression})")
+        if consistent
+        else "inconsistent",
         header_length=header_length,
         snapshots=snapshots,
         l1_size=l1_size,

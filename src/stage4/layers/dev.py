@@ -36,7 +36,10 @@ def identity(image: ImageConfig, base_manifest: dict) -> str:
 
 def installs(artifacts: list[dict], prefix: str) -> list[dict]:
     """What the install role needs of each artifact; `prefix` locates the files (host or layer)."""
-    return [{"src": prefix + a["file"], "kind": a["kind"], "dest": a["dest"], "mode": a["mode"]} for a in artifacts]
+    return [
+        {"src": prefix + a["file"], "kind": a["kind"], "dest": a["dest"], "mode": a["mode"]}
+        for a in artifacts
+    ]
 
 
 def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
@@ -52,18 +55,38 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
         with display.step(step), timed(timings, "sources"):
             components = []
             for name, component in sorted(ctx.image.components.items()):
-                tarball = sources.fetch(name, component.source, work / "sources", runner, f"{step} ({name})",
-                                        ctx.cache_dir)
-                components.append({"name": name, "tarball": str(tarball), "build": list(component.build),
-                                   "artifacts": [a.model_dump(mode="json") for a in component.artifacts],
-                                   "build_packages": list(component.build_packages)})
-            initramfs_tar = sources.fetch("stage4-initramfs", ctx.image.initramfs.effective_source,
-                                          work / "sources", runner, f"{step} (initramfs)", ctx.cache_dir)
+                tarball = sources.fetch(
+                    name, component.source, work / "sources", runner, f"{step} ({name})", ctx.cache_dir
+                )
+                components.append(
+                    {
+                        "name": name,
+                        "tarball": str(tarball),
+                        "build": list(component.build),
+                        "artifacts": [a.model_dump(mode="json") for a in component.artifacts],
+                        "build_packages": list(component.build_packages),
+                    }
+                )
+            initramfs_tar = sources.fetch(
+                "stage4-initramfs",
+                ctx.image.initramfs.effective_source,
+                work / "sources",
+                runner,
+                f"{step} (initramfs)",
+                ctx.cache_dir,
+            )
             has_script = "build-initramfs.sh" in sources.top_level(initramfs_tar)
-        overlay.create(ctx.image_dir / base_manifest["image"]["file"], overlay_path, runner,
-                       f"{ctx.name}: dev: create overlay")
-        in_layer = [{"file": f"components/{name}/{artifact.path}", **artifact.model_dump(mode="json")}
-                    for name, component in sorted(ctx.image.components.items()) for artifact in component.artifacts]
+        overlay.create(
+            ctx.image_dir / base_manifest["image"]["file"],
+            overlay_path,
+            runner,
+            f"{ctx.name}: dev: create overlay",
+        )
+        in_layer = [
+            {"file": f"components/{name}/{artifact.path}", **artifact.model_dump(mode="json")}
+            for name, component in sorted(ctx.image.components.items())
+            for artifact in component.artifacts
+        ]
         variables = {
             **layer.vars,
             "stage4_way": layer.way.value,
@@ -73,20 +96,41 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
             "stage4_components": components,
             "stage4_artifacts": installs(in_layer, f"{OUT_IN_IMAGE}/"),
             "stage4_artifacts_in_layer": True,
-            "stage4_initramfs": {"tarball": str(initramfs_tar), "has_script": has_script,
-                                 "modules": list(ctx.image.initramfs.dracut_modules),
-                                 "script_args": list(ctx.image.initramfs.script_args)},
+            "stage4_initramfs": {
+                "tarball": str(initramfs_tar),
+                "has_script": has_script,
+                "modules": list(ctx.image.initramfs.dracut_modules),
+                "script_args": list(ctx.image.initramfs.script_args),
+            },
         }
-        plays = ansible.site([ansible.play("stage4 dev: packages", ["stage4_packages"])], list(layer.playbooks),
-                             [ansible.play("stage4 dev: components", ["stage4_components", "stage4_install_artifacts"], gather_facts=False),
-                              ansible.play("stage4 dev: initramfs", ["stage4_initramfs"], gather_facts=False)])
+        plays = ansible.site(
+            [ansible.play("stage4 dev: packages", ["stage4_packages"])],
+            list(layer.playbooks),
+            [
+                ansible.play(
+                    "stage4 dev: components",
+                    ["stage4_components", "stage4_install_artifacts"],
+                    gather_facts=False,
+                ),
+                ansible.play("stage4 dev: initramfs", ["stage4_initramfs"], gather_facts=False),
+            ],
+        )
         with timed(timings, "provision"):
             provision(ctx, base_manifest, "dev", layer, overlay_path, plays, variables, work)
         step = f"{ctx.name}: dev: extract kernel, initramfs and artifacts"
         staging = work / ARTIFACTS_DIR
-        with display.step(step), timed(timings, "extract"), \
-                attach.attached(overlay_path, root_partition(ctx, base_manifest), work / "attach", runner,
-                                writable=False, step=step) as root:
+        with (
+            display.step(step),
+            timed(timings, "extract"),
+            attach.attached(
+                overlay_path,
+                root_partition(ctx, base_manifest),
+                work / "attach",
+                runner,
+                writable=False,
+                step=step,
+            ) as root,
+        ):
             artifacts = extract.extract(root, ctx.image, kernel, staging, runner, step)
             packages = packages_of(root, runner)
         ctx.image_dir.mkdir(parents=True, exist_ok=True)
@@ -101,12 +145,16 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
     finally:
         remove_tree(work)
     return {
-        "way": layer.way.value, "kernel_version": kernel,
-        "playbooks": [str(p) for p in layer.playbooks], "packages_requested": list(layer.packages),
-        "components": sorted(ctx.image.components), "dracut_modules": list(ctx.image.initramfs.dracut_modules),
+        "way": layer.way.value,
+        "kernel_version": kernel,
+        "playbooks": [str(p) for p in layer.playbooks],
+        "packages_requested": list(layer.packages),
+        "components": sorted(ctx.image.components),
+        "dracut_modules": list(ctx.image.initramfs.dracut_modules),
         "initramfs_source": ctx.image.initramfs.effective_source.describe(),
         "artifacts": artifacts,
-        "packages": packages, "kept": str(kept) if ctx.keep_dev else None,
+        "packages": packages,
+        "kept": str(kept) if ctx.keep_dev else None,
         "files": file_facts(ctx.image_dir, *(f"{ARTIFACTS_DIR}/{name}" for name in artifacts["files"])),
         "timings_seconds": timings,
     }

@@ -61,8 +61,12 @@ def extract(root: Path, image: ImageConfig, kernel: str, dest: Path, runner: Run
     initrd = dest / f"initrd.img-{kernel}"
     facts = initramfs_facts(initrd, runner, step)
     if facts["kernel_versions"] != [kernel]:
-        raise StepFailed(step, f"the initramfs holds modules for {facts['kernel_versions'] or 'no kernel'}, "
-                         f"the image has kernel {kernel}", runner.log_path)
+        raise StepFailed(
+            step,
+            f"the initramfs holds modules for {facts['kernel_versions'] or 'no kernel'}, "
+            f"the image has kernel {kernel}",
+            runner.log_path,
+        )
     missing = [m for m in image.initramfs.dracut_modules if m not in facts["dracut_modules"]]
     if missing:
         raise StepFailed(step, f"the initramfs lacks the dracut modules {missing}", runner.log_path)

@@ -16,8 +16,19 @@ from stage4.provisioning import sources
 from stage4.provisioning.ansible import ANSIBLE_DIR
 
 # Files and folders Ansible finds beside a playbook: part of what the playbook means.
-PLAYBOOK_NEIGHBOURS = ("roles", "files", "templates", "vars", "group_vars", "host_vars", "tasks",
-                       "handlers", "library", "filter_plugins", "module_utils")
+PLAYBOOK_NEIGHBOURS = (
+    "roles",
+    "files",
+    "templates",
+    "vars",
+    "group_vars",
+    "host_vars",
+    "tasks",
+    "handlers",
+    "library",
+    "filter_plugins",
+    "module_utils",
+)
 
 
 def playbook_inputs(playbook: Path) -> dict:
@@ -33,8 +44,11 @@ def playbook_inputs(playbook: Path) -> dict:
 
 
 def layer_inputs(layer: LayerConfig) -> dict:
-    return {"playbooks": [playbook_inputs(p) for p in layer.playbooks], "packages": list(layer.packages),
-            "vars": layer.vars}
+    return {
+        "playbooks": [playbook_inputs(p) for p in layer.playbooks],
+        "packages": list(layer.packages),
+        "vars": layer.vars,
+    }
 
 
 def component_inputs(component: ComponentConfig) -> dict:
@@ -44,17 +58,24 @@ def component_inputs(component: ComponentConfig) -> dict:
 
 def recipe() -> str:
     """The code that makes the dev and prod layers: changing it changes their identities."""
-    return identity("recipe", {"layers": sources.tree_digest(Path(__file__).parent),
-                               "provisioning": sources.tree_digest(ANSIBLE_DIR.parent)})
+    return identity(
+        "recipe",
+        {
+            "layers": sources.tree_digest(Path(__file__).parent),
+            "provisioning": sources.tree_digest(ANSIBLE_DIR.parent),
+        },
+    )
 
 
 def dev_identity(image: ImageConfig, base_identity: str, kernel: str) -> str:
     inputs = {
         "layer": layer_inputs(image.dev or LayerConfig()),
         "kernel_version": kernel,
-        "initramfs": {"modules": list(image.initramfs.dracut_modules),
-                      "script_args": list(image.initramfs.script_args),
-                      "source": sources.identity_inputs(image.initramfs.effective_source)},
+        "initramfs": {
+            "modules": list(image.initramfs.dracut_modules),
+            "script_args": list(image.initramfs.script_args),
+            "source": sources.identity_inputs(image.initramfs.effective_source),
+        },
         "components": {name: component_inputs(c) for name, c in sorted(image.components.items())},
         "ansible_content": sources.tree_digest(ANSIBLE_DIR),
         "recipe": recipe(),

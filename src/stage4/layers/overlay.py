@@ -12,8 +12,23 @@ from stage4.runner import Runner
 def create(base: Path, overlay: Path, runner: Runner, step: str) -> None:
     """A new, empty qcow2 whose backing file is `base` (absolute path, format always given)."""
     overlay.unlink(missing_ok=True)
-    runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-F", "qcow2",
-                "-b", base.absolute(), overlay], step=step)
+    runner.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+            "-F",
+            "qcow2",
+            "-b",
+            base.absolute(),
+            overlay,
+        ],
+        step=step,
+    )
 
 
 def info(image: Path, runner: Runner, step: str) -> dict:
@@ -23,8 +38,25 @@ def info(image: Path, runner: Runner, step: str) -> dict:
 
 def flatten(overlay: Path, target: Path, runner: Runner, step: str) -> dict:
     """The whole chain of `overlay` as one standalone qcow2 v3, zstd-compressed; checked afterwards."""
-    runner.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-c",
-                "-o", "compat=1.1,compression_type=zstd", "-W", "-m", "8", overlay, target], step=step)
+    runner.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "compat=1.1,compression_type=zstd",
+            "-W",
+            "-m",
+            "8",
+            overlay,
+            target,
+        ],
+        step=step,
+    )
     runner.run(["qemu-img", "check", "-q", "-f", "qcow2", target], step=f"{step} (check)")
     facts = info(target, runner, step)
     specific = facts.get("format-specific", {}).get("data", {})

@@ -43,38 +43,74 @@ def kernel_of(base_manifest: dict) -> str:
 def check_playbooks(ctx: Context, layer_name: str, layer: LayerConfig) -> None:
     for playbook in layer.playbooks:
         if not playbook.is_file():
-            raise StepFailed(f"{ctx.name}: {layer_name}: provision",
-                             f"playbook {playbook} does not exist (images.{ctx.name}.{layer_name}.playbooks)",
-                             ctx.runner.log_path)
+            raise StepFailed(
+                f"{ctx.name}: {layer_name}: provision",
+                f"playbook {playbook} does not exist (images.{ctx.name}.{layer_name}.playbooks)",
+                ctx.runner.log_path,
+            )
 
 
-def provision(ctx: Context, base_manifest: dict, layer_name: str, layer: LayerConfig, overlay_path: Path,
-              plays: list[dict], variables: dict, work: Path) -> None:
+def provision(
+    ctx: Context,
+    base_manifest: dict,
+    layer_name: str,
+    layer: LayerConfig,
+    overlay_path: Path,
+    plays: list[dict],
+    variables: dict,
+    work: Path,
+) -> None:
     """Run the plays on the layer the configured way."""
     runner = ctx.runner
     part = root_partition(ctx, base_manifest)
     way = layer.way
     if way is Way.chroot and (reason := attach.chroot_unavailable()):
-        runner.display.info(f"{ctx.name}: {layer_name}: the chroot way cannot serve here ({reason}); using the VM way")
+        runner.display.info(
+            f"{ctx.name}: {layer_name}: the chroot way cannot serve here ({reason}); using the VM way"
+        )
         way = Way.vm
     step = f"{ctx.name}: {layer_name}: provision ({way.value})"
     with runner.display.step(step):
         if way is Way.chroot:
             apt_cache = ctx.cache_dir / "apt" / ctx.image.distribution
-            with attach.attached(overlay_path, part, work / "attach", runner, writable=True, step=step) as root, \
-                    attach.chroot_ready(root, runner, apt_cache, step=step):
+            with (
+                attach.attached(
+                    overlay_path, part, work / "attach", runner, writable=True, step=step
+                ) as root,
+                attach.chroot_ready(root, runner, apt_cache, step=step),
+            ):
                 try:
-                    ansible.run(ansible.Target("chroot", root=root), plays, variables, work / "ansible", runner, step)
+                    ansible.run(
+                        ansible.Target("chroot", root=root), plays, variables, work / "ansible", runner, step
+                    )
                 finally:
                     for leftover in (root / ansible.REMOTE_TMP.lstrip("/"), root / "root/.ansible"):
                         remove_tree(leftover)
         elif way is Way.packer:
-            packer_way.provision(overlay_path, part, choose_accelerator(ctx, base_manifest, work), ctx.machine, plays,
-                                 variables, work, runner, step, f"{ctx.name}: {layer_name}")
+            packer_way.provision(
+                overlay_path,
+                part,
+                choose_accelerator(ctx, base_manifest, work),
+                ctx.machine,
+                plays,
+                variables,
+                work,
+                runner,
+                step,
+                f"{ctx.name}: {layer_name}",
+            )
         else:
             accelerator = choose_accelerator(ctx, base_manifest, work)
-            with vm.running(overlay_path, part, accelerator, ctx.machine.cpus, ctx.machine.memory >> 20,
-                            work, runner, step) as target:
+            with vm.running(
+                overlay_path,
+                part,
+                accelerator,
+                ctx.machine.cpus,
+                ctx.machine.memory >> 20,
+                work,
+                runner,
+                step,
+            ) as target:
                 ansible.run(target, plays, variables, work / "ansible", runner, step)
 
 
@@ -83,5 +119,7 @@ def choose_accelerator(ctx: Context, base_manifest: dict, work: Path) -> str:
     if requested != "auto":
         return requested
     base = ctx.image_dir / base_manifest["image"]["file"]
-    kernel, _ = extract_boot_files(base, work / "probe", ctx.runner, ctx.image.identifier, kernel_of(base_manifest))
+    kernel, _ = extract_boot_files(
+        base, work / "probe", ctx.runner, ctx.image.identifier, kernel_of(base_manifest)
+    )
     return accel.choose(requested, kernel, ctx.runner, ctx.cache_dir)

@@ -36,11 +36,16 @@ class Target:
         if self.way == "chroot":
             host |= {"ansible_connection": "community.general.chroot", "ansible_host": str(self.root)}
         else:
-            host |= {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": self.port,
-                     "ansible_user": BUILD_USER, "ansible_ssh_private_key_file": str(self.key),
-                     "ansible_become": True,
-                     "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-                                                "-o ConnectTimeout=30 -o ServerAliveInterval=15"}
+            host |= {
+                "ansible_connection": "ssh",
+                "ansible_host": "127.0.0.1",
+                "ansible_port": self.port,
+                "ansible_user": BUILD_USER,
+                "ansible_ssh_private_key_file": str(self.key),
+                "ansible_become": True,
+                "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                "-o ConnectTimeout=30 -o ServerAliveInterval=15",
+            }
         return {"all": {"hosts": {"layer": host}}}
 
 
@@ -92,9 +97,15 @@ def prepare(target: Target, plays: list[dict], variables: dict, work: Path) -> P
         "interpreter_python = /usr/bin/python3\n"
         "[ssh_connection]\n"
         "pipelining = True\n",
-        encoding="utf-8")
-    env = {"ANSIBLE_CONFIG": str(work / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1",
-           "ANSIBLE_NOCOLOR": "1", "LC_ALL": "C.UTF-8"}
+        encoding="utf-8",
+    )
+    env = {
+        "ANSIBLE_CONFIG": str(work / "ansible.cfg"),
+        "ANSIBLE_FORCE_COLOR": "0",
+        "PYTHONUNBUFFERED": "1",
+        "ANSIBLE_NOCOLOR": "1",
+        "LC_ALL": "C.UTF-8",
+    }
     return Prepared(work / "site.yml", work / "inventory.json", work / "vars.json", env)
 
 
@@ -110,7 +121,9 @@ def run(target: Target, plays: list[dict], variables: dict, work: Path, runner: 
 def _failure(log_path: Path | None) -> str:
     """The task that failed, from Ansible's output in the build log."""
     lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines() if log_path else []
-    start = max((i for i, line in enumerate(lines) if "ansible-playbook" in line and " $ " in line), default=0)
+    start = max(
+        (i for i, line in enumerate(lines) if "ansible-playbook" in line and " $ " in line), default=0
+    )
     task, fatal = "", ""
     for line in lines[start:]:
         text = line.split(" ", 1)[-1].strip()

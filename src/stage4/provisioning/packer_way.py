@@ -42,21 +42,30 @@ def check_packer(runner: Runner, step: str) -> tuple[int, int, int]:
         version = packer.packer_version(runner, env=env)
     except StepFailed as exc:
         if "command not found" in str(exc):
-            raise StepFailed(step, 'Packer is not installed (run ./install.sh, or use way = "vm")',
-                             runner.log_path) from None
+            raise StepFailed(
+                step, 'Packer is not installed (run ./install.sh, or use way = "vm")', runner.log_path
+            ) from None
         raise StepFailed(step, f"cannot run Packer: {exc}", runner.log_path) from None
     shown = ".".join(map(str, version))
     if version < MIN_VERSION:
-        raise StepFailed(step, f"Packer {shown} is too old for way = \"packer\": the ansible provisioner's "
-                         f"use_proxy needs >= {'.'.join(map(str, MIN_VERSION))}", runner.log_path)
+        raise StepFailed(
+            step,
+            f'Packer {shown} is too old for way = "packer": the ansible provisioner\'s '
+            f"use_proxy needs >= {'.'.join(map(str, MIN_VERSION))}",
+            runner.log_path,
+        )
     if version >= packer.FIRST_UNBUNDLED_VERSION:
-        installed = runner.run(["packer", "plugins", "installed"], step=step, capture=True, env=env,
-                               check=False).stdout
+        installed = runner.run(
+            ["packer", "plugins", "installed"], step=step, capture=True, env=env, check=False
+        ).stdout
         missing = [name for name in ("qemu", "ansible") if name not in installed]
         if missing:
-            raise StepFailed(step, f"Packer {shown} has no {' and no '.join(missing)} plugin: install it with "
-                             + "; ".join(f"packer plugins install github.com/hashicorp/{m}" for m in missing),
-                             runner.log_path)
+            raise StepFailed(
+                step,
+                f"Packer {shown} has no {' and no '.join(missing)} plugin: install it with "
+                + "; ".join(f"packer plugins install github.com/hashicorp/{m}" for m in missing),
+                runner.log_path,
+            )
     return version
 
 
@@ -73,8 +82,17 @@ def _variables(values: dict[str, object]) -> list[Variable]:
     return packer_template.variables(values, described)
 
 
-def render(tree: Path, layer: Path, checksum: str, disk_size: str, machine: MachineConfig, key: Path, port: int,
-           prepared: ansible.Prepared, label: str) -> packer.RenderedTemplate:
+def render(
+    tree: Path,
+    layer: Path,
+    checksum: str,
+    disk_size: str,
+    machine: MachineConfig,
+    key: Path,
+    port: int,
+    prepared: ansible.Prepared,
+    label: str,
+) -> packer.RenderedTemplate:
     """Write the layer's Packer tree: base.json/base.pkrvars.hcl, layer.json (1.6.x), layer.pkr.hcl."""
     values = {**packer.base_values(machine, SSH_TIMEOUT), "disk_size": disk_size}
     builder = {
@@ -95,8 +113,10 @@ def render(tree: Path, layer: Path, checksum: str, disk_size: str, machine: Mach
         "memory": Var("memory"),
         "headless": Var("headless"),
         # SSH forwarded on the loopback only (Packer's own -netdev listens on every address).
-        "qemuargs": [["-cpu", Var("cpu_model")],
-                     ["-netdev", f"user,id=user.0,hostfwd=tcp:127.0.0.1:{port}-:22"]],
+        "qemuargs": [
+            ["-cpu", Var("cpu_model")],
+            ["-netdev", f"user,id=user.0,hostfwd=tcp:127.0.0.1:{port}-:22"],
+        ],
         # Default VNC ports: Packer 1.6 computes the display number from vnc_port_min (wrong otherwise).
         "vnc_bind_address": "127.0.0.1",
         "host_port_min": port,
@@ -129,7 +149,9 @@ def render(tree: Path, layer: Path, checksum: str, disk_size: str, machine: Mach
     variables = _variables(values)
     json_path.write_text(to_json(builder, variables, description, [provisioner]), encoding="utf-8")
     hcl_path.write_text(to_hcl(builder, variables, SOURCE, description, [provisioner]), encoding="utf-8")
-    return packer.RenderedTemplate(label, SOURCE, SOURCE, json_path, hcl_path, OUTPUT, builder["iso_url"], checksum)
+    return packer.RenderedTemplate(
+        label, SOURCE, SOURCE, json_path, hcl_path, OUTPUT, builder["iso_url"], checksum
+    )
 
 
 def _failure(exc: StepFailed, log_path: Path | None) -> str:
@@ -148,35 +170,61 @@ def _failure(exc: StepFailed, log_path: Path | None) -> str:
             fatal = f"task '{task}': {text}" if task else text
         elif "Build 'qemu' errored" in text:
             errored = text.split("errored:", 1)[-1].strip()
-    detail = "packer build failed" + (f": {errored}" if errored else f" ({str(exc).split(' failed: ', 1)[-1]})")
+    detail = "packer build failed" + (
+        f": {errored}" if errored else f" ({str(exc).split(' failed: ', 1)[-1]})"
+    )
     return detail + (f"; {fatal[:500]}" if fatal else "")
 
 
-def provision(layer: Path, part: attach.RootPartition, accelerator: str, machine: MachineConfig,
-              plays: list[dict], variables: dict, work: Path, runner: Runner, step: str, label: str) -> dict:
+def provision(
+    layer: Path,
+    part: attach.RootPartition,
+    accelerator: str,
+    machine: MachineConfig,
+    plays: list[dict],
+    variables: dict,
+    work: Path,
+    runner: Runner,
+    step: str,
+    label: str,
+) -> dict:
     """Provision the qcow2 `layer` (an overlay on the base) with Packer; returns facts of the run."""
     version = check_packer(runner, step)
     tree = work / "packer"
     remove_tree(tree)
     with vm.build_user(layer, part, work, runner, step) as key:
         port = vm.free_port()
-        prepared = ansible.prepare(ansible.Target("vm", port=port, key=key), plays, variables, work / "ansible")
+        prepared = ansible.prepare(
+            ansible.Target("vm", port=port, key=key), plays, variables, work / "ansible"
+        )
         size = overlay_mod.info(layer, runner, step)["virtual-size"]
         disk_size = f"{-(-size // packer.MIB)}M"
-        template = render(tree, layer, f"sha256:{sha256_file(layer)}", disk_size, machine, key, port, prepared,
-                          label)
+        template = render(
+            tree, layer, f"sha256:{sha256_file(layer)}", disk_size, machine, key, port, prepared, label
+        )
         try:
-            output = packer.run_packer_build(template, runner, version=version, accelerator=accelerator,
-                                             cache_dir=tree / "packer_cache", label=step)
+            output = packer.run_packer_build(
+                template,
+                runner,
+                version=version,
+                accelerator=accelerator,
+                cache_dir=tree / "packer_cache",
+                label=step,
+            )
         except StepFailed as exc:
             raise StepFailed(step, _failure(exc, runner.log_path), runner.log_path) from None
         facts = overlay_mod.info(output, runner, step)
         backing = facts.get("full-backing-filename") or facts.get("backing-filename")
         if not backing or Path(backing).resolve() != layer.resolve():
             # Packer used a copy of the layer: point its overlay at the layer itself (same content, checked).
-            runner.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", layer.absolute(), output],
-                       step=f"{step} (rebase Packer's overlay)")
+            runner.run(
+                ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", layer.absolute(), output],
+                step=f"{step} (rebase Packer's overlay)",
+            )
         packer_overlay_size = output.stat().st_size
-        runner.run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", output], step=f"{step} (commit Packer's overlay)")
+        runner.run(
+            ["qemu-img", "commit", "-q", "-d", "-f", "qcow2", output],
+            step=f"{step} (commit Packer's overlay)",
+        )
         remove_tree(tree)
     return {"packer_version": ".".join(map(str, version)), "packer_overlay_size": packer_overlay_size}

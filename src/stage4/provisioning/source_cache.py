@@ -165,7 +165,8 @@ class SourceCache:
         return self.git_entry(url, ref)
 
     def import_git(self, url: str, ref: str, directory: Path, runner: Runner, at: str | None = None) -> Entry:
-        """Cache (url, ref) from a local clone: the commit `ref` (or the revision `at`) names in `directory`."""
+        """Cache (url, ref) from a local clone: the commit `ref` (or the revision `at`) names in
+        `directory`."""
         step = f"import {url}"
         directory = directory.expanduser().absolute()
         if not directory.is_dir():

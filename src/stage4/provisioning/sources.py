@@ -54,7 +54,8 @@ def identity_inputs(source: SourceConfig) -> dict:
 def fetch(
     name: str, source: SourceConfig, sources_dir: Path, runner: Runner, step: str, cache_dir: Path
 ) -> Path:
-    """`<sources_dir>/<name>.tar.gz` holding the source tree at its top level (`cache_dir`: stage4's cache)."""
+    """`<sources_dir>/<name>.tar.gz` holding the source tree at its top level (`cache_dir`: stage4's
+    cache)."""
     sources_dir.mkdir(parents=True, exist_ok=True)
     target = sources_dir / f"{name}.tar.gz"
     tree = sources_dir / name

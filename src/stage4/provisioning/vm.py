@@ -41,7 +41,9 @@ def add_build_user(root: Path, public_key: str, runner: Runner, step: str) -> No
     ssh_dir = root / "home" / BUILD_USER / ".ssh"
     ssh_dir.mkdir(mode=0o700)
     (ssh_dir / "authorized_keys").write_text(public_key, encoding="utf-8")
-    runner.run(["chroot", root, "chown", "-R", f"{BUILD_USER}:{BUILD_USER}", f"/home/{BUILD_USER}/.ssh"], step=step)
+    runner.run(
+        ["chroot", root, "chown", "-R", f"{BUILD_USER}:{BUILD_USER}", f"/home/{BUILD_USER}/.ssh"], step=step
+    )
     sudoers = root / "etc/sudoers.d" / BUILD_USER
     sudoers.write_text(f"{BUILD_USER} ALL=(ALL) NOPASSWD:ALL\n", encoding="utf-8")
     sudoers.chmod(0o440)
@@ -58,14 +60,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def qemu_argv(overlay: Path, accelerator: str, cpus: int, memory_mib: int, port: int, nonce: str,
-              qmp: Path) -> list[str]:
-    return ["qemu-system-x86_64", "-accel", accelerator, "-cpu", accel.cpu_model(accelerator),
-            "-smp", str(cpus), "-m", str(memory_mib), "-display", "none", "-monitor", "none",
-            "-serial", "stdio", "-no-reboot", "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-drive", f"file={overlay},if=virtio,format=qcow2,cache=writeback",
-            "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
-            "-fw_cfg", f"name=opt/org.stage4/marker,string={nonce}"]
+def qemu_argv(
+    overlay: Path, accelerator: str, cpus: int, memory_mib: int, port: int, nonce: str, qmp: Path
+) -> list[str]:
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        accelerator,
+        "-cpu",
+        accel.cpu_model(accelerator),
+        "-smp",
+        str(cpus),
+        "-m",
+        str(memory_mib),
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+        "-drive",
+        f"file={overlay},if=virtio,format=qcow2,cache=writeback",
+        "-nic",
+        f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-fw_cfg",
+        f"name=opt/org.stage4/marker,string={nonce}",
+    ]
 
 
 def press_power_button(qmp: Path) -> None:
@@ -81,13 +104,29 @@ def press_power_button(qmp: Path) -> None:
 
 
 def _ssh(key: Path, port: int, *command: str) -> list[str]:
-    return ["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes",
-            f"{BUILD_USER}@127.0.0.1", *command]
+    return [
+        "ssh",
+        "-i",
+        str(key),
+        "-p",
+        str(port),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "BatchMode=yes",
+        f"{BUILD_USER}@127.0.0.1",
+        *command,
+    ]
 
 
 @contextlib.contextmanager
-def build_user(overlay: Path, part: attach.RootPartition, work: Path, runner: Runner, step: str) -> Iterator[Path]:
+def build_user(
+    overlay: Path, part: attach.RootPartition, work: Path, runner: Runner, step: str
+) -> Iterator[Path]:
     """A per-build ed25519 key and the build user (key login, sudo rule) in the layer while the context lasts.
 
     The user is added by attaching the layer on the host before it boots; after a successful run the layer
@@ -101,39 +140,61 @@ def build_user(overlay: Path, part: attach.RootPartition, work: Path, runner: Ru
     finally:
         key.unlink(missing_ok=True)
         key.with_suffix(".pub").unlink(missing_ok=True)
-    with attach.attached(overlay, part, work / "attach", runner, writable=True, step=f"{step} (remove build user)") \
-            as root:
+    with attach.attached(
+        overlay, part, work / "attach", runner, writable=True, step=f"{step} (remove build user)"
+    ) as root:
         remove_build_user(root, runner, step)
 
 
 @contextlib.contextmanager
-def running(overlay: Path, part: attach.RootPartition, accelerator: str, cpus: int, memory_mib: int,
-            work: Path, runner: Runner, step: str) -> Iterator[Target]:
+def running(
+    overlay: Path,
+    part: attach.RootPartition,
+    accelerator: str,
+    cpus: int,
+    memory_mib: int,
+    work: Path,
+    runner: Runner,
+    step: str,
+) -> Iterator[Target]:
     """The layer booted in qemu with SSH forwarded; powered off cleanly (or killed) on exit."""
     # A unix socket path may have 108 bytes at most; work folders can be deeper than that.
-    with build_user(overlay, part, work, runner, step) as key, runner.recording(work), \
-            tempfile.TemporaryDirectory(prefix="stage4-qmp-") as sockets:
+    with (
+        build_user(overlay, part, work, runner, step) as key,
+        runner.recording(work),
+        tempfile.TemporaryDirectory(prefix="stage4-qmp-") as sockets,
+    ):
         port, nonce = free_port(), secrets.token_hex(8)
         marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")
         qmp = Path(sockets) / "qmp.sock"
-        with runner.background(qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce, qmp),
-                               step=step, grace=10) as vm:
+        with runner.background(
+            qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce, qmp), step=step, grace=10
+        ) as vm:
             started = time.monotonic()
             while not any(marker.search(line) for line in list(vm.lines)):
                 if not vm.running():
-                    raise StepFailed(step, f"the VM stopped while booting (qemu exit {vm.popen.returncode})",
-                                     runner.log_path)
+                    raise StepFailed(
+                        step,
+                        f"the VM stopped while booting (qemu exit {vm.popen.returncode})",
+                        runner.log_path,
+                    )
                 if time.monotonic() - started > BOOT_TIMEOUT:
                     raise StepFailed(step, f"the VM did not come up within {BOOT_TIMEOUT} s", runner.log_path)
                 time.sleep(0.5)
             deadline = time.monotonic() + SSH_TIMEOUT
             while runner.run(_ssh(key, port, "true"), step=step, check=False, timeout=60).returncode != 0:
                 if time.monotonic() > deadline:
-                    raise StepFailed(step, f"no SSH login into the VM within {SSH_TIMEOUT} s", runner.log_path)
+                    raise StepFailed(
+                        step, f"no SSH login into the VM within {SSH_TIMEOUT} s", runner.log_path
+                    )
                 time.sleep(3)
             yield Target("vm", port=port, key=key)
-            poweroff = runner.run(_ssh(key, port, "sudo", "systemctl", "poweroff"), step=f"{step} (poweroff)",
-                                  check=False, timeout=60)
+            poweroff = runner.run(
+                _ssh(key, port, "sudo", "systemctl", "poweroff"),
+                step=f"{step} (poweroff)",
+                check=False,
+                timeout=60,
+            )
             if poweroff.returncode == 255 and vm.running():  # no SSH login any more: press the power button
                 press_power_button(qmp)
             deadline = time.monotonic() + POWEROFF_WAIT
