@@ -113,6 +113,13 @@ def customize_script(initramfs_cache: Path) -> str:
         chroot "$root" systemctl mask --quiet systemd-networkd-wait-online.service
         rm -f "$root"/etc/ssh/ssh_host_*
         : > "$root/etc/machine-id"
+        # mmdebstrap copied the build host's resolv.conf in: a package's symlink (systemd-resolved) stays,
+        # anything else becomes an empty file that DHCP fills at boot. Its apt options were the build's.
+        if [ ! -L "$root/etc/resolv.conf" ]; then
+            rm -f "$root/etc/resolv.conf"
+            install -m 0644 /dev/null "$root/etc/resolv.conf"
+        fi
+        rm -f "$root/etc/apt/apt.conf.d/99mmdebstrap" "$root/usr/sbin/policy-rc.d"
         {shlex.quote(sys.executable)} -m stage4.builders.initramfs "$root" {shlex.quote(str(initramfs_cache))}
         """)
 
@@ -161,7 +168,7 @@ def installed_packages(rootfs: Path, runner: Runner) -> dict[str, str]:
     packages = {}
     for line in result.stdout.splitlines():
         name, version, status = line.split("\t")
-        if status.startswith("ii"):
+        if status[1:2] == "i":  # installed, whether wanted ('ii') or held ('hi')
             packages[name] = version
     return packages
 

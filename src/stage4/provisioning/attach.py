@@ -165,7 +165,9 @@ def _temporary_file(path: Path, content: str, mode: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _host_resolv_conf(root: Path) -> Iterator[None]:
-    """The host's resolver for apt; the image's own resolv.conf (file, symlink or none) comes back after."""
+    """The host's resolver for apt; afterwards the image's own resolv.conf (file, symlink or none) comes
+    back, unless a package installed during the run replaced the host's copy with its own (a symlink of
+    systemd-resolved): then that one stays. The host's nameservers never stay in the image."""
     target, saved = root / "etc/resolv.conf", root / SAVED_RESOLV
     had_own = target.exists() or target.is_symlink()
     if had_own:
@@ -174,6 +176,9 @@ def _host_resolv_conf(root: Path) -> Iterator[None]:
         shutil.copyfile("/etc/resolv.conf", target)
         yield
     finally:
-        target.unlink(missing_ok=True)
-        if had_own:
-            os.replace(saved, target)
+        if target.is_symlink():  # a package's own (the host's copy is a regular file)
+            saved.unlink(missing_ok=True)
+        else:
+            target.unlink(missing_ok=True)
+            if had_own:
+                os.replace(saved, target)
