@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stage4 import diff as diff_mod
 from stage4.boot import accel, qemu
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.config import DEFAULT_IDENTIFIER, Config
@@ -78,6 +79,12 @@ def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> 
         raise InputError(f"{image}: no such image file")
     with _runner(None, debug) as runner:
         return inspect_image(image, identifier, runner)
+
+
+def diff(a: Path, b: Path, files: bool = False, debug: bool = False) -> dict:
+    """What changed from A to B (manifests, built images or exported revisions); see stage4.diff."""
+    with _runner(None, debug) as runner:
+        return diff_mod.diff(a, b, files=files, runner=runner)
 
 
 def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | None = None,

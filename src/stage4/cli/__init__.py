@@ -136,9 +136,9 @@ def list_distributions() -> None:
 
 def _register() -> None:
     """Each command group lives in its own module of this package and lists its commands in COMMANDS."""
-    from stage4.cli import dnbd3, export, render
+    from stage4.cli import diff, dnbd3, export, render
 
-    for module in (export, dnbd3, render):
+    for module in (export, dnbd3, render, diff):
         for command in module.COMMANDS:
             cli.add_command(command)
 
