@@ -80,7 +80,9 @@ def load(target: Path) -> Side:
     if data.get("image", {}).get("file") != target.name:
         raise InputError(f"diff: {target}: no stage4 manifest beside it ({manifest.name} describing "
                          f"{target.name}), and no export record names it")
-    return from_manifest(data, manifest)
+    side = from_manifest(data, manifest)
+    side.label = str(target)
+    return side
 
 
 def from_manifest(manifest: dict, path: Path) -> Side:
@@ -299,6 +301,9 @@ def text(found: dict) -> str:
     for key, title in (("size", "image size"), ("virtual_size", "virtual size")):
         if key in found["sizes"]:
             pair = found["sizes"][key]
+            if not pair["changed"]:
+                lines.append(f"{title}: {_size(pair['a'])} (same)")
+                continue
             delta = "" if None in (pair["a"], pair["b"]) else f" ({(pair['b'] - pair['a']) / (1 << 20):+.1f} MiB)"
             lines.append(f"{title}: {_size(pair['a'])} -> {_size(pair['b'])}{delta}")
     if "files" in found:

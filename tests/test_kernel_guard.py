@@ -1,0 +1,69 @@
+"""The kernel coupling guard's reading of a root tree and the per-kernel verdict of inspect (fast).
+
+The real builds (a prod playbook that installs another kernel, the hold read back with debugfs) are in
+test_rollouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stage4.errors import StepFailed
+from stage4.image.inspect import KernelFacts
+from stage4.layers import kernel_guard
+from stage4.runner import Runner
+
+KERNEL, OTHER = "6.1.0-57-amd64", "6.1.0-57-cloud-amd64"
+
+
+def kernel_tree(root: Path, version: str, boot: bool = True) -> None:
+    (root / "lib/modules" / version / "kernel").mkdir(parents=True)
+    if boot:
+        (root / "boot").mkdir(exist_ok=True)
+        (root / "boot" / f"vmlinuz-{version}").write_bytes(b"kernel")
+
+
+def test_only_the_dev_kernel_passes(tmp_path: Path) -> None:
+    kernel_tree(tmp_path, KERNEL)
+    (tmp_path / "lib/modules/5.10.0-1-amd64/extra").mkdir(parents=True)  # leftovers of a removed kernel
+    assert kernel_guard.installed_kernels(tmp_path) == [KERNEL]
+    kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner())
+
+
+@pytest.mark.parametrize("change", ["another kernel", "modules of another kernel", "no kernel"])
+def test_a_changed_kernel_fails_with_one_line_naming_both(tmp_path: Path, change: str) -> None:
+    if change == "another kernel":
+        kernel_tree(tmp_path, KERNEL)
+        kernel_tree(tmp_path, OTHER)
+    elif change == "modules of another kernel":
+        kernel_tree(tmp_path, KERNEL)
+        kernel_tree(tmp_path, OTHER, boot=False)
+    with pytest.raises(StepFailed) as caught:
+        kernel_guard.check(tmp_path, KERNEL, "debian-12: prod: kernel and package list", Runner())
+    message = str(caught.value)
+    assert "\n" not in message and KERNEL in message and "prod" in message, message
+    assert (OTHER in message) if change != "no kernel" else ("prod has no kernel" in message), message
+
+
+def test_the_hold_is_read_from_dpkg(tmp_path: Path) -> None:
+    status = tmp_path / "var/lib/dpkg/status"
+    status.parent.mkdir(parents=True)
+    (status.parent / "info").mkdir()
+    status.write_text("".join(
+        f"Package: {name}\nStatus: {state} ok installed\nArchitecture: amd64\nVersion: 1\nMaintainer: x\n"
+        f"Description: x\n\n"
+        for name, state in ((f"linux-image-{KERNEL}", "hold"), ("linux-image-amd64", "hold"), ("bash", "install"))))
+    assert kernel_guard.hold(tmp_path, Runner()) == {
+        "method": "apt-mark hold", "packages": [f"linux-image-{KERNEL}", "linux-image-amd64"]}
+
+
+def test_inspect_verdict_per_kernel() -> None:
+    good = KernelFacts(KERNEL, f"initrd.img-{KERNEL}", True, {"dnbd3.ko": KERNEL}, [KERNEL])
+    assert good.problems() == []
+    bad = KernelFacts(KERNEL, f"initrd.img-{KERNEL}", False, {"dnbd3.ko": OTHER}, [OTHER])
+    assert bad.problems() == [f"no /lib/modules/{KERNEL}/kernel", f"extra/dnbd3.ko is built for {OTHER}",
+                              f"its initramfs holds modules for {OTHER}"]
+    assert KernelFacts(KERNEL, "", True).problems() == ["no initramfs"]
+    assert "extra modules dnbd3.ko (" + KERNEL + ")" in good.describe()
