@@ -135,28 +135,6 @@ def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(laye
     assert f"kernel {kernel}: modules tree yes, extra modules stage4hello.ko ({kernel})" in out.stdout
 
 
-def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(layered, base_image: BuiltImage,
-                                                                        project: Path, tmp_path: Path) -> None:  # noqa: F811
-    _, result = layered
-    kernel = result.dev_manifest["kernel_version"]
-    before = sha256_file(result.image)
-    playbook = tmp_path / "kernel.yml"
-    # Another flavour of the same kernel release: in the mirror, and not held.
-    playbook.write_text("- hosts: all\n  tasks:\n    - name: Install another kernel\n"
-                        "      ansible.builtin.apt:\n"
-                        "        name: \"linux-image-{{ stage4_kernel_version | replace('-amd64', '-cloud-amd64') }}\"\n")
-    cfg = make_config(base_image.output_dir.parent, {NAME: {
-        **layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}})
-    with pytest.raises(StepFailed) as caught:
-        api.build(cfg, [NAME])
-    message = str(caught.value)
-    other = kernel.replace("-amd64", "-cloud-amd64")
-    assert "\n" not in message and kernel in message and other in message, message
-    assert "prod" in message and "changed the kernel" in message, message
-    print(message)
-    assert sha256_file(result.image) == before
-
-
 def test_diff_of_two_builds_shows_the_package_and_the_file(layered, base_image: BuiltImage, project: Path,  # noqa: F811
                                                            tmp_path: Path) -> None:
     _, first = layered
@@ -191,3 +169,25 @@ def test_diff_of_two_builds_shows_the_package_and_the_file(layered, base_image: 
                           check=False, capture_output=True, text=True)
     assert text.returncode == 0, text.stderr
     assert "+ tree " in text.stdout, text.stdout
+
+
+def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(layered, base_image: BuiltImage,
+                                                                        project: Path, tmp_path: Path) -> None:  # noqa: F811
+    _, result = layered
+    kernel = result.dev_manifest["kernel_version"]
+    before = sha256_file(result.image)
+    playbook = tmp_path / "kernel.yml"
+    # Another flavour of the same kernel release: in the mirror, and not held.
+    playbook.write_text("- hosts: all\n  tasks:\n    - name: Install another kernel\n"
+                        "      ansible.builtin.apt:\n"
+                        "        name: \"linux-image-{{ stage4_kernel_version | replace('-amd64', '-cloud-amd64') }}\"\n")
+    cfg = make_config(base_image.output_dir.parent, {NAME: {
+        **layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}})
+    with pytest.raises(StepFailed) as caught:
+        api.build(cfg, [NAME])
+    message = str(caught.value)
+    other = kernel.replace("-amd64", "-cloud-amd64")
+    assert "\n" not in message and kernel in message and other in message, message
+    assert "prod" in message and "changed the kernel" in message, message
+    print(message)
+    assert sha256_file(result.image) == before
