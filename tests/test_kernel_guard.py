@@ -67,3 +67,14 @@ def test_inspect_verdict_per_kernel() -> None:
                               f"its initramfs holds modules for {OTHER}"]
     assert KernelFacts(KERNEL, "", True).problems() == ["no initramfs"]
     assert "extra modules dnbd3.ko (" + KERNEL + ")" in good.describe()
+
+
+def test_a_base_with_two_kernels_keeps_both(tmp_path: Path) -> None:
+    old = "6.1.0-50-amd64"
+    kernel_tree(tmp_path, KERNEL)
+    kernel_tree(tmp_path, old)
+    kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner(), [old, KERNEL])
+    (tmp_path / "boot" / f"vmlinuz-{old}").unlink()
+    (tmp_path / "lib/modules" / old / "kernel").rmdir()
+    with pytest.raises(StepFailed, match=f"for {KERNEL}, prod has {KERNEL} \\(the base has {old}, {KERNEL}\\)"):
+        kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner(), [old, KERNEL])

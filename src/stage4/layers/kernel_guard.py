@@ -23,12 +23,15 @@ def installed_kernels(root: Path) -> list[str]:
     return sorted(found)
 
 
-def check(root: Path, kernel: str, step: str, runner: Runner) -> None:
-    """A StepFailed of one line naming both versions if the layer's kernels are not exactly `kernel`."""
-    found = installed_kernels(root)
-    if found != [kernel]:
+def check(root: Path, kernel: str, step: str, runner: Runner, base_kernels: list[str] | None = None) -> None:
+    """A StepFailed of one line naming both versions if the layer's kernels are not exactly the base's
+    (`base_kernels`, default: only `kernel`, the one the dev run built for): none installed, upgraded or
+    removed."""
+    found, wanted = installed_kernels(root), sorted({kernel, *(base_kernels or ())})
+    if found != wanted:
+        base = f" (the base has {', '.join(wanted)})" if wanted != [kernel] else ""
         raise StepFailed(step, f"the prod layer changed the kernel: the dev run built the initramfs and modules "
-                               f"for {kernel}, prod has {', '.join(found) or 'no kernel'}", runner.log_path)
+                               f"for {kernel}, prod has {', '.join(found) or 'no kernel'}{base}", runner.log_path)
 
 
 def hold(root: Path, runner: Runner) -> dict:

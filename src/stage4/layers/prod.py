@@ -62,7 +62,7 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
         step = f"{ctx.name}: prod: kernel and package list"
         with attach.attached(overlay_path, root_partition(ctx, base_manifest), work / "attach", runner,
                              writable=False, step=step) as root:
-            kernel_guard.check(root, kernel, step, runner)
+            kernel_guard.check(root, kernel, step, runner, base_manifest.get("kernel_versions"))
             packages, kernel_hold = packages_of(root, runner), kernel_guard.hold(root, runner)
         target = ctx.image_dir / PROD_IMAGE
         step = f"{ctx.name}: prod: flatten into a standalone qcow2"
