@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -115,29 +116,74 @@ def test_verify_with_wrong_identifier_fails(server, published):
     assert not report.passed and any("no partition named 'OTHER'" in p for p in report.problems)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
 def test_corrupted_byte_in_store_fails_verify_naming_the_block(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     source = tmp_path / "img"
     source.write_bytes(os.urandom(40 * MiB))
     publish(source, store, "c", check_image=False, boot_files=False)
-    target = store / "c.r1"
-    with target.open("r+b") as handle:  # one flipped byte in hash block 1
-        handle.seek(16 * MiB + 777)
-        byte = handle.read(1)
-        handle.seek(16 * MiB + 777)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(store / "c.r1", 16 * MiB + 777)  # one flipped byte in hash block 1
     with DevServer(store, read_timeout=2.0) as srv:
         report = verify(addr(srv), "c", store=store, timeout=5)
         assert not report.passed
-        crc_problems = [p for p in report.problems if "CRC-32" in p]
-        assert len(crc_problems) == 1 and crc_problems[0].startswith("block 1 (bytes 16777216..33554431)")
+        block_problems = [p for p in report.problems if p.startswith("block ")]
+        assert len(block_problems) == 1 and block_problems[0].startswith("block 1 (bytes 16777216..33554431)")
+        assert any("complete=60" in p for p in report.problems)
         with pytest.raises(Stage4Error, match="block 1"):
             download(addr(srv), "c", tmp_path / "out")
         assert not (tmp_path / "out").exists()
         result = subprocess.run([sys.executable, "-m", "stage4", "dnbd3", "verify", addr(srv), "c", "--store",
                                  str(store)], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert result.returncode == 1 and "block 1 (bytes 16777216..33554431)" in result.stdout
+
+
+def test_serve_refuses_a_block_that_fails_its_crc_like_dnbd3_server(tmp_path):
+    """docs/dnbd3-store.md, "A block that fails its CRC": no reply, the connection closed, a warning naming
+    image, revision and block, `complete` below 100 in /query; the other blocks are still served."""
+    store = tmp_path / "store"
+    store.mkdir()
+    data = bytearray(os.urandom(40 * MiB))
+    (tmp_path / "img").write_bytes(data)
+    publish(tmp_path / "img", store, "lab/c.qcow2", check_image=False, boot_files=False)
+    publish(tmp_path / "img", store, "lab/c.qcow2", check_image=False, boot_files=False)
+    flip_byte(store / "lab/c.qcow2.r2", 16 * MiB + 777)
+    flip_byte(store / "lab/c.qcow2.r1", 32 * MiB + 5)  # found only by the full check (SIGUSR1)
+    server = subprocess.Popen([sys.executable, "-m", "stage4", "serve", str(store), "--port", "0"],
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        address = server.stderr.readline().split(" on ", 1)[1].split(",", 1)[0]
+        with Client.open(address, "lab/c.qcow2", timeout=5) as client:
+            assert client.image.rid == 2
+            assert client.read(0, 4096) == data[:4096]
+            assert client.read(40 * MiB - 4096, 4096) == data[-4096:]
+            with pytest.raises(ConnectionLost):  # not a RangeError: no CMD_ERROR, the connection is closed
+                client.read(16 * MiB - 4096, 8192)  # straddles blocks 0 and 1
+        with Client.open(address, "lab/c.qcow2", 2, timeout=5) as client:
+            assert client.read(32 * MiB, MiB) == data[32 * MiB:33 * MiB]  # good blocks still served
+            with pytest.raises(ConnectionLost):  # the result is remembered
+                client.read(20 * MiB, 1)
+        entries = {i["rid"]: i for i in query_images(address, timeout=5) if i["name"] == "lab/c.qcow2"}
+        assert entries[2]["complete"] == 60 and entries[1]["complete"] == 100  # 512 of 1280 map bytes gone
+        server.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and entries[1]["complete"] == 100:
+            time.sleep(0.2)
+            entries = {i["rid"]: i for i in query_images(address, timeout=5) if i["name"] == "lab/c.qcow2"}
+        assert entries[1]["complete"] == 80 and entries[2]["complete"] == 60  # block 2 holds 8 MiB: 256 bytes
+    finally:
+        server.send_signal(signal.SIGTERM)
+        log = server.communicate(timeout=10)[1]
+    assert "Hash check for block 1 of lab/c.qcow2:2 failed" in log
+    assert "Hash check for block 2 of lab/c.qcow2:1 failed" in log
+    assert "block 0 " not in log and "block 2 of lab/c.qcow2:2" not in log
 
 
 def test_sampled_verify_and_download(server, published, tmp_path):

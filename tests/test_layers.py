@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stage4 import api
-from stage4.errors import StepFailed
+from stage4.errors import ConfigError, StepFailed
 from stage4.fsutil import mounts_below, sha256_file
 from stage4.image.filesystem import FilesystemReader
 from stage4.image.partitions import partitions, raw_view, root_partition
@@ -235,9 +235,10 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_ima
         assert sha256_file(result.image) == before
         return message
 
-    missing = make_config(base_image.output_dir.parent, {NAME: {
-        **layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}})
-    failing(missing, "prod", "provision", "nope.yml")
+    # A missing playbook is bad input, found when the config is read (no build starts).
+    with pytest.raises(ConfigError, match=r"images\.\S+\.prod\.playbooks\.0 = .*nope\.yml.*: no such file"):
+        make_config(base_image.output_dir.parent, {NAME: {
+            **layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}})
 
     bad_task = tmp_path / "fail.yml"
     bad_task.write_text("- hosts: all\n  tasks:\n    - name: Deliberately failing task\n"
@@ -253,9 +254,15 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(layered, base_ima
                                        "source": {"tarball": str(tarball), "sha256": "0" * 64}}}
     failing(make_config(base_image.output_dir.parent, {NAME: wrong}), "dev: fetch sources", "checksum mismatch")
 
+    # The first failing build command stops the component; its own output is the message, and the next
+    # command (whose failure would be a confusing follow-on) never runs.
     broken = layered_image_config(project)
-    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": ["exit 3"]}}
-    failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)", "Build fixture")
+    broken["components"] = {"fixture": {**broken["components"]["fixture"], "build": [
+        "echo configured; echo the-real-cause >&2; exit 3", "echo the-follow-on >&2; exit 4"]}}
+    message = failing(make_config(base_image.output_dir.parent, {NAME: broken}), "dev: provision (chroot)",
+                      "component fixture: 'echo configured; echo the-real-cause >&2; exit 3' failed with exit code 3",
+                      "the-real-cause")
+    assert "the-follow-on" not in message and "exit 4" not in message
 
 
 def test_prod_only_change_rebuilds_only_prod(layered, base_image: BuiltImage, project: Path,

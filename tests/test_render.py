@@ -117,8 +117,7 @@ def test_bootstrap_attributes_unchanged() -> None:
 def test_tree_layout(tree: Path) -> None:
     assert json.loads((tree / "base.json").read_text()) == {
         "cpus": "2", "memory": "2048", "disk_size": "4096M", "accelerator": "", "cpu_model": "max", "headless": "true",
-        "ssh_timeout": "60m",
-    }
+    }  # [machine] only: the SSH timeout is each image's installer_timeout, a default in its template
     assert 'disk_size   = "4096M"' in (tree / "base.pkrvars.hcl").read_text()
     for name in INSTALLER_DISTROS:
         stem = f"{name}-amd64"
@@ -128,6 +127,7 @@ def test_tree_layout(tree: Path) -> None:
         assert builder["iso_checksum"] == "{{user `iso_checksum`}}"
         assert template["variables"]["iso_checksum"] == distributions.get(name).iso_checksum
         assert template["variables"]["iso_checksum"] != "none"
+        assert template["variables"]["ssh_timeout"] == "60m"
         assert (tree / f"{stem}.pkr.hcl").is_file()
         assert "required_plugins" not in (tree / f"{stem}.pkr.hcl").read_text()
     assert (tree / "http" / "ubuntu-24.04" / "meta-data").is_file()
@@ -253,6 +253,64 @@ def test_autoinstall_user_data_has_what_subiquity_requires(tree: Path, efi_tree:
                 assert action["device"] in ids
         assert ("part-esp" in ids) is efi and ("part-bios" in ids) is not efi
         assert (folder / "http" / name / "meta-data").read_text().startswith("instance-id:")
+
+
+# What subiquity's autoinstall-schema.json allows, per release, read from github.com/canonical/subiquity
+# (AGPL-3.0, so the schema files are not copied here; these are the constraints that matter for our
+# user-data). 22.04: tags 22.04.2 (a80a0bd1, the GA ISO), 22.07.2 (6afbd211, the jammy branch) and the
+# server/jammy head (d2fe66f1) share these top-level keys and have no `source`; commit caff5f7d (main,
+# 2022-04-26, until 566f32b0 on 2022-08-03) required `search_drivers` inside `source`. 24.04: tags
+# 24.04.1 (74c37fe0) and 24.04.4.1 (62f93c2c); since 24.04 unknown top-level keys are a fatal error.
+# In all of them: identity requires username, hostname, password and allows only those and realname;
+# keyboard requires layout (layout, variant, toggle only); refresh-installer allows update and channel;
+# version is 1.
+_SUBIQUITY_2204_KEYS = {
+    "apt", "debconf-selections", "drivers", "early-commands", "error-commands", "identity", "kernel", "keyboard",
+    "late-commands", "locale", "network", "packages", "proxy", "refresh-installer", "reporting", "shutdown",
+    "snaps", "ssh", "storage", "timezone", "ubuntu-advantage", "updates", "user-data", "version",
+}
+SUBIQUITY_TOP_LEVEL_KEYS = {
+    "ubuntu-22.04": _SUBIQUITY_2204_KEYS,
+    "ubuntu-24.04": _SUBIQUITY_2204_KEYS | {"active-directory", "codecs", "interactive-sections", "oem", "source",
+                                            "ubuntu-pro"},
+}
+SUBIQUITY_REFS = {"ubuntu-22.04": ["22.04.2", "22.07.2", "d2fe66f1"], "ubuntu-24.04": ["24.04.1", "24.04.4.1"]}
+
+
+@pytest.mark.parametrize("name", AUTOINSTALL)
+def test_autoinstall_user_data_is_valid_for_the_isos_subiquity(tree: Path, efi_tree: Path, name: str) -> None:
+    for folder in (tree, efi_tree):
+        data = yaml.safe_load((folder / "http" / name / "user-data").read_text())["autoinstall"]
+        assert set(data) <= SUBIQUITY_TOP_LEVEL_KEYS[name], set(data) - SUBIQUITY_TOP_LEVEL_KEYS[name]
+        assert data["version"] == 1
+        assert {"username", "hostname", "password"} <= set(data["identity"]) <= {"realname", "username", "hostname",
+                                                                                 "password"}
+        assert all(isinstance(value, str) for value in data["identity"].values())
+        assert "layout" in data["keyboard"] and set(data["keyboard"]) <= {"layout", "variant", "toggle"}
+        assert set(data["refresh-installer"]) <= {"update", "channel"}
+        assert set(data["ssh"]) <= {"install-server", "authorized-keys", "allow-pw"}
+        assert all(isinstance(item, (str, list)) for key in ("early-commands", "late-commands") for item in data[key])
+        assert all(isinstance(package, str) for package in data["packages"])
+        if "source" in data:  # valid also for the snapshot that required search_drivers
+            assert set(data["source"]) <= {"id", "search_drivers"}
+            assert isinstance(data["source"]["search_drivers"], bool) and isinstance(data["source"]["id"], str)
+    assert ("source" in data) is (name == "ubuntu-24.04")  # 22.04's subiquity would ignore it
+
+
+@pytest.mark.parametrize("name", AUTOINSTALL)
+def test_autoinstall_user_data_against_subiquity_schema_files(tree: Path, name: str) -> None:
+    """The full schema check, against a local clone of subiquity (not shipped: AGPL-3.0)."""
+    checkout = os.environ.get("STAGE4_SUBIQUITY_CHECKOUT")
+    jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema to check against subiquity's schema")
+    if not checkout:
+        pytest.skip("set STAGE4_SUBIQUITY_CHECKOUT to a git clone of github.com/canonical/subiquity")
+    data = yaml.safe_load((tree / "http" / name / "user-data").read_text())["autoinstall"]
+    for ref in SUBIQUITY_REFS[name]:
+        schema = json.loads(subprocess.run(["git", "-C", checkout, "show", f"{ref}:autoinstall-schema.json"],
+                                           capture_output=True, text=True, check=True).stdout)
+        errors = [error.message for error in jsonschema.Draft7Validator(schema).iter_errors(data)]
+        assert not errors, (ref, errors)
+        assert set(data) <= set(schema["properties"]), (ref, set(data) - set(schema["properties"]))
 
 
 # ----- golden partitioning ------------------------------------------------------------------------
@@ -452,3 +510,53 @@ def test_cli_render(tmp_path: Path, fake_iso: tuple[Path, str]) -> None:
     assert result.returncode == 2 and "identifier" in result.stderr
     result = _stage4("render", "nosuch", "-o", "iso", cwd=tmp_path)
     assert result.returncode == 2 and "neither an image" in result.stderr
+
+
+def _rendered_settings(out: Path, name: str) -> dict[str, object]:
+    """What Packer would run, read back from both the JSON and the HCL2 template (they must agree)."""
+    stem = f"{name}-amd64"
+    template = json.loads((out / f"{stem}.json").read_text())
+    hcl = (out / f"{stem}.pkr.hcl").read_text()
+    hcl_defaults = dict(re.findall(r'variable "(\w+)" \{\n  type\s+= \w+\n  default\s+= "([^"]*)"', hcl))
+    variables = template["variables"]
+    for key in ("iso_url", "iso_checksum", "ssh_timeout"):
+        assert hcl_defaults[key] == variables[key], key
+    [builder] = template["builders"]
+    efi = ["-bios", "/usr/share/ovmf/OVMF.fd"] in builder["qemuargs"]
+    assert efi == ('"/usr/share/ovmf/OVMF.fd"' in hcl)
+    return {"iso_url": variables["iso_url"], "iso_checksum": variables["iso_checksum"],
+            "ssh_timeout": variables["ssh_timeout"], "efi": efi, "boot_command": builder["boot_command"],
+            "answer": _answer(out, name)}
+
+
+def test_cli_render_takes_every_setting_of_the_image(tmp_path: Path, fake_iso: tuple[Path, str]) -> None:
+    """An image's efi, iso, iso_checksum and installer_timeout reach the templates; options replace them."""
+    iso, digest = fake_iso
+    other = tmp_path / "other.iso"
+    other.write_bytes(b"another installer")
+    other_digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    (tmp_path / "stage4.toml").write_text(
+        f'[images.lab]\ndistribution = "rocky-9"\nidentifier = "system"\nfilesystem = "xfs"\nefi = true\n'
+        f'iso = "{iso}"\niso_checksum = "sha256:{digest}"\ninstaller_timeout = "90m"\n'
+    )
+    result = _stage4("render", "lab", "-o", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    got = _rendered_settings(tmp_path / "out", "rocky-9")
+    http_url = "http://{{ .HTTPIP }}:{{ .HTTPPort }}/rocky-9"
+    assert got["iso_url"] == str(iso) and got["iso_checksum"] == f"sha256:{digest}"
+    assert got["ssh_timeout"] == "90m" and got["efi"]
+    assert got["boot_command"] == distributions.get("rocky-9").boot_keys(True, http_url)
+    assert "--fstype=efi" in got["answer"] and "--label=system" in got["answer"]
+
+    result = _stage4("render", "lab", "-o", "out2", "--bios", "--ssh-timeout", "2h", "--iso", str(other),
+                     "--iso-checksum", other_digest, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    got = _rendered_settings(tmp_path / "out2", "rocky-9")
+    assert got["iso_url"] == str(other) and got["iso_checksum"] == f"sha256:{other_digest}"
+    assert got["ssh_timeout"] == "2h" and not got["efi"]
+    assert got["boot_command"] == distributions.get("rocky-9").boot_keys(False, http_url)
+    assert "--fstype=efi" not in got["answer"] and "biosboot" in got["answer"]
+
+    # An ISO given on the command line does not inherit the checksum of the image's own ISO.
+    result = _stage4("render", "lab", "-o", "out3", "--iso", str(other), cwd=tmp_path)
+    assert result.returncode == 2 and "give the checksum" in result.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,12 +13,14 @@ from pathlib import Path
 from stage4 import diff as diff_mod
 from stage4.boot import accel, qemu
 from stage4.boot.qemu import BootResult, BootSpec
-from stage4.config import DEFAULT_IDENTIFIER, Config
+from stage4.builders.base_image import check_disk_fits
+from stage4.config import DEFAULT_IDENTIFIER, Config, SourceConfig
 from stage4.errors import InputError
 from stage4.image.filesystem import extract_boot_files
 from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
 from stage4.pipeline import LAYERS, Context, ImageResult, LayerStatus, build_image, read_manifest, status
+from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
@@ -26,6 +30,10 @@ def _runner(log_path: Path | None, debug: bool) -> Iterator[Runner]:
     log = BuildLog(log_path) if log_path else None
     try:
         yield Runner(Display(debug=debug, log=log))
+    except BaseException as exc:
+        if log:
+            log.write(f"stopped: {' '.join(str(exc).split()) or type(exc).__name__}")
+        raise
     finally:
         if log:
             log.close()
@@ -44,6 +52,7 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
     unknown = (rebuild or set()) - set(LAYERS)
     if unknown:
         raise InputError(f"--rebuild {sorted(unknown)[0]!r}: unknown layer; layers: {', '.join(LAYERS)}")
+    check_disk_fits(config.machine, config.build.cache_dir, config.source)
     output_dir = (output_dir or config.build.output_dir).absolute()
     results = []
     for name in names:
@@ -100,6 +109,13 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
         raise InputError(f"--firmware {firmware!r}: expected 'bios' or 'uefi'")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     serial_log = serial_log or image.parent / "logs" / f"boot-{image.stem}-{via}-{firmware}-{stamp}.serial.log"
+    try:
+        serial_log.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(serial_log.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise InputError(f"{serial_log.parent}: cannot write the boot logs there ({exc.strerror}); "
+                         "give --log FILE") from None
     manifest = _manifest_of(image)
     identifier = identifier or manifest.get("identifier")
     if kernel is None and manifest.get("kernel") and Path(manifest["kernel"]).is_file():
@@ -126,3 +142,32 @@ def _manifest_of(image: Path) -> dict:
     """The stage4 manifest of a built image (base.json beside base.qcow2, ...): where facts travel."""
     manifest = read_manifest(image.with_suffix(".json")) or {}
     return manifest if manifest.get("image", {}).get("file") == image.name else {}
+
+
+def sources(config: Config) -> list[Entry]:
+    """What stage4's source cache holds: git URLs at their refs, tarballs by sha256."""
+    return SourceCache(config.build.cache_dir).entries()
+
+
+def import_source(config: Config, url: str, location: Path, ref: str | None = None, sha256: str | None = None,
+                  debug: bool = False) -> Entry:
+    """Seed the source cache from a local copy, so that builds naming `url` work offline.
+
+    A git URL takes `ref` (default: the config's default ref) from the clone `location`; a tarball URL
+    (`sha256` given) takes the file `location` after checking its sha256.
+    """
+    if ref is not None and sha256 is not None:
+        raise InputError("give --ref (a git URL) or --sha256 (a tarball), not both")
+    cache = SourceCache(config.build.cache_dir)
+    if sha256 is not None:
+        return cache.import_tarball(url, sha256, location)
+    with _runner(None, debug) as runner:
+        return cache.import_git(url, ref or SourceConfig.model_fields["ref"].default, location, runner)
+
+
+def remove_source(config: Config, url: str, ref: str | None = None, sha256: str | None = None,
+                  debug: bool = False) -> Entry:
+    """Forget a cached source: a git URL at `ref` (default: the config's default ref), or a tarball."""
+    with _runner(None, debug) as runner:
+        return SourceCache(config.build.cache_dir).remove(url, ref or SourceConfig.model_fields["ref"].default,
+                                                          sha256, runner)

@@ -12,7 +12,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from stage4 import distributions
@@ -25,12 +33,15 @@ DEFAULT_IMAGE = "debian-12"
 LABEL_LIMITS = {"ext4": 16, "xfs": 12, "btrfs": 255}
 # A GPT partition name is 36 UTF-16 code units; the identifier is ASCII, so 36 characters.
 GPT_NAME_LIMIT = 36
-# Conservative: the identifier ends up in kernel command lines, fstab, shell config and udev link names.
+# Conservative: the identifier ends up in kernel command lines, fstab, shell config and udev link names
+# (/dev/disk/by-partlabel/ID, which systemd turns into a unit name); udev escapes none of these characters.
 IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+# The largest virtual size of a qcow2 image with qemu-img's default 64 KiB clusters.
+QCOW2_MAX_SIZE = 2 << 50
 
 
 def parse_size(value: Any) -> int:
@@ -43,6 +54,40 @@ def parse_size(value: Any) -> int:
     if not match:
         raise PydanticCustomError("size", "expected a size such as '4G' or '512M'")
     return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+def format_size(size: int) -> str:
+    """The shortest exact form parse_size reads back: 4294967296 -> '4G'."""
+    for unit in ("P", "T", "G", "M", "K"):
+        if size and size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def identifier_problem(value: str, filesystem: str | None = None) -> str | None:
+    """Why `value` cannot be a root partition identifier, or None.
+
+    It must suit every consumer: the GPT name, the filesystem label, udev's /dev/disk/by-partlabel/ link,
+    systemd's unit name made from that path (fstab, root=PARTLABEL=) and the kernel command line.
+    """
+    if not value:
+        return "must not be empty"
+    if not value.isascii():
+        return "must be ASCII (it is a GPT name and a filesystem label)"
+    if not IDENTIFIER_RE.match(value):
+        return "may contain only letters, digits, '_', '.' and '-' (no whitespace or '/')"
+    if value in (".", ".."):
+        return ("is not a name: /dev/disk/by-partlabel/.. is a directory, and systemd cannot make a unit name "
+                "from that path (the image would not boot)")
+    if value.startswith("."):
+        return "must not start with '.' (a hidden by-partlabel link that systemd escapes in unit names)"
+    if value.startswith("-"):
+        return "must not start with '-' (command-line tools would take it for an option)"
+    if len(value) > GPT_NAME_LIMIT:
+        return f"longer than the {GPT_NAME_LIMIT} characters of a GPT partition name"
+    if filesystem is not None and len(value) > LABEL_LIMITS[filesystem]:
+        return f"longer than the {LABEL_LIMITS[filesystem]} bytes of a {filesystem} label"
+    return None
 
 
 def _package_name(name: str) -> str:
@@ -102,6 +147,8 @@ class MachineConfig(Strict):
     def _disk_range(cls, value: int) -> int:
         if value < 1 << 30:
             raise PydanticCustomError("size", "at least 1G is needed for a base image")
+        if value > QCOW2_MAX_SIZE:
+            raise PydanticCustomError("size", "larger than the 2P a qcow2 image can hold")
         return value
 
 
@@ -116,13 +163,31 @@ class BuildPaths(Strict):
     @field_validator("output_dir", "cache_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser().absolute()
+        value = value.expanduser().absolute()
+        if problem := directory_problem(value):
+            raise PydanticCustomError("directory", problem)
+        return value
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why stage4 cannot make or use `path` as a directory (a file in the way), or None."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is a file, not a directory"
+    return None
 
 
 class Way(StrEnum):
     chroot = "chroot"
     vm = "vm"
     packer = "packer"
+
+
+def _missing(path: Path, kind: str) -> str:
+    """Why `path` is not the existing file or directory the config names."""
+    if not path.exists():
+        return f"no such {kind} {path}"
+    return f"{path} is a {'file' if kind == 'directory' else 'directory'}, not a {kind}"
 
 
 def _relative_to_config(value: Path | None, info: Any) -> Path | None:
@@ -134,6 +199,16 @@ def _relative_to_config(value: Path | None, info: Any) -> Path | None:
     if not value.is_absolute() and base is not None:
         value = Path(base) / value
     return value
+
+
+def _existing_playbook(value: Path, info: Any) -> Path:
+    value = _relative_to_config(value, info)
+    if not value.is_file():
+        raise PydanticCustomError("playbook", "{what}", {"what": _missing(value, "file")})
+    return value
+
+
+Playbook = Annotated[Path, AfterValidator(_existing_playbook)]
 
 
 class SourceConfig(Strict):
@@ -148,7 +223,20 @@ class SourceConfig(Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, value: Path | None, info: Any) -> Path | None:
-        return _relative_to_config(value, info)
+        value = _relative_to_config(value, info)
+        if value is not None and not value.is_dir():
+            raise PydanticCustomError("source", "{what}", {"what": _missing(value, "directory")})
+        return value
+
+    @field_validator("tarball")
+    @classmethod
+    def _local_tarball(cls, value: str | None, info: Any) -> str | None:
+        if value is None or "://" in value:
+            return value
+        path = _relative_to_config(Path(value), info)
+        if not path.is_file():
+            raise PydanticCustomError("source", "{what}", {"what": _missing(path, "file")})
+        return str(path)
 
     @field_validator("sha256")
     @classmethod
@@ -176,11 +264,25 @@ class ArtifactConfig(Strict):
     """One file a component's build produces."""
 
     path: str = Field(description="the file, relative to the component's source directory after the build")
-    kind: str = Field("file", pattern="^(module|file)$",
+    kind: str = Field("file",
                       description="'module': a kernel module, installed into /lib/modules/KVER/extra with depmod; "
                       "'file': installed at dest")
     dest: str | None = Field(None, description="with kind 'file': absolute destination path in the prod image")
-    mode: str = Field("0644", pattern="^0?[0-7]{3,4}$", description="with kind 'file': file mode")
+    mode: str = Field("0644", description="with kind 'file': file mode")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value not in ("module", "file"):
+            raise PydanticCustomError("kind", "must be 'module' or 'file'")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if not re.match(r"^0?[0-7]{3,4}$", value):
+            raise PydanticCustomError("mode", "expected an octal file mode such as '0644' or '0755'")
+        return value
 
     @model_validator(mode="after")
     def _dest(self) -> ArtifactConfig:
@@ -265,7 +367,7 @@ class InitramfsConfig(Strict):
 class LayerConfig(Strict):
     """[images.NAME.dev] and [images.NAME.prod]: one provisioning layer on top of the base."""
 
-    playbooks: tuple[Path, ...] = Field((), description="Ansible playbooks run in this layer, in order "
+    playbooks: tuple[Playbook, ...] = Field((), description="Ansible playbooks run in this layer, in order "
                                         "(relative to the project file; target hosts: all)")
     packages: tuple[PackageName, ...] = Field((), description="packages installed before the playbooks")
     vars: dict[str, Any] = Field(default_factory=dict, description="variables passed to the playbooks")
@@ -274,10 +376,6 @@ class LayerConfig(Strict):
                      "'packer': the same run done by Packer's qemu builder (disk_image over the base) and its "
                      "ansible provisioner")
 
-    @field_validator("playbooks")
-    @classmethod
-    def _playbook_paths(cls, value: tuple[Path, ...], info: Any) -> tuple[Path, ...]:
-        return tuple(_relative_to_config(p, info) for p in value)
 
 
 class ImageConfig(Strict):
@@ -299,9 +397,9 @@ class ImageConfig(Strict):
     iso: str | None = Field(None, description="with packer: installer ISO, a local path or URL; default: the catalog's")
     iso_checksum: str | None = Field(
         None, description="with iso: 'sha256:<hex>', a bare digest, 'file:<URL>' or a local checksum file")
-    efi: bool = Field(False, description="with packer: install for UEFI instead of BIOS")
+    efi: bool = Field(False, strict=True, description="with packer: install for UEFI instead of BIOS")
     installer_timeout: str = Field(
-        "60m", pattern=r"^\d+[smh]$", description="with packer: how long the installer may take, e.g. '60m'")
+        "60m", description="with packer: how long the installer may take, e.g. '60m'")
     dev: LayerConfig | None = Field(
         None, description="the dev layer; giving dev or prod (even empty) builds both layers on the base")
     prod: LayerConfig | None = Field(None, description="the prod layer (see dev)")
@@ -326,9 +424,9 @@ class ImageConfig(Strict):
     @classmethod
     def _default_builder(cls, data: Any) -> Any:
         """Without a builder, a distribution that cannot be bootstrapped is installed with Packer."""
-        if isinstance(data, dict) and "builder" not in data and data.get("distribution") in distributions.names():
-            if not distributions.get(data["distribution"]).bootstrappable:
-                return {**data, "builder": BuilderKind.packer.value}
+        if (isinstance(data, dict) and "builder" not in data and data.get("distribution") in distributions.names()
+                and not distributions.get(data["distribution"]).bootstrappable):
+            return {**data, "builder": BuilderKind.packer.value}
         return data
 
     @field_validator("builder")
@@ -355,6 +453,13 @@ class ImageConfig(Strict):
                                           {"dist": name, "known": ", ".join(dist.filesystems)})
         return value
 
+    @field_validator("installer_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not re.match(r"^0*[1-9]\d*[smh]$", value):
+            raise PydanticCustomError("duration", "expected a duration such as '90s', '60m' or '2h'")
+        return value
+
     @field_validator("iso_checksum")
     @classmethod
     def _checksum_always(cls, value: str | None) -> str | None:
@@ -365,21 +470,9 @@ class ImageConfig(Strict):
     @field_validator("identifier")
     @classmethod
     def _valid_identifier(cls, value: str, info: Any) -> str:
-        if not value:
-            raise PydanticCustomError("identifier", "must not be empty")
-        if not value.isascii():
-            raise PydanticCustomError("identifier", "must be ASCII (it is a GPT name and a filesystem label)")
-        if not IDENTIFIER_RE.match(value):
-            raise PydanticCustomError("identifier", "may contain only letters, digits, '_', '.' and '-'")
-        if len(value) > GPT_NAME_LIMIT:
-            raise PydanticCustomError("identifier", "longer than the 36 characters of a GPT partition name")
         filesystem = info.data.get("filesystem")
-        if filesystem is not None and len(value) > LABEL_LIMITS[filesystem]:
-            raise PydanticCustomError(
-                "identifier",
-                "longer than the {limit} bytes of a {fs} label",
-                {"limit": LABEL_LIMITS[filesystem], "fs": str(filesystem)},
-            )
+        if problem := identifier_problem(value, None if filesystem is None else str(filesystem)):
+            raise PydanticCustomError("identifier", problem)
         return value
 
     @field_validator("mirror")
@@ -410,6 +503,13 @@ class Config(Strict):
             raise PydanticCustomError("images", "no image defined; add an [images.NAME] table")
         return value
 
+    def warnings(self) -> list[str]:
+        """Valid but probably unintended settings, one line each."""
+        return [f"{self.source}: images.{name}.components.{component}.artifacts: none given; the component is "
+                "built in the dev layer but nothing of it is installed"
+                for name, image in self.images.items()
+                for component, settings in image.components.items() if not settings.artifacts]
+
     def image(self, name: str) -> ImageConfig:
         try:
             return self.images[name]
@@ -430,14 +530,36 @@ def _lookup(data: Any, loc: tuple) -> Any:
     return data
 
 
+# pydantic's messages for wrong TOML types, in the words of the file.
+TYPE_MESSAGES = {
+    "missing": "required key is missing",
+    "string_type": "expected a string",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+    "dict_type": "expected a table",
+    "model_type": "expected a table",
+    "model_attributes_type": "expected a table",
+    "path_type": "expected a path (a string)",
+}
+
+
 def _message(error: dict) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "enum":
         return "must be one of " + error["ctx"]["expected"].replace("'", "")
-    if kind == "string_pattern_mismatch":
-        return "must be a simple name (letters, digits, '.', '_', '-'; at most 64 characters)"
+    if kind in TYPE_MESSAGES:
+        return TYPE_MESSAGES[kind]
+    if kind == "greater_than_equal":
+        return f"must be at least {error['ctx']['ge']}"
+    if kind == "less_than_equal":
+        return f"must be at most {error['ctx']['le']}"
     return error["msg"].removeprefix("Value error, ")
 
 
@@ -451,8 +573,10 @@ def from_dict(data: dict, source: str) -> Config:
         loc = error["loc"]
         if loc and loc[-1] == "[key]":
             loc = loc[:-1]
-            problem = f"image name {loc[-1]!r} is not a simple name (letters, digits, '.', '_', '-')"
-            raise ConfigError(source, ".".join(map(str, loc[:-1])), MISSING, problem) from None
+            what = "component" if loc[-2] == "components" else "image"
+            problem = (f"{what} name {loc[-1]!r} is not a simple name (a letter or digit, then letters, digits, "
+                       "'.', '_', '-'; at most 64 characters)")
+            raise ConfigError(source, _dotted(loc[:-1]), MISSING, problem) from None
         raise ConfigError(source, _dotted(loc), _lookup(data, loc), _message(error)) from None
 
 
@@ -467,6 +591,11 @@ def load(path: Path | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), "(file)", MISSING, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), "(file)", MISSING,
+                          f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} in line {line}); "
+                          "TOML files are UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -66,10 +66,13 @@ class Display:
             self._live = live
         else:
             self.console.print(f"[bold]==>[/bold] {escape(name)}")
-        ok = False
+        ok, cause = False, ""
         try:
             yield
             ok = True
+        except BaseException as exc:
+            cause = ": " + (" ".join(str(exc).split()) or type(exc).__name__)
+            raise
         finally:
             elapsed = time.monotonic() - self._step_started
             if live is not None:
@@ -77,7 +80,7 @@ class Display:
                 live.__exit__(None, None, None)
             mark = "[green]ok[/green]" if ok else "[red]failed[/red]"
             self.console.print(f"{mark} {escape(name)} [dim]({elapsed:.1f} s)[/dim]")
-            self._record(f"<== {name}: {'ok' if ok else 'failed'} after {elapsed:.1f} s")
+            self._record(f"<== {name}: {'ok' if ok else 'failed'} after {elapsed:.1f} s{cause}")
             self._step = None
 
     def command(self, argv: Sequence[str]) -> None:

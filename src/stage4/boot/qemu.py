@@ -18,6 +18,8 @@ from stage4.errors import StepFailed
 from stage4.runner import Runner
 
 POWEROFF_WAIT = 90
+# Terminal escape sequences (GRUB's menu draws with CSI sequences) and other control characters.
+ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-~]|[\x00-\x1f\x7f]")
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 
@@ -86,7 +88,8 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
                 break
             time.sleep(0.5)
         if seen_at is None:
-            tail = " | ".join(line.strip() for line in list(process.lines)[-8:] if line.strip())
+            shown = (ESCAPES.sub("", line).strip() for line in list(process.lines)[-8:])
+            tail = " | ".join(line for line in shown if line)
             why = (f"qemu exited with {process.popen.returncode}" if not process.running()
                    else f"no userspace marker within {spec.timeout:.0f} s")
             raise StepFailed("boot", f"{why}; last console lines: {tail[-800:]}", spec.serial_log)

@@ -8,13 +8,14 @@ finished image, renamed into place after it was completely written.
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from stage4 import distributions
 from stage4.boot import accel
 from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_template
-from stage4.config import BuilderKind
+from stage4.config import BuilderKind, MachineConfig, format_size
 from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
 from stage4.errors import MISSING, ConfigError, InputError, StepFailed
@@ -176,6 +177,28 @@ def compress(raw: Path, target: Path, runner: Runner) -> None:
     """A standalone qcow2 v3, zstd-compressed (xloop reads zlib and zstd); -W and -m use both cores."""
     runner.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
                 "-W", "-m", "8", raw, target], step="compress")
+
+
+def check_disk_fits(machine: MachineConfig, cache_dir: Path, source: str) -> None:
+    """Before any step: the raw disk is a sparse file in the work folder, whose filesystem must allow its size."""
+    work = cache_dir / "work"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work) as probe:
+            too_large = _truncate_error(probe, machine.disk_size)
+    except OSError as exc:
+        raise ConfigError(source, "build.cache_dir", str(cache_dir), f"cannot write {work}: {exc.strerror}") from None
+    if too_large:
+        raise ConfigError(source, "machine.disk_size", format_size(machine.disk_size),
+                          f"the filesystem of {work} cannot hold a disk file that large ({too_large})")
+
+
+def _truncate_error(handle: BinaryIO, size: int) -> str | None:
+    try:
+        handle.truncate(size)
+    except OSError as exc:
+        return exc.strerror
+    return None
 
 
 def _check_fits(ctx: Context, rootfs: Path, layout: disk.DiskLayout) -> None:

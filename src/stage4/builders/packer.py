@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from stage4 import distributions
 from stage4.builders import credentials as credentials_mod
 from stage4.builders import packer_template
@@ -45,12 +47,56 @@ HASH_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
 
 @dataclass(frozen=True)
 class RenderTarget:
-    """One release to render: the image's settings plus firmware and ISO choices."""
+    """One release to render: the image's settings plus firmware, ISO and timeout choices."""
 
     image: ImageConfig
     efi: bool = False
     iso: str | None = None  # URL or local path; default: the catalog's
     iso_checksum: str | None = None  # sha256:<hex>, <hex>, file:<URL or path>, or a checksum file's path
+    ssh_timeout: str | None = None  # how long Packer waits for the installed system; default: render_tree's
+
+    @classmethod
+    def of_image(cls, image: ImageConfig, *, efi: bool | None = None, iso: str | None = None,
+                 iso_checksum: str | None = None, ssh_timeout: str | None = None) -> RenderTarget:
+        """The image's own efi, iso, iso_checksum and installer_timeout, each replaced by a given override.
+
+        An overriding ISO comes with its own checksum (or none): the image's checksum belongs to its ISO.
+        """
+        if iso is None:
+            iso, iso_checksum = image.iso, image.iso_checksum if iso_checksum is None else iso_checksum
+        return cls(image, efi=image.efi if efi is None else efi, iso=iso, iso_checksum=iso_checksum,
+                   ssh_timeout=ssh_timeout or image.installer_timeout)
+
+
+def targets_for(names: list[str], images: dict[str, ImageConfig], *, overrides: dict[str, object] | None = None,
+                efi: bool | None = None, iso: str | None = None, iso_checksum: str | None = None,
+                ssh_timeout: str | None = None) -> list[RenderTarget]:
+    """What `stage4 render NAME...` renders: each name is an image of the project file (with all its
+    settings) or a distribution with default settings; `overrides` (image keys such as identifier) and the
+    other arguments replace the image's own values."""
+    if (iso or iso_checksum) and len(names) != 1:
+        raise InputError("--iso and --iso-checksum apply to exactly one DISTRO")
+    targets = []
+    for name in names:
+        if name in images:
+            base = images[name].model_dump()
+        elif name in distributions.names():
+            base = {"distribution": name}
+        else:
+            raise InputError(
+                f"{name!r} is neither an image of the project file nor a distribution; "
+                f"distributions with an installer: {', '.join(distributions.installer_names())}"
+            )
+        try:
+            image = ImageConfig.model_validate({**base, **(overrides or {})})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"])
+            shown = f" = {error['input']!r}" if error["loc"] and not isinstance(error["input"], dict) else ""
+            raise InputError(f"{name}: {key}{shown}: {error['msg'].removeprefix('Value error, ')}") from None
+        targets.append(RenderTarget.of_image(image, efi=efi, iso=iso, iso_checksum=iso_checksum,
+                                             ssh_timeout=ssh_timeout))
+    return targets
 
 
 @dataclass(frozen=True)
@@ -174,8 +220,10 @@ def cpu_model(accelerator: str) -> str:
     return "host" if accelerator == "kvm" else "max"
 
 
-def base_values(machine: MachineConfig, ssh_timeout: str) -> dict[str, object]:
-    """The shared VM settings (base.json): the role the original design gave base.json."""
+def base_values(machine: MachineConfig, ssh_timeout: str | None = None) -> dict[str, object]:
+    """The shared VM settings (base.json, [machine]): the role the original design gave base.json. The SSH
+    timeout only when given (a layer's run): for installer runs it is each image's installer_timeout, so
+    render_tree makes it a default in each template."""
     return {
         "cpus": machine.cpus,
         "memory": machine.memory // MIB,
@@ -183,11 +231,11 @@ def base_values(machine: MachineConfig, ssh_timeout: str) -> dict[str, object]:
         "accelerator": _accelerator_value(str(machine.accelerator)),
         "cpu_model": cpu_model(str(machine.accelerator)),
         "headless": True,
-        "ssh_timeout": ssh_timeout,
+        **({"ssh_timeout": ssh_timeout} if ssh_timeout else {}),
     }
 
 
-def _variables(base: dict[str, object], iso_url: str, iso_checksum: str) -> list[Variable]:
+def _variables(base: dict[str, object], iso_url: str, iso_checksum: str, ssh_timeout: str) -> list[Variable]:
     descriptions = {
         "cpus": ("number", "virtual CPUs of the installer VM"),
         "memory": ("number", "memory of the installer VM in MiB"),
@@ -195,9 +243,10 @@ def _variables(base: dict[str, object], iso_url: str, iso_checksum: str) -> list
         "accelerator": ("string", "kvm or tcg; empty: kvm if /dev/kvm exists, else tcg"),
         "cpu_model": ("string", "qemu -cpu: host under KVM, max under TCG (EL 9 needs x86-64-v2)"),
         "headless": ("bool", "run qemu without a window"),
-        "ssh_timeout": ("string", "how long to wait for the installed system's SSH (the installer's run)"),
     }
     variables = packer_template.variables(base, descriptions)
+    variables.append(Variable("ssh_timeout", "string", ssh_timeout,
+                              "how long to wait for the installed system's SSH (the installer's run)"))
     variables.append(Variable("iso_url", "string", iso_url, "installer ISO (URL or local path)"))
     variables.append(Variable("iso_checksum", "string", iso_checksum, "sha256:<hex> or file:<checksum file URL>"))
     return variables
@@ -256,19 +305,21 @@ def render_tree(
     credentials: BuildCredentials | None = None,
     ssh_timeout: str = DEFAULT_SSH_TIMEOUT,
 ) -> list[RenderedTemplate]:
-    """Write the Packer tree for `targets` into `out_dir`; new build credentials unless given."""
+    """Write the Packer tree for `targets` into `out_dir`; new build credentials unless given.
+    `ssh_timeout` is the default for targets without their own."""
     if not targets:
         raise InputError("nothing to render: name at least one distribution")
-    if not DURATION_RE.match(ssh_timeout) or ssh_timeout == "":
-        raise InputError(f"ssh timeout {ssh_timeout!r}: expected a duration such as '60m' or '1h30m'")
     plans = []
     for target in targets:  # check everything before writing anything
+        timeout = target.ssh_timeout or ssh_timeout
+        if not DURATION_RE.match(timeout) or timeout == "":
+            raise InputError(f"ssh timeout {timeout!r}: expected a duration such as '60m' or '1h30m'")
         dist = distributions.get(target.image.distribution)
         if not dist.has_installer():
             raise InputError(f"{dist.name} has no installer in the catalog; build it with the bootstrap builder")
         dist.check_filesystem(str(target.image.filesystem))
         dist.boot_keys(target.efi, "")
-        plans.append((target, dist, *resolve_iso(dist, target.iso, target.iso_checksum)))
+        plans.append((target, dist, timeout, *resolve_iso(dist, target.iso, target.iso_checksum)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if credentials is None:
@@ -278,11 +329,11 @@ def render_tree(
         shutil.copyfile(credentials.private_key_file, out_dir / "secrets" / "build_key")
         (out_dir / "secrets" / "build_key").chmod(0o600)
 
-    base = base_values(machine, ssh_timeout)
+    base = base_values(machine)
     _write(out_dir / "base.json", var_file_json(base))
     _write(out_dir / "base.pkrvars.hcl", var_file_hcl(base))
     rendered = []
-    for target, dist, iso_url, iso_checksum in plans:
+    for target, dist, timeout, iso_url, iso_checksum in plans:
         image = target.image
         context = AnswerContext(
             identifier=image.identifier,
@@ -301,7 +352,7 @@ def render_tree(
         source_name = stem.replace(".", "_")
         builder = builder_settings(dist, stem, target.efi)
         builder["ssh_username"] = credentials.username
-        variables = _variables(base, iso_url, iso_checksum)
+        variables = _variables(base, iso_url, iso_checksum, timeout)
         description = (
             f"{dist.pretty_name}: installer-built Stage4 base image, generated by stage4.\n"
             f"Root partition: GPT name and {image.filesystem} label {image.identifier}; "
@@ -491,8 +542,9 @@ def build_base_with_packer(
     tree = work_dir / "packer"
     if tree.exists():
         shutil.rmtree(tree)
-    target = RenderTarget(image, efi=efi, iso=None if iso is None else str(iso), iso_checksum=iso_checksum)
-    [template] = render_tree(tree, [target], machine, runner, ssh_timeout=ssh_timeout)
+    target = RenderTarget(image, efi=efi, iso=None if iso is None else str(iso), iso_checksum=iso_checksum,
+                          ssh_timeout=ssh_timeout)
+    [template] = render_tree(tree, [target], machine, runner)
     version = packer_version(runner, env={"CHECKPOINT_DISABLE": "1"})
     return run_packer_build(
         template, runner, version=version, accelerator=accelerator, cache_dir=cache_dir, debug=debug, label=name

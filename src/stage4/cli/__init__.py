@@ -9,11 +9,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from stage4 import api, config as config_mod, distributions
-from stage4.errors import EXIT_INTERRUPTED, Interrupted, Stage4Error
+from stage4 import api, distributions
+from stage4 import config as config_mod
+from stage4.cli.options import IMAGE_FILE, check_identifier, check_output_dir
+from stage4.errors import EXIT_FAILURE, EXIT_INTERRUPTED, Interrupted, Stage4Error
 from stage4.runner import install_signal_handlers
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji codes: 'a:b:c' (an IPv6 address) must not print as 'a🅱c'.
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 class Context:
@@ -22,7 +25,11 @@ class Context:
         self.debug = debug
 
     def config(self) -> config_mod.Config:
-        return config_mod.load(self.config_path)
+        cfg = config_mod.load(self.config_path)
+        for warning in cfg.warnings():
+            err.print(f"stage4: warning: {warning}", markup=False)
+        return cfg
+
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +45,8 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="output directory")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, callback=check_output_dir,
+              help="output directory")
 @click.option("--rebuild", multiple=True, type=click.Choice(["base", "dev", "prod"]),
               help="rebuild this layer (and the layers above it) even if it is up to date")
 @click.option("--keep-dev", is_flag=True, help="keep the dev layer (dev.qcow2) after its results were extracted")
@@ -73,8 +81,9 @@ def list_layers(obj: Context, images: tuple[str, ...], output: Path | None, as_j
 
 
 @cli.command()
-@click.argument("image", type=click.Path(path_type=Path))
-@click.option("--identifier", default=None, help="root partition identifier to check (default: from the image)")
+@click.argument("image", type=IMAGE_FILE)
+@click.option("--identifier", default=None, callback=check_identifier,
+              help="root partition identifier to check (default: from the image)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
 def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) -> None:
@@ -89,17 +98,19 @@ def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) ->
 
 
 @cli.command()
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("image", type=IMAGE_FILE)
 @click.option("--via", type=click.Choice(["bootloader", "kernel"]), default="bootloader", show_default=True,
               help="boot with the image's own bootloader, or with kernel+initramfs taken out of the image")
 @click.option("--kernel", type=click.Path(path_type=Path, exists=True), default=None,
               help="boot this kernel instead (implies --via kernel)")
 @click.option("--initrd", type=click.Path(path_type=Path, exists=True), default=None, help="with --kernel")
-@click.option("--identifier", default=None, help="root partition identifier for root=PARTLABEL=")
+@click.option("--identifier", default=None, callback=check_identifier,
+              help="root partition identifier for root=PARTLABEL=")
 @click.option("--firmware", type=click.Choice(["bios", "uefi"]), default="bios", show_default=True,
               help="SeaBIOS, or OVMF for UEFI")
 @click.option("--writable", is_flag=True, help="write to the image (default: read-only snapshot, like a client)")
-@click.option("--timeout", type=int, default=600, show_default=True, help="seconds to wait for the marker")
+@click.option("--timeout", type=click.IntRange(min=1), default=600, show_default=True,
+              help="seconds to wait for the marker")
 @click.option("--log", "serial_log", type=click.Path(path_type=Path), default=None, help="serial log file")
 @click.pass_obj
 def boot(obj: Context, image: Path, via: str, kernel: Path | None, initrd: Path | None, identifier: str | None,
@@ -136,9 +147,9 @@ def list_distributions() -> None:
 
 def _register() -> None:
     """Each command group lives in its own module of this package and lists its commands in COMMANDS."""
-    from stage4.cli import diff, dnbd3, export, render
+    from stage4.cli import diff, dnbd3, export, render, sources
 
-    for module in (export, dnbd3, render, diff):
+    for module in (export, dnbd3, render, sources, diff):
         for command in module.COMMANDS:
             cli.add_command(command)
 
@@ -162,3 +173,17 @@ def main() -> None:
     except (Interrupted, KeyboardInterrupt):
         err.print("stage4: interrupted; partial results were removed")
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        # A file stage4 meets that no check foresaw: name it, without a traceback.
+        if "--debug" in sys.argv[1:]:
+            raise
+        where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+        err.print(f"stage4: error: {where + ': ' if where else ''}{exc.strerror or exc}", markup=False)
+        sys.exit(EXIT_FAILURE)
+    except Exception as exc:
+        if "--debug" in sys.argv[1:]:
+            raise
+        err.print(f"stage4: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                  "(--debug shows the traceback)",
+                  markup=False)
+        sys.exit(EXIT_FAILURE)

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import click
 
+from stage4.cli.options import check_identifier
 from stage4.dnbd3 import protocol
 from stage4.dnbd3.client import query_images
 from stage4.dnbd3.store import Store, parse_rid, validate_name
 from stage4.errors import InputError
+
+TIMEOUT = click.FloatRange(min=0, min_open=True)
 
 
 def _rid_option(value: str | None) -> int:
@@ -35,13 +38,15 @@ def _echo_json(data: object) -> None:
               help="write the pid here (for `stage4 export --reload-pidfile`)")
 @click.option("--alt-server", "alt_servers", multiple=True, metavar="IP:PORT",
               help="advertise this alternative server in GET_SERVERS replies (repeatable)")
-@click.option("--verbose", is_flag=True, help="log every loaded image and rescan")
+@click.option("--verbose", is_flag=True, help="log every loaded image and rescan (warnings are always shown)")
 def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: tuple[str, ...], verbose: bool) -> None:
     """Serve STORE read-only over DNBD3: a DEVELOPMENT server for testing exports.
 
     Speaks the dnbd3-server protocol (handshake, GET_BLOCK, GET_SERVERS, GET_CRC32, KEEPALIVE, and
     GET /query?q=images on the same port) and reads the same store layout; RID 0 is the newest revision.
-    SIGHUP rescans the store. Production serving is dnbd3-server's job, not this command's.
+    SIGHUP rescans the store; SIGUSR1 checks every block against its `.crc` list. Blocks that fail their
+    CRC are refused (connection closed) and logged. Production serving is dnbd3-server's job, not this
+    command's.
     """
     from stage4.dnbd3.server import DevServer
 
@@ -54,18 +59,24 @@ def serve(store: Path, host: str, port: int, pidfile: Path | None, alt_servers: 
             entries.append(protocol.ServerEntry(alt_host, alt_port))
         except ValueError:
             raise InputError(f"--alt-server {item!r}: needs an IP address") from None
-    log = (lambda line: click.echo(line, err=True)) if verbose else None
+    def log(line: str) -> None:  # warnings (failed hash blocks) always, the rest with --verbose
+        if verbose or line.startswith("WARNING"):
+            click.echo(line, err=True)
+
     server = DevServer(store, host, port, alt_servers=entries, log=log)
     bound_host, bound_port = server.address
     if pidfile is not None:
         pidfile.write_text(f"{os.getpid()}\n")
     previous = signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.rescan, daemon=True).start())
+    previous_usr1 = signal.signal(signal.SIGUSR1,
+                                  lambda *_: threading.Thread(target=server.check_all, daemon=True).start())
     click.echo(f"stage4 development DNBD3 server on {bound_host}:{bound_port}, store {store} "
                f"({len(server.registry.loaded())} images); Ctrl-C stops it", err=True)
     try:
         server.serve_forever()
     finally:
         signal.signal(signal.SIGHUP, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
         server.close()
         if pidfile is not None:
             with contextlib.suppress(OSError):
@@ -129,7 +140,7 @@ def dnbd3_group() -> None:
 
 @dnbd3_group.command("images")
 @click.argument("server")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="seconds")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def images(server: str, timeout: float, as_json: bool) -> None:
     """List the images SERVER (host[:port]) has loaded (GET /query?q=images; a revision nobody has asked
@@ -153,8 +164,9 @@ def images(server: str, timeout: float, as_json: bool) -> None:
               help="compare with this file instead of the store's")
 @click.option("--sample", type=click.IntRange(1), default=None,
               help="check only this many 16 MiB blocks (the first, the last and random ones)")
-@click.option("--identifier", default=None, help="root partition identifier (default: from the record, or SLX_SYS)")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="seconds per network operation")
+@click.option("--identifier", default=None, callback=check_identifier,
+              help="root partition identifier (default: from the record, or SLX_SYS)")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds per network operation")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def verify_command(server: str, name: str, rid: str | None, store: Path | None, published: Path | None,
                    sample: int | None, identifier: str | None, timeout: float, as_json: bool) -> None:
@@ -181,7 +193,7 @@ def verify_command(server: str, name: str, rid: str | None, store: Path | None, 
 @click.argument("name")
 @click.option("--rid", default=None, help="revision (default 0: the newest)")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="file to write")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="seconds per network operation")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="seconds per network operation")
 def get(server: str, name: str, rid: str | None, output: Path, timeout: float) -> None:
     """Download image NAME from SERVER into a file (block CRCs checked when the server has a list)."""
     from stage4.dnbd3.verify import download

@@ -1,99 +1,48 @@
 """The distribution catalog: one small module per family, one class per release.
 
-A release registers itself by subclassing its family with a `name` (see debian.py). The bootstrap
-builder asks a release for its mirror, suite and packages; installer-driven builders ask it for its
-answer file and boot command. Adding a distribution means adding a module and importing it below.
+A release is a subclass of its family with a `name` (see debian.py); the catalog below collects the
+releases of the family modules, which import only base.py, apt.py and installer.py (never this package
+module). The bootstrap builder asks a release for its mirror, suite and packages; installer-driven builders
+ask it for its answer file and boot command. Adding a distribution means adding a module and listing it
+in `_FAMILIES`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from types import ModuleType
 
+from stage4.distributions import debian, rhel, ubuntu
+from stage4.distributions.base import Distribution
 from stage4.errors import InputError
 
-if TYPE_CHECKING:
-    from stage4.distributions.installer import AnswerContext
+__all__ = ["Distribution", "get", "installer_names", "names"]
 
-_REGISTRY: dict[str, type[Distribution]] = {}
-
-
-class Distribution:
-    """A distribution release. Subclasses with a `name` are registered in the catalog."""
-
-    name: ClassVar[str] = ""
-    family: ClassVar[str] = ""
-    release: ClassVar[str] = ""
-    pretty_name: ClassVar[str] = ""
-    # Only apt-based releases can be bootstrapped with mmdebstrap; the others need an installer (Packer).
-    bootstrappable: ClassVar[bool] = False
-
-    # Installer facts (Packer builder). `installer` is "preseed", "autoinstall" or "kickstart".
-    installer: ClassVar[str] = ""
-    # The installer ISO and how Packer verifies it: "file:<URL of a checksum file>" or "sha256:<hex>".
-    iso_url: ClassVar[str] = ""
-    iso_checksum: ClassVar[str] = ""
-    # Keystrokes Packer types over VNC; "%HTTP%" stands for the URL of this release's answer files.
-    boot_command: ClassVar[tuple[str, ...]] = ()
-    boot_command_efi: ClassVar[tuple[str, ...]] = ()
-    boot_wait: ClassVar[str] = "5s"
-    # The Jinja2 template (in distributions/templates) of the answer file.
-    answer_template: ClassVar[str] = ""
-    # Root filesystems the installer can create with a label.
-    filesystems: ClassVar[tuple[str, ...]] = ("ext4", "btrfs", "xfs")
-    # SSH attempts Packer makes before giving up (live installers run an sshd of their own).
-    ssh_handshake_attempts: ClassVar[int] = 20
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            _REGISTRY[cls.name] = cls
+_FAMILIES: tuple[ModuleType, ...] = (debian, ubuntu, rhel)
 
 
-    @classmethod
-    def has_installer(cls) -> bool:
-        return bool(cls.installer)
+def _catalog(modules: tuple[ModuleType, ...]) -> dict[str, type[Distribution]]:
+    found: dict[str, type[Distribution]] = {}
+    for module in modules:
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Distribution) and value.name:
+                found[value.name] = value
+    return found
 
-    @classmethod
-    def template_name(cls) -> str:
-        """The base name of the rendered Packer templates, e.g. 'ubuntu-16.04-amd64'."""
-        return f"{cls.name}-amd64"
 
-    @classmethod
-    def answer_files(cls, context: AnswerContext) -> dict[str, str]:
-        """The files Packer serves to the installer, by path below http/<name>/."""
-        raise InputError(f"{cls.name} has no installer; build it with the bootstrap builder")
-
-    @classmethod
-    def boot_keys(cls, efi: bool, http_url: str) -> list[str]:
-        """The boot command for this firmware, pointing the installer at `http_url` (no trailing slash)."""
-        keys = cls.boot_command_efi if efi else cls.boot_command
-        if not keys:
-            raise InputError(f"{cls.name}: no {'UEFI' if efi else 'BIOS'} boot command is known")
-        return [key.replace("%HTTP%", http_url) for key in keys]
-
-    @classmethod
-    def check_filesystem(cls, filesystem: str) -> None:
-        if filesystem not in cls.filesystems:
-            raise InputError(
-                f"{cls.name}: its installer cannot create a {filesystem} root; use one of {', '.join(cls.filesystems)}"
-            )
+_CATALOG = _catalog(_FAMILIES)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_CATALOG)
 
 
 def get(name: str) -> type[Distribution]:
     try:
-        return _REGISTRY[name]
+        return _CATALOG[name]
     except KeyError:
         raise InputError(f"unknown distribution {name!r}; known: {', '.join(names())}") from None
 
 
-# Importing a family module registers its releases.
-from stage4.distributions import debian, rhel, ubuntu  # noqa: E402,F401
-
-
 def installer_names() -> list[str]:
     """The releases that have an installer (and so can be built with Packer)."""
-    return [name for name in names() if _REGISTRY[name].installer]
+    return [name for name in names() if _CATALOG[name].installer]

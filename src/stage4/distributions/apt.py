@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from stage4.distributions import Distribution
-from stage4.distributions.installer import FILESYSTEM_TOOLS as INSTALLER_FS_TOOLS, AnswerContext, render, unique
+from stage4.distributions.base import Distribution
+from stage4.distributions.installer import FILESYSTEM_TOOLS as INSTALLER_FS_TOOLS
+from stage4.distributions.installer import AnswerContext, render, unique
 
 # What every base holds: a kernel, an init, the initramfs generator, and what Ansible needs later.
 BASE_PACKAGES = (

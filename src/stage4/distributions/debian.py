@@ -44,9 +44,10 @@ class Debian12(Debian):
     release = "12"
     codename = "bookworm"
     pretty_name = "Debian 12 (bookworm)"
-    # Point releases rename the ISO; the name must appear in SHA256SUMS (override with `--iso`).
-    iso_url = "https://cdimage.debian.org/cdimage/archive/latest-oldstable/amd64/iso-cd/debian-12.14.0-amd64-netinst.iso"
-    iso_checksum = "file:https://cdimage.debian.org/cdimage/archive/latest-oldstable/amd64/iso-cd/SHA256SUMS"
+    # Debian's archive keeps every superseded point release under its own number for good (not
+    # `latest-oldstable` or `current`, which move on at the next point release).
+    iso_url = "https://cdimage.debian.org/cdimage/archive/12.14.0/amd64/iso-cd/debian-12.14.0-amd64-netinst.iso"
+    iso_checksum = "file:https://cdimage.debian.org/cdimage/archive/12.14.0/amd64/iso-cd/SHA256SUMS"
 
 
 class Debian13(Debian):
@@ -54,5 +55,5 @@ class Debian13(Debian):
     release = "13"
     codename = "trixie"
     pretty_name = "Debian 13 (trixie)"
-    iso_url = "https://cdimage.debian.org/debian-cd/current/amd64/iso-cd/debian-13.5.0-amd64-netinst.iso"
-    iso_checksum = "file:https://cdimage.debian.org/debian-cd/current/amd64/iso-cd/SHA256SUMS"
+    iso_url = "https://cdimage.debian.org/cdimage/archive/13.5.0/amd64/iso-cd/debian-13.5.0-amd64-netinst.iso"
+    iso_checksum = "file:https://cdimage.debian.org/cdimage/archive/13.5.0/amd64/iso-cd/SHA256SUMS"

@@ -25,9 +25,6 @@ DISK = "/dev/vda"
 # Every layout puts the root partition second: 1 = BIOS boot (or the EFI system partition), 2 = root.
 ROOT_PARTITION = 2
 
-# Placeholder in boot commands for the URL of the release's answer files on Packer's HTTP server.
-HTTP_PLACEHOLDER = "%HTTP%"
-
 SSH_PUBLIC_KEY_RE = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( [A-Za-z0-9@._-]+)?$"
 )

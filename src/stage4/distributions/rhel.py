@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stage4.distributions import Distribution
+from stage4.distributions.base import Distribution
 from stage4.distributions.installer import FILESYSTEM_TOOLS, AnswerContext, render, unique
 
 _BIOS_BOOT = ("<up><tab> inst.text inst.gpt inst.ks=%HTTP%/ks.cfg<enter><wait>",)
@@ -70,8 +70,10 @@ class Rocky8(Rocky):
     pretty_name = "Rocky Linux 8.10"
     kickstart_version = "RHEL8"
     ignore_missing = True
-    iso_url = "https://download.rockylinux.org/pub/rocky/8/isos/x86_64/Rocky-8.10-x86_64-minimal.iso"
-    iso_checksum = "file:https://download.rockylinux.org/pub/rocky/8/isos/x86_64/CHECKSUM"
+    # 8.10 is the last 8.x: its own directory stays until the end of life, then moves to the vault
+    # (dl.rockylinux.org/vault/rocky/8.10/isos/x86_64/).
+    iso_url = "https://download.rockylinux.org/pub/rocky/8.10/isos/x86_64/Rocky-8.10-x86_64-minimal.iso"
+    iso_checksum = "file:https://download.rockylinux.org/pub/rocky/8.10/isos/x86_64/CHECKSUM"
 
 
 class Rocky9(Rocky):
@@ -79,8 +81,10 @@ class Rocky9(Rocky):
     release = "9"
     pretty_name = "Rocky Linux 9.8"
     kickstart_version = "RHEL9"
-    iso_url = "https://download.rockylinux.org/pub/rocky/9/isos/x86_64/Rocky-9.8-x86_64-minimal.iso"
-    iso_checksum = "file:https://download.rockylinux.org/pub/rocky/9/isos/x86_64/CHECKSUM"
+    # The 9.8 directory, not `9/` (a link that moves to 9.9); at 9.9 it moves to the vault,
+    # dl.rockylinux.org/vault/rocky/9.8/isos/x86_64/ (set `iso` and `iso_checksum` to that then).
+    iso_url = "https://download.rockylinux.org/pub/rocky/9.8/isos/x86_64/Rocky-9.8-x86_64-minimal.iso"
+    iso_checksum = "file:https://download.rockylinux.org/pub/rocky/9.8/isos/x86_64/CHECKSUM"
 
 
 class Alma(Kickstart):
@@ -93,8 +97,10 @@ class Alma8(Alma):
     pretty_name = "AlmaLinux 8.10"
     kickstart_version = "RHEL8"
     ignore_missing = True
-    iso_url = "https://repo.almalinux.org/almalinux/8/isos/x86_64/AlmaLinux-8.10-x86_64-minimal.iso"
-    iso_checksum = "file:https://repo.almalinux.org/almalinux/8/isos/x86_64/CHECKSUM"
+    # 8.10 is the last 8.x: its own directory stays until the end of life, then moves to the vault
+    # (repo.almalinux.org/vault/8.10/isos/x86_64/).
+    iso_url = "https://repo.almalinux.org/almalinux/8.10/isos/x86_64/AlmaLinux-8.10-x86_64-minimal.iso"
+    iso_checksum = "file:https://repo.almalinux.org/almalinux/8.10/isos/x86_64/CHECKSUM"
 
 
 class Alma9(Alma):
@@ -102,5 +108,7 @@ class Alma9(Alma):
     release = "9"
     pretty_name = "AlmaLinux 9.8"
     kickstart_version = "RHEL9"
-    iso_url = "https://repo.almalinux.org/almalinux/9/isos/x86_64/AlmaLinux-9.8-x86_64-minimal.iso"
-    iso_checksum = "file:https://repo.almalinux.org/almalinux/9/isos/x86_64/CHECKSUM"
+    # The 9.8 directory, not `9/` (a link that moves to 9.9); at 9.9 it moves to the vault,
+    # repo.almalinux.org/vault/9.8/isos/x86_64/ (set `iso` and `iso_checksum` to that then).
+    iso_url = "https://repo.almalinux.org/almalinux/9.8/isos/x86_64/AlmaLinux-9.8-x86_64-minimal.iso"
+    iso_checksum = "file:https://repo.almalinux.org/almalinux/9.8/isos/x86_64/CHECKSUM"

@@ -91,6 +91,12 @@ class UbuntuAutoinstall(Ubuntu):
     # Installer-only unless the bootstrap builder was checked against the release (24.04 was).
     bootstrappable = False
     curtin_partition_name: ClassVar[bool] = False
+    # The install source (casper/install-sources.yaml) to pick, for subiquity versions that read a `source`
+    # section; empty: leave the section out. subiquity's 22.04.x tags and its server/jammy branch have no
+    # `source` in autoinstall-schema.json (the key would be ignored), and main between 2022-04-26 and
+    # 2022-08-03 required `search_drivers` in it; without the section the user-data is valid for all of
+    # them, and 22.04 installs the standard server source (tests/test_render.py checks the constraints).
+    source_id: ClassVar[str] = ""
 
     @classmethod
     def answer_files(cls, context: AnswerContext) -> dict[str, str]:
@@ -113,8 +119,10 @@ class Ubuntu2204(UbuntuAutoinstall):
     release = "22.04"
     codename = "jammy"
     pretty_name = "Ubuntu 22.04 LTS (jammy)"
-    iso_url = "https://releases.ubuntu.com/jammy/ubuntu-22.04.5-live-server-amd64.iso"
-    iso_checksum = "file:https://releases.ubuntu.com/jammy/SHA256SUMS"
+    # 22.04.5 is the last point release: its own directory, not `jammy/` (a link that follows the release).
+    # After the end of standard support it moves to old-releases.ubuntu.com/releases/22.04.5/.
+    iso_url = "https://releases.ubuntu.com/22.04.5/ubuntu-22.04.5-live-server-amd64.iso"
+    iso_checksum = "file:https://releases.ubuntu.com/22.04.5/SHA256SUMS"
     # GRUB command line; ';' must be escaped for GRUB, and the nocloud-net URL must end with '/'.
     boot_command = (
         "<wait>c<wait>set gfxpayload=keep<enter><wait>",
@@ -132,8 +140,10 @@ class Ubuntu2404(UbuntuAutoinstall):
     pretty_name = "Ubuntu 24.04 LTS (noble)"
     bootstrappable = True
     curtin_partition_name = True
-    iso_url = "https://releases.ubuntu.com/noble/ubuntu-24.04.4-live-server-amd64.iso"
-    iso_checksum = "file:https://releases.ubuntu.com/noble/SHA256SUMS"
+    source_id = "ubuntu-server-minimal"
+    # Superseded by 24.04.5: Ubuntu keeps it in its archive of old point releases for good.
+    iso_url = "https://old-releases.ubuntu.com/releases/24.04.4/ubuntu-24.04.4-live-server-amd64.iso"
+    iso_checksum = "file:https://old-releases.ubuntu.com/releases/24.04.4/SHA256SUMS"
     # Edit the first GRUB entry: append to its linux line, boot with F10.
     boot_command = ("<wait>e<wait><down><down><down><end> autoinstall ds=nocloud-net\\;s=%HTTP%/<wait><f10>",)
     boot_command_efi = boot_command

@@ -1,16 +1,19 @@
-"""A DNBD3 client on standard-library sockets (reference §4.11).
+"""A DNBD3 client on standard-library sockets (docs/dnbd3-protocol.md).
 
 Every socket operation has a timeout and every reply is checked before its payload is read, so a
 server that closes the connection, stalls, sends short or malformed frames or claims a huge payload
 produces a one-line Dnbd3Error, never a hang or an unbounded read. GET_BLOCK replies are matched by
-handle; every other reply by command (R11). Requests other than GET_BLOCK carry size 0 (R12).
+handle; every other reply by command (docs/dnbd3-protocol.md, "Reply handles"). Requests other than
+GET_BLOCK carry size 0 (same document, "Payloads").
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import json
+import re
 import socket
 import time
 from collections import deque
@@ -18,10 +21,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from stage4.dnbd3 import protocol as p
-from stage4.errors import Stage4Error
+from stage4.errors import InputError, Stage4Error
 
 DEFAULT_TIMEOUT = 10.0
-READ_CHUNK = 1 << 20  # the kernel client requests at most 1 MiB
 PIPELINE = 16
 MIN_RATE = 1 << 20  # bytes per second a payload must at least arrive with
 
@@ -31,15 +33,33 @@ class Dnbd3Error(Stage4Error):
 
 
 class ImageUnavailable(Dnbd3Error):
-    """The server closed the connection during the handshake: unknown image or RID, or refused (R9)."""
+    """The server closed the connection during the handshake: unknown image or RID, or refused; there is no
+    error reply (docs/dnbd3-protocol.md, "Handshake")."""
 
 
 class ConnectionLost(Dnbd3Error):
-    """The server closed the connection or went silent after the handshake (R13)."""
+    """The server closed the connection or went silent after the handshake: for a GET_BLOCK, a range it cannot
+    serve now, such as a block that failed its CRC (docs/dnbd3-protocol.md, "GET_BLOCK")."""
 
 
 class RangeError(Dnbd3Error):
-    """The server answered a GET_BLOCK with CMD_ERROR: the range lies past the end of the image (R10)."""
+    """The server answered a GET_BLOCK with CMD_ERROR: the range lies past the end of the image
+    (docs/dnbd3-protocol.md, "GET_BLOCK")."""
+
+
+# A host name: dot-separated labels (RFC 1123, plus the '_' that /etc/hosts entries may have).
+HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def server_address(server: str) -> tuple[str, int]:
+    """`host[:port]` of a server, checked before anything is sent: a bad one is bad input, not a failure."""
+    host, port = p.parse_address(server)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not HOST_RE.match(host):
+            raise InputError(f"server address {server!r}: {host!r} is not a host name or IP address") from None
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class Client:
 
     @classmethod
     def open(cls, server: str, name: str, rid: int = 0, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
-        host, port = p.parse_address(server)
+        host, port = server_address(server)
         client = cls(host, port, timeout=timeout)
         try:
             client.select(name, rid)
@@ -152,7 +172,8 @@ class Client:
     # --- protocol ------------------------------------------------------------------------------------
 
     def select(self, name: str, rid: int = 0) -> p.SelectReply:
-        """Connect and select the image (the handshake). EOF here means the image is not available (R9)."""
+        """Connect and select the image (the handshake). EOF here means the image is not available
+        (docs/dnbd3-protocol.md, "Handshake")."""
         request = p.select_image_request(name, rid)
         self._connect()
         return self.handshake(name, rid, request)
@@ -311,9 +332,9 @@ class Client:
 
 
 def query_images(server: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[dict]:
-    """The server's `/query?q=images` list (loaded images only, R4)."""
-    host, port = p.parse_address(server)
-    where = f"{host}:{port}"
+    """The server's `/query?q=images` list (loaded images only: docs/dnbd3-protocol.md, "HTTP on the same port")."""
+    host, port = server_address(server)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request("GET", "/query?q=images", headers={"Accept": "application/json"})

@@ -1,4 +1,4 @@
-"""The `.crc` side file of a DNBD3 image (reference §2.5.1).
+"""The `.crc` side file of a DNBD3 image (docs/dnbd3-store.md, "CRC file").
 
 Layout: a little-endian uint32 master CRC (the CRC-32 of the list that follows), then one little-endian
 uint32 CRC-32 per 16 MiB hash block. N = ceil(virtual size / 16 MiB), the file is exactly (N+1)*4 bytes.
@@ -30,6 +30,7 @@ from stage4.errors import Stage4Error
 
 _ZERO_PAGE = bytes(BLOCK_SIZE)
 _COPY_CHUNK = 64 << 20
+_READ_CHUNK = 1 << 20
 # copy_file_range / sendfile not possible here (other filesystem, old kernel): fall back.
 _UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
 
@@ -69,10 +70,19 @@ def block_crcs(data: bytes | bytearray | memoryview | mmap.mmap) -> list[int]:
     return crcs
 
 
-def block_crc(chunk: bytes | memoryview, *, last: bool) -> int:
-    """CRC of one hash block's bytes; for the last block, padded with zeros to 4 KiB."""
-    crc = zlib.crc32(chunk)
-    return _crc_zeros(crc, pad_length(len(chunk))) if last else crc
+def file_block_crc(fd: int, index: int, real_size: int) -> int:
+    """CRC of hash block `index` of the open image file `fd` of `real_size` bytes, computed as the server
+    does: the last block over its real bytes plus zeros up to the next 4 KiB boundary."""
+    start = index * HASH_BLOCK_SIZE
+    end = min(start + HASH_BLOCK_SIZE, real_size)
+    crc, offset = 0, start
+    while offset < end:
+        data = os.pread(fd, min(_READ_CHUNK, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"image shorter than {real_size} bytes")
+        crc = zlib.crc32(data, crc)
+        offset += len(data)
+    return _crc_zeros(crc, pad_length(real_size)) if end == real_size else crc
 
 
 def crc_file_bytes(crcs: list[int]) -> bytes:
@@ -94,11 +104,6 @@ def parse_crc_file(data: bytes, image_size: int | None = None) -> list[int]:
     if zlib.crc32(body) != master:
         raise CrcError(f"master CRC 0x{master:08x} does not match the list (0x{zlib.crc32(body):08x})")
     return list(struct.unpack(f"<{len(body) // 4}I", body))
-
-
-def compute_crc_file(path: Path) -> bytes:
-    """The `.crc` bytes of an image file (without copying it)."""
-    return digest_and_copy(path).crc_file
 
 
 @dataclass(frozen=True)

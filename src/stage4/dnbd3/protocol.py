@@ -2,8 +2,8 @@
 
 Pure functions only, no I/O. Every parser checks every length before it reads, and raises ProtocolError
 (a Stage4Error) for anything malformed, so a hostile peer can never cause an IndexError, a huge allocation
-or an out-of-range read. Layouts follow docs §4 of the DNBD3 reference (all little-endian, except the port
-inside a server entry, which is big-endian).
+or an out-of-range read. Layouts as in docs/dnbd3-protocol.md (all little-endian, except the port inside a
+server entry, which is big-endian).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def get_block_request(offset: int, size: int, handle: int) -> bytes:
 
 
 def simple_request(cmd: int) -> bytes:
-    """A request without payload (KEEPALIVE, GET_SERVERS, GET_CRC32): size 0, as R12 demands."""
+    """A request without payload (KEEPALIVE, GET_SERVERS, GET_CRC32): size 0, or the server desynchronises
+    (docs/dnbd3-protocol.md, "Payloads")."""
     return Request(cmd).pack()
 
 
@@ -167,7 +168,7 @@ def _decode_name(raw: bytes) -> str:
 
 
 def parse_select_image(payload: bytes) -> SelectImage:
-    """Parse a SELECT_IMAGE payload as leniently as the real server (§4.6)."""
+    """Parse a SELECT_IMAGE payload as leniently as the real server (docs/dnbd3-protocol.md, "Handshake")."""
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f"SELECT_IMAGE payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     if len(payload) < 3:

@@ -2,21 +2,29 @@
 
 This is a DEVELOPMENT server. Production serving is the job of dnbd3-server; this one exists so that
 `stage4 dnbd3 verify`, the tests and a developer's laptop have something that speaks the same protocol
-and reads the same store layout (reference §4.12): the handshake, GET_BLOCK (zeros between the real
-and the 4 KiB-rounded virtual size, CMD_ERROR for ranges past the end), GET_SERVERS, GET_CRC32 (the
-`.crc` bytes, or nothing if the server would discard them), KEEPALIVE, silence for SET_CLIENT_MODE and
-unknown commands, and `GET /query?q=images` on the same port. RID 0 means the newest revision, found by
-looking at the store again on every such request, as the real server does. Like the real server it
-keeps an image open once selected and lists only loaded images in /query; `rescan()` (SIGHUP in
-`stage4 serve`) loads new files and drops vanished ones. It does not check block CRCs while serving.
+and reads the same store layout (docs/dnbd3-protocol.md, "A test server"): the handshake, GET_BLOCK
+(zeros between the real and the 4 KiB-rounded virtual size, CMD_ERROR for ranges past the end),
+GET_SERVERS, GET_CRC32 (the `.crc` bytes, or nothing if the server would discard them), KEEPALIVE,
+silence for SET_CLIENT_MODE and unknown commands, and `GET /query?q=images` on the same port. RID 0 means
+the newest revision, found by looking at the store again on every such request, as the real server does.
+Like the real server it keeps an image open once selected and lists only loaded images in /query;
+`rescan()` (SIGHUP in `stage4 serve`) loads new files and drops vanished ones.
+
+Block CRCs are checked against the `.crc` list the first time a read touches a 16 MiB hash block, and the
+result is remembered (`check_all()`, SIGUSR1 in `stage4 serve`, checks every block again). A block that
+fails is refused the way a primary dnbd3-server refuses it (docs/dnbd3-store.md, "A block that fails its
+CRC"): the warning names image, revision and block, every GET_BLOCK touching it gets the connection closed
+without a reply, and /query shows `complete` below 100. Unlike the real server it keeps refusing the
+block (the real one serves it again after about 20 s until its next check).
 
 Stricter than the real server where that catches client bugs: a request other than GET_BLOCK or
-SELECT_IMAGE that carries a payload size (R12) closes the connection.
+SELECT_IMAGE that carries a payload size closes the connection (docs/dnbd3-protocol.md, "Payloads").
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stage4.dnbd3 import protocol as p
-from stage4.dnbd3.crc import CrcError, parse_crc_file
+from stage4.dnbd3.crc import CrcError, file_block_crc, parse_crc_file
 from stage4.dnbd3.store import ANY_RID_FILE, SUBDIR_LEN, Store
 
 DEFAULT_READ_TIMEOUT = 15.0
@@ -55,10 +63,50 @@ class LoadedImage:
     crc: bytes  # b"" when absent or discarded
     users: int = 0
     last_use: float = field(default_factory=time.time)
+    checked: dict[int, bool] = field(default_factory=dict)  # hash block -> passed its CRC check
+    check_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def virtual_size(self) -> int:
         return p.virtual_size(self.real_size)
+
+    @functools.cached_property
+    def block_crcs(self) -> list[int] | None:
+        return parse_crc_file(self.crc) if self.crc else None
+
+    def block_ok(self, index: int, fd: int, log: Callable[[str], None]) -> bool:
+        """Whether hash block `index` matches the CRC list; checked once, then remembered.
+
+        An image without a list is never checked (as on the real server, which then serves it unchecked).
+        """
+        crcs = self.block_crcs
+        if crcs is None or self.checked.get(index):
+            return True
+        with self.check_lock:
+            if index not in self.checked:
+                try:
+                    crc = file_block_crc(fd, index, self.real_size)
+                except OSError as exc:
+                    log(f"WARNING: CRC: read error in block {index} of {self.name}:{self.rid} ({exc})")
+                    crc = None
+                self.checked[index] = crc == crcs[index]
+                if crc is not None and crc != crcs[index]:
+                    log(f"WARNING: Block {index} of {self.name}:{self.rid} is {crc:08x}, should be {crcs[index]:08x}")
+                if not self.checked[index]:
+                    start = index * p.HASH_BLOCK_SIZE
+                    end = min(start + p.HASH_BLOCK_SIZE, self.virtual_size) - 1
+                    log(f"WARNING: Hash check for block {index} of {self.name}:{self.rid} failed: "
+                        f"reads of bytes {start}..{end} are refused (connection closed)")
+            return self.checked[index]
+
+    def complete(self) -> int:
+        """The real server's completeness estimate: a failed hash block counts as missing from its cache
+        map (1 byte per 32 KiB; a full byte counts 100, an empty one 0)."""
+        map_bytes = -(-self.virtual_size // (32 << 10))
+        with self.check_lock:
+            bad = [index for index, ok in self.checked.items() if not ok]
+        missing = sum(-(-min(p.HASH_BLOCK_SIZE, self.virtual_size - i * p.HASH_BLOCK_SIZE) // (32 << 10)) for i in bad)
+        return 100 * (map_bytes - missing) // map_bytes
 
 
 class Registry:
@@ -150,6 +198,21 @@ class Registry:
                 if key not in self._images:
                     self._load(rev.name, rev.rid, rev.path)
 
+    def check_all(self) -> None:
+        """Forget every remembered CRC result and check every hash block of every loaded image again (the
+        real server's SIGUSR1)."""
+        self.log("Verifying checksum of all images")
+        for image in self.loaded():
+            if image.crc:
+                with image.check_lock:
+                    image.checked.clear()
+                try:
+                    with open(image.path, "rb") as handle:
+                        for index in range(len(image.block_crcs)):
+                            image.block_ok(index, handle.fileno(), self.log)
+                except OSError as exc:
+                    self.log(f"WARNING: cannot check {image.name}:{image.rid}: {exc}")
+
     def loaded(self) -> list[LoadedImage]:
         with self._lock:
             return sorted(self._images.values(), key=lambda img: (img.name, img.rid))
@@ -240,7 +303,7 @@ class Connection:
             self._get_block(request)
             return
         if request.size != 0:
-            raise _Closed("payload on a command without payload")  # R12: the real server desynchronises
+            raise _Closed("payload on a command without payload")  # the real server desynchronises
         if request.cmd == p.CMD_KEEPALIVE:
             self.send(p.Reply(p.CMD_KEEPALIVE, 0, self.last_handle).pack())
         elif request.cmd == p.CMD_GET_SERVERS:
@@ -260,8 +323,14 @@ class Connection:
         if offset >= vsize or offset + size > vsize:
             self.send(p.Reply(p.CMD_ERROR, 0, request.handle).pack())
             return
-        self.send(p.Reply(p.CMD_GET_BLOCK, size, request.handle).pack())
         end = offset + size
+        if size and offset < image.real_size:
+            for index in range(offset // p.HASH_BLOCK_SIZE, (end - 1) // p.HASH_BLOCK_SIZE + 1):
+                if not image.block_ok(index, self.file.fileno(), self.server.log):
+                    # What a primary dnbd3-server does with a block that failed its hash check: no reply,
+                    # no CMD_ERROR (that would mean "past the end"); the connection is closed.
+                    raise _Closed(f"block {index} failed its hash check")
+        self.send(p.Reply(p.CMD_GET_BLOCK, size, request.handle).pack())
         real_end = min(end, image.real_size)
         if offset < real_end:
             try:
@@ -374,6 +443,9 @@ class DevServer:
     def rescan(self) -> None:
         self.registry.rescan()
 
+    def check_all(self) -> None:
+        self.registry.check_all()
+
     def query(self, query: str) -> dict:
         wanted = set(urllib.parse.parse_qs(query).get("q", []))
         result: dict = {}
@@ -381,7 +453,7 @@ class DevServer:
             result["runId"] = self.run_id
             result["images"] = [
                 {"id": img.id, "name": img.name, "wwn": f"0x{hash(img.name) & 0xFFFFFFFFFFFF:x}", "rid": img.rid,
-                 "users": max(img.users, 0), "complete": 100, "idle": int(time.time() - img.last_use),
+                 "users": max(img.users, 0), "complete": img.complete(), "idle": int(time.time() - img.last_use),
                  "size": img.virtual_size, "problems": 0}
                 for img in self.registry.loaded()
             ]

@@ -1,4 +1,5 @@
-"""The image store as dnbd3-server reads it (reference §2.1, §2.2, §2.7).
+"""The image store as dnbd3-server reads it (docs/dnbd3-store.md: where the server looks, names and revisions,
+publishing recipe).
 
 `<store>/<name>.r<RID>` with `<name>` a relative path (sub-directories become part of the name), RID a
 plain decimal 1..65535, side file `<name>.r<RID>.crc`. Entries starting with '.' are invisible to the

@@ -1,4 +1,6 @@
-"""`stage4 dnbd3 verify` and `stage4 dnbd3 get`: check a published image the way a client reads it (R4).
+"""`stage4 dnbd3 verify` and `stage4 dnbd3 get`: check a published image the way a client reads it, over the
+protocol rather than the image list, which shows only loaded images (docs/dnbd3-store.md, "How the server
+notices new images").
 
 verify: select the image, compare its size with the published file, compare the server's CRC list with
 the local `.crc`, read every (or a sample of) 16 MiB hash block over the protocol, compare the bytes with
@@ -156,7 +158,7 @@ def _check_crc_lists(client: Client, report: VerifyReport, local_crc: bytes | No
             report.problem(f"server CRC list: {exc}")
     elif local_crc is not None:
         report.problem("server sends no CRC list although a .crc is published: it discarded it (wrong master CRC "
-                       "or too short, R3)")
+                       "or too short; docs/dnbd3-store.md, 'CRC file')")
     else:
         report.facts.append("no CRC list published")
     if local_crc is not None:
@@ -251,19 +253,29 @@ def download(server: str, name: str, output: Path, rid: int = 0, *, timeout: flo
             with temp.open("wb") as out:
                 block, crc = 0, 0
                 ranges = ((o, min(CHUNK, size - o)) for o in range(0, size, CHUNK))
-                for offset, data in client.read_many(ranges):
-                    out.write(data)
-                    digest.update(data)
-                    crc = zlib.crc32(data, crc)
-                    end = offset + len(data)
-                    if end % HASH_BLOCK_SIZE == 0 or end == size:
-                        if crcs is not None and crc != crcs[block]:
-                            start = block * HASH_BLOCK_SIZE
-                            raise Stage4Error(f"{name}:{client.image.rid} block {block} (bytes {start}..{end - 1}): "
-                                              f"CRC-32 0x{crc:08x}, the server's list says 0x{crcs[block]:08x}")
-                        block, crc = block + 1, 0
-                    if progress:
-                        progress(end, size)
+                try:
+                    for offset, data in client.read_many(ranges):
+                        out.write(data)
+                        digest.update(data)
+                        crc = zlib.crc32(data, crc)
+                        end = offset + len(data)
+                        if end % HASH_BLOCK_SIZE == 0 or end == size:
+                            if crcs is not None and crc != crcs[block]:
+                                start = block * HASH_BLOCK_SIZE
+                                raise Stage4Error(f"{name}:{client.image.rid} block {block} (bytes {start}..{end - 1}): "
+                                                  f"CRC-32 0x{crc:08x}, the server's list says 0x{crcs[block]:08x}")
+                            block, crc = block + 1, 0
+                        if progress:
+                            progress(end, size)
+                except ConnectionLost as exc:
+                    refused = _refused_block(server, name, client.image.rid, block, size, timeout)
+                    if refused is None:
+                        raise
+                    start = refused * HASH_BLOCK_SIZE
+                    last = min(start + HASH_BLOCK_SIZE, size) - 1
+                    raise Stage4Error(f"{name}:{client.image.rid} block {refused} (bytes {start}..{last}): the "
+                                      "server closes the connection on every read of it: a failed hash check on "
+                                      f"the server ({exc})") from None
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, output)
@@ -271,3 +283,20 @@ def download(server: str, name: str, output: Path, rid: int = 0, *, timeout: flo
             if temp.exists():
                 temp.unlink()
         return client.image.rid, size, digest.hexdigest()
+
+
+def _refused_block(server: str, name: str, rid: int, first: int, size: int, timeout: float) -> int | None:
+    """The first hash block from `first` on whose reads the server answers by closing the connection.
+
+    Pipelined replies that were sent before the close can be lost with it, so the block being received
+    when the connection broke is not necessarily the refused one: probe each with a one-byte read.
+    """
+    for index in range(first, -(-size // HASH_BLOCK_SIZE)):
+        try:
+            with Client.open(server, name, rid, timeout=timeout) as probe:
+                probe.read(index * HASH_BLOCK_SIZE, 1)
+        except ConnectionLost:
+            return index
+        except Dnbd3Error:
+            return None
+    return None

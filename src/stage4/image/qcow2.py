@@ -2,7 +2,7 @@
 
 xloop refuses images that are not version 2 or 3, that have a backing file, encryption, an external data
 file, a dirty or corrupt bit, a cluster size outside 2^9..2^21, or a compression type other than zlib
-and zstd (see shared/reference/stage4-boot.md §3.1). Layout per qemu's docs/interop/qcow2.txt.
+and zstd (docs/qcow2-for-xloop.md). Layout per qemu's docs/interop/qcow2.txt.
 Used by `stage4 inspect` on files and by `stage4 dnbd3 verify` on what a server sends.
 """
 

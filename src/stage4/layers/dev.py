@@ -78,8 +78,8 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
                                  "script_args": list(ctx.image.initramfs.script_args)},
         }
         plays = ansible.site([ansible.play("stage4 dev: packages", ["stage4_packages"])], list(layer.playbooks),
-                             [ansible.play("stage4 dev: components", ["stage4_components", "stage4_install_artifacts"]),
-                              ansible.play("stage4 dev: initramfs", ["stage4_initramfs"])])
+                             [ansible.play("stage4 dev: components", ["stage4_components", "stage4_install_artifacts"], gather_facts=False),
+                              ansible.play("stage4 dev: initramfs", ["stage4_initramfs"], gather_facts=False)])
         with timed(timings, "provision"):
             provision(ctx, base_manifest, "dev", layer, overlay_path, plays, variables, work)
         step = f"{ctx.name}: dev: extract kernel, initramfs and artifacts"

@@ -56,7 +56,7 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
         plays = ansible.site([ansible.play("stage4 prod: packages and artifacts",
                                            ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"])],
                              list(layer.playbooks),
-                             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"])])
+                             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)])
         with timed(timings, "provision"):
             provision(ctx, base_manifest, "prod", layer, overlay_path, plays, variables, work)
         step = f"{ctx.name}: prod: kernel and package list"

@@ -44,8 +44,10 @@ class Target:
         return {"all": {"hosts": {"layer": host}}}
 
 
-def play(name: str, roles: list[str]) -> dict:
-    return {"name": name, "hosts": "all", "gather_facts": True, "roles": roles}
+def play(name: str, roles: list[str], gather_facts: bool = True) -> dict:
+    """One play of stage4's roles. Facts gathered by an earlier play of the same run stay known, so the
+    later plays need not gather them again (a few seconds each in a chroot)."""
+    return {"name": name, "hosts": "all", "gather_facts": gather_facts, "roles": roles}
 
 
 def site(before: list[dict], playbooks: list[Path], after: list[dict]) -> list[dict]:

@@ -1,8 +1,12 @@
 """Component and dracut-module sources: fetched on the host, handed to the layer as one tarball.
 
-A git source is cloned at its ref, a tarball is downloaded (or read) and checked against its sha256, a
-local directory is used as it is. Each becomes `<work>/sources/<name>.tar.gz`, which the Ansible roles
+A git source is checked out at its ref, a tarball is downloaded (or read) and checked against its sha256,
+a local directory is used as it is. Each becomes `<work>/sources/<name>.tar.gz`, which the Ansible roles
 unpack inside the layer; the same code serves the chroot and the VM way.
+
+Git sources and tarballs go through stage4's source cache (source_cache.py): a commit id or a
+sha256 already cached is used without the network; a branch or tag is looked up on the network briefly
+and, when the host is offline, taken from the cache with a line saying which commit and from when.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from pathlib import Path
 
 from stage4.config import SourceConfig
 from stage4.errors import StepFailed
+from stage4.fsutil import sha256_file
+from stage4.provisioning.source_cache import FULL_COMMIT, SourceCache, Unreachable
 from stage4.runner import Runner
-
-GIT_TIMEOUT = 300
 
 
 def tree_digest(root: Path) -> str:
@@ -47,18 +51,21 @@ def identity_inputs(source: SourceConfig) -> dict:
     return {"path_content": tree_digest(source.path)}
 
 
-def fetch(name: str, source: SourceConfig, sources_dir: Path, runner: Runner, step: str) -> Path:
-    """`<sources_dir>/<name>.tar.gz` holding the source tree at its top level."""
+def fetch(
+    name: str, source: SourceConfig, sources_dir: Path, runner: Runner, step: str, cache_dir: Path
+) -> Path:
+    """`<sources_dir>/<name>.tar.gz` holding the source tree at its top level (`cache_dir`: stage4's cache)."""
     sources_dir.mkdir(parents=True, exist_ok=True)
     target = sources_dir / f"{name}.tar.gz"
     tree = sources_dir / name
     if tree.exists():
         shutil.rmtree(tree)
+    cache = SourceCache(cache_dir)
     if source.git:
-        _clone(source, tree, runner, step)
+        _git_tree(source, tree, cache, runner, step)
         root = tree
     elif source.tarball:
-        root = _unpack_tarball(source, tree, runner, step)
+        root = _unpack_tarball(source, tree, cache, runner, step)
     else:
         if not source.path.is_dir():
             raise StepFailed(step, f"source directory {source.path} does not exist", runner.log_path)
@@ -76,38 +83,73 @@ def top_level(tarball: Path) -> set[str]:
         return {name.split("/", 1)[0] for name in archive.getnames()}
 
 
-def _clone(source: SourceConfig, tree: Path, runner: Runner, step: str) -> None:
-    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
-    try:
-        runner.run(["git", "clone", "--quiet", "--no-checkout", source.git, tree], step=step, env=env,
-                   timeout=GIT_TIMEOUT)
-    except StepFailed as exc:
-        detail = str(exc).split(" failed: ", 1)[-1].split(" (log: ")[0]
-        raise StepFailed(step, f"cannot fetch {source.git} ({detail}); is the host online? A local "
-                         "checkout can be given as source.path instead", runner.log_path) from None
-    runner.run(["git", "-C", tree, "checkout", "--quiet", source.ref], step=step, env=env)
+def _git_tree(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runner, step: str) -> None:
+    url, ref = source.git, source.ref
+    if FULL_COMMIT.match(ref) and cache.has_commit(url, ref, runner, step):
+        commit = ref.lower()  # a commit id names the same tree forever: no need to ask the network
+    else:
+        try:
+            commit = cache.fetch_from_network(url, ref, runner, step)
+        except Unreachable as exc:
+            cached = cache.git_entry(url, ref)
+            if cached is None:
+                raise StepFailed(
+                    step,
+                    f"cannot fetch {url} ({exc}) and stage4's source cache ({cache.root}) has "
+                    f"no copy of {ref!r}; on a host without internet, clone it elsewhere, copy the "
+                    f"clone here and run `stage4 sources import {url} --ref {ref} DIR`",
+                    runner.log_path,
+                ) from None
+            how = "fetched" if cached.origin == url else f"imported from {cached.origin}"
+            runner.display.info(
+                f"{step}: {url} is not reachable ({exc}); using the cached {ref!r} at commit "
+                f"{cached.commit[:12]} ({how} {cached.when})"
+            )
+            commit = cached.commit
+    cache.checkout(url, commit, tree, runner, step)
 
 
-def _unpack_tarball(source: SourceConfig, tree: Path, runner: Runner, step: str) -> Path:
-    download = tree.with_name(tree.name + ".download")
+def _unpack_tarball(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runner, step: str) -> Path:
+    tarball = cache.tarball(source.sha256, runner) or _obtain_tarball(source, tree, cache, runner, step)
+    tree.mkdir(parents=True)
+    with tarfile.open(tarball) as archive:
+        archive.extractall(tree, filter="data")
+    entries = list(tree.iterdir())
+    # The usual project tarball has one top-level directory: that is the source tree.
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else tree
+
+
+def _obtain_tarball(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runner, step: str) -> Path:
+    """Download (or copy) the tarball, check its sha256 and keep it in the source cache."""
     location = source.tarball
+    remote = "://" in location
+    download = tree.with_name(tree.name + ".download")
     try:
-        if "://" in location:
+        if remote:
             with urllib.request.urlopen(location, timeout=60) as response, download.open("wb") as out:
                 shutil.copyfileobj(response, out)
         else:
             shutil.copyfile(Path(location).expanduser(), download)
     except (OSError, urllib.error.URLError) as exc:
-        raise StepFailed(step, f"cannot fetch {location}: {getattr(exc, 'reason', exc)}", runner.log_path) from None
-    digest = hashlib.sha256(download.read_bytes()).hexdigest()
-    if digest != source.sha256:
+        download.unlink(missing_ok=True)
+        hint = ""
+        if remote:
+            hint = (
+                f"; on a host without internet, download it elsewhere, copy it here and run "
+                f"`stage4 sources import {location} --sha256 {source.sha256} FILE`"
+            )
+        raise StepFailed(
+            step, f"cannot fetch {location}: {getattr(exc, 'reason', exc)}{hint}", runner.log_path
+        ) from None
+    try:
+        digest = sha256_file(download)
+        if digest != source.sha256:
+            raise StepFailed(
+                step,
+                f"checksum mismatch for {location}: expected sha256 {source.sha256}, got {digest}",
+                runner.log_path,
+            )
+        cache.add_tarball(location, digest, download, location)
+    finally:
         download.unlink()
-        raise StepFailed(step, f"checksum mismatch for {location}: expected sha256 {source.sha256}, "
-                         f"got {digest}", runner.log_path)
-    tree.mkdir(parents=True)
-    with tarfile.open(download) as archive:
-        archive.extractall(tree, filter="data")
-    download.unlink()
-    entries = list(tree.iterdir())
-    # The usual project tarball has one top-level directory: that is the source tree.
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else tree
+    return cache.tarball_path(digest)

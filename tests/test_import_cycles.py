@@ -1,0 +1,60 @@
+"""No import cycles: no module imports (even inside a function) a module that imports it back.
+
+Read from the source with `ast`, so function-level imports count too. An import of `a.b` is an edge to
+`a.b` only, not to the package `a` that Python loads first: families import `stage4.distributions.base`,
+and the package module builds the catalog from them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def module_graph() -> dict[str, set[str]]:
+    files = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    edges.add(full if full in files else node.module)
+        graph[name] = {edge for edge in edges if edge in files and edge != name}
+    return graph
+
+
+def cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """A path start -> ... -> start, or None."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                return [*path, start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, [*path, nxt]))
+    return None
+
+
+@pytest.mark.parametrize("package", ["stage4.distributions", "stage4.dnbd3"])
+def test_no_import_cycles(package):
+    graph = module_graph()
+    cycles = [
+        cycle
+        for name in sorted(graph)
+        if name == package or name.startswith(package + ".")
+        if (cycle := cycle_through(graph, name))
+    ]
+    assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles)
