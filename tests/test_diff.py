@@ -19,17 +19,40 @@ KERNEL = "6.1.0-57-amd64"
 def write_build(folder: Path, prod_id: str, packages: dict[str, str], size: int) -> Path:
     """base.json, dev.json and prod.json of one layered build, as the pipeline writes them."""
     folder.mkdir(parents=True)
-    base = {"kind": "base", "identity": "b" * 64, "parent": None, "kernel_versions": [KERNEL],
-            "packages": {"bash": "5.2", "linux-image-amd64": "6.1.192-3"},
-            "image": {"file": "base.qcow2", "size": 400 << 20, "virtual_size": 3 << 30}}
-    dev = {"kind": "dev", "identity": "d" * 64, "parent": "b" * 64, "kernel_version": KERNEL,
-           "artifacts": {"initramfs_dracut_modules": ["base", "dnbd3-rootfs"],
-                         "components": {"dnbd3": [{"file": "components/dnbd3/dnbd3.ko", "kind": "module"}]}}}
-    prod = {"kind": "prod", "identity": prod_id, "parent": "d" * 64, "dev_identity": "d" * 64,
-            "identifier": "SLX_SYS", "kernel_version": KERNEL, "dracut_modules": ["dnbd3-rootfs"],
-            "artifacts_installed": [{"src": "/x/artifacts/components/dnbd3/dnbd3.ko", "kind": "module"}],
-            "kernel_hold": {"method": "apt-mark hold", "packages": ["linux-image-amd64", f"linux-image-{KERNEL}"]},
-            "packages": packages, "image": {"file": "prod.qcow2", "size": size, "virtual_size": 3 << 30}}
+    base = {
+        "kind": "base",
+        "identity": "b" * 64,
+        "parent": None,
+        "kernel_versions": [KERNEL],
+        "packages": {"bash": "5.2", "linux-image-amd64": "6.1.192-3"},
+        "image": {"file": "base.qcow2", "size": 400 << 20, "virtual_size": 3 << 30},
+    }
+    dev = {
+        "kind": "dev",
+        "identity": "d" * 64,
+        "parent": "b" * 64,
+        "kernel_version": KERNEL,
+        "artifacts": {
+            "initramfs_dracut_modules": ["base", "dnbd3-rootfs"],
+            "components": {"dnbd3": [{"file": "components/dnbd3/dnbd3.ko", "kind": "module"}]},
+        },
+    }
+    prod = {
+        "kind": "prod",
+        "identity": prod_id,
+        "parent": "d" * 64,
+        "dev_identity": "d" * 64,
+        "identifier": "SLX_SYS",
+        "kernel_version": KERNEL,
+        "dracut_modules": ["dnbd3-rootfs"],
+        "artifacts_installed": [{"src": "/x/artifacts/components/dnbd3/dnbd3.ko", "kind": "module"}],
+        "kernel_hold": {
+            "method": "apt-mark hold",
+            "packages": ["linux-image-amd64", f"linux-image-{KERNEL}"],
+        },
+        "packages": packages,
+        "image": {"file": "prod.qcow2", "size": size, "virtual_size": 3 << 30},
+    }
     for name, manifest in (("base.json", base), ("dev.json", dev), ("prod.json", prod)):
         (folder / name).write_text(json.dumps(manifest))
     return folder / "prod.json"
@@ -44,8 +67,11 @@ def two_builds(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_two_manifests_show_exactly_the_differences(two_builds) -> None:
     found = api.diff(*two_builds)
-    assert found["packages"] == {"added": {"tree": "2.1.0-1"}, "removed": {"curl": "7.88"},
-                                 "changed": {"vim": {"a": "9.0.1", "b": "9.0.2"}}}
+    assert found["packages"] == {
+        "added": {"tree": "2.1.0-1"},
+        "removed": {"curl": "7.88"},
+        "changed": {"vim": {"a": "9.0.1", "b": "9.0.2"}},
+    }
     assert found["identities"]["prod"] == {"a": "1" * 64, "b": "2" * 64, "changed": True}
     assert found["identities"]["dev"] == {"a": "d" * 64, "b": "d" * 64, "changed": False}
     assert found["identities"]["base"] == {"a": "b" * 64, "b": "b" * 64, "changed": False}
@@ -69,21 +95,38 @@ def test_a_manifest_with_itself_shows_nothing_changed(two_builds) -> None:
 
 def test_cli_json_and_text(two_builds) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(diff.__file__).parents[1])}
-    out = subprocess.run([STAGE4, "diff", "--json", *map(str, two_builds)], check=False, capture_output=True,
-                         text=True, env=env)
+    out = subprocess.run(
+        [STAGE4, "diff", "--json", *map(str, two_builds)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["packages"]["added"] == {"tree": "2.1.0-1"}
-    out = subprocess.run([STAGE4, "diff", *map(str, two_builds)], check=False, capture_output=True, text=True,
-                         env=env)
+    out = subprocess.run(
+        [STAGE4, "diff", *map(str, two_builds)], check=False, capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0 and "packages: 1 added, 1 removed, 1 changed" in out.stdout, out.stdout
 
 
 def record(rid: int, manifest: Path | None, identity: str, size: int) -> dict:
     """A publication record as `stage4 export` writes it (format stage4-publication/1)."""
-    return {"format": "stage4-publication/1", "name": "lab/desktop", "rid": rid, "file": f"desktop.r{rid}",
-            "size": size + 4096, "identifier": "SLX_SYS",
-            "source": {"image": "/nowhere/prod.qcow2", "size": size, "identity": identity,
-                       "manifest": str(manifest) if manifest else None, "dracut_modules": ["dnbd3-rootfs"]}}
+    return {
+        "format": "stage4-publication/1",
+        "name": "lab/desktop",
+        "rid": rid,
+        "file": f"desktop.r{rid}",
+        "size": size + 4096,
+        "identifier": "SLX_SYS",
+        "source": {
+            "image": "/nowhere/prod.qcow2",
+            "size": size,
+            "identity": identity,
+            "manifest": str(manifest) if manifest else None,
+            "dracut_modules": ["dnbd3-rootfs"],
+        },
+    }
 
 
 def test_exported_revisions_through_their_records_and_the_store(two_builds, tmp_path: Path) -> None:
@@ -116,15 +159,22 @@ def test_bad_input_is_one_line_with_exit_code_2(two_builds, tmp_path: Path) -> N
     stray = tmp_path / "stray.qcow2"
     stray.write_bytes(b"QFI\xfb")
     not_manifest = tmp_path / "other.json"
-    not_manifest.write_text("{\"hello\": 1}")
+    not_manifest.write_text('{"hello": 1}')
     env = {**os.environ, "PYTHONPATH": str(Path(diff.__file__).parents[1])}
-    for target, words in ((tmp_path / "missing.json", "no such file"),
-                          (stray, "no stage4 manifest beside it"),
-                          (not_manifest, "not a stage4 manifest")):
+    for target, words in (
+        (tmp_path / "missing.json", "no such file"),
+        (stray, "no stage4 manifest beside it"),
+        (not_manifest, "not a stage4 manifest"),
+    ):
         with pytest.raises(InputError, match=words):
             api.diff(two_builds[0], target)
-        out = subprocess.run([STAGE4, "diff", str(two_builds[0]), str(target)], check=False, capture_output=True,
-                             text=True, env=env)
+        out = subprocess.run(
+            [STAGE4, "diff", str(two_builds[0]), str(target)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert out.returncode == 2 and out.stdout == "", out
         assert len(out.stderr.strip().splitlines()) == 1 and words in out.stderr, out.stderr
     with pytest.raises(InputError, match="image file is not there"):

@@ -51,20 +51,32 @@ def test_the_hold_is_read_from_dpkg(tmp_path: Path) -> None:
     status = tmp_path / "var/lib/dpkg/status"
     status.parent.mkdir(parents=True)
     (status.parent / "info").mkdir()
-    status.write_text("".join(
-        f"Package: {name}\nStatus: {state} ok installed\nArchitecture: amd64\nVersion: 1\nMaintainer: x\n"
-        f"Description: x\n\n"
-        for name, state in ((f"linux-image-{KERNEL}", "hold"), ("linux-image-amd64", "hold"), ("bash", "install"))))
+    status.write_text(
+        "".join(
+            f"Package: {name}\nStatus: {state} ok installed\nArchitecture: amd64\nVersion: 1\nMaintainer: x\n"
+            f"Description: x\n\n"
+            for name, state in (
+                (f"linux-image-{KERNEL}", "hold"),
+                ("linux-image-amd64", "hold"),
+                ("bash", "install"),
+            )
+        )
+    )
     assert kernel_guard.hold(tmp_path, Runner()) == {
-        "method": "apt-mark hold", "packages": [f"linux-image-{KERNEL}", "linux-image-amd64"]}
+        "method": "apt-mark hold",
+        "packages": [f"linux-image-{KERNEL}", "linux-image-amd64"],
+    }
 
 
 def test_inspect_verdict_per_kernel() -> None:
     good = KernelFacts(KERNEL, f"initrd.img-{KERNEL}", True, {"dnbd3.ko": KERNEL}, [KERNEL])
     assert good.problems() == []
     bad = KernelFacts(KERNEL, f"initrd.img-{KERNEL}", False, {"dnbd3.ko": OTHER}, [OTHER])
-    assert bad.problems() == [f"no /lib/modules/{KERNEL}/kernel", f"extra/dnbd3.ko is built for {OTHER}",
-                              f"its initramfs holds modules for {OTHER}"]
+    assert bad.problems() == [
+        f"no /lib/modules/{KERNEL}/kernel",
+        f"extra/dnbd3.ko is built for {OTHER}",
+        f"its initramfs holds modules for {OTHER}",
+    ]
     assert KernelFacts(KERNEL, "", True).problems() == ["no initramfs"]
     assert "extra modules dnbd3.ko (" + KERNEL + ")" in good.describe()
 
@@ -76,5 +88,7 @@ def test_a_base_with_two_kernels_keeps_both(tmp_path: Path) -> None:
     kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner(), [old, KERNEL])
     (tmp_path / "boot" / f"vmlinuz-{old}").unlink()
     (tmp_path / "lib/modules" / old / "kernel").rmdir()
-    with pytest.raises(StepFailed, match=f"for {KERNEL}, prod has {KERNEL} \\(the base has {old}, {KERNEL}\\)"):
+    with pytest.raises(
+        StepFailed, match=f"for {KERNEL}, prod has {KERNEL} \\(the base has {old}, {KERNEL}\\)"
+    ):
         kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner(), [old, KERNEL])

@@ -21,15 +21,16 @@ from stage4 import api
 from stage4.errors import StepFailed
 from stage4.fsutil import sha256_file
 from tests.conftest import STAGE4, BuiltImage, make_config, require
-from tests.test_layers import NAME, layered_image_config, project  # noqa: F401 (project is a fixture)
+from tests.test_layers import FIXTURES, NAME, layered_image_config
 
 pytestmark = pytest.mark.slow
 
 
 def root_offset(image: Path, raw: Path) -> int:
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
-                                      text=True).stdout)["partitiontable"]
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True, text=True).stdout
+    )["partitiontable"]
     (root,) = [p for p in table["partitions"] if p.get("name") == "SLX_SYS"]
     return root["start"] * table.get("sectorsize", 512)
 
@@ -42,8 +43,9 @@ class Debugfs:
         self.target = f"{self.raw}?offset={root_offset(image, self.raw)}"
 
     def run(self, command: str) -> str:
-        return subprocess.run(["debugfs", "-R", command, self.target], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["debugfs", "-R", command, self.target], check=True, capture_output=True, text=True
+        ).stdout
 
     def stat(self, path: str) -> dict | None:
         """Type and mode of `path` (not following a symlink at its end); None if absent."""
@@ -58,29 +60,47 @@ class Debugfs:
 
     def names(self, folder: str) -> list[str]:
         lines = self.run(f"ls -p {folder}").splitlines()
-        return sorted(n for n in (line.split("/")[5] for line in lines if line.count("/") >= 6) if n not in (".", ".."))
+        return sorted(
+            n for n in (line.split("/")[5] for line in lines if line.count("/") >= 6) if n not in (".", "..")
+        )
 
 
 def dpkg_stanza(status: str, package: str) -> dict:
     for stanza in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
+        )
         if fields.get("Package") == package:
             return fields
     return {}
 
 
 @pytest.fixture(scope="module")
-def layered(base_image: BuiltImage, project: Path):  # noqa: F811
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_layers' fixture project: playbooks, a dracut module and a component with a kernel module."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("playbooks", "dracut", "component"):
+        shutil.copytree(FIXTURES / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def layered(base_image: BuiltImage, project: Path):
     require("qemu-storage-daemon", "losetup", "lsinitrd", "debugfs")
     cfg = make_config(base_image.output_dir.parent, {NAME: layered_image_config(project)})
     (result,) = api.build(cfg, [NAME])
     return cfg, result
 
 
-def test_base_and_prod_carry_nothing_of_the_build_host(layered, base_image: BuiltImage, tmp_path: Path) -> None:
+def test_base_and_prod_carry_nothing_of_the_build_host(
+    layered, base_image: BuiltImage, tmp_path: Path
+) -> None:
     _, result = layered
-    host_nameservers = [line.strip() for line in Path("/etc/resolv.conf").read_text().splitlines()
-                        if line.strip().startswith("nameserver")]
+    host_nameservers = [
+        line.strip()
+        for line in Path("/etc/resolv.conf").read_text().splitlines()
+        if line.strip().startswith("nameserver")
+    ]
     host_name = socket.gethostname()
     for image in (base_image.path, result.image):
         fs = Debugfs(image, tmp_path)
@@ -111,9 +131,16 @@ def test_prod_holds_the_kernel_and_records_the_hold(layered, base_image: BuiltIm
     status = fs.cat("/var/lib/dpkg/status")
     for package in (f"linux-image-{kernel}", "linux-image-amd64"):
         assert dpkg_stanza(status, package).get("Status") == "hold ok installed", package
-    held = sorted(fields["Package"] for fields in
-                  (dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
-                   for stanza in status.split("\n\n")) if fields.get("Status", "").startswith("hold "))
+    held = sorted(
+        fields["Package"]
+        for fields in (
+            dict(
+                line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
+            )
+            for stanza in status.split("\n\n")
+        )
+        if fields.get("Status", "").startswith("hold ")
+    )
     manifest = json.loads((result.image.parent / "prod.json").read_text())
     assert manifest["kernel_hold"] == {"method": "apt-mark hold", "packages": held}
     assert f"linux-image-{kernel}" in manifest["packages"]  # a held package is still installed
@@ -128,15 +155,25 @@ def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(laye
     report = api.inspect(result.image)
     assert report.passed, report.problems()
     (facts,) = report.to_dict()["kernels"]
-    assert facts == {"version": kernel, "initramfs": f"initrd.img-{kernel}", "modules_tree": True,
-                     "extra_modules": {"stage4hello.ko": kernel}, "initramfs_kernels": [kernel], "belongs": True}
+    assert facts == {
+        "version": kernel,
+        "initramfs": f"initrd.img-{kernel}",
+        "modules_tree": True,
+        "extra_modules": {"stage4hello.ko": kernel},
+        "initramfs_kernels": [kernel],
+        "belongs": True,
+    }
     out = subprocess.run([STAGE4, "inspect", str(result.image)], check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"kernel {kernel}: modules tree yes, extra modules stage4hello.ko ({kernel})" in out.stdout
 
 
-def test_diff_of_two_builds_shows_the_package_and_the_file(layered, base_image: BuiltImage, project: Path,  # noqa: F811
-                                                           tmp_path: Path) -> None:
+def test_diff_of_two_builds_shows_the_package_and_the_file(
+    layered,
+    base_image: BuiltImage,
+    project: Path,
+    tmp_path: Path,
+) -> None:
     _, first = layered
     kept = tmp_path / "first"
     kept.mkdir()
@@ -148,8 +185,12 @@ def test_diff_of_two_builds_shows_the_package_and_the_file(layered, base_image: 
     (second,) = api.build(cfg, [NAME])
     assert second.built == ["prod"]
 
-    out = subprocess.run([STAGE4, "diff", "--json", "--files", str(kept / "prod.qcow2"), str(second.image)],
-                         check=False, capture_output=True, text=True)
+    out = subprocess.run(
+        [STAGE4, "diff", "--json", "--files", str(kept / "prod.qcow2"), str(second.image)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert found["packages"]["removed"] == {} and found["packages"]["changed"] == {}
@@ -165,24 +206,33 @@ def test_diff_of_two_builds_shows_the_package_and_the_file(layered, base_image: 
     tree_files = set(Debugfs(second.image, tmp_path).cat("/var/lib/dpkg/info/tree.list").split())
     assert {f for f in files["added"] if not f.startswith("/var/lib/dpkg/info/tree.")} <= tree_files
 
-    text = subprocess.run([STAGE4, "diff", str(kept / "prod.qcow2"), str(second.image)],
-                          check=False, capture_output=True, text=True)
+    text = subprocess.run(
+        [STAGE4, "diff", str(kept / "prod.qcow2"), str(second.image)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert text.returncode == 0, text.stderr
     assert "+ tree " in text.stdout, text.stdout
 
 
-def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(layered, base_image: BuiltImage,
-                                                                        project: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(
+    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+) -> None:
     _, result = layered
     kernel = result.dev_manifest["kernel_version"]
     before = sha256_file(result.image)
     playbook = tmp_path / "kernel.yml"
     # Another flavour of the same kernel release: in the mirror, and not held.
-    playbook.write_text("- hosts: all\n  tasks:\n    - name: Install another kernel\n"
-                        "      ansible.builtin.apt:\n"
-                        "        name: \"linux-image-{{ stage4_kernel_version | replace('-amd64', '-cloud-amd64') }}\"\n")
-    cfg = make_config(base_image.output_dir.parent, {NAME: {
-        **layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}})
+    playbook.write_text(
+        "- hosts: all\n  tasks:\n    - name: Install another kernel\n"
+        "      ansible.builtin.apt:\n"
+        "        name: \"linux-image-{{ stage4_kernel_version | replace('-amd64', '-cloud-amd64') }}\"\n"
+    )
+    cfg = make_config(
+        base_image.output_dir.parent,
+        {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}},
+    )
     with pytest.raises(StepFailed) as caught:
         api.build(cfg, [NAME])
     message = str(caught.value)

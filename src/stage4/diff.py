@@ -78,8 +78,10 @@ def load(target: Path) -> Side:
     manifest = target.with_suffix(".json")
     data = _read_json(manifest) if manifest.is_file() else {}
     if data.get("image", {}).get("file") != target.name:
-        raise InputError(f"diff: {target}: no stage4 manifest beside it ({manifest.name} describing "
-                         f"{target.name}), and no export record names it")
+        raise InputError(
+            f"diff: {target}: no stage4 manifest beside it ({manifest.name} describing "
+            f"{target.name}), and no export record names it"
+        )
     side = from_manifest(data, manifest)
     side.label = str(target)
     return side
@@ -89,14 +91,17 @@ def from_manifest(manifest: dict, path: Path) -> Side:
     """A build's facts from its manifest; the identities of its parents from the manifests beside it."""
     kind = manifest.get("kind")
     if kind not in LAYERS or not isinstance(manifest.get("identity"), str):
-        raise InputError(f"diff: {path}: not a stage4 manifest (expected 'kind' base, dev or prod and an "
-                         "'identity')")
+        raise InputError(
+            f"diff: {path}: not a stage4 manifest (expected 'kind' base, dev or prod and an 'identity')"
+        )
     side = Side(str(path), kind, identifier=manifest.get("identifier"))
     side.identities[kind] = manifest["identity"]
     parent = manifest.get("parent")
-    for layer in reversed(LAYERS[:LAYERS.index(kind)]):  # walk down the chain beside the manifest
+    for layer in reversed(LAYERS[: LAYERS.index(kind)]):  # walk down the chain beside the manifest
         side.identities[layer] = parent
-        beside = _read_json(path.parent / f"{layer}.json") if (path.parent / f"{layer}.json").is_file() else {}
+        beside = (
+            _read_json(path.parent / f"{layer}.json") if (path.parent / f"{layer}.json").is_file() else {}
+        )
         parent = beside.get("parent") if beside.get("identity") == parent else None
     side.identities = {layer: ident for layer, ident in side.identities.items() if ident}
     side.packages = manifest.get("packages") if isinstance(manifest.get("packages"), dict) else None
@@ -105,12 +110,17 @@ def from_manifest(manifest: dict, path: Path) -> Side:
     artifacts = manifest.get("artifacts") or {}
     if kind == "dev":
         side.dracut_modules = artifacts.get("initramfs_dracut_modules")
-        side.kernel_modules = sorted(Path(a["file"]).name for c in artifacts.get("components", {}).values()
-                                     for a in c if a.get("kind") == "module")
+        side.kernel_modules = sorted(
+            Path(a["file"]).name
+            for c in artifacts.get("components", {}).values()
+            for a in c
+            if a.get("kind") == "module"
+        )
     elif kind == "prod":
         side.dracut_modules = manifest.get("dracut_modules")
-        side.kernel_modules = sorted(Path(a["src"]).name for a in manifest.get("artifacts_installed", [])
-                                     if a.get("kind") == "module")
+        side.kernel_modules = sorted(
+            Path(a["src"]).name for a in manifest.get("artifacts_installed", []) if a.get("kind") == "module"
+        )
         side.kernel_hold = (manifest.get("kernel_hold") or {}).get("packages")
     image = manifest.get("image") or {}
     side.sizes = {key: image[key] for key in ("size", "virtual_size") if isinstance(image.get(key), int)}
@@ -128,9 +138,13 @@ def from_record(record: dict, label: str, image: Path | None = None) -> Side:
         side = from_manifest(manifest, manifest_path)
         side.label = label
     else:
-        side = Side(label, "revision", identities={"build": source["identity"]} if source.get("identity") else {},
-                    identifier=record.get("identifier"),
-                    dracut_modules=source.get("dracut_modules") or None)
+        side = Side(
+            label,
+            "revision",
+            identities={"build": source["identity"]} if source.get("identity") else {},
+            identifier=record.get("identifier"),
+            dracut_modules=source.get("dracut_modules") or None,
+        )
     side.revision = record.get("rid")
     if side.kind == "revision" and isinstance(source.get("size") or record.get("size"), int):
         side.sizes = {"size": source.get("size") or record.get("size")}
@@ -147,7 +161,9 @@ def _record_of_revision(target: Path) -> dict | None:
         return None
     target = target.absolute()
     for store in target.parents:
-        name = str(target.parent.relative_to(store) / found["name"]) if target.parent != store else found["name"]
+        name = (
+            str(target.parent.relative_to(store) / found["name"]) if target.parent != store else found["name"]
+        )
         record = store / META_DIR / name / f"publication.r{found['rid']}.json"
         if record.is_file():
             data = _read_json(record)
@@ -175,9 +191,11 @@ def _pair(a, b) -> dict:
 def compare_packages(a: dict[str, str] | None, b: dict[str, str] | None) -> dict | None:
     if a is None or b is None:
         return None
-    return {"added": {n: b[n] for n in sorted(b.keys() - a.keys())},
-            "removed": {n: a[n] for n in sorted(a.keys() - b.keys())},
-            "changed": {n: {"a": a[n], "b": b[n]} for n in sorted(a.keys() & b.keys()) if a[n] != b[n]}}
+    return {
+        "added": {n: b[n] for n in sorted(b.keys() - a.keys())},
+        "removed": {n: a[n] for n in sorted(a.keys() - b.keys())},
+        "changed": {n: {"a": a[n], "b": b[n]} for n in sorted(a.keys() & b.keys()) if a[n] != b[n]},
+    }
 
 
 def compare(a: Side, b: Side, files: dict | None = None) -> dict:
@@ -192,8 +210,11 @@ def compare(a: Side, b: Side, files: dict | None = None) -> dict:
         "kernel_modules": _pair(a.kernel_modules, b.kernel_modules),
         "kernel_hold": _pair(a.kernel_hold, b.kernel_hold),
         "packages": compare_packages(a.packages, b.packages),
-        "sizes": {key: _pair(a.sizes.get(key), b.sizes.get(key)) for key in ("size", "virtual_size")
-                  if key in a.sizes or key in b.sizes},
+        "sizes": {
+            key: _pair(a.sizes.get(key), b.sizes.get(key))
+            for key in ("size", "virtual_size")
+            if key in a.sizes or key in b.sizes
+        },
         **({"files": files} if files is not None else {}),
     }
 
@@ -207,15 +228,20 @@ def diff(a: Path, b: Path, files: bool = False, runner: Runner | None = None) ->
             if side.image is None:
                 raise InputError(f"diff --files: {side.label}: its image file is not there")
         runner = runner or Runner()
-        tree_diff = compare_trees(tree(first.image, first.identifier, runner),
-                                  tree(second.image, second.identifier, runner))
+        tree_diff = compare_trees(
+            tree(first.image, first.identifier, runner), tree(second.image, second.identifier, runner)
+        )
     return compare(first, second, tree_diff)
 
 
 def summary(previous_record: dict, new_record: dict) -> str:
     """What `stage4 export` prints: the new revision against the previous one of the name."""
-    return text(compare(from_record(previous_record, f"revision {previous_record.get('rid')}"),
-                        from_record(new_record, f"revision {new_record.get('rid')}")))
+    return text(
+        compare(
+            from_record(previous_record, f"revision {previous_record.get('rid')}"),
+            from_record(new_record, f"revision {new_record.get('rid')}"),
+        )
+    )
 
 
 # --- root filesystems ---------------------------------------------------------------------------------------
@@ -229,11 +255,18 @@ def tree(image: Path, identifier: str | None, runner: Runner) -> dict[str, dict]
             for name in (*dirs, *names):
                 path = Path(folder) / name
                 facts = os.lstat(path)
-                entry = {"mode": f"{stat.S_IMODE(facts.st_mode):04o}", "uid": facts.st_uid, "gid": facts.st_gid}
+                entry = {
+                    "mode": f"{stat.S_IMODE(facts.st_mode):04o}",
+                    "uid": facts.st_uid,
+                    "gid": facts.st_gid,
+                }
                 if stat.S_ISREG(facts.st_mode):
                     with path.open("rb") as handle:
-                        entry |= {"type": "file", "size": facts.st_size,
-                                  "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+                        entry |= {
+                            "type": "file",
+                            "size": facts.st_size,
+                            "sha256": hashlib.file_digest(handle, "sha256").hexdigest(),
+                        }
                 elif stat.S_ISLNK(facts.st_mode):
                     entry |= {"type": "symlink", "target": os.readlink(path)}
                 elif stat.S_ISDIR(facts.st_mode):
@@ -249,7 +282,9 @@ def compare_trees(a: dict[str, dict], b: dict[str, dict]) -> dict:
     changed = {}
     for path in sorted(a.keys() & b.keys()):
         if a[path] != b[path]:
-            changed[path] = sorted(key for key in a[path].keys() | b[path].keys() if a[path].get(key) != b[path].get(key))
+            changed[path] = sorted(
+                key for key in a[path].keys() | b[path].keys() if a[path].get(key) != b[path].get(key)
+            )
     return {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()), "changed": changed}
 
 
@@ -282,19 +317,28 @@ def text(found: dict) -> str:
     for layer, pair in found["identities"].items():
         a, b = (pair["a"] or "-")[:16], (pair["b"] or "-")[:16]
         lines.append(f"{layer} identity: {a} -> {b}" if pair["changed"] else f"{layer} identity: {a} (same)")
-    for key, title in (("kernel", "kernel"), ("dracut_modules", "initramfs dracut modules"),
-                       ("kernel_modules", "extra kernel modules"), ("kernel_hold", "held packages")):
+    for key, title in (
+        ("kernel", "kernel"),
+        ("dracut_modules", "initramfs dracut modules"),
+        ("kernel_modules", "extra kernel modules"),
+        ("kernel_hold", "held packages"),
+    ):
         pair = found[key]
         if pair["a"] is None and pair["b"] is None:
             continue
-        lines.append(f"{title}: {_items(pair['a'])} -> {_items(pair['b'])}" if pair["changed"]
-                     else f"{title}: {_items(pair['a'])} (same)")
+        lines.append(
+            f"{title}: {_items(pair['a'])} -> {_items(pair['b'])}"
+            if pair["changed"]
+            else f"{title}: {_items(pair['a'])} (same)"
+        )
     packages = found["packages"]
     if packages is None:
         lines.append("packages: not known for both sides")
     else:
-        lines.append(f"packages: {len(packages['added'])} added, {len(packages['removed'])} removed, "
-                     f"{len(packages['changed'])} changed")
+        lines.append(
+            f"packages: {len(packages['added'])} added, {len(packages['removed'])} removed, "
+            f"{len(packages['changed'])} changed"
+        )
         lines += [f"  + {name} {version}" for name, version in packages["added"].items()]
         lines += [f"  - {name} {version}" for name, version in packages["removed"].items()]
         lines += [f"  ~ {name} {v['a']} -> {v['b']}" for name, v in packages["changed"].items()]
@@ -304,12 +348,16 @@ def text(found: dict) -> str:
             if not pair["changed"]:
                 lines.append(f"{title}: {_size(pair['a'])} (same)")
                 continue
-            delta = "" if None in (pair["a"], pair["b"]) else f" ({(pair['b'] - pair['a']) / (1 << 20):+.1f} MiB)"
+            delta = (
+                "" if None in (pair["a"], pair["b"]) else f" ({(pair['b'] - pair['a']) / (1 << 20):+.1f} MiB)"
+            )
             lines.append(f"{title}: {_size(pair['a'])} -> {_size(pair['b'])}{delta}")
     if "files" in found:
         files = found["files"]
-        lines.append(f"files: {len(files['added'])} added, {len(files['removed'])} removed, "
-                     f"{len(files['changed'])} changed")
+        lines.append(
+            f"files: {len(files['added'])} added, {len(files['removed'])} removed, "
+            f"{len(files['changed'])} changed"
+        )
         lines += [f"  + {path}" for path in files["added"]]
         lines += [f"  - {path}" for path in files["removed"]]
         lines += [f"  ~ {path} ({', '.join(keys)})" for path, keys in files["changed"].items()]

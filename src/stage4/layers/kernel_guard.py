@@ -30,19 +30,36 @@ def check(root: Path, kernel: str, step: str, runner: Runner, base_kernels: list
     found, wanted = installed_kernels(root), sorted({kernel, *(base_kernels or ())})
     if found != wanted:
         base = f" (the base has {', '.join(wanted)})" if wanted != [kernel] else ""
-        raise StepFailed(step, f"the prod layer changed the kernel: the dev run built the initramfs and modules "
-                               f"for {kernel}, prod has {', '.join(found) or 'no kernel'}{base}", runner.log_path)
+        raise StepFailed(
+            step,
+            f"the prod layer changed the kernel: the dev run built the initramfs and modules "
+            f"for {kernel}, prod has {', '.join(found) or 'no kernel'}{base}",
+            runner.log_path,
+        )
 
 
 def hold(root: Path, runner: Runner) -> dict:
     """The kernel hold found in the layer: apt's held packages or dnf's version locks."""
     if (root / "var/lib/dpkg/status").is_file():
-        result = runner.run(["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W",
-                             "-f=${Package}\\t${db:Status-Abbrev}\\n"], step="held packages", capture=True)
-        held = sorted(name for name, status in (line.split("\t") for line in result.stdout.splitlines())
-                      if status.startswith("h"))
+        result = runner.run(
+            [
+                "dpkg-query",
+                f"--admindir={root / 'var/lib/dpkg'}",
+                "-W",
+                "-f=${Package}\\t${db:Status-Abbrev}\\n",
+            ],
+            step="held packages",
+            capture=True,
+        )
+        held = sorted(
+            name
+            for name, status in (line.split("\t") for line in result.stdout.splitlines())
+            if status.startswith("h")
+        )
         return {"method": "apt-mark hold", "packages": held}
     locks = root / VERSIONLOCK_LIST
     lines = locks.read_text(encoding="utf-8").splitlines() if locks.is_file() else []
-    return {"method": "dnf versionlock",
-            "packages": sorted(line.strip() for line in lines if line.strip() and not line.startswith("#"))}
+    return {
+        "method": "dnf versionlock",
+        "packages": sorted(line.strip() for line in lines if line.strip() and not line.startswith("#")),
+    }
