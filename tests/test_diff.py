@@ -152,6 +152,9 @@ def test_summary_for_export_with_and_without_the_build_manifest(two_builds) -> N
     # The manifest of the earlier build is gone (or was rebuilt): only what the record says.
     gone = diff.summary(record(3, None, "1" * 64, 500 << 20), record(4, b, "2" * 64, 501 << 20))
     assert "packages: not known for both sides" in gone
+    # A record that carries its build manifest needs no file beside the image.
+    carried = record(3, None, "1" * 64, 500 << 20) | {"build": json.loads(a.read_text())}
+    assert "  + tree 2.1.0-1\n" in diff.summary(carried, record(4, b, "2" * 64, 501 << 20))
     assert "image size: 500.0 MiB -> 501.0 MiB (+1.0 MiB)" in gone
 
 

@@ -3,8 +3,8 @@
 A and B are each a stage4 manifest (base.json, dev.json, prod.json), a built image (the manifest beside it:
 prod.qcow2 -> prod.json), or an exported revision: its publication record (`publication.r<RID>.json`) or
 the revision file in the store (`<store>/<name>.r<RID>`, its record in `<store>/.stage4/<name>/`). A
-record is read through the build manifest it names when that is still there and has the recorded
-identity; else only what the record itself says is compared.
+record is read through the build manifest it carries (key `build`) or names when that is still there
+and has the recorded identity; else only what the record itself says is compared.
 
 Compared: packages (added, removed, changed, with versions), kernels, initramfs dracut modules, extra
 kernel modules, image sizes, the identities of the layers, the kernel hold; with `files`, every path of
@@ -87,7 +87,7 @@ def load(target: Path) -> Side:
     return side
 
 
-def from_manifest(manifest: dict, path: Path) -> Side:
+def from_manifest(manifest: dict, path: Path, beside_a_file: bool = True) -> Side:
     """A build's facts from its manifest; the identities of its parents from the manifests beside it."""
     kind = manifest.get("kind")
     if kind not in LAYERS or not isinstance(manifest.get("identity"), str):
@@ -99,9 +99,8 @@ def from_manifest(manifest: dict, path: Path) -> Side:
     parent = manifest.get("parent")
     for layer in reversed(LAYERS[: LAYERS.index(kind)]):  # walk down the chain beside the manifest
         side.identities[layer] = parent
-        beside = (
-            _read_json(path.parent / f"{layer}.json") if (path.parent / f"{layer}.json").is_file() else {}
-        )
+        other = path.parent / f"{layer}.json"
+        beside = _read_json(other) if beside_a_file and other.is_file() else {}
         parent = beside.get("parent") if beside.get("identity") == parent else None
     side.identities = {layer: ident for layer, ident in side.identities.items() if ident}
     side.packages = manifest.get("packages") if isinstance(manifest.get("packages"), dict) else None
@@ -130,12 +129,17 @@ def from_manifest(manifest: dict, path: Path) -> Side:
 
 
 def from_record(record: dict, label: str, image: Path | None = None) -> Side:
-    """An exported revision: the build manifest the record names (if still there), else the record alone."""
+    """An exported revision: the build manifest the record carries (key `build`) or names (if that file is
+    still the one of the recorded identity: the next build of the image overwrites it), else the record
+    alone."""
     source = record.get("source") or {}
-    manifest_path = Path(source["manifest"]) if source.get("manifest") else None
-    manifest = _read_json(manifest_path) if manifest_path and manifest_path.is_file() else {}
+    manifest_path = Path(source["manifest"]) if source.get("manifest") else Path(label)
+    if isinstance(record.get("build"), dict):
+        manifest = record["build"]
+    else:
+        manifest = _read_json(manifest_path) if source.get("manifest") and manifest_path.is_file() else {}
     if manifest and manifest.get("identity") == source.get("identity"):
-        side = from_manifest(manifest, manifest_path)
+        side = from_manifest(manifest, manifest_path, beside_a_file=manifest is not record.get("build"))
         side.label = label
     else:
         side = Side(
