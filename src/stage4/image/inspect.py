@@ -114,7 +114,7 @@ class InspectReport:
             parts.add_row(str(p.number), p.name, p.type_guid, f"{p.size / (1 << 20):.0f} MiB", p.fs_type or "", p.fs_label or "")
         console.print(parts)
         for facts in self.kernel_facts:
-            console.print(f"  {facts.describe()}", markup=False)
+            console.print(f"  {facts.describe()}", markup=False, soft_wrap=True)
         for check in self.checks:
             mark = "[green]PASS[/green]" if check.passed else ("[red]FAIL[/red]" if check.required else "[yellow]WARN[/yellow]")
             console.print(f"  {mark} {check.name}" + (f" — {check.detail}" if check.detail else ""))
