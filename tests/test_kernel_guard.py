@@ -6,6 +6,8 @@ test_rollouts.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from stage4.errors import StepFailed
 from stage4.image.inspect import KernelFacts
 from stage4.layers import kernel_guard
+from stage4.provisioning import ansible
 from stage4.runner import Runner
 
 KERNEL, OTHER = "6.1.0-57-amd64", "6.1.0-57-cloud-amd64"
@@ -92,3 +95,17 @@ def test_a_base_with_two_kernels_keeps_both(tmp_path: Path) -> None:
         StepFailed, match=f"for {KERNEL}, prod has {KERNEL} \\(the base has {old}, {KERNEL}\\)"
     ):
         kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner(), [old, KERNEL])
+
+
+def test_the_hold_role_loads(tmp_path: Path) -> None:
+    """Ansible loads the role (its argument splitter rejects, e.g., an unbalanced quote in a shell comment)."""
+    playbook = tmp_path / "site.yml"
+    playbook.write_text("- hosts: all\n  roles: [stage4_kernel_hold]\n")
+    out = subprocess.run(
+        [ansible.ansible_playbook(), "--syntax-check", "-i", "localhost,", str(playbook)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANSIBLE_ROLES_PATH": str(ansible.ROLES_DIR)},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
