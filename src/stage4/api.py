@@ -10,24 +10,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stage4 import diff as diff_mod
 from stage4 import distributions as distributions_mod
-from stage4.boot import accel, netboot as netboot_mod, qemu
-from stage4.builders import packer
-from stage4.dnbd3 import client as dnbd3_client, protocol, verify as dnbd3_verify_mod
-from stage4.dnbd3.server import DevServer
-from stage4.dnbd3.store import Store, validate_name
-from stage4.export import publish as export_publish, revisions as export_revisions
-from stage4.export.publish import Publication
+from stage4 import workdirs
+from stage4.boot import accel, qemu
+from stage4.boot import netboot as netboot_mod
 from stage4.boot.qemu import BootResult, BootSpec
+from stage4.builders import packer
 from stage4.builders.base_image import check_disk_fits
 from stage4.config import DEFAULT_IDENTIFIER, Config, SourceConfig
+from stage4.dnbd3 import client as dnbd3_client
+from stage4.dnbd3 import protocol
+from stage4.dnbd3 import verify as dnbd3_verify_mod
+from stage4.dnbd3.server import DevServer
+from stage4.dnbd3.store import Store, validate_name
 from stage4.errors import InputError
+from stage4.export import publish as export_publish
+from stage4.export import records as export_records
+from stage4.export import revisions as export_revisions
+from stage4.export.publish import Publication
 from stage4.image.filesystem import extract_boot_files
 from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
 from stage4.pipeline import LAYERS, Context, ImageResult, LayerStatus, build_image, read_manifest, status
 from stage4.provisioning.source_cache import Entry, SourceCache
-from stage4 import workdirs
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
@@ -46,8 +52,14 @@ def _runner(log_path: Path | None, debug: bool) -> Iterator[Runner]:
             log.close()
 
 
-def build(config: Config, images: list[str] | None = None, output_dir: Path | None = None,
-          rebuild: set[str] | None = None, debug: bool = False, keep_dev: bool = False) -> list[ImageResult]:
+def build(
+    config: Config,
+    images: list[str] | None = None,
+    output_dir: Path | None = None,
+    rebuild: set[str] | None = None,
+    debug: bool = False,
+    keep_dev: bool = False,
+) -> list[ImageResult]:
     """Build the named images (default: all in the config); unchanged steps are reused.
 
     An image with [images.NAME.dev] or [images.NAME.prod] gets the dev and prod layers on its base and
@@ -71,16 +83,18 @@ def build(config: Config, images: list[str] | None = None, output_dir: Path | No
     return results
 
 
-def clean(config: Config, images: list[str] | None = None, cache: bool = False,
-          debug: bool = False) -> workdirs.CleanReport:
+def clean(
+    config: Config, images: list[str] | None = None, cache: bool = False, debug: bool = False
+) -> workdirs.CleanReport:
     """Remove the work directories that no running build holds (releasing what a killed build left attached);
     with `cache` also the caches kept between builds (packages, initramfs images, probe kernel)."""
     with _runner(None, debug) as runner:
         return workdirs.clean(config.build.cache_dir, images, runner, shared_caches=cache)
 
 
-def layers(config: Config, images: list[str] | None = None,
-           output_dir: Path | None = None) -> dict[str, list[LayerStatus]]:
+def layers(
+    config: Config, images: list[str] | None = None, output_dir: Path | None = None
+) -> dict[str, list[LayerStatus]]:
     """The steps of each image: wanted identity, stored identity, file, size and what is cached."""
     output_dir = (output_dir or config.build.output_dir).absolute()
     found: dict[str, list[LayerStatus]] = {}
@@ -91,10 +105,25 @@ def layers(config: Config, images: list[str] | None = None,
     return found
 
 
-def _context(config: Config, name: str, output_dir: Path, runner: Runner, rebuild: set[str] | None = None,
-             keep_dev: bool = False) -> Context:
-    return Context(name, config.images[name], config.machine, config.source, output_dir, config.build.cache_dir,
-                   runner, frozenset(rebuild or ()), keep_dev)
+def _context(
+    config: Config,
+    name: str,
+    output_dir: Path,
+    runner: Runner,
+    rebuild: set[str] | None = None,
+    keep_dev: bool = False,
+) -> Context:
+    return Context(
+        name,
+        config.images[name],
+        config.machine,
+        config.source,
+        output_dir,
+        config.build.cache_dir,
+        runner,
+        frozenset(rebuild or ()),
+        keep_dev,
+    )
 
 
 def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> InspectReport:
@@ -105,10 +134,25 @@ def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> 
         return inspect_image(image, identifier, runner)
 
 
-def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | None = None,
-         initrd: Path | None = None, identifier: str | None = None, writable: bool = False,
-         timeout: float = 600, serial_log: Path | None = None, firmware: str = "bios",
-         debug: bool = False) -> BootResult:
+def diff(a: Path, b: Path, files: bool = False, debug: bool = False) -> dict:
+    """What changed from A to B (manifests, built images or exported revisions); see stage4.diff."""
+    with _runner(None, debug) as runner:
+        return diff_mod.diff(a, b, files=files, runner=runner)
+
+
+def boot(
+    config: Config,
+    image: Path,
+    via: str = "bootloader",
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    identifier: str | None = None,
+    writable: bool = False,
+    timeout: float = 600,
+    serial_log: Path | None = None,
+    firmware: str = "bios",
+    debug: bool = False,
+) -> BootResult:
     """Boot an image in qemu (read-only unless writable) and wait for its userspace marker."""
     if not image.is_file():
         raise InputError(f"{image}: no such image file")
@@ -117,20 +161,28 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
     if firmware not in ("bios", "uefi"):
         raise InputError(f"--firmware {firmware!r}: expected 'bios' or 'uefi'")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    serial_log = serial_log or image.parent / "logs" / f"boot-{image.stem}-{via}-{firmware}-{stamp}.serial.log"
+    serial_log = (
+        serial_log or image.parent / "logs" / f"boot-{image.stem}-{via}-{firmware}-{stamp}.serial.log"
+    )
     try:
         serial_log.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(serial_log.parent, os.W_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
-        raise InputError(f"{serial_log.parent}: cannot write the boot logs there ({exc.strerror}); "
-                         "give --log FILE") from None
+        raise InputError(
+            f"{serial_log.parent}: cannot write the boot logs there ({exc.strerror}); give --log FILE"
+        ) from None
     manifest = _manifest_of(image)
     identifier = identifier or manifest.get("identifier")
     if kernel is None and manifest.get("kernel") and Path(manifest["kernel"]).is_file():
-        kernel, initrd = Path(manifest["kernel"]), Path(manifest["initramfs"])  # the dev run's, as export has them
-    with _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner, \
-            tempfile.TemporaryDirectory(prefix="stage4-boot-") as tmp:
+        kernel, initrd = (
+            Path(manifest["kernel"]),
+            Path(manifest["initramfs"]),
+        )  # the dev run's, as export has them
+    with (
+        _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner,
+        tempfile.TemporaryDirectory(prefix="stage4-boot-") as tmp,
+    ):
         needs_kernel = via == "kernel" or config.machine.accelerator == "auto"  # the KVM probe boots it
         if identifier is None or (kernel is None and needs_kernel):
             with runner.display.step(f"read {image.name}"), raw_view(image, runner) as raw:
@@ -138,12 +190,22 @@ def boot(config: Config, image: Path, via: str = "bootloader", kernel: Path | No
                 if kernel is None and needs_kernel:
                     kernel, initrd = extract_boot_files(raw, Path(tmp), runner, identifier)
         accelerator = accel.choose(config.machine.accelerator.value, kernel, runner, config.build.cache_dir)
-        spec = BootSpec(image, accelerator, config.machine.cpus, config.machine.memory >> 20, serial_log,
-                        writable=writable, timeout=timeout, firmware=firmware)
+        spec = BootSpec(
+            image,
+            accelerator,
+            config.machine.cpus,
+            config.machine.memory >> 20,
+            serial_log,
+            writable=writable,
+            timeout=timeout,
+            firmware=firmware,
+        )
         if via == "kernel":
             spec.kernel, spec.initrd = kernel, initrd
             spec.append = f"root=PARTLABEL={identifier} ro console=ttyS0,115200n8 panic=-1"
-        with runner.display.step(f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"):
+        with runner.display.step(
+            f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"
+        ):
             return qemu.boot(spec, runner)
 
 
@@ -158,8 +220,14 @@ def sources(config: Config) -> list[Entry]:
     return SourceCache(config.build.cache_dir).entries()
 
 
-def import_source(config: Config, url: str, location: Path, ref: str | None = None, sha256: str | None = None,
-                  debug: bool = False) -> Entry:
+def import_source(
+    config: Config,
+    url: str,
+    location: Path,
+    ref: str | None = None,
+    sha256: str | None = None,
+    debug: bool = False,
+) -> Entry:
     """Seed the source cache from a local copy, so that builds naming `url` work offline.
 
     A git URL takes `ref` (default: the config's default ref) from the clone `location`; a tarball URL
@@ -174,17 +242,27 @@ def import_source(config: Config, url: str, location: Path, ref: str | None = No
         return cache.import_git(url, ref or SourceConfig.model_fields["ref"].default, location, runner)
 
 
-def remove_source(config: Config, url: str, ref: str | None = None, sha256: str | None = None,
-                  debug: bool = False) -> Entry:
+def remove_source(
+    config: Config, url: str, ref: str | None = None, sha256: str | None = None, debug: bool = False
+) -> Entry:
     """Forget a cached source: a git URL at `ref` (default: the config's default ref), or a tarball."""
     with _runner(None, debug) as runner:
-        return SourceCache(config.build.cache_dir).remove(url, ref or SourceConfig.model_fields["ref"].default,
-                                                          sha256, runner)
+        return SourceCache(config.build.cache_dir).remove(
+            url, ref or SourceConfig.model_fields["ref"].default, sha256, runner
+        )
 
 
-def netboot(config: Config, store: Path, name: str, rid: int | None = None, servers: tuple[str, ...] = (),
-            timeout: float = 600, boot_dir: Path | None = None, serial_log: Path | None = None,
-            debug: bool = False) -> netboot_mod.NetbootResult:
+def netboot(
+    config: Config,
+    store: Path,
+    name: str,
+    rid: int | None = None,
+    servers: tuple[str, ...] = (),
+    timeout: float = 600,
+    boot_dir: Path | None = None,
+    serial_log: Path | None = None,
+    debug: bool = False,
+) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
     files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
     with the userspace marker and / checked to be the copy-on-write device over xloop over /dev/dnbd0.
@@ -196,12 +274,18 @@ def netboot(config: Config, store: Path, name: str, rid: int | None = None, serv
     targets = [netboot_mod.loopback_server(server) for server in servers]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     leaf = name.rsplit("/", 1)[-1]
-    serial_log = serial_log or (config.build.output_dir.absolute() / "netboot"
-                                / f"{leaf}.r{revision.rid}-{stamp}-{os.getpid()}.serial.log")
-    with _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner, \
-            tempfile.TemporaryDirectory(prefix="stage4-netboot-") as tmp:
-        return netboot_mod.netboot(revision, targets, config.machine, config.build.cache_dir, timeout,
-                                   serial_log, Path(tmp), runner)
+    serial_log = serial_log or (
+        config.build.output_dir.absolute()
+        / "netboot"
+        / f"{leaf}.r{revision.rid}-{stamp}-{os.getpid()}.serial.log"
+    )
+    with (
+        _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner,
+        tempfile.TemporaryDirectory(prefix="stage4-netboot-") as tmp,
+    ):
+        return netboot_mod.netboot(
+            revision, targets, config.machine, config.build.cache_dir, timeout, serial_log, Path(tmp), runner
+        )
 
 
 def distributions() -> list[type[distributions_mod.Distribution]]:
@@ -227,6 +311,16 @@ def export(image: Path, store: str, name: str, *, debug: bool = False, **options
     return publication
 
 
+def revision_changes(store: str, name: str, rid: int) -> str | None:
+    """What revision `rid` of `name` changes against the previous complete one (local stores), as text."""
+    if ":" in store and not Path(store).exists():
+        return None  # a remote store: its records are on the store host
+    earlier = [s.rid for s in revisions(Path(store), name) if s.complete and s.rid < rid]
+    new = export_records.read_record(Path(store), name, rid)
+    old = export_records.read_record(Path(store), name, earlier[-1]) if earlier else None
+    return diff_mod.summary(old, new) if old and new else None
+
+
 def revisions(store: Path, name: str) -> list[export_revisions.RevisionState]:
     """Every revision of `name` in a local store, complete or not (image, .crc, boot files, record)."""
     local = Store(store)
@@ -243,18 +337,31 @@ def repair_revisions(store: Path, name: str) -> list[int]:
     return export_revisions.repair(local, name)
 
 
-def prune(store: Path, name: str, keep: int, protect: tuple[str, ...] = (), dry_run: bool = False,
-          reload_pidfile: Path | None = None, servers: tuple[str, ...] | None = None,
-          force: bool = False) -> list[int]:
+def prune(
+    store: Path,
+    name: str,
+    keep: int,
+    protect: tuple[str, ...] = (),
+    dry_run: bool = False,
+    reload_pidfile: Path | None = None,
+    servers: tuple[str, ...] | None = None,
+    force: bool = False,
+) -> list[int]:
     """Remove old revisions of `name`, keeping the newest `keep`, the protected and the active one, and any
     that a DNBD3 server (`servers`, default: those recorded at export) reports users for, unless `force`."""
     validate_name(name)
-    return export_revisions.prune(store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile,
-                                  servers=servers, force=force)
+    return export_revisions.prune(
+        store, name, keep, protect, dry_run=dry_run, pidfile=reload_pidfile, servers=servers, force=force
+    )
 
 
-def serve(store: Path, host: str, port: int, alt_servers: tuple[str, ...] = (),
-          log: Callable[[str], None] | None = None) -> DevServer:
+def serve(
+    store: Path,
+    host: str,
+    port: int,
+    alt_servers: tuple[str, ...] = (),
+    log: Callable[[str], None] | None = None,
+) -> DevServer:
     """A development DNBD3 server for `store` (not started: call serve_forever())."""
     if not store.is_dir():
         raise InputError(f"store {store}: not a directory")
@@ -278,15 +385,24 @@ def dnbd3_verify(server: str, name: str, rid: int = 0, **options) -> dnbd3_verif
     return dnbd3_verify_mod.verify(server, name, rid, **options)
 
 
-def dnbd3_download(server: str, name: str, output: Path, rid: int = 0, timeout: float = 10.0) -> tuple[int, int, str]:
+def dnbd3_download(
+    server: str, name: str, output: Path, rid: int = 0, timeout: float = 10.0
+) -> tuple[int, int, str]:
     """Download image `name` from a DNBD3 server: (rid, size, sha256)."""
     return dnbd3_verify_mod.download(server, name, output, rid, timeout=timeout)
 
 
-def render(config: Config, targets: list[str], output: Path, overrides: dict[str, object], debug: bool = False,
-           **options) -> list[packer.RenderedTemplate]:
+def render(
+    config: Config,
+    targets: list[str],
+    output: Path,
+    overrides: dict[str, object],
+    debug: bool = False,
+    **options,
+) -> list[packer.RenderedTemplate]:
     """Packer templates and answer files for distributions or images of the config (their settings, then
     `overrides` and the options of builders.packer.targets_for: efi, iso, iso_checksum, ssh_timeout)."""
-    chosen = packer.targets_for(targets or distributions_mod.installer_names(), config.images, overrides=overrides,
-                                **options)
+    chosen = packer.targets_for(
+        targets or distributions_mod.installer_names(), config.images, overrides=overrides, **options
+    )
     return packer.render_tree(output, chosen, config.machine, Runner(Display(debug=debug)))

@@ -52,7 +52,8 @@ for file in /sys/block/xloop*/xloop/backing_file; do
     [ -r "$file" ] && facts="$facts $(echo "$file" | cut -d/ -f4)=$(cat "$file")"
 done
 net=/sys/block/dnbd0/net
-[ -r $net/image_name ] && facts="$facts dnbd0=$(cat $net/image_name):$(cat $net/rid)@$(cat $net/cur_server_addr)"
+[ -r $net/image_name ] \
+    && facts="$facts dnbd0=$(cat $net/image_name):$(cat $net/rid)@$(cat $net/cur_server_addr)"
 echo "STAGE4-ROOT $facts" > /dev/ttyS0
 echo "STAGE4-USERSPACE-UP $(cat $fw/marker/raw)" > /dev/ttyS0
 test ! -e $fw/poweroff/raw || systemctl poweroff --no-block
@@ -94,8 +95,13 @@ class BootstrapPlan:
 
     def tree_inputs(self) -> dict:
         """What the root file system tree depends on."""
-        return {"distribution": self.distribution.name, "sources": self.sources(), "packages": self.packages(),
-                "fstab": fstab(self.identifier, self.filesystem), "hostname": self.hostname}
+        return {
+            "distribution": self.distribution.name,
+            "sources": self.sources(),
+            "packages": self.packages(),
+            "fstab": fstab(self.identifier, self.filesystem),
+            "hostname": self.hostname,
+        }
 
     def identity_inputs(self) -> dict:
         return {**self.tree_inputs(), "filesystem": self.filesystem, "identifier": self.identifier}
@@ -133,12 +139,21 @@ def customize_script(initramfs_cache: Path) -> str:
         chroot "$root" systemctl mask --quiet systemd-networkd-wait-online.service
         rm -f "$root"/etc/ssh/ssh_host_*
         : > "$root/etc/machine-id"
+        # mmdebstrap copied the build host's resolv.conf in: a package's symlink (systemd-resolved) stays,
+        # anything else becomes an empty file that DHCP fills at boot. Its apt options were the build's.
+        if [ ! -L "$root/etc/resolv.conf" ]; then
+            rm -f "$root/etc/resolv.conf"
+            install -m 0644 /dev/null "$root/etc/resolv.conf"
+        fi
+        rm -f "$root/etc/apt/apt.conf.d/99mmdebstrap" "$root/usr/sbin/policy-rc.d"
         {shlex.quote(sys.executable)} -m stage4.builders.initramfs "$root" {shlex.quote(str(initramfs_cache))}
         """)
 
 
 def essential_script() -> str:
-    return f'chroot "$1" dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut\n'
+    return (
+        f'chroot "$1" dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut\n'
+    )
 
 
 def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Path, runner: Runner) -> None:
@@ -151,21 +166,26 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
     apt_cache = cache_dir / "apt" / plan.distribution.name
     apt_cache.mkdir(parents=True, exist_ok=True)
     argv = [
-        "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
+        "mmdebstrap",
+        "--mode=root",
+        "--variant=minbase",
+        "--format=directory",
         f"--include={','.join(plan.packages())}",
         *([f"--keyring={plan.distribution.keyring}"] if plan.distribution.keyring else []),
-        "--aptopt=Acquire::Retries \"3\"",
+        '--aptopt=Acquire::Retries "3"',
         *[f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES],
         *[f"--dpkgopt=path-include={pattern}" for pattern in DPKG_INCLUDES],
         # Keep downloaded packages between builds: a rebuild with one more package downloads one package.
         "--skip=essential/unlink",
-        f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+        '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
         f"--setup-hook=sync-in {apt_cache} /var/cache/apt/archives/",
-        f"--essential-hook=sh {essential} \"$1\"",
+        f'--essential-hook=sh {essential} "$1"',
         f"--customize-hook=sync-in {staging} /",
-        f"--customize-hook=sh {customize} \"$1\"",
+        f'--customize-hook=sh {customize} "$1"',
         f"--customize-hook=sync-out /var/cache/apt/archives {apt_cache}",
-        plan.distribution.codename, str(rootfs), *plan.sources(),
+        plan.distribution.codename,
+        str(rootfs),
+        *plan.sources(),
     ]
     with runner.recording(work):  # for the cleanup after a killed build (stage4/workdirs.py)
         runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
@@ -176,13 +196,20 @@ def kernel_versions(rootfs: Path) -> list[str]:
 
 
 def installed_packages(rootfs: Path, runner: Runner) -> dict[str, str]:
-    result = runner.run(["dpkg-query", f"--admindir={rootfs / 'var/lib/dpkg'}", "-W",
-                         "-f=${Package}\\t${Version}\\t${db:Status-Abbrev}\\n"],
-                        step="package list", capture=True)
+    result = runner.run(
+        [
+            "dpkg-query",
+            f"--admindir={rootfs / 'var/lib/dpkg'}",
+            "-W",
+            "-f=${Package}\\t${Version}\\t${db:Status-Abbrev}\\n",
+        ],
+        step="package list",
+        capture=True,
+    )
     packages = {}
     for line in result.stdout.splitlines():
         name, version, status = line.split("\t")
-        if status.startswith("ii"):
+        if status[1:2] == "i":  # installed, whether wanted ('ii') or held ('hi')
             packages[name] = version
     return packages
 

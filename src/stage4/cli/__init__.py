@@ -1,4 +1,6 @@
-"""The `stage4` command: a thin shell over stage4.api (one module per command group). Errors become one line and an exit code."""
+"""The `stage4` command: a thin shell over stage4.api (one module per command group).
+
+Errors become one line and an exit code."""
 
 from __future__ import annotations
 
@@ -31,10 +33,15 @@ class Context:
         return cfg
 
 
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="project file (default: ./stage4.toml if present, else built-in defaults)")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="project file (default: ./stage4.toml if present, else built-in defaults)",
+)
 @click.option("--debug", is_flag=True, help="show every command stage4 runs, with its output")
 @click.version_option(package_name="stage4")
 @click.pass_context
@@ -45,19 +52,41 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, callback=check_output_dir,
-              help="output directory")
-@click.option("--rebuild", multiple=True, type=click.Choice(["base", "dev", "prod"]),
-              help="rebuild this layer (and the layers above it) even if it is up to date")
-@click.option("--keep-dev", is_flag=True, help="keep the dev layer (dev.qcow2) after its results were extracted")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    callback=check_output_dir,
+    help="output directory",
+)
+@click.option(
+    "--rebuild",
+    multiple=True,
+    type=click.Choice(["base", "dev", "prod"]),
+    help="rebuild this layer (and the layers above it) even if it is up to date",
+)
+@click.option(
+    "--keep-dev", is_flag=True, help="keep the dev layer (dev.qcow2) after its results were extracted"
+)
 @click.pass_obj
-def build(obj: Context, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...],
-          keep_dev: bool) -> None:
+def build(
+    obj: Context, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...], keep_dev: bool
+) -> None:
     """Build IMAGES (default: every image in the project file)."""
-    results = api.build(obj.config(), images=list(images), output_dir=output, rebuild=set(rebuild), debug=obj.debug,
-                        keep_dev=keep_dev)
+    results = api.build(
+        obj.config(),
+        images=list(images),
+        output_dir=output,
+        rebuild=set(rebuild),
+        debug=obj.debug,
+        keep_dev=keep_dev,
+    )
     for result in results:
-        click.echo(f"{result.name}: {result.image} ({'reused' if result.reused else 'built'}, identity {result.identity[:16]})")
+        click.echo(
+            f"{result.name}: {result.image} ({'reused' if result.reused else 'built'}, "
+            f"identity {result.identity[:16]})"
+        )
 
 
 @cli.command("layers")
@@ -69,21 +98,29 @@ def list_layers(obj: Context, images: tuple[str, ...], output: Path | None, as_j
     """List each image's layer chain: identities, sizes and what is cached."""
     found = api.layers(obj.config(), images=list(images), output_dir=output)
     if as_json:
-        click.echo(json.dumps({name: [s.to_dict() for s in statuses] for name, statuses in found.items()}, indent=2))
+        click.echo(
+            json.dumps({name: [s.to_dict() for s in statuses] for name, statuses in found.items()}, indent=2)
+        )
         return
     for name, statuses in found.items():
         click.echo(name)
         for status in statuses:
             size = f"{status.size / (1 << 20):8.1f} MiB" if status.size is not None else "           -"
             ident = (status.identity or "-")[:16]
-            click.echo(f"  {status.name:10} {ident:16} {size}  {status.state}"
-                       + (f"  {status.file}" if status.file else ""))
+            click.echo(
+                f"  {status.name:10} {ident:16} {size}  {status.state}"
+                + (f"  {status.file}" if status.file else "")
+            )
 
 
 @cli.command()
 @click.argument("image", type=IMAGE_FILE)
-@click.option("--identifier", default=None, callback=check_identifier,
-              help="root partition identifier to check (default: from the image)")
+@click.option(
+    "--identifier",
+    default=None,
+    callback=check_identifier,
+    help="root partition identifier to check (default: from the image)",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
 def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) -> None:
@@ -99,28 +136,75 @@ def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) ->
 
 @cli.command()
 @click.argument("image", type=IMAGE_FILE)
-@click.option("--via", type=click.Choice(["bootloader", "kernel"]), default="bootloader", show_default=True,
-              help="boot with the image's own bootloader, or with kernel+initramfs taken out of the image")
-@click.option("--kernel", type=click.Path(path_type=Path, exists=True), default=None,
-              help="boot this kernel instead (implies --via kernel)")
+@click.option(
+    "--via",
+    type=click.Choice(["bootloader", "kernel"]),
+    default="bootloader",
+    show_default=True,
+    help="boot with the image's own bootloader, or with kernel+initramfs taken out of the image",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="boot this kernel instead (implies --via kernel)",
+)
 @click.option("--initrd", type=click.Path(path_type=Path, exists=True), default=None, help="with --kernel")
-@click.option("--identifier", default=None, callback=check_identifier,
-              help="root partition identifier for root=PARTLABEL=")
-@click.option("--firmware", type=click.Choice(["bios", "uefi"]), default="bios", show_default=True,
-              help="SeaBIOS, or OVMF for UEFI")
-@click.option("--writable", is_flag=True, help="write to the image (default: read-only snapshot, like a client)")
-@click.option("--timeout", type=click.IntRange(min=1), default=600, show_default=True,
-              help="seconds to wait for the marker")
+@click.option(
+    "--identifier",
+    default=None,
+    callback=check_identifier,
+    help="root partition identifier for root=PARTLABEL=",
+)
+@click.option(
+    "--firmware",
+    type=click.Choice(["bios", "uefi"]),
+    default="bios",
+    show_default=True,
+    help="SeaBIOS, or OVMF for UEFI",
+)
+@click.option(
+    "--writable", is_flag=True, help="write to the image (default: read-only snapshot, like a client)"
+)
+@click.option(
+    "--timeout",
+    type=click.IntRange(min=1),
+    default=600,
+    show_default=True,
+    help="seconds to wait for the marker",
+)
 @click.option("--log", "serial_log", type=click.Path(path_type=Path), default=None, help="serial log file")
 @click.pass_obj
-def boot(obj: Context, image: Path, via: str, kernel: Path | None, initrd: Path | None, identifier: str | None,
-         firmware: str, writable: bool, timeout: int, serial_log: Path | None) -> None:
+def boot(
+    obj: Context,
+    image: Path,
+    via: str,
+    kernel: Path | None,
+    initrd: Path | None,
+    identifier: str | None,
+    firmware: str,
+    writable: bool,
+    timeout: int,
+    serial_log: Path | None,
+) -> None:
     """Boot IMAGE in qemu and wait until its userspace is up; exit 0 only if it booted."""
-    result = api.boot(obj.config(), image, via="kernel" if kernel else via, kernel=kernel, initrd=initrd,
-                      identifier=identifier, writable=writable, timeout=timeout, serial_log=serial_log,
-                      firmware=firmware, debug=obj.debug)
-    click.echo(f"booted: userspace marker after {result.seconds:.0f} s on {result.accelerator}; "
-               f"serial log: {result.serial_log}")
+    result = api.boot(
+        obj.config(),
+        image,
+        via="kernel" if kernel else via,
+        kernel=kernel,
+        initrd=initrd,
+        identifier=identifier,
+        writable=writable,
+        timeout=timeout,
+        serial_log=serial_log,
+        firmware=firmware,
+        debug=obj.debug,
+    )
+    click.echo(
+        f"booted: userspace marker after {result.seconds:.0f} s on {result.accelerator}; "
+        f"serial log: {result.serial_log}"
+    )
 
 
 @cli.command("config")
@@ -146,9 +230,9 @@ def list_distributions() -> None:
 
 def _register() -> None:
     """Each command group lives in its own module of this package and lists its commands in COMMANDS."""
-    from stage4.cli import clean, dnbd3, export, netboot, render, sources
+    from stage4.cli import clean, diff, dnbd3, export, netboot, render, sources
 
-    for module in (export, dnbd3, render, sources, clean, netboot):
+    for module in (export, dnbd3, render, sources, clean, netboot, diff):
         for command in module.COMMANDS:
             cli.add_command(command)
 
@@ -182,7 +266,9 @@ def main() -> None:
     except Exception as exc:
         if "--debug" in sys.argv[1:]:
             raise
-        err.print(f"stage4: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
-                  "(--debug shows the traceback)",
-                  markup=False)
+        err.print(
+            f"stage4: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(--debug shows the traceback)",
+            markup=False,
+        )
         sys.exit(EXIT_FAILURE)

@@ -143,6 +143,9 @@ def export(
         if publication.ipxe:
             click.echo(f"  ipxe:   {publication.ipxe}")
         click.echo(f"  config: {publication.config}\n  record: {publication.record}")
+        changes = api.revision_changes(store, name, publication.rid)
+        if changes:
+            click.echo(f"changes against the previous revision:\n{changes}")
 
 
 COMMANDS: list = [export]

@@ -108,6 +108,7 @@ class Job:
             boot_dir=boot_dir,
             boot_files=self.boot_facts(rid),
             ipxe=self.has_ipxe,
+            build=json.loads(self.manifest.read_text(encoding="utf-8")) if self.manifest else None,
         )
         texts = {
             "config": records.config_fragment(self.servers, self.name, rid, self.identifier, note),

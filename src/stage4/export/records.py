@@ -76,6 +76,7 @@ def record(
     boot_dir: str,
     boot_files: dict[str, dict],
     ipxe: bool,
+    build: dict | None = None,
 ) -> dict:
     return {
         "format": RECORD_FORMAT,
@@ -94,6 +95,9 @@ def record(
         "config": f"config.r{rid}",
         "ipxe": f"ipxe.r{rid}" if ipxe else None,
         "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        # The build manifest itself: the next build of the image overwrites prod.json, and `stage4 diff`
+        # of two revisions needs both.
+        "build": build,
     }
 
 

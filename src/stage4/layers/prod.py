@@ -1,8 +1,10 @@
 """The prod step: a fresh qcow2 overlay on the base with what the dev run built, flattened for export.
 
-Nothing of the dev layer goes in but its artifacts: the components' runtime packages, the artifacts
+Nothing of the dev layer goes in but its artifacts: first the kernel packages are held (the dev run built
+the initramfs and the modules for that kernel), then the components' runtime packages, the artifacts
 (modules with depmod, files at their destinations), the user's prod playbooks, then the shipped cleanup
-role; the overlay is flattened into one standalone zstd qcow2 (what xloop reads).
+role. A layer whose kernels are not exactly the dev run's fails (kernel_guard.py); else the overlay is
+flattened into one standalone zstd qcow2 (what xloop reads).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from stage4.config import ImageConfig, LayerConfig
 from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_sibling
-from stage4.layers import identities, overlay
+from stage4.layers import identities, kernel_guard, overlay
 from stage4.layers.dev import ARTIFACTS_DIR, installs, packages_of
 from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
 from stage4.provisioning import ansible, attach
@@ -31,17 +33,24 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
     """Build and flatten the prod layer into prod.qcow2; returns the prod part of its manifest."""
     layer = ctx.image.prod or LayerConfig()
     check_playbooks(ctx, "prod", layer)
-    display, runner, kernel = ctx.runner.display, ctx.runner, kernel_of(base_manifest)
+    display, runner = ctx.runner.display, ctx.runner
+    kernel = dev_manifest.get("kernel_version") or kernel_of(base_manifest)
     artifacts = dev_manifest["artifacts"]
     artifacts_dir = ctx.image_dir / ARTIFACTS_DIR
     work = fresh_work_dir(ctx, "prod")
     timings: dict[str, float] = {}
     try:
         overlay_path = work / "prod-overlay.qcow2"
-        overlay.create(ctx.image_dir / base_manifest["image"]["file"], overlay_path, runner,
-                       f"{ctx.name}: prod: create overlay")
-        to_install = installs([a for name in sorted(artifacts["components"]) for a in artifacts["components"][name]],
-                              f"{artifacts_dir}/")
+        overlay.create(
+            ctx.image_dir / base_manifest["image"]["file"],
+            overlay_path,
+            runner,
+            f"{ctx.name}: prod: create overlay",
+        )
+        to_install = installs(
+            [a for name in sorted(artifacts["components"]) for a in artifacts["components"][name]],
+            f"{artifacts_dir}/",
+        )
         runtime = sorted({p for c in ctx.image.components.values() for p in c.runtime_packages})
         variables = {
             **layer.vars,
@@ -50,16 +59,29 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
             "stage4_packages": sorted({*layer.packages, *runtime}),
             "stage4_artifacts": to_install,
         }
-        plays = ansible.site([ansible.play("stage4 prod: packages and artifacts",
-                                           ["stage4_packages", "stage4_install_artifacts"])],
-                             list(layer.playbooks),
-                             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)])
+        plays = ansible.site(
+            [
+                ansible.play(
+                    "stage4 prod: packages and artifacts",
+                    ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"],
+                )
+            ],
+            list(layer.playbooks),
+            [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)],
+        )
         with timed(timings, "provision"):
             provision(ctx, base_manifest, "prod", layer, overlay_path, plays, variables, work)
-        step = f"{ctx.name}: prod: package list"
-        with attach.attached(overlay_path, root_partition(ctx, base_manifest), work / "attach", runner,
-                             writable=False, step=step) as root:
-            packages = packages_of(root, runner)
+        step = f"{ctx.name}: prod: kernel and package list"
+        with attach.attached(
+            overlay_path,
+            root_partition(ctx, base_manifest),
+            work / "attach",
+            runner,
+            writable=False,
+            step=step,
+        ) as root:
+            kernel_guard.check(root, kernel, step, runner, base_manifest.get("kernel_versions"))
+            packages, kernel_hold = packages_of(root, runner), kernel_guard.hold(root, runner)
         target = ctx.image_dir / PROD_IMAGE
         step = f"{ctx.name}: prod: flatten into a standalone qcow2"
         with temporary_sibling(target) as partial, display.step(step), timed(timings, "flatten"):
@@ -69,15 +91,26 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
         remove_tree(work)
     files = file_facts(ctx.image_dir, PROD_IMAGE)
     return {
-        "dev_identity": dev_manifest["identity"], "way": layer.way.value, "kernel_version": kernel,
+        "dev_identity": dev_manifest["identity"],
+        "way": layer.way.value,
+        "kernel_version": kernel,
         # What export publishes beside the image: the dev run's kernel and initramfs, not the base's.
         "kernel": str(artifacts_dir / artifacts["kernel"]),
         "initramfs": str(artifacts_dir / artifacts["initramfs"]),
         "dracut_modules": list(ctx.image.initramfs.dracut_modules),
-        "playbooks": [str(p) for p in layer.playbooks], "packages_requested": variables["stage4_packages"],
-        "artifacts_installed": to_install, "packages": packages,
-        "image": {"file": PROD_IMAGE, "format": "qcow2", "compat": "1.1", "compression": "zstd",
-                  "virtual_size": facts["virtual-size"], **files[PROD_IMAGE]},
+        "playbooks": [str(p) for p in layer.playbooks],
+        "packages_requested": variables["stage4_packages"],
+        "artifacts_installed": to_install,
+        "packages": packages,
+        "kernel_hold": kernel_hold,
+        "image": {
+            "file": PROD_IMAGE,
+            "format": "qcow2",
+            "compat": "1.1",
+            "compression": "zstd",
+            "virtual_size": facts["virtual-size"],
+            **files[PROD_IMAGE],
+        },
         "files": files,
         "timings_seconds": timings,
     }

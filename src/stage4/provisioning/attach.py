@@ -61,18 +61,28 @@ def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, s
     """The qcow2 chain of `image` as one raw file at `mountpoint` while the context lasts."""
     mountpoint.parent.mkdir(parents=True, exist_ok=True)
     mountpoint.touch()
-    argv = ["qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file,filename={image},aio=threads",
-            "--blockdev", "driver=qcow2,node-name=disk,file=file",
-            "--export", (f"type=fuse,id=export,node-name=disk,mountpoint={mountpoint},"
-                         f"writable={'on' if writable else 'off'}")]
+    argv = [
+        "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=file,node-name=file,filename={image},aio=threads",
+        "--blockdev",
+        "driver=qcow2,node-name=disk,file=file",
+        "--export",
+        (
+            f"type=fuse,id=export,node-name=disk,mountpoint={mountpoint},"
+            f"writable={'on' if writable else 'off'}"
+        ),
+    ]
     runner.note("mount", target=str(mountpoint.resolve()), fs_type="fuse")
     with runner.background(argv, step=step, grace=30) as daemon:
         deadline = time.monotonic() + EXPORT_WAIT_SECONDS
         while str(mountpoint.resolve()) not in mounts_below(mountpoint):
             if not daemon.running():
-                raise StepFailed(step, "qemu-storage-daemon exited: " + " | ".join(list(daemon.lines)[-5:]),
-                                 runner.log_path)
+                raise StepFailed(
+                    step,
+                    "qemu-storage-daemon exited: " + " | ".join(list(daemon.lines)[-5:]),
+                    runner.log_path,
+                )
             if time.monotonic() > deadline:
                 raise StepFailed(step, f"the FUSE export of {image.name} did not appear", runner.log_path)
             time.sleep(0.1)
@@ -97,7 +107,9 @@ def loop_device(raw: Path, part: RootPartition, runner: Runner, writable: bool, 
 
 
 @contextlib.contextmanager
-def mounted(device: str, target: Path, fs_type: str, runner: Runner, writable: bool, step: str) -> Iterator[Path]:
+def mounted(
+    device: str, target: Path, fs_type: str, runner: Runner, writable: bool, step: str
+) -> Iterator[Path]:
     target.mkdir(parents=True, exist_ok=True)
     options = "rw" if writable else ("ro,norecovery" if fs_type == "xfs" else "ro")
     runner.note("mount", target=str(target.resolve()), device=device)
@@ -110,8 +122,15 @@ def mounted(device: str, target: Path, fs_type: str, runner: Runner, writable: b
 
 
 @contextlib.contextmanager
-def attached(image: Path, part: RootPartition, work: Path, runner: Runner, *, writable: bool,
-             step: str = "attach layer") -> Iterator[Path]:
+def attached(
+    image: Path,
+    part: RootPartition,
+    work: Path,
+    runner: Runner,
+    *,
+    writable: bool,
+    step: str = "attach layer",
+) -> Iterator[Path]:
     """The root filesystem of the qcow2 `image` mounted below `work`; nothing remains attached afterwards.
 
     Every command started while it is attached (Ansible in the chroot) is recorded in `work` too.
@@ -124,8 +143,9 @@ def attached(image: Path, part: RootPartition, work: Path, runner: Runner, *, wr
 
 
 @contextlib.contextmanager
-def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
-                 step: str = "prepare chroot") -> Iterator[Path]:
+def chroot_ready(
+    root: Path, runner: Runner, apt_cache: Path | None = None, step: str = "prepare chroot"
+) -> Iterator[Path]:
     """Make a mounted root usable as a chroot for package managers; undo it all on exit."""
     with contextlib.ExitStack() as stack:
         for name in ("proc", "sys", "dev", "dev/pts"):
@@ -136,7 +156,9 @@ def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
                 runner.run(["mount", "-t", "proc", "proc", target], step=step)
             else:
                 runner.run(["mount", "--bind", f"/{name}", target], step=step)
-            stack.callback(runner.run, ["umount", "--lazy", target], step=f"{step} (unmount {name})", check=False)
+            stack.callback(
+                runner.run, ["umount", "--lazy", target], step=f"{step} (unmount {name})", check=False
+            )
         stack.enter_context(_host_resolv_conf(root))
         stack.enter_context(_temporary_file(root / "usr/sbin/policy-rc.d", POLICY_RC_D, 0o755))
         if apt_cache is not None and (root / "etc/apt").is_dir():
@@ -146,11 +168,16 @@ def chroot_ready(root: Path, runner: Runner, apt_cache: Path | None = None,
             stack.callback(_rmdir_quietly, mount_point)
             runner.note("mount", target=str(mount_point.resolve()))
             runner.run(["mount", "--bind", apt_cache, mount_point], step=step)
-            stack.callback(runner.run, ["umount", "--lazy", mount_point], step=f"{step} (unmount apt cache)",
-                           check=False)
-            stack.enter_context(_temporary_file(
-                root / APT_CACHE_CONF,
-                f'Dir::Cache::Archives "/{APT_CACHE_MOUNT}/";\nAPT::Keep-Downloaded-Packages "true";\n', 0o644))
+            stack.callback(
+                runner.run, ["umount", "--lazy", mount_point], step=f"{step} (unmount apt cache)", check=False
+            )
+            stack.enter_context(
+                _temporary_file(
+                    root / APT_CACHE_CONF,
+                    f'Dir::Cache::Archives "/{APT_CACHE_MOUNT}/";\nAPT::Keep-Downloaded-Packages "true";\n',
+                    0o644,
+                )
+            )
         yield root
 
 
@@ -161,7 +188,10 @@ def _private_archives(shared: Path) -> Iterator[Path]:
     that shared one folder would wait for each other (and time out)."""
     shared.mkdir(parents=True, exist_ok=True)
     for stale in shared.parent.glob(f".{shared.name}.*"):
-        if stale.name.rsplit(".", 1)[-1].isdigit() and not Path(f"/proc/{stale.name.rsplit('.', 1)[-1]}").exists():
+        if (
+            stale.name.rsplit(".", 1)[-1].isdigit()
+            and not Path(f"/proc/{stale.name.rsplit('.', 1)[-1]}").exists()
+        ):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
     private = shared.parent / f".{shared.name}.{os.getpid()}"
     shutil.rmtree(private, ignore_errors=True)
@@ -207,7 +237,9 @@ def _temporary_file(path: Path, content: str, mode: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _host_resolv_conf(root: Path) -> Iterator[None]:
-    """The host's resolver for apt; the image's own resolv.conf (file, symlink or none) comes back after."""
+    """The host's resolver for apt; afterwards the image's own resolv.conf (file, symlink or none) comes
+    back, unless a package installed during the run replaced the host's copy with its own (a symlink of
+    systemd-resolved): then that one stays. The host's nameservers never stay in the image."""
     target, saved = root / "etc/resolv.conf", root / SAVED_RESOLV
     had_own = target.exists() or target.is_symlink()
     if had_own:
@@ -216,6 +248,9 @@ def _host_resolv_conf(root: Path) -> Iterator[None]:
         shutil.copyfile("/etc/resolv.conf", target)
         yield
     finally:
-        target.unlink(missing_ok=True)
-        if had_own:
-            os.replace(saved, target)
+        if target.is_symlink():  # a package's own (the host's copy is a regular file)
+            saved.unlink(missing_ok=True)
+        else:
+            target.unlink(missing_ok=True)
+            if had_own:
+                os.replace(saved, target)

@@ -1,0 +1,243 @@
+"""Safe rollouts on real layered builds: the kernel coupling guard, nothing of the build host in the images,
+and `stage4 diff` between two builds.
+
+The layered fixture image of test_layers (a fixture component with a kernel module, a fixture dracut
+module) is built on the session's base. What the images hold is read back with debugfs and dpkg's own
+status file, not with stage4's readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stage4 import api
+from stage4.errors import StepFailed
+from stage4.fsutil import sha256_file
+from tests.conftest import STAGE4, BuiltImage, make_config, require
+from tests.test_layers import FIXTURES, NAME, layered_image_config
+
+pytestmark = pytest.mark.slow
+
+
+def root_offset(image: Path, raw: Path) -> int:
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True, text=True).stdout
+    )["partitiontable"]
+    (root,) = [p for p in table["partitions"] if p.get("name") == "SLX_SYS"]
+    return root["start"] * table.get("sectorsize", 512)
+
+
+class Debugfs:
+    """debugfs on a raw copy of the image's root partition (a tool stage4 did not write)."""
+
+    def __init__(self, image: Path, tmp: Path):
+        self.raw = tmp / f"{image.stem}.raw"
+        self.target = f"{self.raw}?offset={root_offset(image, self.raw)}"
+
+    def run(self, command: str) -> str:
+        return subprocess.run(
+            ["debugfs", "-R", command, self.target], check=True, capture_output=True, text=True
+        ).stdout
+
+    def stat(self, path: str) -> dict | None:
+        """Type and mode of `path` (not following a symlink at its end); None if absent."""
+        out = self.run(f"stat {path}")
+        if "Type:" not in out:
+            return None
+        words = out.split()
+        return {"type": words[words.index("Type:") + 1], "mode": words[words.index("Mode:") + 1]}
+
+    def cat(self, path: str) -> str:
+        return self.run(f"cat {path}")
+
+    def names(self, folder: str) -> list[str]:
+        lines = self.run(f"ls -p {folder}").splitlines()
+        return sorted(
+            n for n in (line.split("/")[5] for line in lines if line.count("/") >= 6) if n not in (".", "..")
+        )
+
+
+def dpkg_stanza(status: str, package: str) -> dict:
+    for stanza in status.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
+        )
+        if fields.get("Package") == package:
+            return fields
+    return {}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_layers' fixture project: playbooks, a dracut module and a component with a kernel module."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("playbooks", "dracut", "component"):
+        shutil.copytree(FIXTURES / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def layered(base_image: BuiltImage, project: Path):
+    require("qemu-storage-daemon", "losetup", "lsinitrd", "debugfs")
+    cfg = make_config(base_image.output_dir.parent, {NAME: layered_image_config(project)})
+    (result,) = api.build(cfg, [NAME])
+    return cfg, result
+
+
+def test_base_and_prod_carry_nothing_of_the_build_host(
+    layered, base_image: BuiltImage, tmp_path: Path
+) -> None:
+    _, result = layered
+    host_nameservers = [
+        line.strip()
+        for line in Path("/etc/resolv.conf").read_text().splitlines()
+        if line.strip().startswith("nameserver")
+    ]
+    host_name = socket.gethostname()
+    for image in (base_image.path, result.image):
+        fs = Debugfs(image, tmp_path)
+        resolv = fs.stat("/etc/resolv.conf")
+        if resolv["type"] == "symlink":  # a package's own (systemd-resolved)
+            assert "/run/" in fs.run("stat /etc/resolv.conf"), image
+        else:
+            assert resolv == {"type": "regular", "mode": "0644"}, (image, resolv)
+            text = fs.cat("/etc/resolv.conf")
+            assert not [line for line in text.splitlines() if line.strip() in host_nameservers], (image, text)
+            assert "nameserver" not in text, (image, text)
+        assert fs.stat("/etc/.resolv.conf.stage4-saved") is None
+        hostname, hosts = fs.cat("/etc/hostname"), fs.cat("/etc/hosts")
+        assert hostname.strip() == NAME and host_name != NAME, hostname
+        assert host_name not in hostname.split() and host_name not in hosts.split(), (image, hosts)
+        for conf in fs.names("/etc/apt/apt.conf.d"):
+            text = fs.cat(f"/etc/apt/apt.conf.d/{conf}").lower()
+            for setting in ("proxy", "dir::cache", "keep-downloaded-packages"):
+                assert setting not in text, (image, conf, text)
+        assert fs.stat("/usr/sbin/policy-rc.d") is None, image
+        os.unlink(fs.raw)
+
+
+def test_prod_holds_the_kernel_and_records_the_hold(layered, base_image: BuiltImage, tmp_path: Path) -> None:
+    _, result = layered
+    kernel = result.dev_manifest["kernel_version"]
+    fs = Debugfs(result.image, tmp_path)
+    status = fs.cat("/var/lib/dpkg/status")
+    for package in (f"linux-image-{kernel}", "linux-image-amd64"):
+        assert dpkg_stanza(status, package).get("Status") == "hold ok installed", package
+    held = sorted(
+        fields["Package"]
+        for fields in (
+            dict(
+                line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
+            )
+            for stanza in status.split("\n\n")
+        )
+        if fields.get("Status", "").startswith("hold ")
+    )
+    manifest = json.loads((result.image.parent / "prod.json").read_text())
+    assert manifest["kernel_hold"] == {"method": "apt-mark hold", "packages": held}
+    assert f"linux-image-{kernel}" in manifest["packages"]  # a held package is still installed
+    # The base is not held: only prod is.
+    base_status = Debugfs(base_image.path, tmp_path).cat("/var/lib/dpkg/status")
+    assert dpkg_stanza(base_status, f"linux-image-{kernel}").get("Status") == "install ok installed"
+
+
+def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(layered) -> None:
+    _, result = layered
+    kernel = result.dev_manifest["kernel_version"]
+    report = api.inspect(result.image)
+    assert report.passed, report.problems()
+    (facts,) = report.to_dict()["kernels"]
+    assert facts == {
+        "version": kernel,
+        "initramfs": f"initrd.img-{kernel}",
+        "modules_tree": True,
+        "extra_modules": {"stage4hello.ko": kernel},
+        "initramfs_kernels": [kernel],
+        "belongs": True,
+    }
+    out = subprocess.run([STAGE4, "inspect", str(result.image)], check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"kernel {kernel}: modules tree yes, extra modules stage4hello.ko ({kernel})" in out.stdout
+
+
+def test_diff_of_two_builds_shows_the_package_and_the_file(
+    layered,
+    base_image: BuiltImage,
+    project: Path,
+    tmp_path: Path,
+) -> None:
+    _, first = layered
+    kept = tmp_path / "first"
+    kept.mkdir()
+    for name in ("base.json", "dev.json", "prod.json", "prod.qcow2"):
+        shutil.copy2(first.image.parent / name, kept / name)
+    changed = layered_image_config(project, prod_text="prod v2")
+    changed["prod"]["packages"] = ["tree"]
+    cfg = make_config(base_image.output_dir.parent, {NAME: changed})
+    (second,) = api.build(cfg, [NAME])
+    assert second.built == ["prod"]
+
+    out = subprocess.run(
+        [STAGE4, "diff", "--json", "--files", str(kept / "prod.qcow2"), str(second.image)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["packages"]["removed"] == {} and found["packages"]["changed"] == {}
+    assert list(found["packages"]["added"]) == ["tree"]
+    assert found["kernel"]["a"] == found["kernel"]["b"] and not found["kernel"]["changed"]
+    assert found["identities"]["prod"]["a"] != found["identities"]["prod"]["b"]
+    assert found["identities"]["dev"]["a"] == found["identities"]["dev"]["b"]
+    files = found["files"]
+    assert "/etc/stage4-fixture" in files["changed"]
+    assert "/usr/bin/tree" in files["added"]
+    assert not files["removed"], files["removed"]
+    # Every other added file is tree's own or dpkg's record of it.
+    tree_files = set(Debugfs(second.image, tmp_path).cat("/var/lib/dpkg/info/tree.list").split())
+    assert {f for f in files["added"] if not f.startswith("/var/lib/dpkg/info/tree.")} <= tree_files
+
+    text = subprocess.run(
+        [STAGE4, "diff", str(kept / "prod.qcow2"), str(second.image)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert text.returncode == 0, text.stderr
+    assert "+ tree " in text.stdout, text.stdout
+
+
+def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(
+    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+) -> None:
+    _, result = layered
+    kernel = result.dev_manifest["kernel_version"]
+    before = sha256_file(result.image)
+    playbook = tmp_path / "kernel.yml"
+    # Another flavour of the same kernel release: in the mirror, and not held.
+    playbook.write_text(
+        "- hosts: all\n  tasks:\n    - name: Install another kernel\n"
+        "      ansible.builtin.apt:\n"
+        "        name: \"linux-image-{{ stage4_kernel_version | replace('-amd64', '-cloud-amd64') }}\"\n"
+    )
+    cfg = make_config(
+        base_image.output_dir.parent,
+        {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}},
+    )
+    with pytest.raises(StepFailed) as caught:
+        api.build(cfg, [NAME])
+    message = str(caught.value)
+    other = kernel.replace("-amd64", "-cloud-amd64")
+    assert "\n" not in message and kernel in message and other in message, message
+    assert "prod" in message and "changed the kernel" in message, message
+    print(message)
+    assert sha256_file(result.image) == before
