@@ -479,7 +479,10 @@ def test_unsupported_filesystem_is_refused(tmp_path: Path) -> None:
     # the config model refuses it (the CLI turns that into one line, see test_render_cli_* below)
     with pytest.raises(ValidationError, match="the rocky-9 installer cannot create it; use one of ext4, xfs"):
         _render(tmp_path, ["rocky-9"], filesystem="btrfs")
-    assert not (tmp_path / "rocky-9-amd64.json").exists()
+    # Every target is checked before anything is written: a good one before the refused one leaves nothing.
+    result = _stage4("render", "debian-12", "rocky-9", "--filesystem", "btrfs", "-o", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "rocky-9: filesystem = 'btrfs'" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
     _render(tmp_path, ["debian-12"], filesystem="btrfs")
     assert "in-target btrfs filesystem label / system" in _answer(tmp_path, "debian-12")
 

@@ -1,4 +1,4 @@
-"""The kernel coupling guard of the prod layer (reference stage4-boot §6.3).
+"""The kernel coupling guard of the prod layer (docs/client-boot.md, "Per-revision files").
 
 The dev run built the initramfs and the extra modules for one kernel; the prod image must carry exactly
 that kernel. The prod play holds the kernel packages first (role stage4_kernel_hold); after the run the

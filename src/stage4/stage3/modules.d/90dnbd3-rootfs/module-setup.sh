@@ -1,5 +1,5 @@
 #!/bin/bash
-# dnbd3-rootfs: the root file system of a Stage4 client from a DNBD3 server (stage4-boot.md §1-§5).
+# dnbd3-rootfs: the root file system of a Stage4 client from a DNBD3 server (docs/client-boot.md).
 # Network by DHCP (busybox udhcpc), config over HTTP (bash), /dev/dnbd0 (dnbd3-client),
 # xloop (QCOW, read-only, partition scan), a device-mapper snapshot in RAM as /dev/mapper/root.
 

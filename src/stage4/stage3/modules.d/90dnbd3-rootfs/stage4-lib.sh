@@ -2,7 +2,7 @@
 # stage4 stage 3: the logic of the dnbd3-rootfs dracut module as small functions, sourceable on any
 # host (the tests run them against fixture inputs). Nothing here needs dracut.
 #
-# Contract (stage4-boot.md §1-§5): configuration from http://<slxsrv>/<slxbase>/config (shell
+# Contract (docs/client-boot.md): configuration from http://<slxsrv>/<slxbase>/config (shell
 # KEY='value' lines), overridden by SLX_* keys on the kernel command line; the image
 # SLX_DNBD3_IMAGE at SLX_DNBD3_RID from the first of SLX_DNBD3_SERVERS (HOST or HOST:PORT,
 # space-separated, port 5003) that serves it, on /dev/dnbd0; xloop opens the qcow2 read-only with a
