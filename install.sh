@@ -20,6 +20,8 @@ APT_PACKAGES=(
     openssl                    # password hashes for installer build users
     openssh-server rsync       # tests of exports to a remote store (a private sshd on loopback)
     debconf                    # debconf-set-selections checks rendered preseeds
+    kmod                       # modinfo: inspect checks which kernel each extra module was built for
+    binutils                   # as, ld: a test's tiny kernel that prints GRUB-style escape codes
     python3-venv               # the Python environment below
 )
 
