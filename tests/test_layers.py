@@ -369,9 +369,23 @@ def _attached_to(path: Path) -> list[str]:
     return found
 
 
-def _ansible_running(work: Path) -> bool:
-    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return any("ansible-playbook" in line and str(work) in line for line in procs.splitlines())
+def _descendant_names(pid: int) -> set[str]:
+    """The command names (/proc/PID/comm) of the processes below `pid`."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        child = int(stat.parent.name)
+        parents[child], names[child] = int(rest[1]), name
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= {names[child] for child in frontier}
+    return found
 
 
 def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(
@@ -390,13 +404,13 @@ def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(
     proc = subprocess.Popen(
         [STAGE4, "-c", str(toml), "build", NAME], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 300
-    while not any("export.raw" in line for line in _attached_to(work)):
-        assert proc.poll() is None and time.monotonic() < deadline, "the dev run never attached its layer"
-        time.sleep(0.5)
-    while not _ansible_running(work):
+    # Ansible running in the attached dev layer, seen in the process table (stat and comm only: reading a
+    # process's command line can stall while it waits on the FUSE export).
+    deadline = time.monotonic() + 600
+    while "ansible-playboo" not in _descendant_names(proc.pid):
         assert proc.poll() is None and time.monotonic() < deadline, "Ansible never started in the dev layer"
         time.sleep(0.5)
+    assert any(m.endswith("/dev/attach/export.raw") for m in mounts_below(work)), mounts_below(work)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
