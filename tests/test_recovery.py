@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from stage4 import workdirs
-from tests.conftest import STAGE4
+from tests.conftest import STAGE4, full_matrix
 from tests.test_layers import FIXTURES, layered_image_config
 
 NAME = "recovery"
@@ -437,6 +437,7 @@ def test_kill_in_bootstrap(env: Env) -> None:
 
 
 @pytest.mark.slow
+@full_matrix
 def test_kill_in_disk_assembly(env: Env) -> None:
     # The interrupted `--rebuild base` of the report: the rerun reuses the old base but removes the
     # work folder.
@@ -471,6 +472,7 @@ def test_kill_in_dev_provisioning(env: Env) -> None:
 
 
 @pytest.mark.slow
+@full_matrix
 def test_kill_in_prod_provisioning(env: Env) -> None:
     build = Build(env, "--rebuild", "prod")
     build.wait_for(provisioning(env, "prod"), "Ansible in the prod chroot", 900)

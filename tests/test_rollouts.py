@@ -20,7 +20,7 @@ import pytest
 from stage4 import api
 from stage4.errors import StepFailed
 from stage4.fsutil import sha256_file
-from tests.conftest import STAGE4, BuiltImage, make_config, require
+from tests.conftest import STAGE4, BuiltImage, full_matrix, make_config, require
 from tests.test_layers import FIXTURES, NAME, layered_image_config
 
 pytestmark = pytest.mark.slow
@@ -168,6 +168,7 @@ def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(laye
     assert f"kernel {kernel}: modules tree yes, extra modules stage4hello.ko ({kernel})" in out.stdout
 
 
+@full_matrix
 def test_diff_of_two_builds_shows_the_package_and_the_file(
     layered,
     base_image: BuiltImage,
