@@ -143,8 +143,10 @@ def test_owner_identity_tells_a_reused_pid_apart() -> None:
     assert me.alive()
     assert not workdirs.Owner(me.pid, me.start + 1, me.boot).alive()  # same PID, a later process
     assert not workdirs.Owner(me.pid, me.start, "another-boot").alive()
-    finished = subprocess.Popen(["true"])
+    finished = subprocess.Popen(["sleep", "60"])
     start = workdirs.process_start(finished.pid)
+    assert start is not None and workdirs.Owner(finished.pid, start, me.boot).alive()
+    finished.kill()
     finished.wait()
     assert not workdirs.Owner(finished.pid, start, me.boot).alive()
 

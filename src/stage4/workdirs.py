@@ -71,7 +71,7 @@ class Owner:
             return None
 
     def alive(self) -> bool:
-        return self.boot == boot_id() and process_start(self.pid) == self.start
+        return self.start is not None and self.boot == boot_id() and process_start(self.pid) == self.start
 
     def to_record(self) -> dict:
         return {"pid": self.pid, "start": self.start, "boot": self.boot}
