@@ -188,22 +188,7 @@ class SourceCache:
             raise InputError(f"{directory}: the git repository has no branch, tag or commit {at or ref!r}")
         with self._locked(url, runner):
             mirror = self._ensure_mirror(url, runner, step)
-            runner.run(
-                [
-                    "git",
-                    "-c",
-                    "gc.auto=0",
-                    "--git-dir",
-                    mirror,
-                    "fetch",
-                    "--quiet",
-                    "--no-tags",
-                    directory,
-                    f"+{commit}:refs/stage4/{_key(ref)}",
-                ],
-                step=step,
-                env=GIT_ENV,
-            )
+            _fetch_into(mirror, ["--no-tags", directory, f"+{commit}:refs/stage4/{_key(ref)}"], runner, step)
             return self._record(url, ref, commit, str(directory), runner, step)
 
     @staticmethod
@@ -229,22 +214,11 @@ class SourceCache:
             if advertised is None or not self.has_commit(url, advertised, runner, step):
                 mirror = self._ensure_mirror(url, runner, step)
                 try:
-                    runner.run(
-                        [
-                            "git",
-                            "-c",
-                            "gc.auto=0",
-                            "--git-dir",
-                            mirror,
-                            "fetch",
-                            "--quiet",
-                            "--force",
-                            url,
-                            "+refs/heads/*:refs/remotes/origin/*",
-                            "+refs/tags/*:refs/tags/*",
-                        ],
-                        step=step,
-                        env=GIT_ENV,
+                    _fetch_into(
+                        mirror,
+                        ["--force", url, "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
+                        runner,
+                        step,
                         timeout=FETCH_TIMEOUT,
                     )
                 except StepFailed as exc:
@@ -368,4 +342,16 @@ def _advertised(listing: str, ref: str) -> str | None:
 def _tarball_entry(record: dict) -> Entry:
     return Entry(
         "tarball", record["url"], None, None, record["sha256"], record["size"], record["when"], record["from"]
+    )
+
+
+def _fetch_into(
+    mirror: Path, arguments: list, runner: Runner, step: str, timeout: float | None = None
+) -> None:
+    """`git fetch` into a cache mirror (no automatic gc: the cached commits are kept by refs/stage4/)."""
+    runner.run(
+        ["git", "-c", "gc.auto=0", "--git-dir", mirror, "fetch", "--quiet", *arguments],
+        step=step,
+        env=GIT_ENV,
+        timeout=timeout,
     )
