@@ -139,8 +139,10 @@ def customize_script(initramfs_cache: Path) -> str:
         chroot "$root" systemctl mask --quiet systemd-networkd-wait-online.service
         rm -f "$root"/etc/ssh/ssh_host_*
         : > "$root/etc/machine-id"
-        # mmdebstrap copied the build host's resolv.conf in: a package's symlink (systemd-resolved) stays,
-        # anything else becomes an empty file that DHCP fills at boot. Its apt options were the build's.
+        # mmdebstrap copied the build host's resolv.conf in: systemd-resolved's symlink stays (its package
+        # kept the host's copy as a backup), anything else becomes an empty file. Its apt options were the
+        # build's.
+        rm -f "$root/etc/.resolv.conf.systemd-resolved.bak"
         if [ ! -L "$root/etc/resolv.conf" ]; then
             rm -f "$root/etc/resolv.conf"
             install -m 0644 /dev/null "$root/etc/resolv.conf"

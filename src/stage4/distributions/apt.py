@@ -10,8 +10,11 @@ from stage4.distributions.installer import FILESYSTEM_TOOLS as INSTALLER_FS_TOOL
 from stage4.distributions.installer import AnswerContext, render, unique
 
 # What every base holds: a kernel, an init, the initramfs generator, and what Ansible needs later.
+# systemd-networkd leaves /etc/resolv.conf alone; systemd-resolved takes the DHCP server's resolver
+# (a VM provisioning run, a netbooted client). Its package links /etc/resolv.conf to its own stub.
 BASE_PACKAGES = (
     "systemd-sysv",
+    "systemd-resolved",
     "udev",
     "dbus",
     "kmod",
