@@ -1,0 +1,106 @@
+"""Screenshots of a booted guest: qemu's QMP `screendump` of the VGA screen, written as PNG by qemu.
+
+A display manager reports itself active before its greeter has drawn anything: the screen is dumped
+again and again until it shows a picture (many distinct colours, where a text console or an empty X
+screen has a few), or the wait ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from stage4.errors import StepFailed
+
+# The VGA screen's preferred mode, announced to the guest through EDID: what a screenshot measures.
+SCREEN_SIZE = (1024, 768)
+# A greeter or a desktop (gradients, anti-aliased text) has hundreds of colours; a text console 16 at most.
+MIN_COLOURS = 64
+SCREEN_WAIT = 240
+POLL_SECONDS = 3
+
+
+class Qmp:
+    """A minimal QMP client on qemu's unix socket: one command at a time, events skipped."""
+
+    def __init__(self, path: Path, timeout: float = 30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.stream = self.sock.makefile("rw", encoding="utf-8")
+        self._reply()  # the greeting
+        self.command("qmp_capabilities")
+
+    def _reply(self) -> dict:
+        while True:
+            line = self.stream.readline()
+            if not line:
+                raise ConnectionError("qemu closed the QMP socket")
+            message = json.loads(line)
+            if "event" not in message:
+                return message
+
+    def command(self, name: str, **arguments) -> dict:
+        self.stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+        self.stream.flush()
+        reply = self._reply()
+        if "error" in reply:
+            raise StepFailed("screenshot", f"qemu refused {name}: {reply['error'].get('desc', reply)}")
+        return reply.get("return", {})
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+def colours(png: Path) -> int:
+    """The number of distinct colours in a picture."""
+    with Image.open(png) as picture:
+        found = picture.convert("RGB").getcolors(maxcolors=1 << 24)
+    return len(found or ())
+
+
+def capture(qmp_socket: Path, target: Path, wait: float = SCREEN_WAIT) -> int:
+    """Dump the guest's screen into `target` (PNG) once it shows a picture; returns its colour count.
+
+    The dump goes to a hidden file beside `target` and is moved into place only when it qualifies, so
+    `target` is never a blank or half-written picture.
+    """
+    partial = target.with_name(f".{target.name}.partial")
+    deadline = time.monotonic() + wait
+    found = 0
+    qmp = Qmp(qmp_socket)
+    try:
+        while True:
+            qmp.command("screendump", filename=str(partial.absolute()), format="png")
+            found = colours(partial)
+            if found >= MIN_COLOURS:
+                os.replace(partial, target)
+                return found
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    "screenshot",
+                    f"the screen still shows no picture after {wait:.0f} s ({found} colours; a greeter has "
+                    f"at least {MIN_COLOURS}): the display manager is active but drew nothing",
+                )
+            time.sleep(POLL_SECONDS)
+    finally:
+        qmp.close()
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def quit_guest(qmp_socket: Path) -> None:
+    """End qemu through QMP (a screenshot boot does not ask the guest to power off)."""
+    with contextlib.suppress(OSError, ConnectionError, StepFailed):
+        qmp = Qmp(qmp_socket, timeout=10)
+        try:
+            qmp.command("quit")
+        finally:
+            qmp.close()
