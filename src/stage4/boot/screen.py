@@ -1,8 +1,9 @@
 """Screenshots of a booted guest: qemu's QMP `screendump` of the VGA screen, written as PNG by qemu.
 
 A display manager reports itself active before its greeter has drawn anything: the screen is dumped
-again and again until it shows a picture (many distinct colours, where a text console or an empty X
-screen has a few), or the wait ends.
+again and again until it shows a picture, or the wait ends. A picture has many distinct colours (a text
+console has 16 at most) and no single colour covers nearly all of it (an X screen with only its mouse
+pointer has some 80 colours, all in the pointer).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from stage4.errors import StepFailed
 
 # The VGA screen's preferred mode, announced to the guest through EDID: what a screenshot measures.
 SCREEN_SIZE = (1024, 768)
-# A greeter or a desktop (gradients, anti-aliased text) has hundreds of colours; a text console 16 at most.
 MIN_COLOURS = 64
-SCREEN_WAIT = 240
+MAX_BACKGROUND = 0.95  # the share of the most common colour
+SCREEN_WAIT = 300
 POLL_SECONDS = 3
 
 
@@ -59,11 +60,16 @@ class Qmp:
         self.sock.close()
 
 
-def colours(png: Path) -> int:
-    """The number of distinct colours in a picture."""
+def colours(png: Path) -> tuple[int, float]:
+    """The number of distinct colours in a picture and the share of its most common colour."""
     with Image.open(png) as picture:
-        found = picture.convert("RGB").getcolors(maxcolors=1 << 24)
-    return len(found or ())
+        found = picture.convert("RGB").getcolors(maxcolors=1 << 24) or []
+        pixels = picture.width * picture.height
+    return len(found), max((count for count, _ in found), default=pixels) / pixels
+
+
+def drawn(found: tuple[int, float]) -> bool:
+    return found[0] >= MIN_COLOURS and found[1] <= MAX_BACKGROUND
 
 
 def capture(qmp_socket: Path, target: Path, wait: float = SCREEN_WAIT) -> int:
@@ -74,20 +80,19 @@ def capture(qmp_socket: Path, target: Path, wait: float = SCREEN_WAIT) -> int:
     """
     partial = target.with_name(f".{target.name}.partial")
     deadline = time.monotonic() + wait
-    found = 0
     qmp = Qmp(qmp_socket)
     try:
         while True:
             qmp.command("screendump", filename=str(partial.absolute()), format="png")
             found = colours(partial)
-            if found >= MIN_COLOURS:
+            if drawn(found):
                 os.replace(partial, target)
-                return found
+                return found[0]
             if time.monotonic() > deadline:
                 raise StepFailed(
                     "screenshot",
-                    f"the screen still shows no picture after {wait:.0f} s ({found} colours; a greeter has "
-                    f"at least {MIN_COLOURS}): the display manager is active but drew nothing",
+                    f"the screen still shows no picture after {wait:.0f} s ({found[0]} colours, one of them "
+                    f"on {found[1]:.0%} of it): the display manager is active but its greeter drew nothing",
                 )
             time.sleep(POLL_SECONDS)
     finally:
