@@ -1,7 +1,7 @@
 """Benchmark of the desktop prod layer (not a test): one run, printed figures.
 
-1. the Xfce image (test fixture component and dracut module, [images.NAME.desktop] session = "xfce"),
-   built once to have the base and a warm package cache,
+1. the Xfce image (test fixture component and dracut module, [images.xfce.desktop] session = "xfce"),
+   built once to have the base and a warm package cache (reused when WORK_DIR holds it),
 2. its prod layer rebuilt on the reused base with the warm cache (stage4: attach, Ansible with the
    kernel hold, packages and the stage4_desktop role, cleanup, flatten),
 3. the same packages installed by plain `apt-get install --no-install-recommends` in a chroot of a raw
@@ -31,14 +31,14 @@ from stage4 import api, config
 from stage4.provisioning.ansible import ROLES_DIR
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-NAME = "desktop-xfce"
+NAME = "xfce"
 CACHE = Path("~/.cache/stage4").expanduser()
 
 
 def make(root: Path) -> config.Config:
     image = {
         "distribution": "debian-12",
-        "dev": {"playbooks": [str(root / "playbooks/dev.yml")]},
+        "dev": {},
         "prod": {},
         "desktop": {"session": "xfce"},
         "initramfs": {"dracut_modules": ["stage4test"], "source": {"path": str(root / "dracut")}},
@@ -101,7 +101,7 @@ def plain_apt(base: Path, work: Path, packages: list[str]) -> float:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/stage4-bench-desktop")
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("playbooks", "dracut", "component"):
+    for name in ("dracut", "component"):
         if not (root / name).exists():
             shutil.copytree(FIXTURES / name, root / name)
     print("stage4 desktop benchmark (Xfce, Debian 12)", flush=True)
