@@ -78,7 +78,13 @@ def plain_apt(base: Path, work: Path, packages: list[str]) -> float:
     with contextlib.ExitStack() as stack:
         subprocess.run(["mount", "-o", f"loop,offset={root_offset(raw)}", str(raw), str(mnt)], check=True)
         stack.callback(subprocess.run, ["umount", "--recursive", "--lazy", str(mnt)], check=False)
-        for source, target in (("/proc", "proc"), ("/sys", "sys"), ("/dev", "dev"), (archives, "mnt")):
+        for source, target in (
+            ("/proc", "proc"),
+            ("/sys", "sys"),
+            ("/dev", "dev"),
+            ("/dev/pts", "dev/pts"),
+            (archives, "mnt"),
+        ):
             subprocess.run(["mount", "--bind", str(source), str(mnt / target)], check=True)
         resolv = mnt / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
