@@ -345,6 +345,36 @@ CASES = [
         "'..' is not a name",
     ),
     cli_case("inspect-directory", ("inspect", "{tmp}/adir"), "{tmp}/adir", "is a directory"),
+    config_case(
+        "desktop-session",
+        '[images.lab]\ndesktop = { session = "kde" }\n',
+        "images.lab.desktop.session = 'kde'",
+        "must be one of xfce or gnome",
+    ),
+    config_case(
+        "desktop-browser",
+        '[images.lab]\ndesktop = { browser = "yes" }\n',
+        "images.lab.desktop.browser = 'yes'",
+        "expected true or false",
+    ),
+    config_case(
+        "desktop-not-apt",
+        '[images.lab]\ndistribution = "rocky-9"\ndesktop = {}\n',
+        "images.lab.desktop = {}",
+        "desktop images are built for Debian and Ubuntu only, not rocky-9",
+    ),
+    cli_case(
+        "boot-screenshot-not-png",
+        ("boot", "{tmp}/afile", "--screenshot", "{tmp}/shot.jpg"),
+        "--screenshot {tmp}/shot.jpg",
+        "expected a file name ending in .png",
+    ),
+    cli_case(
+        "boot-screenshot-no-folder",
+        ("boot", "{tmp}/afile", "--screenshot", "{tmp}/nodir/shot.png"),
+        "--screenshot {tmp}/nodir/shot.png",
+        "{tmp}/nodir is not a writable folder",
+    ),
     cli_case(
         "dnbd3-images-bad-host",
         ("dnbd3", "images", "not a host"),

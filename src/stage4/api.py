@@ -152,10 +152,13 @@ def boot(
     serial_log: Path | None = None,
     firmware: str = "bios",
     debug: bool = False,
+    screenshot: Path | None = None,
 ) -> BootResult:
-    """Boot an image in qemu (read-only unless writable) and wait for its userspace marker."""
+    """Boot an image in qemu (read-only unless writable) and wait for its userspace marker; with
+    `screenshot`, a desktop image's display manager must be active and its screen is saved there (PNG)."""
     if not image.is_file():
         raise InputError(f"{image}: no such image file")
+    check_screenshot_path(screenshot)
     if via not in ("bootloader", "kernel"):
         raise InputError(f"--via {via!r}: expected 'bootloader' or 'kernel'")
     if firmware not in ("bios", "uefi"):
@@ -199,6 +202,7 @@ def boot(
             writable=writable,
             timeout=timeout,
             firmware=firmware,
+            screenshot=screenshot,
         )
         if via == "kernel":
             spec.kernel, spec.initrd = kernel, initrd
@@ -207,6 +211,17 @@ def boot(
             f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"
         ):
             return qemu.boot(spec, runner)
+
+
+def check_screenshot_path(path: Path | None) -> None:
+    """A screenshot goes to a .png file in an existing, writable folder (checked before the boot)."""
+    if path is None:
+        return
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--screenshot {path}: expected a file name ending in .png")
+    folder = path.absolute().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"--screenshot {path}: {folder} is not a writable folder")
 
 
 def _manifest_of(image: Path) -> dict:
@@ -262,6 +277,7 @@ def netboot(
     boot_dir: Path | None = None,
     serial_log: Path | None = None,
     debug: bool = False,
+    screenshot: Path | None = None,
 ) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
     files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
@@ -270,6 +286,7 @@ def netboot(
     `servers` are DNBD3 servers on this machine (HOST:PORT, in the order the client tries them);
     none: a development server for `store` on a free loopback port.
     """
+    check_screenshot_path(screenshot)
     revision = netboot_mod.find_revision(store, name, rid, boot_dir)
     targets = [netboot_mod.loopback_server(server) for server in servers]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -284,7 +301,15 @@ def netboot(
         tempfile.TemporaryDirectory(prefix="stage4-netboot-") as tmp,
     ):
         return netboot_mod.netboot(
-            revision, targets, config.machine, config.build.cache_dir, timeout, serial_log, Path(tmp), runner
+            revision,
+            targets,
+            config.machine,
+            config.build.cache_dir,
+            timeout,
+            serial_log,
+            Path(tmp),
+            runner,
+            screenshot=screenshot,
         )
 
 

@@ -407,6 +407,20 @@ class LayerConfig(Strict):
     )
 
 
+class Session(StrEnum):
+    xfce = "xfce"
+    gnome = "gnome"
+
+
+class DesktopConfig(Strict):
+    """[images.NAME.desktop]: a graphical session with its display manager, installed in the prod layer."""
+
+    session: Session = Field(
+        Session.xfce, description="'xfce' (with LightDM, as bwLehrpool uses) or 'gnome' (with GDM)"
+    )
+    browser: bool = Field(False, strict=True, description="also install a web browser (Firefox ESR)")
+
+
 class ImageConfig(Strict):
     """[images.NAME]: one image to build."""
 
@@ -438,6 +452,9 @@ class ImageConfig(Strict):
         None, description="the dev layer; giving dev or prod (even empty) builds both layers on the base"
     )
     prod: LayerConfig | None = Field(None, description="the prod layer (see dev)")
+    desktop: DesktopConfig | None = Field(
+        None, description="a graphical desktop in the prod layer (implies the layers); the base stays without"
+    )
     initramfs: InitramfsConfig = Field(InitramfsConfig(), description="the initramfs built in the dev layer")
     components: dict[Annotated[str, Field(pattern=NAME_RE.pattern)], ComponentConfig] = Field(
         default_factory=default_components, description="components built in dev and installed in prod"
@@ -445,7 +462,21 @@ class ImageConfig(Strict):
 
     @property
     def layered(self) -> bool:
-        return self.dev is not None or self.prod is not None
+        return self.dev is not None or self.prod is not None or self.desktop is not None
+
+    @field_validator("desktop")
+    @classmethod
+    def _desktop_needs_apt(cls, value: DesktopConfig | None, info: Any) -> DesktopConfig | None:
+        name = info.data.get("distribution")
+        if (
+            value is not None
+            and name is not None
+            and distributions.get(name).family not in ("debian", "ubuntu")
+        ):
+            raise PydanticCustomError(
+                "desktop", "desktop images are built for Debian and Ubuntu only, not {dist}", {"dist": name}
+            )
+        return value
 
     @field_validator("distribution")
     @classmethod
@@ -665,7 +696,7 @@ def reference() -> str:
     """Markdown reference of every config key, generated from the model."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
 
-    nested = {"dev", "prod", "initramfs", "components", "source", "artifacts"}
+    nested = {"dev", "prod", "desktop", "initramfs", "components", "source", "artifacts"}
 
     def table(prefix: str, model: type[BaseModel]) -> None:
         for name, field in model.model_fields.items():
@@ -686,6 +717,7 @@ def reference() -> str:
     table("images.NAME", ImageConfig)
     table("images.NAME.dev", LayerConfig)
     table("images.NAME.prod", LayerConfig)
+    table("images.NAME.desktop", DesktopConfig)
     table("images.NAME.initramfs", InitramfsConfig)
     lines.append(
         "| `images.NAME.initramfs.source` | the dnbd3-rootfs module shipped with stage4 | "

@@ -384,6 +384,7 @@ class NetbootResult:
     serial_log: Path
     root: str  # what / is, as the guest reported it
     servers: list[str]  # the loopback servers, in the guest's order
+    display_manager: str | None = None  # a desktop image's active display manager
 
 
 def netboot(
@@ -395,6 +396,7 @@ def netboot(
     serial_log: Path,
     work: Path,
     runner: Runner,
+    screenshot: Path | None = None,
 ) -> NetbootResult:
     """Boot `revision` from `servers` (none: a development server for its store) and check the result."""
     display = runner.display
@@ -423,6 +425,7 @@ def netboot(
             nic=fwd.nic(),
             fail_on=MODULE_FAILURE,
             on_marker=lambda: at_marker.append(fwd.dnbd3_bytes),
+            screenshot=screenshot,
         )
         display.info(f"serial log: {serial_log}")
         with display.step(f"netboot {revision.name}:{revision.rid} on {accelerator}, waiting for userspace"):
@@ -445,6 +448,7 @@ def netboot(
         serial_log,
         root,
         described,
+        booted.display_manager,
     )
 
 

@@ -3,17 +3,21 @@
 The proof is a marker: stage4 passes a random nonce through qemu's fw_cfg; the image's
 stage4-marker.service prints it on the serial console once multi-user.target is reached and, when
 asked through fw_cfg as well, powers the guest off. A nonce from this very boot cannot be an old line.
+A desktop image's marker waits for its display manager and reports it first: the boot fails unless it is
+active, and a screenshot boot then dumps the screen through QMP (screen.py) instead of a poweroff.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stage4.boot import screen
 from stage4.boot.accel import cpu_model
 from stage4.errors import StepFailed
 from stage4.runner import Runner
@@ -24,6 +28,8 @@ ESCAPES = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-~]|[\x00-\x1f\x7f]"
 )
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
+# Printed by a desktop image's marker (the stage4_desktop role) before the marker line itself.
+DISPLAY_MANAGER = re.compile(r"STAGE4-DISPLAY-MANAGER (?P<unit>\S+) (?P<state>\S+)")
 
 
 @dataclass
@@ -42,6 +48,7 @@ class BootSpec:
     nic: str = "user,model=virtio-net-pci"  # the -nic option (a network boot adds its forwards)
     fail_on: re.Pattern | None = None  # a console line that ends the boot as failed (e.g. the initramfs's)
     on_marker: Callable[[], None] | None = None  # called the moment the marker is seen
+    screenshot: Path | None = None  # a PNG of the display manager's screen, taken instead of the poweroff
 
 
 @dataclass
@@ -51,6 +58,8 @@ class BootResult:
     serial_log: Path
     marker: str
     powered_off: bool
+    display_manager: str | None = None  # the active display manager's unit, on desktop images
+    screenshot_colours: int | None = None
 
 
 def _format(image: Path) -> str:
@@ -58,7 +67,7 @@ def _format(image: Path) -> str:
         return "qcow2" if handle.read(4) == b"QFI\xfb" else "raw"
 
 
-def build_argv(spec: BootSpec, nonce: str) -> list[str]:
+def build_argv(spec: BootSpec, nonce: str, qmp_socket: Path | None = None) -> list[str]:
     argv = [
         "qemu-system-x86_64",
         "-accel",
@@ -85,9 +94,19 @@ def build_argv(spec: BootSpec, nonce: str) -> list[str]:
         spec.nic,
         "-fw_cfg",
         f"name=opt/org.stage4/marker,string={nonce}",
-        "-fw_cfg",
-        "name=opt/org.stage4/poweroff,string=1",
     ]
+    if spec.screenshot is None:
+        argv += ["-fw_cfg", "name=opt/org.stage4/poweroff,string=1"]
+    else:
+        width, height = screen.SCREEN_SIZE
+        argv += [
+            "-qmp",
+            f"unix:{qmp_socket},server=on,wait=off",
+            "-vga",
+            "none",
+            "-device",
+            f"VGA,edid=on,xres={width},yres={height}",
+        ]
     if spec.firmware == "uefi":
         argv += ["-bios", str(OVMF)]
     if spec.kernel:
@@ -111,8 +130,11 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
             failed.append(line.strip())
 
     with (
+        tempfile.TemporaryDirectory(prefix="stage4-qmp-") as tmp,
         spec.serial_log.open("w", encoding="utf-8", errors="replace") as log,
-        runner.background(build_argv(spec, nonce), step="boot", grace=5, on_line=on_line) as process,
+        runner.background(
+            build_argv(spec, nonce, Path(tmp) / "qmp.sock"), step="boot", grace=5, on_line=on_line
+        ) as process,
     ):
         seen_at = None
         while time.monotonic() - started < spec.timeout:
@@ -135,8 +157,33 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
                 else f"no userspace marker within {spec.timeout:.0f} s"
             )
             raise StepFailed("boot", f"{why}; last console lines: {tail[-800:]}", spec.serial_log)
+        display_manager = check_display_manager(list(process.lines), spec)
+        colours = None
+        if spec.screenshot is not None:
+            colours = screen.capture(Path(tmp) / "qmp.sock", spec.screenshot)
+            screen.quit_guest(Path(tmp) / "qmp.sock")
         deadline = time.monotonic() + POWEROFF_WAIT
         while process.running() and time.monotonic() < deadline:
             time.sleep(0.5)
         powered_off = not process.running()
-    return BootResult(seen_at, spec.accelerator, spec.serial_log, nonce, powered_off)
+    return BootResult(
+        seen_at, spec.accelerator, spec.serial_log, nonce, powered_off, display_manager, colours
+    )
+
+
+def check_display_manager(lines: list[str], spec: BootSpec) -> str | None:
+    """The display manager a desktop image reported active before its marker; a boot fails without it."""
+    found = next((m for m in map(DISPLAY_MANAGER.search, lines) if m), None)
+    if found is None:
+        if spec.screenshot is not None:
+            raise StepFailed(
+                "boot",
+                "no display manager reported: a screenshot needs a desktop image ([images.NAME.desktop])",
+                spec.serial_log,
+            )
+        return None
+    if found["state"] != "active":
+        raise StepFailed(
+            "boot", f"the display manager did not start: {found['unit']} is {found['state']}", spec.serial_log
+        )
+    return found["unit"]

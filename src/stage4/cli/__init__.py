@@ -174,6 +174,12 @@ def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) ->
     help="seconds to wait for the marker",
 )
 @click.option("--log", "serial_log", type=click.Path(path_type=Path), default=None, help="serial log file")
+@click.option(
+    "--screenshot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="a desktop image: wait for its display manager's greeter, save the screen as this PNG",
+)
 @click.pass_obj
 def boot(
     obj: Context,
@@ -186,6 +192,7 @@ def boot(
     writable: bool,
     timeout: int,
     serial_log: Path | None,
+    screenshot: Path | None,
 ) -> None:
     """Boot IMAGE in qemu and wait until its userspace is up; exit 0 only if it booted."""
     result = api.boot(
@@ -200,11 +207,16 @@ def boot(
         serial_log=serial_log,
         firmware=firmware,
         debug=obj.debug,
+        screenshot=screenshot,
     )
     click.echo(
         f"booted: userspace marker after {result.seconds:.0f} s on {result.accelerator}; "
         f"serial log: {result.serial_log}"
     )
+    if result.display_manager:
+        click.echo(f"  display manager: {result.display_manager} active")
+    if screenshot is not None:
+        click.echo(f"  screenshot: {screenshot} ({result.screenshot_colours} colours)")
 
 
 @cli.command("config")

@@ -36,6 +36,12 @@ from stage4.dnbd3.store import parse_rid
     default=None,
     help="serial log file",
 )
+@click.option(
+    "--screenshot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="a desktop image: wait for its display manager's greeter, save the screen as this PNG",
+)
 @click.pass_obj
 def netboot(
     obj,
@@ -46,6 +52,7 @@ def netboot(
     timeout: int,
     boot_dir: Path | None,
     serial_log: Path | None,
+    screenshot: Path | None,
 ) -> None:
     """Boot revision RID of NAME from STORE in qemu exactly as a Stage4 client does.
 
@@ -66,6 +73,7 @@ def netboot(
         boot_dir=boot_dir,
         serial_log=serial_log,
         debug=obj.debug,
+        screenshot=screenshot,
     )
     share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
     click.echo(
@@ -74,6 +82,10 @@ def netboot(
         f"({share:.1f} % of the {result.image_size}-byte image)"
     )
     click.echo(f"  {result.root}")
+    if result.display_manager:
+        click.echo(f"  display manager: {result.display_manager} active")
+    if screenshot is not None:
+        click.echo(f"  screenshot: {screenshot}")
     click.echo(f"  serial log: {result.serial_log}")
 
 

@@ -88,6 +88,7 @@ def prod_identity(image: ImageConfig, base_identity: str, dev_id: str) -> str:
         "layer": layer_inputs(image.prod or LayerConfig()),
         "artifacts_of_dev": dev_id,
         "runtime_packages": sorted({p for c in image.components.values() for p in c.runtime_packages}),
+        "desktop": image.desktop.model_dump(mode="json") if image.desktop else None,
         "ansible_content": sources.tree_digest(ANSIBLE_DIR),
         "recipe": recipe(),
     }

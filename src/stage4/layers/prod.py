@@ -2,9 +2,9 @@
 
 Nothing of the dev layer goes in but its artifacts: first the kernel packages are held (the dev run built
 the initramfs and the modules for that kernel), then the components' runtime packages, the artifacts
-(modules with depmod, files at their destinations), the user's prod playbooks, then the shipped cleanup
-role. A layer whose kernels are not exactly the dev run's fails (kernel_guard.py); else the overlay is
-flattened into one standalone zstd qcow2 (what xloop reads).
+(modules with depmod, files at their destinations), the desktop if configured, the user's prod playbooks,
+then the shipped cleanup role. A layer whose kernels are not exactly the dev run's fails (kernel_guard.py);
+else the overlay is flattened into one standalone zstd qcow2 (what xloop reads).
 """
 
 from __future__ import annotations
@@ -59,13 +59,15 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
             "stage4_packages": sorted({*layer.packages, *runtime}),
             "stage4_artifacts": to_install,
         }
+        roles = ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"]
+        if desktop := ctx.image.desktop:
+            roles.append("stage4_desktop")
+            variables |= {
+                "stage4_desktop_session": desktop.session.value,
+                "stage4_desktop_browser": desktop.browser,
+            }
         plays = ansible.site(
-            [
-                ansible.play(
-                    "stage4 prod: packages and artifacts",
-                    ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"],
-                )
-            ],
+            [ansible.play("stage4 prod: packages, artifacts and desktop", roles)],
             list(layer.playbooks),
             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)],
         )
@@ -99,6 +101,7 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
         "initramfs": str(artifacts_dir / artifacts["initramfs"]),
         "dracut_modules": list(ctx.image.initramfs.dracut_modules),
         "playbooks": [str(p) for p in layer.playbooks],
+        "desktop": ctx.image.desktop.model_dump(mode="json") if ctx.image.desktop else None,
         "packages_requested": variables["stage4_packages"],
         "artifacts_installed": to_install,
         "packages": packages,

@@ -1,0 +1,111 @@
+"""Screenshots of a booted guest: qemu's QMP `screendump` of the VGA screen, written as PNG by qemu.
+
+A display manager reports itself active before its greeter has drawn anything: the screen is dumped
+again and again until it shows a picture, or the wait ends. A picture has many distinct colours (a text
+console has 16 at most) and no single colour covers nearly all of it (an X screen with only its mouse
+pointer has some 80 colours, all in the pointer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from stage4.errors import StepFailed
+
+# The VGA screen's preferred mode, announced to the guest through EDID: what a screenshot measures.
+SCREEN_SIZE = (1024, 768)
+MIN_COLOURS = 64
+MAX_BACKGROUND = 0.95  # the share of the most common colour
+SCREEN_WAIT = 300
+POLL_SECONDS = 3
+
+
+class Qmp:
+    """A minimal QMP client on qemu's unix socket: one command at a time, events skipped."""
+
+    def __init__(self, path: Path, timeout: float = 30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.stream = self.sock.makefile("rw", encoding="utf-8")
+        self._reply()  # the greeting
+        self.command("qmp_capabilities")
+
+    def _reply(self) -> dict:
+        while True:
+            line = self.stream.readline()
+            if not line:
+                raise ConnectionError("qemu closed the QMP socket")
+            message = json.loads(line)
+            if "event" not in message:
+                return message
+
+    def command(self, name: str, **arguments) -> dict:
+        self.stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+        self.stream.flush()
+        reply = self._reply()
+        if "error" in reply:
+            raise StepFailed("screenshot", f"qemu refused {name}: {reply['error'].get('desc', reply)}")
+        return reply.get("return", {})
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+def colours(png: Path) -> tuple[int, float]:
+    """The number of distinct colours in a picture and the share of its most common colour."""
+    with Image.open(png) as picture:
+        found = picture.convert("RGB").getcolors(maxcolors=1 << 24) or []
+        pixels = picture.width * picture.height
+    return len(found), max((count for count, _ in found), default=pixels) / pixels
+
+
+def drawn(found: tuple[int, float]) -> bool:
+    return found[0] >= MIN_COLOURS and found[1] <= MAX_BACKGROUND
+
+
+def capture(qmp_socket: Path, target: Path, wait: float = SCREEN_WAIT) -> int:
+    """Dump the guest's screen into `target` (PNG) once it shows a picture; returns its colour count.
+
+    The dump goes to a hidden file beside `target` and is moved into place only when it qualifies, so
+    `target` is never a blank or half-written picture.
+    """
+    partial = target.with_name(f".{target.name}.partial")
+    deadline = time.monotonic() + wait
+    qmp = Qmp(qmp_socket)
+    try:
+        while True:
+            qmp.command("screendump", filename=str(partial.absolute()), format="png")
+            found = colours(partial)
+            if drawn(found):
+                os.replace(partial, target)
+                return found[0]
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    "screenshot",
+                    f"the screen still shows no picture after {wait:.0f} s ({found[0]} colours, one of them "
+                    f"on {found[1]:.0%} of it): the display manager is active but its greeter drew nothing",
+                )
+            time.sleep(POLL_SECONDS)
+    finally:
+        qmp.close()
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def quit_guest(qmp_socket: Path) -> None:
+    """End qemu through QMP (a screenshot boot does not ask the guest to power off)."""
+    with contextlib.suppress(OSError, ConnectionError, StepFailed):
+        qmp = Qmp(qmp_socket, timeout=10)
+        try:
+            qmp.command("quit")
+        finally:
+            qmp.close()

@@ -1,0 +1,185 @@
+"""Desktop images: an Xfce session with LightDM in the prod layer, booted under qemu to its greeter.
+
+One Xfce build on Debian 12 (test_layers' fixture component and dracut module, on the session's base) is
+checked from every side: the greeter's screenshot (a PNG qemu wrote, read back with Pillow), the base
+without any X or Wayland package and the prod image with them (dpkg's status file read with debugfs), no
+password in prod's /etc/shadow, graphical.target as the default. GNOME builds and boots too, and a display
+manager that does not start fails the boot: in the full matrix only (one more build or boot each).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stage4 import api
+from stage4.boot import qemu
+from stage4.errors import StepFailed
+from tests.conftest import BuiltImage, full_matrix, make_config, require
+from tests.test_layers import FIXTURES, layered_image_config
+from tests.test_rollouts import Debugfs, dpkg_stanza
+
+slow = pytest.mark.slow
+
+NAME = "desktop-xfce"
+# What the design keeps out of the base and what the Xfce session needs in prod.
+GRAPHICAL = ("xserver-xorg-core", "libwayland-server0", "lightdm", "xfce4-session", "libgtk-3-0")
+# The VGA screen's preferred mode (EDID) stage4 gives a screenshot boot.
+SCREEN = (1024, 768)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("playbooks", "dracut", "component"):
+        shutil.copytree(FIXTURES / name, root / name)
+    return root
+
+
+def root_offset(raw: Path) -> int:
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True).stdout)
+    (root,) = [p for p in table["partitiontable"]["partitions"] if p.get("name") == "SLX_SYS"]
+    return root["start"] * table["partitiontable"].get("sectorsize", 512)
+
+
+def build(base_image: BuiltImage, project: Path, name: str, session: str):
+    require("qemu-storage-daemon", "losetup", "debugfs")
+    image = layered_image_config(project, extra={"desktop": {"session": session}})
+    cfg = make_config(base_image.output_dir.parent, {name: image})
+    (result,) = api.build(cfg, [name])
+    return cfg, result
+
+
+def boot_with_screenshot(cfg, result, base_image: BuiltImage, shot: Path):
+    kernel = base_image.manifest["kernel_versions"][-1]
+    return api.boot(
+        cfg,
+        result.image,
+        via="kernel",
+        kernel=result.artifacts_dir / f"vmlinuz-{kernel}",
+        initrd=result.artifacts_dir / f"initrd.img-{kernel}",
+        timeout=900,
+        screenshot=shot,
+    )
+
+
+@pytest.fixture(scope="module")
+def xfce(base_image: BuiltImage, project: Path):
+    return build(base_image, project, NAME, "xfce")
+
+
+@pytest.fixture(scope="module")
+def greeter(xfce, base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory):
+    cfg, result = xfce
+    shot = tmp_path_factory.mktemp("screen") / "greeter.png"
+    return boot_with_screenshot(cfg, result, base_image, shot), shot
+
+
+def check_screenshot(shot: Path) -> None:
+    with Image.open(shot) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == SCREEN
+        found = picture.convert("RGB").getcolors(maxcolors=1 << 24)
+    # A text console has at most 16 colours, an X screen with only its pointer some 80 on 0.02 % of it;
+    # the greeter (panel, login box, anti-aliased text) has hundreds, and the background is not all.
+    assert found is not None and len(found) >= 64, len(found or ())
+    assert max(count for count, _ in found) <= 0.95 * SCREEN[0] * SCREEN[1]
+
+
+@slow
+def test_xfce_boots_to_the_lightdm_greeter(greeter) -> None:
+    booted, shot = greeter
+    log = booted.serial_log.read_text(errors="replace")
+    assert "STAGE4-DISPLAY-MANAGER lightdm.service active" in log
+    assert f"STAGE4-USERSPACE-UP {booted.marker}" in log
+    assert booted.display_manager == "lightdm.service"
+    check_screenshot(shot)
+
+
+@slow
+def test_base_has_no_graphical_package_and_prod_has_the_session(
+    xfce, base_image: BuiltImage, tmp_path: Path
+) -> None:
+    _, result = xfce
+    base_status = Debugfs(base_image.path, tmp_path).cat("/var/lib/dpkg/status")
+    prod_status = Debugfs(result.image, tmp_path).cat("/var/lib/dpkg/status")
+    assert "Package: base-files" in base_status  # the file was read
+    for package in GRAPHICAL:
+        assert dpkg_stanza(base_status, package) == {}, package
+        assert dpkg_stanza(prod_status, package).get("Status") == "install ok installed", package
+    # No recommends: the full GNOME or a browser did not come along.
+    for package in ("gnome-shell", "firefox-esr", "xfce4-goodies"):
+        assert dpkg_stanza(prod_status, package) == {}, package
+
+
+@slow
+def test_prod_boots_graphical_without_accounts_or_passwords(xfce, tmp_path: Path) -> None:
+    _, result = xfce
+    fs = Debugfs(result.image, tmp_path)
+    default = fs.run("stat /etc/systemd/system/default.target")
+    assert "graphical.target" in default, default
+    assert "lightdm.service" in fs.run("stat /etc/systemd/system/display-manager.service")
+    assert fs.cat("/etc/X11/default-display-manager").strip() == "/usr/sbin/lightdm"
+    for line in fs.cat("/etc/shadow").splitlines():
+        user, password = line.split(":")[:2]
+        assert password in ("*", "!*", "!"), user  # no password login for anyone
+    humans = [line for line in fs.cat("/etc/passwd").splitlines() if 1000 <= int(line.split(":")[2]) < 60000]
+    assert humans == []
+
+
+@slow
+@full_matrix
+def test_a_display_manager_that_does_not_start_fails_the_boot(
+    xfce, base_image: BuiltImage, tmp_path: Path
+) -> None:
+    """The same image with another display manager named as the default: LightDM's unit refuses to start
+    (its ExecStartPre checks /etc/X11/default-display-manager), and the boot fails in one line."""
+    cfg, result = xfce
+    broken = tmp_path / "broken.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(result.image), str(broken)], check=True)
+    other = tmp_path / "default-display-manager"
+    other.write_text("/usr/sbin/gdm3\n")
+    target = f"{broken}?offset={root_offset(broken)}"
+    for command in ("rm /etc/X11/default-display-manager", f"write {other} /etc/X11/default-display-manager"):
+        subprocess.run(["debugfs", "-w", "-R", command, target], check=True, capture_output=True)
+    kernel = base_image.manifest["kernel_versions"][-1]
+    with pytest.raises(StepFailed, match=r"the display manager did not start: lightdm.service is \w+"):
+        api.boot(
+            cfg,
+            broken,
+            via="kernel",
+            kernel=result.artifacts_dir / f"vmlinuz-{kernel}",
+            initrd=result.artifacts_dir / f"initrd.img-{kernel}",
+            identifier="SLX_SYS",
+            timeout=900,
+            screenshot=tmp_path / "none.png",
+        )
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_display_manager_lines() -> None:
+    """What the boot makes of the display manager's report (fast; the full matrix boots a broken image)."""
+    spec = qemu.BootSpec(None, "tcg", 1, 512, Path("serial.log"))
+    assert (
+        qemu.check_display_manager(["x", "STAGE4-DISPLAY-MANAGER gdm.service active"], spec) == "gdm.service"
+    )
+    assert qemu.check_display_manager(["no report"], spec) is None
+    with pytest.raises(StepFailed, match="gdm.service is failed"):
+        qemu.check_display_manager(["STAGE4-DISPLAY-MANAGER gdm.service failed"], spec)
+    spec.screenshot = Path("shot.png")
+    with pytest.raises(StepFailed, match="a screenshot needs a desktop image"):
+        qemu.check_display_manager(["no report"], spec)
+
+
+@slow
+@full_matrix
+def test_gnome_boots_to_the_gdm_greeter(base_image: BuiltImage, project: Path, tmp_path: Path) -> None:
+    cfg, result = build(base_image, project, "desktop-gnome", "gnome")
+    booted = boot_with_screenshot(cfg, result, base_image, tmp_path / "gdm.png")
+    assert booted.display_manager == "gdm.service"
+    check_screenshot(tmp_path / "gdm.png")
