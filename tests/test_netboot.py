@@ -156,8 +156,9 @@ def published(tmp_path_factory) -> dict:
     require_upstream(SHARED_CACHE)
     work = tmp_path_factory.mktemp("netboot")
     project = work / "stage4.toml"
+    # One vCPU per client: the pair test boots two TCG guests at once, on a host that may have two cores.
     project.write_text(
-        f'[build]\noutput_dir = "{work / "output"}"\n\n[images.netboot-e2e]\n'
+        f'[machine]\ncpus = 1\n\n[build]\noutput_dir = "{work / "output"}"\n\n[images.netboot-e2e]\n'
         'distribution = "debian-12"\n\n[images.netboot-e2e.dev]\n[images.netboot-e2e.prod]\n'
     )
     stage4(project, "build", "netboot-e2e")
