@@ -16,6 +16,7 @@ from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_s
 from stage4.layers import identities, kernel_guard, overlay
 from stage4.layers.dev import ARTIFACTS_DIR, installs, packages_of
 from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
+from stage4.mltk import plan as mltk_plan
 from stage4.provisioning import ansible, attach
 from stage4.timing import timed
 
@@ -52,18 +53,23 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
             f"{artifacts_dir}/",
         )
         runtime = sorted({p for c in ctx.image.components.values() for p in c.runtime_packages})
+        # mltk's REQUIRED_CONTENT_PACKAGES: real packages here (the image is a real distribution).
+        mltk = artifacts.get("mltk")
+        runtime = sorted({*runtime, *(mltk["content_packages"] if mltk else ())})
         variables = {
             **layer.vars,
             "stage4_way": layer.way.value,
             "stage4_kernel_version": kernel,
             "stage4_packages": sorted({*layer.packages, *runtime}),
             "stage4_artifacts": to_install,
+            "stage4_mltk": mltk_plan.install_vars(mltk, artifacts_dir),
         }
         plays = ansible.site(
             [
                 ansible.play(
                     "stage4 prod: packages and artifacts",
-                    ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"],
+                    ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"]
+                    + (["stage4_mltk_install"] if mltk else []),
                 )
             ],
             list(layer.playbooks),
