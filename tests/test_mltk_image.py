@@ -21,7 +21,8 @@ from tests.conftest import BuiltImage, full_matrix, make_config, session_cache
 from tests.test_rollouts import Debugfs, dpkg_stanza
 from tests.upstream import require_git
 
-FIXTURE = Path(__file__).parent / "fixtures/mltk"
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = FIXTURES / "mltk"
 MLTK_GIT = "https://github.com/bwLehrpool/mltk.git"
 DMIDECODE_GIT = "https://git.savannah.nongnu.org/git/dmidecode.git"  # system-uuid -> dmidecode's REQUIRED_GIT
 NAME = "debian-12"
@@ -29,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 
 def mltk_image(base_image: BuiltImage, mltk: dict):
-    # The base fixture's folder and settings, so its base is reused; no components: a short dev run.
-    image = {"distribution": "debian-12", "components": {}, "mltk": mltk}
+    # The base fixture's folder and settings, so its base is reused; no components (a short dev run), so
+    # the initramfs takes the small fixture dracut module instead of dnbd3-rootfs (which needs them).
+    initramfs = {"dracut_modules": ["stage4test"], "source": {"path": str(FIXTURES / "dracut")}}
+    image = {"distribution": "debian-12", "components": {}, "initramfs": initramfs, "mltk": mltk}
     return make_config(base_image.output_dir.parent, {NAME: image})
 
 
