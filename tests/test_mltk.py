@@ -13,6 +13,7 @@ import pytest
 
 from stage4 import config
 from stage4.errors import ConfigError
+from stage4.layers import identities
 from stage4.mltk import modules
 from stage4.mltk.plan import DRIVER, git_source
 from stage4.runner import Runner
@@ -190,3 +191,25 @@ def test_driver_failure_names_module_and_function(tmp_path: Path) -> None:
     failed = run_driver(missing, tmp_path)
     assert "mltk module missing: collect failed" in failed.stderr
     assert "stage4-nowhere is neither in the build tree" in failed.stderr
+
+
+def test_identities_follow_the_mltk_config_and_content(tmp_path: Path) -> None:
+    tree = tmp_path / "mltk"
+    shutil.copytree(FIXTURE, tree, symlinks=True)
+
+    def dev_id(mltk: dict | None) -> str:
+        image = mltk_config(tmp_path, mltk).images["img"] if mltk else config.ImageConfig(prod={})
+        return identities.dev_identity(image, "base-id", "6.1.0-1-amd64")
+
+    first = dev_id({"source": {"path": str(tree)}, "modules": ["stage4-greeter"]})
+    assert first == dev_id({"source": {"path": str(tree)}, "modules": ["stage4-greeter"]})
+    assert first != dev_id(None)
+    assert first != dev_id({"source": {"path": str(tree)}, "modules": ["stage4-hello"]})
+    assert first != dev_id(
+        {"source": {"path": str(tree)}, "modules": ["stage4-greeter"], "distro": "ubuntu-22.04"}
+    )
+    (tree / "core/modules/stage4-hello/hello.c").write_text("int main(void) { return 1; }\n")
+    changed = dev_id({"source": {"path": str(tree)}, "modules": ["stage4-greeter"]})
+    assert changed != first
+    prod = [identities.prod_identity(config.ImageConfig(prod={}), "base-id", dev) for dev in (first, changed)]
+    assert prod[0] != prod[1]
