@@ -388,6 +388,43 @@ class InitramfsConfig(Strict):
         return self.source or SourceConfig(path=SHIPPED_STAGE3)
 
 
+MLTK_MODULE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
+
+
+class MltkConfig(Strict):
+    """[images.NAME.mltk]: bwLehrpool mltk modules built in dev and installed in prod (see README)."""
+
+    source: SourceConfig = Field(
+        description="the mltk checkout (e.g. git = 'https://github.com/bwLehrpool/mltk.git')"
+    )
+    modules: tuple[str, ...] = Field(
+        description="modules to run (core/modules/NAME or core/targets/stage4/NAME); their REQUIRED_MODULES "
+        "come along, each before the modules that require it"
+    )
+    distro: str | None = Field(
+        None,
+        description="which module.conf.<distro> files apply, e.g. 'ubuntu-22.04' tries "
+        "module.conf.ubuntu.22.04, .ubuntu.22, .ubuntu; default: the image's distribution",
+    )
+
+    @field_validator("modules")
+    @classmethod
+    def _module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise PydanticCustomError("modules", "name at least one module")
+        for name in value:
+            if not MLTK_MODULE_RE.match(name):
+                raise PydanticCustomError("module", "'{name}' is not an mltk module name", {"name": name})
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("distro")
+    @classmethod
+    def _distro(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[a-z]+(-[0-9][0-9A-Za-z._-]*)?$", value):
+            raise PydanticCustomError("distro", "expected a name such as 'debian-12' or 'ubuntu-22.04'")
+        return value
+
+
 class LayerConfig(Strict):
     """[images.NAME.dev] and [images.NAME.prod]: one provisioning layer on top of the base."""
 
@@ -459,10 +496,11 @@ class ImageConfig(Strict):
     components: dict[Annotated[str, Field(pattern=NAME_RE.pattern)], ComponentConfig] = Field(
         default_factory=default_components, description="components built in dev and installed in prod"
     )
+    mltk: MltkConfig | None = Field(None, description="mltk modules built in dev and installed in prod")
 
     @property
     def layered(self) -> bool:
-        return self.dev is not None or self.prod is not None or self.desktop is not None
+        return any(part is not None for part in (self.dev, self.prod, self.desktop, self.mltk))
 
     @field_validator("desktop")
     @classmethod
@@ -696,7 +734,7 @@ def reference() -> str:
     """Markdown reference of every config key, generated from the model."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
 
-    nested = {"dev", "prod", "desktop", "initramfs", "components", "source", "artifacts"}
+    nested = {"dev", "prod", "desktop", "initramfs", "components", "source", "artifacts", "mltk"}
 
     def table(prefix: str, model: type[BaseModel]) -> None:
         for name, field in model.model_fields.items():
@@ -732,4 +770,11 @@ def reference() -> str:
     table("images.NAME.components.C", ComponentConfig)
     table("images.NAME.components.C.source", SourceConfig)
     table("images.NAME.components.C.artifacts[]", ArtifactConfig)
+    lines.append(
+        "| `images.NAME.mltk.source` | `(required)` | "
+        + MltkConfig.model_fields["source"].description
+        + "; giving [images.NAME.mltk] builds the dev and prod layers |"
+    )
+    table("images.NAME.mltk", MltkConfig)
+    table("images.NAME.mltk.source", SourceConfig)
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_s
 from stage4.layers import extract, identities, overlay
 from stage4.layers.extract import OUT_IN_IMAGE
 from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
+from stage4.mltk import plan as mltk_plan
 from stage4.provisioning import ansible, attach, sources
 from stage4.runner import Runner
 from stage4.timing import timed
@@ -76,6 +77,8 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
                 ctx.cache_dir,
             )
             has_script = "build-initramfs.sh" in sources.top_level(initramfs_tar)
+            # mltk modules are read and ordered here: a bad module name stops the build before the layer.
+            mltk = mltk_plan.prepare(ctx, work / "sources", step) if ctx.image.mltk else None
         overlay.create(
             ctx.image_dir / base_manifest["image"]["file"],
             overlay_path,
@@ -96,6 +99,7 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
             "stage4_components": components,
             "stage4_artifacts": installs(in_layer, f"{OUT_IN_IMAGE}/"),
             "stage4_artifacts_in_layer": True,
+            "stage4_mltk": mltk or {"modules": []},
             "stage4_initramfs": {
                 "tarball": str(initramfs_tar),
                 "has_script": has_script,
@@ -111,6 +115,11 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
                     "stage4 dev: components",
                     ["stage4_components", "stage4_install_artifacts"],
                     gather_facts=False,
+                ),
+                *(
+                    [ansible.play("stage4 dev: mltk modules", ["stage4_mltk_build"], gather_facts=False)]
+                    if mltk
+                    else []
                 ),
                 ansible.play("stage4 dev: initramfs", ["stage4_initramfs"], gather_facts=False),
             ],
@@ -132,6 +141,10 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
             ) as root,
         ):
             artifacts = extract.extract(root, ctx.image, kernel, staging, runner, step)
+            if mltk:
+                out = root / OUT_IN_IMAGE.lstrip("/")
+                artifacts["mltk"] = mltk_plan.extract(out, staging, mltk, step, runner.log_path)
+                artifacts["files"] = sorted([*artifacts["files"], *artifacts["mltk"]["files"]])
             packages = packages_of(root, runner)
         ctx.image_dir.mkdir(parents=True, exist_ok=True)
         _replace_dir(staging, ctx.image_dir / ARTIFACTS_DIR)

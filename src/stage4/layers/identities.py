@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stage4 import mltk
 from stage4.config import ComponentConfig, ImageConfig, LayerConfig
 from stage4.fsutil import sha256_file
 from stage4.identity import identity
@@ -63,6 +64,7 @@ def recipe() -> str:
         {
             "layers": sources.tree_digest(Path(__file__).parent),
             "provisioning": sources.tree_digest(ANSIBLE_DIR.parent),
+            "mltk": sources.tree_digest(Path(mltk.__file__).parent),
         },
     )
 
@@ -80,6 +82,12 @@ def dev_identity(image: ImageConfig, base_identity: str, kernel: str) -> str:
         "ansible_content": sources.tree_digest(ANSIBLE_DIR),
         "recipe": recipe(),
     }
+    if image.mltk:
+        # git: URL and ref (like components); a folder: its content.
+        inputs["mltk"] = {
+            **image.mltk.model_dump(mode="json", exclude={"source"}),
+            "source": sources.identity_inputs(image.mltk.source),
+        }
     return identity("dev", inputs, parent=base_identity)
 
 

@@ -2,9 +2,9 @@
 
 Nothing of the dev layer goes in but its artifacts: first the kernel packages are held (the dev run built
 the initramfs and the modules for that kernel), then the components' runtime packages, the artifacts
-(modules with depmod, files at their destinations), the desktop if configured, the user's prod playbooks,
-then the shipped cleanup role. A layer whose kernels are not exactly the dev run's fails (kernel_guard.py);
-else the overlay is flattened into one standalone zstd qcow2 (what xloop reads).
+(modules with depmod, files at their destinations), the desktop and the mltk modules if configured, the
+user's prod playbooks, then the shipped cleanup role. A layer whose kernels are not exactly the dev run's
+fails (kernel_guard.py); else the overlay is flattened into one standalone zstd qcow2 (what xloop reads).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_s
 from stage4.layers import identities, kernel_guard, overlay
 from stage4.layers.dev import ARTIFACTS_DIR, installs, packages_of
 from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
+from stage4.mltk import plan as mltk_plan
 from stage4.provisioning import ansible, attach
 from stage4.timing import timed
 
@@ -52,12 +53,16 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
             f"{artifacts_dir}/",
         )
         runtime = sorted({p for c in ctx.image.components.values() for p in c.runtime_packages})
+        # mltk's REQUIRED_CONTENT_PACKAGES: real packages here (the image is a real distribution).
+        mltk = artifacts.get("mltk")
+        runtime = sorted({*runtime, *(mltk["content_packages"] if mltk else ())})
         variables = {
             **layer.vars,
             "stage4_way": layer.way.value,
             "stage4_kernel_version": kernel,
             "stage4_packages": sorted({*layer.packages, *runtime}),
             "stage4_artifacts": to_install,
+            "stage4_mltk": mltk_plan.install_vars(mltk, artifacts_dir),
         }
         roles = ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"]
         if desktop := ctx.image.desktop:
@@ -66,8 +71,10 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
                 "stage4_desktop_session": desktop.session.value,
                 "stage4_desktop_browser": desktop.browser,
             }
+        if mltk:
+            roles.append("stage4_mltk_install")
         plays = ansible.site(
-            [ansible.play("stage4 prod: packages, artifacts and desktop", roles)],
+            [ansible.play("stage4 prod: packages, artifacts, desktop, mltk modules", roles)],
             list(layer.playbooks),
             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)],
         )

@@ -1,0 +1,112 @@
+"""The host's part of running mltk modules: sources, module order, and what the layers' roles get.
+
+Dev: the mltk checkout is fetched like a component's source (git + ref, tarball + sha256 or a folder,
+through stage4's source cache), the configured modules and their REQUIRED_MODULES are read and ordered
+(bad names and cycles stop the build here, before the layer is made), and each REQUIRED_GIT repository
+is fetched on the host as well, so the layer needs no network and offline hosts can import them. After
+the run each module's result, `mltk/NAME.tar` (the collected files and the module folder), is taken out
+with the other artifacts. Prod installs from those files only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stage4.config import SourceConfig
+from stage4.errors import ConfigError, StepFailed
+from stage4.mltk.modules import Module, ModuleProblem, ordered, sys_versions
+from stage4.provisioning import sources
+
+if TYPE_CHECKING:
+    from stage4.pipeline import Context
+
+DRIVER = Path(__file__).parent / "driver.sh"
+RESULTS = "mltk"  # below the layer's output folder and the image's artifacts folder
+
+
+def git_source(entry: str) -> tuple[str, SourceConfig]:
+    """A REQUIRED_GIT entry ('URL', 'URL|branch' or 'URL||commit') as its folder name and source."""
+    url, _, rest = entry.partition("|")
+    ref = rest.lstrip("|") or "HEAD"
+    return url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git"), SourceConfig(git=url, ref=ref)
+
+
+def prepare(ctx: Context, sources_dir: Path, step: str) -> dict:
+    """Fetch the checkout and the modules' git sources; the dev role's `stage4_mltk` variable."""
+    mltk, runner = ctx.image.mltk, ctx.runner
+    tarball = sources.fetch("stage4-mltk", mltk.source, sources_dir, runner, f"{step} (mltk)", ctx.cache_dir)
+    tree = sources_dir / "stage4-mltk-read"
+    shutil.rmtree(tree, ignore_errors=True)
+    with tarfile.open(tarball) as archive:
+        archive.extractall(tree, filter="tar")
+    versions = sys_versions(mltk.distro or ctx.image.distribution)
+    try:
+        order = ordered(tree, list(mltk.modules), versions, runner, step)
+    except ModuleProblem as exc:
+        raise ConfigError(
+            ctx.source,
+            f"images.{ctx.name}.mltk.modules",
+            list(mltk.modules),
+            f"{exc} ({mltk.source.describe()})",
+        ) from None
+    git = []
+    for module in order:
+        for entry in module.words("REQUIRED_GIT"):
+            folder, source = git_source(entry)
+            fetched = sources.fetch(
+                f"mltk-{module.name}-{folder}",
+                source,
+                sources_dir,
+                runner,
+                f"{step} (mltk {module.name})",
+                ctx.cache_dir,
+            )
+            git.append({"module": module.name, "folder": folder, "tarball": str(fetched)})
+    return {
+        "tarball": str(tarball),
+        "driver": str(DRIVER),
+        "sys_versions": " ".join(versions),
+        "modules": [{"name": m.name, "path": m.path} for m in order],
+        "build_packages": _packages(order, "REQUIRED_INSTALLED_PACKAGES", "REQUIRED_CONTENT_PACKAGES"),
+        "content_packages": _packages(order, "REQUIRED_CONTENT_PACKAGES"),
+        "git": git,
+    }
+
+
+def _packages(order: list[Module], *keys: str) -> list[str]:
+    return sorted({p for module in order for key in keys for p in module.packages(key)})
+
+
+def extract(out_dir: Path, staging: Path, plan: dict, step: str, log: Path | None) -> dict:
+    """Copy each module's result out of the dev layer's output folder; the dev manifest's `mltk` entry."""
+    (staging / RESULTS).mkdir(parents=True, exist_ok=True)
+    files = []
+    for module in plan["modules"]:
+        relative = f"{RESULTS}/{module['name']}.tar"
+        if not (out_dir / relative).is_file():
+            raise StepFailed(step, f"mltk module {module['name']} left no result ({relative})", log)
+        shutil.copyfile(out_dir / relative, staging / relative)
+        files.append(relative)
+    return {
+        "modules": [m["name"] for m in plan["modules"]],
+        "content_packages": plan["content_packages"],
+        "sys_versions": plan["sys_versions"],
+        "files": files,
+    }
+
+
+def install_vars(mltk: dict | None, artifacts_dir: Path) -> dict:
+    """The prod role's `stage4_mltk` variable, from the dev manifest's `mltk` entry."""
+    if not mltk:
+        return {"modules": []}
+    return {
+        "driver": str(DRIVER),
+        "sys_versions": mltk["sys_versions"],
+        "modules": [
+            {"name": name, "tarball": str(artifacts_dir / RESULTS / f"{name}.tar")}
+            for name in mltk["modules"]
+        ],
+    }
