@@ -23,7 +23,7 @@ from stage4.fsutil import mounts_below, sha256_file
 from stage4.image.filesystem import FilesystemReader
 from stage4.image.partitions import partitions, raw_view, root_partition
 from stage4.runner import Runner
-from tests.conftest import STAGE4, BuiltImage, make_config, require
+from tests.conftest import STAGE4, BuiltImage, full_matrix, make_config, require
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAME = "debian-12"
@@ -388,6 +388,7 @@ def _descendant_names(pid: int) -> set[str]:
     return found
 
 
+@full_matrix  # SIGTERM: test_interrupt (a build, a boot); the dev step: test_recovery (SIGKILL)
 def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(
     layered, base_image: BuiltImage, project: Path, tmp_path: Path
 ) -> None:
