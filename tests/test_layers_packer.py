@@ -15,7 +15,7 @@ import pytest
 from stage4 import api, config
 from stage4.provisioning import ansible, packer_way
 from stage4.runner import Runner
-from tests.conftest import BuiltImage, make_config, require, run_stage4
+from tests.conftest import BuiltImage, full_matrix, make_config, require, run_stage4
 from tests.test_layers import FIXTURES, _attached_to, read_files
 
 NAME = "debian-12"
@@ -73,6 +73,7 @@ def test_rendered_layer_templates_validate_with_the_installed_packer(tmp_path: P
 
 
 @pytest.mark.slow
+@full_matrix  # provisioning in a VM, with its resolver: test_layers_vm; the templates: validated above
 def test_prod_layer_by_packer_over_the_bootstrap_base(base_image: BuiltImage, tmp_path: Path) -> None:
     require("packer", "qemu-system-x86_64", "qemu-storage-daemon", "ssh-keygen")
     for name in ("dracut",):

@@ -29,6 +29,9 @@ PLAYBOOK = """\
         content: "provisioned over ssh\\n"
         dest: /etc/stage4-vm
         mode: "0644"
+    - name: Resolve the mirror's name (the image's resolver, from DHCP through systemd-resolved)
+      ansible.builtin.command: getent hosts deb.debian.org
+      changed_when: false
 """
 
 
