@@ -81,6 +81,19 @@ def _build(tmp: Path, name: str, image: dict) -> BuiltImage:
     )
 
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the layered-build fixtures: playbooks, a dracut module and a component with a kernel
+    module (a copy, so that a test may change it)."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("playbooks", "dracut", "component"):
+        shutil.copytree(FIXTURES / name, root / name)
+    return root
+
+
 @pytest.fixture(scope="session")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     """The default image: Debian 12, ext4, identifier SLX_SYS."""

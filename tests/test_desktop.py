@@ -10,7 +10,6 @@ manager that does not start fails the boot: in the full matrix only (one more bu
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from stage4 import api
 from stage4.boot import qemu
 from stage4.errors import StepFailed
 from tests.conftest import BuiltImage, full_matrix, make_config, require
-from tests.test_layers import FIXTURES, layered_image_config
+from tests.test_layers import layered_image_config
 from tests.test_rollouts import Debugfs, dpkg_stanza
 
 slow = pytest.mark.slow
@@ -31,14 +30,6 @@ NAME = "desktop-xfce"
 GRAPHICAL = ("xserver-xorg-core", "libwayland-server0", "lightdm", "xfce4-session", "libgtk-3-0")
 # The VGA screen's preferred mode (EDID) stage4 gives a screenshot boot.
 SCREEN = (1024, 768)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    for name in ("playbooks", "dracut", "component"):
-        shutil.copytree(FIXTURES / name, root / name)
-    return root
 
 
 def root_offset(raw: Path) -> int:

@@ -25,7 +25,6 @@ from stage4.image.partitions import partitions, raw_view, root_partition
 from stage4.runner import Runner
 from tests.conftest import STAGE4, BuiltImage, full_matrix, make_config, require
 
-FIXTURES = Path(__file__).parent / "fixtures"
 NAME = "debian-12"
 pytestmark = pytest.mark.slow
 
@@ -94,14 +93,6 @@ def installed(dpkg_status: str, package: str) -> bool:
         if fields.get("Package") == package:
             return fields.get("Status", "").endswith(" installed")
     return False
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    for name in ("playbooks", "dracut", "component"):
-        shutil.copytree(FIXTURES / name, root / name)
-    return root
 
 
 @pytest.fixture(scope="module")

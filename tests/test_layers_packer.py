@@ -15,8 +15,8 @@ import pytest
 from stage4 import api, config
 from stage4.provisioning import ansible, packer_way
 from stage4.runner import Runner
-from tests.conftest import BuiltImage, full_matrix, make_config, require, run_stage4
-from tests.test_layers import FIXTURES, _attached_to, read_files
+from tests.conftest import FIXTURES, BuiltImage, full_matrix, make_config, require, run_stage4
+from tests.test_layers import _attached_to, read_files
 
 NAME = "debian-12"
 PLAYBOOK = """\

@@ -17,11 +17,10 @@ import pytest
 
 from stage4 import api
 from stage4.errors import ConfigError
-from tests.conftest import BuiltImage, full_matrix, make_config, session_cache
+from tests.conftest import FIXTURES, BuiltImage, full_matrix, make_config, session_cache
 from tests.test_rollouts import Debugfs, dpkg_stanza
 from tests.upstream import require_git
 
-FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "mltk"
 MLTK_GIT = "https://github.com/bwLehrpool/mltk.git"
 DMIDECODE_GIT = "https://git.savannah.nongnu.org/git/dmidecode.git"  # system-uuid -> dmidecode's REQUIRED_GIT

@@ -21,7 +21,7 @@ from stage4 import api
 from stage4.errors import StepFailed
 from stage4.fsutil import sha256_file
 from tests.conftest import STAGE4, BuiltImage, full_matrix, make_config, require
-from tests.test_layers import FIXTURES, NAME, layered_image_config
+from tests.test_layers import NAME, layered_image_config
 
 pytestmark = pytest.mark.slow
 
@@ -73,15 +73,6 @@ def dpkg_stanza(status: str, package: str) -> dict:
         if fields.get("Package") == package:
             return fields
     return {}
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """test_layers' fixture project: playbooks, a dracut module and a component with a kernel module."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("playbooks", "dracut", "component"):
-        shutil.copytree(FIXTURES / name, root / name)
-    return root
 
 
 @pytest.fixture(scope="module")
