@@ -9,7 +9,6 @@ manager that does not start fails the boot: in the full matrix only (one more bu
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from stage4.boot import qemu
 from stage4.errors import StepFailed
 from tests.conftest import BuiltImage, full_matrix, make_config, require
 from tests.test_layers import layered_image_config
-from tests.test_rollouts import Debugfs, dpkg_stanza
+from tests.test_rollouts import Debugfs, dpkg_stanza, root_offset
 
 slow = pytest.mark.slow
 
@@ -30,12 +29,6 @@ NAME = "desktop-xfce"
 GRAPHICAL = ("xserver-xorg-core", "libwayland-server0", "lightdm", "xfce4-session", "libgtk-3-0")
 # The VGA screen's preferred mode (EDID) stage4 gives a screenshot boot.
 SCREEN = (1024, 768)
-
-
-def root_offset(raw: Path) -> int:
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True).stdout)
-    (root,) = [p for p in table["partitiontable"]["partitions"] if p.get("name") == "SLX_SYS"]
-    return root["start"] * table["partitiontable"].get("sectorsize", 512)
 
 
 def build(base_image: BuiltImage, project: Path, name: str, session: str):
@@ -132,10 +125,9 @@ def test_a_display_manager_that_does_not_start_fails_the_boot(
     (its ExecStartPre checks /etc/X11/default-display-manager), and the boot fails in one line."""
     cfg, result = xfce
     broken = tmp_path / "broken.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(result.image), str(broken)], check=True)
+    target = f"{broken}?offset={root_offset(result.image, broken)}"  # converts the image to raw first
     other = tmp_path / "default-display-manager"
     other.write_text("/usr/sbin/gdm3\n")
-    target = f"{broken}?offset={root_offset(broken)}"
     for command in ("rm /etc/X11/default-display-manager", f"write {other} /etc/X11/default-display-manager"):
         subprocess.run(["debugfs", "-w", "-R", command, target], check=True, capture_output=True)
     kernel = base_image.manifest["kernel_versions"][-1]
