@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from stage4 import workdirs
-from tests.conftest import STAGE4, full_matrix
-from tests.test_layers import FIXTURES, layered_image_config
+from tests.conftest import FIXTURES, STAGE4, full_matrix
+from tests.test_layers import layered_image_config
 
 NAME = "recovery"
 SHARED_CACHE = Path("~/.cache/stage4").expanduser()
