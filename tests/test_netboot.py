@@ -14,6 +14,7 @@ from stage4.boot import netboot
 from stage4.dnbd3.client import Client
 from stage4.dnbd3.server import DevServer
 from stage4.errors import InputError, StepFailed
+from tests.conftest import full_matrix
 
 MODULE_LIB = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
 
@@ -147,38 +148,42 @@ def test_root_check() -> None:
 NAME = "stage4/netboot-e2e.qcow2"
 
 
-@pytest.fixture(scope="session")
-def published(tmp_path_factory) -> dict:
-    """One layered build with the default components (dnbd3, xloop) and the shipped dnbd3-rootfs module,
-    exported as revision 1 into a fresh store, for every end-to-end test of this file."""
+def publish(work: Path, image: str, name: str, extra: str = "") -> dict:
+    """A layered build of `image` with the default components (dnbd3, xloop) and the shipped dnbd3-rootfs
+    module, exported as revision 1 of `name` into a fresh store; `extra`: more TOML for the image."""
     from tests.upstream import SHARED_CACHE, require_upstream
 
     require_upstream(SHARED_CACHE)
-    work = tmp_path_factory.mktemp("netboot")
     project = work / "stage4.toml"
     # One vCPU per client: the pair test boots two TCG guests at once, on a host that may have two cores.
     project.write_text(
-        f'[machine]\ncpus = 1\n\n[build]\noutput_dir = "{work / "output"}"\n\n[images.netboot-e2e]\n'
-        'distribution = "debian-12"\n\n[images.netboot-e2e.dev]\n[images.netboot-e2e.prod]\n'
+        f'[machine]\ncpus = 1\n\n[build]\noutput_dir = "{work / "output"}"\n\n[images.{image}]\n'
+        f'distribution = "debian-12"\n{extra}\n[images.{image}.dev]\n[images.{image}.prod]\n'
     )
-    stage4(project, "build", "netboot-e2e")
+    stage4(project, "build", image)
     store = work / "store"
     store.mkdir()
     # The config names the site's servers: netboot must never contact them.
     stage4(
         project,
         "export",
-        work / "output" / "netboot-e2e" / "prod.qcow2",
+        work / "output" / image / "prod.qcow2",
         "--store",
         store,
         "--name",
-        NAME,
+        name,
         "--server",
         "192.0.2.10",
         "--server",
         "192.0.2.11:5004",
     )
-    return {"project": project, "store": store, "boot": store / ".stage4" / NAME, "work": work}
+    return {"project": project, "store": store, "boot": store / ".stage4" / name, "work": work}
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory) -> dict:
+    """netboot-e2e, revision 1, for every end-to-end test of this file."""
+    return publish(tmp_path_factory.mktemp("netboot"), "netboot-e2e", NAME)
 
 
 def stage4(project: Path, *args, check: bool = True, timeout: float = 3600) -> subprocess.CompletedProcess:
@@ -324,3 +329,21 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
     assert "192.0.2." not in text.split("STAGE4-ROOT")[-1]  # the site's servers were never used
     assert "@10.0.2.101:5003" in own
     assert "@10.0.2.102:5003" in fallback  # the guest's address of the second server
+
+
+@pytest.mark.slow
+@full_matrix
+def test_a_desktop_revision_netboots_to_its_greeter(tmp_path: Path) -> None:
+    """An Xfce image over DNBD3 and xloop, as a lab PC boots it: LightDM active and its greeter on screen."""
+    from tests.test_desktop import check_screenshot
+
+    name = "stage4/netboot-xfce.qcow2"
+    published = publish(tmp_path, "netboot-xfce", name, 'desktop = { session = "xfce" }\n')
+    shot = tmp_path / "greeter.png"
+    result = stage4(
+        published["project"], "netboot", published["store"], name, "--screenshot", shot, "--timeout", "1500"
+    )
+    assert "/ = /dev/mapper/root (dm root: xloop0p3 + zram0), xloop0 over /dev/dnbd0" in result.stdout
+    log = Path(result.stdout.split("serial log: ")[-1].strip()).read_text(errors="replace")
+    assert "STAGE4-DISPLAY-MANAGER lightdm.service active" in log
+    check_screenshot(shot)

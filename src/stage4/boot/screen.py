@@ -2,8 +2,9 @@
 
 A display manager reports itself active before its greeter has drawn anything: the screen is dumped
 again and again until it shows a picture, or the wait ends. A picture has many distinct colours (a text
-console has 16 at most) and no single colour covers nearly all of it (an X screen with only its mouse
-pointer has some 80 colours, all in the pointer).
+console has 16 at most) and more than a mouse pointer off its background colour: an X screen with only
+its pointer has some 80 colours on 0.03 % of it; GDM's greeter, flat and dark, differs from its
+background on 1.2 % (337 colours), LightDM's on 11 %.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from stage4.errors import StepFailed
 # The VGA screen's preferred mode, announced to the guest through EDID: what a screenshot measures.
 SCREEN_SIZE = (1024, 768)
 MIN_COLOURS = 64
-MAX_BACKGROUND = 0.95  # the share of the most common colour
-SCREEN_WAIT = 300
+MAX_BACKGROUND = 0.995  # the share of the most common colour
+# GNOME Shell on Mesa's software renderer under TCG: about 4 minutes from GDM active to its greeter.
+SCREEN_WAIT = 600
 POLL_SECONDS = 3
 
 
