@@ -39,7 +39,9 @@ WantedBy=multi-user.target
 """
 
 # What / is made of (for `stage4 netboot`: the copy-on-write device over xloop over /dev/dnbd0), read
-# from sysfs only, then the marker line, then the poweroff if asked.
+# from sysfs only, then the marker line, then the poweroff if asked. The lines go out through the kernel's
+# console (every stage4 boot has console=ttyS0), not /dev/ttyS0: a getty starting on ttyS0 flushes the
+# tty's output queue, and once swallowed the marker that way. Level 2 shows even with `quiet`.
 MARKER_SCRIPT = r"""#!/bin/sh
 fw=/sys/firmware/qemu_fw_cfg/by_name/opt/org.stage4
 src=$(while read -r dev mnt _; do [ "$mnt" = / ] && echo "$dev"; done < /proc/mounts | tail -n 1)
@@ -54,8 +56,8 @@ done
 net=/sys/block/dnbd0/net
 [ -r $net/image_name ] \
     && facts="$facts dnbd0=$(cat $net/image_name):$(cat $net/rid)@$(cat $net/cur_server_addr)"
-echo "STAGE4-ROOT $facts" > /dev/ttyS0
-echo "STAGE4-USERSPACE-UP $(cat $fw/marker/raw)" > /dev/ttyS0
+echo "<2>STAGE4-ROOT $facts" > /dev/kmsg
+echo "<2>STAGE4-USERSPACE-UP $(cat $fw/marker/raw)" > /dev/kmsg
 test ! -e $fw/poweroff/raw || systemctl poweroff --no-block
 """
 
