@@ -22,6 +22,7 @@ APT_PACKAGES=(
     debconf                    # debconf-set-selections checks rendered preseeds
     kmod                       # modinfo: inspect checks which kernel each extra module was built for
     binutils                   # as, ld: a test's tiny kernel that prints GRUB-style escape codes
+    gcc libc6-dev              # the mltk driver test compiles its fixture module's C program on the host
     python3-venv               # the Python environment below
 )
 

@@ -1,10 +1,11 @@
 """Desktop images: an Xfce session with LightDM in the prod layer, booted under qemu to its greeter.
 
-One Xfce build on Debian 12 (test_layers' fixture component and dracut module, on the session's base) is
-checked from every side: the greeter's screenshot (a PNG qemu wrote, read back with Pillow), the base
-without any X or Wayland package and the prod image with them (dpkg's status file read with debugfs), no
-password in prod's /etc/shadow, graphical.target as the default. GNOME builds and boots too, and a display
-manager that does not start fails the boot: in the full matrix only (one more build or boot each).
+One Xfce build on Debian 12 (the layered fixture image with a desktop: only its prod layer is built, in a
+copy of the layered image's folder with its base and dev steps) is checked from every side: the
+greeter's screenshot (a PNG qemu wrote, read back with Pillow), the base without any X or Wayland package
+and the prod image with them (dpkg's status file read with debugfs), no password in prod's /etc/shadow,
+graphical.target as the default. GNOME builds and boots too, and a display manager that does not start
+fails the boot: in the full matrix only (one more build or boot each).
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ from PIL import Image
 from stage4 import api
 from stage4.boot import qemu, screen
 from stage4.errors import StepFailed
-from tests.conftest import BuiltImage, full_matrix, make_config, require
-from tests.test_layers import layered_image_config
-from tests.test_rollouts import Debugfs, dpkg_stanza, root_offset
+from tests.conftest import (
+    BuiltImage,
+    Layered,
+    full_matrix,
+    layered_image_config,
+    make_config,
+    require,
+    variant,
+)
+from tests.readback import Debugfs, dpkg_stanza, root_offset
 
 slow = pytest.mark.slow
 
@@ -31,11 +39,13 @@ GRAPHICAL = ("xserver-xorg-core", "libwayland-server0", "lightdm", "xfce4-sessio
 SCREEN = (1024, 768)
 
 
-def build(base_image: BuiltImage, project: Path, name: str, session: str, browser: bool = False):
+def build(layered: Layered, folder: Path, session: str, browser: bool = False):
+    """The layered image with a desktop, in `folder`: a prod layer on the layered image's base and dev."""
     require("qemu-storage-daemon", "losetup", "debugfs")
-    image = layered_image_config(project, extra={"desktop": {"session": session, "browser": browser}})
-    cfg = make_config(base_image.output_dir.parent, {name: image})
-    (result,) = api.build(cfg, [name])
+    image = layered.image_config(extra={"desktop": {"session": session, "browser": browser}})
+    cfg = variant(layered.image_dir, folder, image, ("base", "dev"))
+    (result,) = api.build(cfg, [Layered.NAME])
+    assert result.built == ["prod"], result.built
     return cfg, result
 
 
@@ -45,8 +55,8 @@ def boot_with_screenshot(cfg, result, shot: Path):
 
 
 @pytest.fixture(scope="module")
-def xfce(base_image: BuiltImage, project: Path):
-    return build(base_image, project, NAME, "xfce")
+def xfce(layered: Layered, tmp_path_factory: pytest.TempPathFactory):
+    return build(layered, tmp_path_factory.mktemp(NAME), "xfce")
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +179,8 @@ def test_display_manager_lines() -> None:
 
 @slow
 @full_matrix
-def test_gnome_with_a_browser_boots_to_the_gdm_greeter(
-    base_image: BuiltImage, project: Path, tmp_path: Path
-) -> None:
-    cfg, result = build(base_image, project, "desktop-gnome", "gnome", browser=True)
+def test_gnome_with_a_browser_boots_to_the_gdm_greeter(layered: Layered, tmp_path: Path) -> None:
+    cfg, result = build(layered, tmp_path / "gnome", "gnome", browser=True)
     status = Debugfs(result.image, tmp_path).cat("/var/lib/dpkg/status")
     for package in ("gdm3", "gnome-shell", "firefox-esr"):
         assert dpkg_stanza(status, package).get("Status") == "install ok installed", package

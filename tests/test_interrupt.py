@@ -3,7 +3,9 @@ and a rerun continues from what was finished."""
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -105,13 +107,19 @@ def test_interrupted_build_leaves_nothing_and_resumes(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_boot_leaves_no_qemu(base_image: BuiltImage, tmp_path: Path) -> None:
+    # A name of its own for the base (a hard link), so that the qemu looked for is this boot's, not one
+    # the other worker runs.
+    image = tmp_path / "sigterm" / "base.qcow2"
+    image.parent.mkdir()
+    os.link(base_image.path, image)
+    shutil.copyfile(base_image.path.with_suffix(".json"), image.with_suffix(".json"))
     serial = tmp_path / "serial.log"
-    boot = Stage4Process("boot", "--via", "kernel", "--log", str(serial), str(base_image.path))
+    boot = Stage4Process("boot", "--via", "kernel", "--log", str(serial), str(image))
     boot.wait_for("boot base.qcow2", timeout=120)
     deadline = time.monotonic() + 60
     while (not serial.exists() or serial.stat().st_size == 0) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert serial.stat().st_size > 0, "qemu printed nothing"
-    assert processes_mentioning(f"file={base_image.path}")
+    assert processes_mentioning(f"file={image}")
     assert boot.interrupt(signal.SIGTERM) == 130
-    assert not processes_mentioning(f"file={base_image.path}")
+    assert not processes_mentioning(f"file={image}")

@@ -1,9 +1,9 @@
 """The dev and prod layers on the real Debian 12 base: provisioning, extraction, flattening, reuse, errors.
 
-One layered image is built on the session's base (same output folder, so the base is reused) with a
-local fixture component (a kernel module and a program) and a local fixture dracut module that prints a
-marker while the initramfs runs. Everything is real: qemu-storage-daemon, loop devices, chroot Ansible,
-qemu under TCG.
+The run's layered image (conftest's `layered`: a local fixture component with a kernel module and a
+program, a local fixture dracut module that prints a marker while the initramfs runs) is checked from
+every side; the changed builds run in image folders of their own, seeded with its finished steps.
+Everything is real: qemu-storage-daemon, loop devices, chroot Ansible, qemu under TCG.
 """
 
 from __future__ import annotations
@@ -20,95 +20,31 @@ import pytest
 from stage4 import api
 from stage4.errors import ConfigError, StepFailed
 from stage4.fsutil import mounts_below, sha256_file
-from stage4.image.filesystem import FilesystemReader
-from stage4.image.partitions import partitions, raw_view, root_partition
-from stage4.runner import Runner
-from tests.conftest import STAGE4, BuiltImage, full_matrix, make_config, require
+from tests.conftest import (
+    STAGE4,
+    BuiltImage,
+    Layered,
+    full_matrix,
+    layered_image_config,
+    make_config,
+    variant,
+)
+from tests.readback import attached_to, installed, listing, read_files
 
-NAME = "debian-12"
+NAME = Layered.NAME
 pytestmark = pytest.mark.slow
 
 
-def layered_image_config(project: Path, prod_text: str = "prod v1", extra: dict | None = None) -> dict:
-    return {
-        "distribution": "debian-12",
-        "dev": {"playbooks": [str(project / "playbooks/dev.yml")]},
-        "prod": {
-            "playbooks": [str(project / "playbooks/prod.yml")],
-            "vars": {"stage4_fixture_text": prod_text},
-        },
-        "initramfs": {"dracut_modules": ["stage4test"], "source": {"path": str(project / "dracut")}},
-        "components": {
-            "fixture": {
-                "source": {"path": str(project / "component")},
-                "build": ['make -C "$KDIR" M="$PWD" modules', "gcc -O2 -o stage4-hello hello.c"],
-                "artifacts": [
-                    {"path": "stage4hello.ko", "kind": "module"},
-                    {"path": "stage4-hello", "dest": "/usr/local/bin/stage4-hello", "mode": "0755"},
-                ],
-            }
-        },
-        **(extra or {}),
-    }
+def config_for(layered: Layered, folder: Path, project: Path, steps=("base", "dev", "prod"), **kwargs):
+    """A variant of the layered image from `project`, in `folder`, seeded with the layered image's
+    `steps`."""
+    return variant(layered.image_dir, folder, layered_image_config(project, **kwargs), steps)
 
 
-def config_for(base_image: BuiltImage, project: Path, **kwargs):
-    # The base fixture's folder: same output folder and settings, so its base is reused.
-    return make_config(base_image.output_dir.parent, {NAME: layered_image_config(project, **kwargs)})
-
-
-def read_files(image: Path, *paths: str) -> dict[str, str | None]:
-    """Contents of files in the image's root filesystem, read with debugfs; None where the file's folder
-    does not list it (any other failure to read is an error, never taken for absence)."""
-    runner = Runner()
-    found: dict[str, str | None] = {}
-    with raw_view(image, runner) as raw:
-        _, parts = partitions(raw, runner)
-        with FilesystemReader(raw, root_partition(parts, "SLX_SYS"), runner) as reader:
-            for path in paths:
-                folder, name = path.rsplit("/", 1)
-                if name not in reader.list_dir(folder or "/"):
-                    found[path] = None
-                    continue
-                dest = raw.parent / "out"
-                dest.unlink(missing_ok=True)
-                reader.copy_out(path, dest)
-                found[path] = dest.read_text(errors="replace")
-    return found
-
-
-def listing(image: Path, directory: str) -> list[str]:
-    runner = Runner()
-    with raw_view(image, runner) as raw:
-        _, parts = partitions(raw, runner)
-        with FilesystemReader(raw, root_partition(parts, "SLX_SYS"), runner) as reader:
-            return reader.list_dir(directory)
-
-
-def installed(dpkg_status: str, package: str) -> bool:
-    for stanza in dpkg_status.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
-        )
-        if fields.get("Package") == package:
-            return fields.get("Status", "").endswith(" installed")
-    return False
-
-
-@pytest.fixture(scope="module")
-def layered(base_image: BuiltImage, project: Path):
-    require("qemu-storage-daemon", "losetup", "lsinitrd")
-    cfg = config_for(base_image, project)
-    started = time.monotonic()
-    (result,) = api.build(cfg, [NAME], keep_dev=True)
-    assert result.base.reused and result.base.identity == base_image.manifest["identity"]
-    return cfg, result, time.monotonic() - started
-
-
-def test_full_pipeline_builds_dev_and_prod(layered, base_image: BuiltImage) -> None:
-    cfg, result, seconds = layered
-    print(f"layered build: {seconds:.0f} s")
-    assert result.built == ["dev", "prod"]
+def test_full_pipeline_builds_dev_and_prod(layered: Layered, base_image: BuiltImage) -> None:
+    result = layered.result
+    print(f"layered build: {layered.seconds:.0f} s")
+    assert layered.built == ["dev", "prod"]
     image_dir = result.image.parent
     kernel = base_image.manifest["kernel_versions"][-1]
 
@@ -140,15 +76,18 @@ def test_full_pipeline_builds_dev_and_prod(layered, base_image: BuiltImage) -> N
             text=True,
         ).stdout
     )
-    assert info["backing-filename"] == str(base_image.path)
+    assert info["backing-filename"] == str(image_dir / "base.qcow2")  # the base in the image's folder
+    assert sha256_file(image_dir / "base.qcow2") == base_image.manifest["image"]["sha256"]
     assert info["backing-filename-format"] == "qcow2"
     dev_status = read_files(image_dir / "dev.qcow2", "/var/lib/dpkg/status")["/var/lib/dpkg/status"]
     assert installed(dev_status, "gcc") and installed(dev_status, f"linux-headers-{kernel}")
     assert "gcc" in result.dev_manifest["packages"]
 
 
-def test_prod_image_is_clean_standalone_and_has_the_component(layered, base_image: BuiltImage) -> None:
-    cfg, result, _ = layered
+def test_prod_image_is_clean_standalone_and_has_the_component(
+    layered: Layered, base_image: BuiltImage
+) -> None:
+    result = layered.result
     kernel = base_image.manifest["kernel_versions"][-1]
     info = json.loads(
         subprocess.run(
@@ -198,9 +137,9 @@ def test_prod_image_is_clean_standalone_and_has_the_component(layered, base_imag
 
 
 def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(
-    layered, base_image: BuiltImage
+    layered: Layered, base_image: BuiltImage
 ) -> None:
-    _, result, _ = layered
+    result = layered.result
     kernel = base_image.manifest["kernel_versions"][-1]
     out = subprocess.run(
         ["lsinitrd", str(result.artifacts_dir / f"initrd.img-{kernel}")],
@@ -213,8 +152,8 @@ def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(
     assert result.dev_manifest["artifacts"]["initramfs_dracut_modules"].count("stage4test") == 1
 
 
-def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered, base_image: BuiltImage) -> None:
-    cfg, result, _ = layered
+def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered: Layered, base_image: BuiltImage) -> None:
+    cfg, result = layered.config, layered.result
     kernel = base_image.manifest["kernel_versions"][-1]
     booted = api.boot(
         cfg,
@@ -229,8 +168,8 @@ def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered, base_image:
     assert f"STAGE4-USERSPACE-UP {booted.marker}" in log
 
 
-def test_unchanged_rebuild_builds_nothing(layered) -> None:
-    cfg, first, _ = layered
+def test_unchanged_rebuild_builds_nothing(layered: Layered) -> None:
+    cfg, first = layered.config, layered.result
     started = time.monotonic()
     (again,) = api.build(cfg, [NAME], keep_dev=True)
     print(f"no-change rebuild: {time.monotonic() - started:.1f} s")
@@ -239,8 +178,8 @@ def test_unchanged_rebuild_builds_nothing(layered) -> None:
     assert again.dev_manifest["identity"] == first.dev_manifest["identity"]
 
 
-def test_layers_lists_the_chain(layered, project: Path, tmp_path: Path) -> None:
-    cfg, result, _ = layered
+def test_layers_lists_the_chain(layered: Layered, tmp_path: Path) -> None:
+    cfg, result = layered.config, layered.result
     found = api.layers(cfg, [NAME])[NAME]
     assert [s.name for s in found] == ["base", "dev", "prod"]
     assert all(s.state.startswith("cached, up to date") for s in found), [s.state for s in found]
@@ -251,7 +190,7 @@ def test_layers_lists_the_chain(layered, project: Path, tmp_path: Path) -> None:
             {
                 "build": {"output_dir": str(cfg.build.output_dir), "cache_dir": str(cfg.build.cache_dir)},
                 "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
-                "images": {NAME: layered_image_config(project)},
+                "images": {NAME: layered.image_config()},
             }
         )
     )
@@ -264,10 +203,15 @@ def test_layers_lists_the_chain(layered, project: Path, tmp_path: Path) -> None:
 
 
 def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
-    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+    layered: Layered, project: Path, tmp_path: Path
 ) -> None:
-    cfg, result, _ = layered
-    before = sha256_file(result.image)
+    # The failing builds run in a copy of the layered image's folder.
+    cfg = config_for(layered, tmp_path / "copy", project)
+    image = cfg.build.output_dir / NAME / "prod.qcow2"
+    before = sha256_file(image)
+
+    def config_with(image: dict):
+        return make_config(tmp_path / "copy", {NAME: image}, cfg.build.cache_dir)
 
     def failing(cfg, *words: str) -> str:
         with pytest.raises(StepFailed) as caught:
@@ -276,15 +220,12 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
         for word in words:
             assert word in message, message
         assert "(log: " in message and Path(message.rsplit("(log: ", 1)[1].rstrip(")")).is_file()
-        assert sha256_file(result.image) == before
+        assert sha256_file(image) == before
         return message
 
     # A missing playbook is bad input, found when the config is read (no build starts).
     with pytest.raises(ConfigError, match=r"images\.\S+\.prod\.playbooks\.0 = .*nope\.yml.*: no such file"):
-        make_config(
-            base_image.output_dir.parent,
-            {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}}},
-        )
+        config_with({**layered_image_config(project), "prod": {"playbooks": [str(tmp_path / "nope.yml")]}})
 
     bad_task = tmp_path / "fail.yml"
     bad_task.write_text(
@@ -292,10 +233,7 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
         "      ansible.builtin.command: /bin/false\n"
     )
     failing(
-        make_config(
-            base_image.output_dir.parent,
-            {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(bad_task)]}}},
-        ),
+        config_with({**layered_image_config(project), "prod": {"playbooks": [str(bad_task)]}}),
         "prod: provision (chroot)",
         "Deliberately failing task",
     )
@@ -306,9 +244,7 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
     wrong["components"] = {
         "fixture": {**wrong["components"]["fixture"], "source": {"tarball": str(tarball), "sha256": "0" * 64}}
     }
-    failing(
-        make_config(base_image.output_dir.parent, {NAME: wrong}), "dev: fetch sources", "checksum mismatch"
-    )
+    failing(config_with(wrong), "dev: fetch sources", "checksum mismatch")
 
     # The first failing build command stops the component; its own output is the message, and the next
     # command (whose failure would be a confusing follow-on) never runs.
@@ -320,7 +256,7 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
         }
     }
     message = failing(
-        make_config(base_image.output_dir.parent, {NAME: broken}),
+        config_with(broken),
         "dev: provision (chroot)",
         "component fixture: 'echo configured; echo the-real-cause >&2; exit 3' failed with exit code 3",
         "the-real-cause",
@@ -328,16 +264,15 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
     assert "the-follow-on" not in message and "exit 4" not in message
 
 
-def test_prod_only_change_rebuilds_only_prod(
-    layered, base_image: BuiltImage, project: Path, tmp_path: Path
-) -> None:
-    cfg, first, _ = layered
+def test_prod_only_change_rebuilds_only_prod(layered: Layered, project: Path, tmp_path: Path) -> None:
+    first = layered.result
     # A changed copy of the project: the shared fixture project stays as the other tests expect it.
     changed_project = tmp_path / "project"
     shutil.copytree(project, changed_project)
     playbook = changed_project / "playbooks/prod.yml"
     playbook.write_text(playbook.read_text().replace("Leave a file", "Leave one file"))
-    changed = config_for(base_image, changed_project, prod_text="prod v2")  # same dev inputs by content
+    # same dev inputs by content; in a copy of the layered image's folder
+    changed = config_for(layered, tmp_path / "copy", changed_project, prod_text="prod v2")
     (again,) = api.build(changed, [NAME])
     assert again.built == ["prod"]
     assert again.base.identity == first.base.identity
@@ -345,19 +280,6 @@ def test_prod_only_change_rebuilds_only_prod(
     assert again.identity != first.identity
     assert json.loads((again.image.parent / "prod.json").read_text())["identity"] == again.identity
     assert read_files(again.image, "/etc/stage4-fixture")["/etc/stage4-fixture"] == "prod v2\n"
-
-
-def _attached_to(path: Path) -> list[str]:
-    loops = subprocess.run(
-        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True, text=True
-    ).stdout
-    procs = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    found = [line for line in loops.splitlines() if str(path) in line]
-    found += [
-        line for line in procs.splitlines() if str(path) in line and ("qemu" in line or "ansible" in line)
-    ]
-    found += mounts_below(path)
-    return found
 
 
 def _descendant_names(pid: int) -> set[str]:
@@ -381,20 +303,22 @@ def _descendant_names(pid: int) -> set[str]:
 
 @full_matrix  # SIGTERM: test_interrupt (a build, a boot); the dev step: test_recovery (SIGKILL)
 def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(
-    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+    layered: Layered, project: Path, tmp_path: Path
 ) -> None:
-    cfg, first, _ = layered
+    name = NAME
+    cfg = config_for(layered, tmp_path / "copy", project)  # its own cache: nothing else runs in `work`
+    first = cfg.build.output_dir / name / "prod.qcow2"
     work = cfg.build.cache_dir / "work"
     toml = tmp_path / "stage4.toml"
     data = {
-        "build": {"output_dir": str(base_image.output_dir), "cache_dir": str(cfg.build.cache_dir)},
+        "build": {"output_dir": str(cfg.build.output_dir), "cache_dir": str(cfg.build.cache_dir)},
         "machine": {"cpus": 2, "memory": "2G", "disk_size": "3G"},
-        "images": {NAME: layered_image_config(project, extra={})},
+        "images": {name: layered_image_config(project, extra={})},
     }
-    data["images"][NAME]["dev"]["vars"] = {"interrupted": "yes"}  # a new dev identity
+    data["images"][name]["dev"]["vars"] = {"interrupted": "yes"}  # a new dev identity
     toml.write_text(_toml(data))
     proc = subprocess.Popen(
-        [STAGE4, "-c", str(toml), "build", NAME], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [STAGE4, "-c", str(toml), "build", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     # Ansible running in the attached dev layer, seen in the process table (stat and comm only: reading a
     # process's command line can stall while it waits on the FUSE export).
@@ -406,17 +330,14 @@ def test_sigterm_during_dev_leaves_nothing_attached_and_a_rerun_succeeds(
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    assert _attached_to(work) == [], out
-    assert (
-        sha256_file(first.image)
-        == json.loads((first.image.parent / "prod.json").read_text())["image"]["sha256"]
-    )
+    assert attached_to(work) == [], out
+    assert sha256_file(first) == json.loads(first.with_suffix(".json").read_text())["image"]["sha256"]
 
     rerun = subprocess.run(
-        [STAGE4, "-c", str(toml), "build", NAME], capture_output=True, text=True, timeout=1200
+        [STAGE4, "-c", str(toml), "build", name], capture_output=True, text=True, timeout=1200
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert _attached_to(work) == []
+    assert attached_to(work) == []
 
 
 def _toml(data: dict) -> str:

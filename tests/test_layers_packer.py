@@ -15,8 +15,8 @@ import pytest
 from stage4 import api, config
 from stage4.provisioning import ansible, packer_way
 from stage4.runner import Runner
-from tests.conftest import FIXTURES, BuiltImage, full_matrix, make_config, require, run_stage4
-from tests.test_layers import _attached_to, read_files
+from tests.conftest import FIXTURES, BuiltImage, full_matrix, require, run_stage4, variant
+from tests.readback import attached_to, read_files
 
 NAME = "debian-12"
 PLAYBOOK = """\
@@ -87,8 +87,8 @@ def test_prod_layer_by_packer_over_the_bootstrap_base(base_image: BuiltImage, tm
         "initramfs": {"dracut_modules": ["stage4test"], "source": {"path": str(tmp_path / "dracut")}},
         "components": {},
     }
-    # The base fixture's folder and settings: its base is reused.
-    cfg = make_config(base_image.output_dir.parent, {NAME: image})
+    # A copy of the base fixture's folder, with its settings: its base is reused.
+    cfg = variant(base_image.path.parent, tmp_path / "copy", image)
     (result,) = api.build(cfg, [NAME])
     assert result.built[-1] == "prod"
     manifest = json.loads((result.image.parent / "prod.json").read_text())
@@ -114,7 +114,7 @@ def test_prod_layer_by_packer_over_the_bootstrap_base(base_image: BuiltImage, tm
 
     work = cfg.build.cache_dir / "work"
     assert not list(work.glob(f"{NAME}-layers-*/prod"))  # work folder gone, with the build key in it
-    assert _attached_to(work) == []
+    assert attached_to(work) == []
     leftover = subprocess.run(["pgrep", "-af", "packer|qemu-system"], capture_output=True, text=True).stdout
     assert str(work) not in leftover, leftover
 

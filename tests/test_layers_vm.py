@@ -16,7 +16,7 @@ from stage4.layers import overlay
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner
 from tests.conftest import BuiltImage, require
-from tests.test_layers import _attached_to, read_files
+from tests.readback import attached_to, read_files
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_vm_way_runs_a_playbook_over_ssh_and_removes_the_build_user(
             plays = ansible.site([], [playbook], [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"])])
             ansible.run(target, plays, {}, work / "ansible", runner, "test vm")
         assert not (work / "build_key").exists()
-        assert _attached_to(work) == []
+        assert attached_to(work) == []
         files = read_files(
             layer,
             "/etc/stage4-vm",

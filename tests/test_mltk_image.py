@@ -17,8 +17,8 @@ import pytest
 
 from stage4 import api
 from stage4.errors import ConfigError
-from tests.conftest import FIXTURES, BuiltImage, full_matrix, make_config, session_cache
-from tests.test_rollouts import Debugfs, dpkg_stanza
+from tests.conftest import FIXTURES, BuiltImage, full_matrix, session_cache, variant
+from tests.readback import Debugfs, dpkg_stanza
 from tests.upstream import require_git
 
 FIXTURE = FIXTURES / "mltk"
@@ -28,12 +28,12 @@ NAME = "debian-12"
 pytestmark = pytest.mark.slow
 
 
-def mltk_image(base_image: BuiltImage, mltk: dict):
-    # The base fixture's folder and settings, so its base is reused; no components (a short dev run), so
-    # the initramfs takes the small fixture dracut module instead of dnbd3-rootfs (which needs them).
+def mltk_image(base_image: BuiltImage, folder: Path, mltk: dict):
+    # In `folder`, seeded with the session's base; no components (a short dev run), so the initramfs takes
+    # the small fixture dracut module instead of dnbd3-rootfs (which needs them).
     initramfs = {"dracut_modules": ["stage4test"], "source": {"path": str(FIXTURES / "dracut")}}
     image = {"distribution": "debian-12", "components": {}, "initramfs": initramfs, "mltk": mltk}
-    return make_config(base_image.output_dir.parent, {NAME: image})
+    return variant(base_image.path.parent, folder, image)
 
 
 def build(cfg) -> tuple[Path, dict, dict]:
@@ -53,8 +53,9 @@ def link_target(fs: Debugfs, path: str) -> str:
 
 @pytest.fixture(scope="module")
 def fixture_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("mltk")
     image, dev, prod = build(
-        mltk_image(base_image, {"source": {"path": str(FIXTURE)}, "modules": ["stage4-greeter"]})
+        mltk_image(base_image, folder, {"source": {"path": str(FIXTURE)}, "modules": ["stage4-greeter"]})
     )
     fs = Debugfs(image, tmp_path_factory.mktemp("mltk-raw"))
     yield fs, dev, prod
@@ -98,8 +99,9 @@ def test_fixture_modules_land_in_prod(fixture_image) -> None:
     assert fs.stat("/var/lib/stage4") is None
 
 
-def test_unknown_module_stops_before_the_layer(base_image: BuiltImage, fixture_image) -> None:
-    cfg = mltk_image(base_image, {"source": {"path": str(FIXTURE)}, "modules": ["stage4-greeter", "nosuch"]})
+def test_unknown_module_stops_before_the_layer(base_image: BuiltImage, tmp_path: Path) -> None:
+    modules = ["stage4-greeter", "nosuch"]
+    cfg = mltk_image(base_image, tmp_path, {"source": {"path": str(FIXTURE)}, "modules": modules})
     with pytest.raises(ConfigError) as caught:
         api.build(cfg, [NAME])
     message = str(caught.value)
@@ -110,8 +112,9 @@ def test_unknown_module_stops_before_the_layer(base_image: BuiltImage, fixture_i
 def upstream_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory):
     require_git(session_cache(), MLTK_GIT)
     require_git(session_cache(), DMIDECODE_GIT, "HEAD")
+    modules = ["haveged", "zram-swap", "system-uuid"]
     cfg = mltk_image(
-        base_image, {"source": {"git": MLTK_GIT}, "modules": ["haveged", "zram-swap", "system-uuid"]}
+        base_image, tmp_path_factory.mktemp("mltk"), {"source": {"git": MLTK_GIT}, "modules": modules}
     )
     image, dev, prod = build(cfg)
     fs = Debugfs(image, tmp_path_factory.mktemp("mltk-upstream-raw"))

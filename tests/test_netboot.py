@@ -14,7 +14,7 @@ from stage4.boot import netboot
 from stage4.dnbd3.client import Client
 from stage4.dnbd3.server import DevServer
 from stage4.errors import InputError, StepFailed
-from tests.conftest import full_matrix
+from tests.conftest import BuiltImage, full_matrix, seed_steps, session_cache
 
 MODULE_LIB = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
 
@@ -148,19 +148,27 @@ def test_root_check() -> None:
 NAME = "stage4/netboot-e2e.qcow2"
 
 
-def publish(work: Path, image: str, name: str, extra: str = "") -> dict:
-    """A layered build of `image` with the default components (dnbd3, xloop) and the shipped dnbd3-rootfs
-    module, exported as revision 1 of `name` into a fresh store; `extra`: more TOML for the image."""
+def publish(work: Path, base: BuiltImage, name: str, extra: str = "") -> dict:
+    """A layered build on the session's base (seeded into its own output folder) with the default
+    components (dnbd3, xloop) and the shipped dnbd3-rootfs module, exported as revision 1 of `name` into
+    a fresh store; `extra`: more TOML for the image."""
     from tests.upstream import SHARED_CACHE, require_upstream
 
     require_upstream(SHARED_CACHE)
+    image = "debian-12"  # the base's name (its hostname)
+    seed_steps(base.path.parent, work / "output" / image)
     project = work / "stage4.toml"
     # One vCPU per client: the pair test boots two TCG guests at once, on a host that may have two cores.
+    # A cache of its own: the build runs beside the other worker's builds.
+    cache = session_cache(f"netboot-{work.name}")
     project.write_text(
-        f'[machine]\ncpus = 1\n\n[build]\noutput_dir = "{work / "output"}"\n\n[images.{image}]\n'
-        f'distribution = "debian-12"\n{extra}\n[images.{image}.dev]\n[images.{image}.prod]\n'
+        f'[machine]\ncpus = 1\ndisk_size = "3G"\n\n'  # disk_size: as the base was built (conftest)
+        f'[build]\noutput_dir = "{work / "output"}"\ncache_dir = "{cache}"\n\n'
+        f'[images.{image}]\ndistribution = "debian-12"\n{extra}\n'
+        f"[images.{image}.dev]\n[images.{image}.prod]\n"
     )
-    stage4(project, "build", image)
+    built = stage4(project, "build", image)
+    assert f"{image}: base {base.manifest['identity'][:16]} is up to date, reusing it" in built.stderr
     store = work / "store"
     store.mkdir()
     # The config names the site's servers: netboot must never contact them.
@@ -181,9 +189,9 @@ def publish(work: Path, image: str, name: str, extra: str = "") -> dict:
 
 
 @pytest.fixture(scope="session")
-def published(tmp_path_factory) -> dict:
+def published(base_image: BuiltImage, tmp_path_factory) -> dict:
     """netboot-e2e, revision 1, for every end-to-end test of this file."""
-    return publish(tmp_path_factory.mktemp("netboot"), "netboot-e2e", NAME)
+    return publish(tmp_path_factory.mktemp("netboot"), base_image, NAME)
 
 
 def stage4(project: Path, *args, check: bool = True, timeout: float = 3600) -> subprocess.CompletedProcess:
@@ -333,12 +341,12 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
 
 @pytest.mark.slow
 @full_matrix
-def test_a_desktop_revision_netboots_to_its_greeter(tmp_path: Path) -> None:
+def test_a_desktop_revision_netboots_to_its_greeter(base_image: BuiltImage, tmp_path: Path) -> None:
     """An Xfce image over DNBD3 and xloop, as a lab PC boots it: LightDM active and its greeter on screen."""
     from tests.test_desktop import check_screenshot
 
     name = "stage4/netboot-xfce.qcow2"
-    published = publish(tmp_path, "netboot-xfce", name, 'desktop = { session = "xfce" }\n')
+    published = publish(tmp_path, base_image, name, 'desktop = { session = "xfce" }\n')
     shot = tmp_path / "greeter.png"
     result = stage4(
         published["project"], "netboot", published["store"], name, "--screenshot", shot, "--timeout", "1500"

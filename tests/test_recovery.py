@@ -2,10 +2,12 @@
 good: its children die with it, and the next build of the image (or `stage4 clean`) ends what is left,
 unmounts, detaches and removes the work directory before it decides what to reuse.
 
-The fast tests attach real loop devices, mounts and processes by hand; the slow ones kill real builds of a
-layered image (the fixture component of test_layers) at each step, with their own cache folder (its package
-and initramfs caches seeded from the shared one) and one base for all cases. Each kill waits for evidence
-of its step: a mount in /proc/mounts, a process in the process table, a file of the step.
+The fast tests attach real loop devices, mounts and processes by hand; the slow ones kill real builds at
+each step, with their own cache folder (its package and initramfs caches seeded from the shared one): a
+base of its own for the kills in the bootstrap, and a copy of the run's layered image (conftest's
+`layered`, its finished steps seeded into this output folder) for the kills in the layers. Each kill
+waits for evidence of its step: a mount in /proc/mounts, a process in the process table, a file of the
+step (its own: the other worker builds at the same time).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from stage4 import workdirs
-from tests.conftest import FIXTURES, STAGE4, full_matrix
-from tests.test_layers import layered_image_config
+from tests.conftest import FIXTURES, STAGE4, Layered, full_matrix, layered_image_config, seed_steps
 
-NAME = "recovery"
+NAME = "recovery"  # the base killed in its bootstrap
+LAYERED = Layered.NAME  # the copy of the layered image killed in its layers
 SHARED_CACHE = Path("~/.cache/stage4").expanduser()
 
 
@@ -273,7 +275,7 @@ def toml_value(value: object) -> str:
     return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
 
 
-def project_file(root: Path, cache: Path, image: dict | None = None) -> Path:
+def project_file(root: Path, cache: Path, images: dict[str, dict] | None = None) -> Path:
     lines = [
         "[build]",
         f"output_dir = {toml_value(str(root / 'out'))}",
@@ -281,8 +283,8 @@ def project_file(root: Path, cache: Path, image: dict | None = None) -> Path:
         "[machine]",
         'disk_size = "3G"',
     ]
-    if image is not None:
-        lines.append(f"[images.{NAME}]")
+    for name, image in (images or {}).items():
+        lines.append(f'[images."{name}"]')
         lines += [f"{key} = {toml_value(value)}" for key, value in image.items()]
     path = root / "stage4.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -292,12 +294,14 @@ def project_file(root: Path, cache: Path, image: dict | None = None) -> Path:
 class Build:
     """`stage4 build` in the background; its output collected in a file."""
 
-    def __init__(self, env: Env, *args: str):
+    def __init__(self, env: Env, image: str, *args: str):
         self.env = env
         self.output = env.root / f"build-{time.monotonic_ns()}.out"
         with self.output.open("w") as handle:
             self.popen = subprocess.Popen(
-                [STAGE4, "-c", str(env.toml), "build", *args], stdout=handle, stderr=subprocess.STDOUT
+                [STAGE4, "-c", str(env.toml), "build", image, *args],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
             )
 
     def text(self) -> str:
@@ -339,16 +343,10 @@ class Env:
                     shutil.copytree(SHARED_CACHE / name, self.cache / name, dirs_exist_ok=True)
                 except shutil.Error:
                     pass  # a file another build was writing: only a slower first bootstrap
-        image = layered_image_config(root)
-        # A component without build commands (its artifact is a source file): provisioning exists, and
-        # these tests do not depend on what the components role does with them.
-        image["components"] = {
-            "fixture": {
-                "source": {"path": str(root / "component")},
-                "artifacts": [{"path": "hello.c", "dest": "/usr/local/share/hello.c"}],
-            }
-        }
-        self.toml = project_file(root, self.cache, image)
+        # The layered image from a copy of the fixtures: the same content, so the same identities as the
+        # run's layered image, whose finished steps `seeded_env` copies in.
+        images = {NAME: {"distribution": "debian-12"}, LAYERED: layered_image_config(root)}
+        self.toml = project_file(root, self.cache, images)
 
     @property
     def work(self) -> Path:
@@ -363,10 +361,15 @@ class Env:
             lambda: "\n".join(traces(self.cache, self.out)),
         )
 
-    def rebuild_and_check(self) -> subprocess.CompletedProcess:
-        """The next plain build succeeds and nothing of the killed one is left; the result passes inspect."""
+    def rebuild_and_check(self, image: str) -> subprocess.CompletedProcess:
+        """The next plain build of `image` succeeds and nothing of the killed one is left; its last step's
+        image passes inspect."""
         result = subprocess.run(
-            [STAGE4, "-c", str(self.toml), "build"], check=False, capture_output=True, text=True, timeout=1800
+            [STAGE4, "-c", str(self.toml), "build", image],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert traces(self.cache, self.out) == []
@@ -380,17 +383,18 @@ class Env:
             assert not back or back != "/" and str(self.cache) not in back, (
                 f"{device} still attached ({back})"
             )
-        # The lock stays; so does the empty parent of the layers' work folders after a finished build.
+        # The locks stay; so does the empty parent of the layers' work folders after a finished build.
         left = [
             p
             for p in self.work.iterdir()
-            if p.name != f"{NAME}.lock" and not (p.is_dir() and not any(p.iterdir()))
+            if p.suffix != ".lock" and not (p.is_dir() and not any(p.iterdir()))
         ]
         assert left == []
-        partial = [p for p in (self.out / NAME).iterdir() if ".partial-" in p.name or ".old-" in p.name]
+        partial = [p for p in (self.out / image).iterdir() if ".partial-" in p.name or ".old-" in p.name]
         assert partial == []
+        last = "prod.qcow2" if image == LAYERED else "base.qcow2"
         inspect = subprocess.run(
-            [STAGE4, "inspect", str(self.out / NAME / "prod.qcow2")],
+            [STAGE4, "inspect", str(self.out / image / last)],
             check=False,
             capture_output=True,
             text=True,
@@ -407,13 +411,21 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     return Env(tmp_path_factory.mktemp("recovery"))
 
 
-def base_work(env: Env) -> list[Path]:
-    return [p for p in env.work.glob(f"{NAME}-*") if p.is_dir() and "-layers-" not in p.name]
+@pytest.fixture
+def seeded_env(env: Env, layered: Layered) -> Env:
+    """The env with the run's layered image (base, dev, prod) in its output folder."""
+    if not (env.out / LAYERED / "prod.json").is_file():
+        seed_steps(layered.image_dir, env.out / LAYERED, ("base", "dev", "prod"))
+    return env
+
+
+def base_work(env: Env, image: str = NAME) -> list[Path]:
+    return [p for p in env.work.glob(f"{image}-*") if p.is_dir() and "-layers-" not in p.name]
 
 
 @pytest.mark.slow
 def test_clean_frees_a_build_killed_in_bootstrap(env: Env) -> None:
-    build = Build(env)
+    build = Build(env, NAME)
     build.wait_for(lambda: mounted_below(env.work, "/proc"), "mmdebstrap's /proc mount in the chroot", 300)
     build.kill()
     env.after_kill()
@@ -430,24 +442,27 @@ def test_clean_frees_a_build_killed_in_bootstrap(env: Env) -> None:
 
 @pytest.mark.slow
 def test_kill_in_bootstrap(env: Env) -> None:
-    build = Build(env)
+    build = Build(env, NAME)
     build.wait_for(lambda: mounted_below(env.work, "/proc"), "mmdebstrap's /proc mount in the chroot", 300)
     build.kill()
     env.after_kill()
-    result = env.rebuild_and_check()
+    result = env.rebuild_and_check(NAME)  # a whole bootstrap, after the killed one
     assert "released what a killed build left" in result.stderr
 
 
 @pytest.mark.slow
 @full_matrix
-def test_kill_in_disk_assembly(env: Env) -> None:
+def test_kill_in_disk_assembly(seeded_env: Env) -> None:
     # The interrupted `--rebuild base` of the report: the rerun reuses the old base but removes the
     # work folder.
-    build = Build(env, "--rebuild", "base")
-    build.wait_for(lambda: [p for p in base_work(env) if (p / "disk.raw").exists()], "the GPT disk file", 900)
+    env = seeded_env
+    build = Build(env, LAYERED, "--rebuild", "base")
+    build.wait_for(
+        lambda: [p for p in base_work(env, LAYERED) if (p / "disk.raw").exists()], "the GPT disk file", 900
+    )
     build.kill()
     env.after_kill()
-    result = env.rebuild_and_check()
+    result = env.rebuild_and_check(LAYERED)
     assert "released what a killed build left" in result.stderr
     assert "is up to date, reusing" in result.stderr
 
@@ -461,36 +476,41 @@ def provisioning(env: Env, layer: str) -> Callable[[], object]:
 
 
 @pytest.mark.slow
-def test_kill_in_dev_provisioning(env: Env) -> None:
+def test_kill_in_dev_provisioning(seeded_env: Env) -> None:
     # The report's case: a plain rerun reuses the layers, and must still release the killed run's attachments.
-    build = Build(env, "--rebuild", "dev")
+    env = seeded_env
+    build = Build(env, LAYERED, "--rebuild", "dev")
     build.wait_for(provisioning(env, "dev"), "Ansible in the dev chroot", 900)
     build.kill()
     env.after_kill()
     assert mounted_below(env.work), "the layer's mounts stay until the next build"
-    result = env.rebuild_and_check()
+    result = env.rebuild_and_check(LAYERED)
     assert "released what a killed build left" in result.stderr
     assert "dev" in result.stderr and "is up to date, reusing" in result.stderr
 
 
 @pytest.mark.slow
 @full_matrix
-def test_kill_in_prod_provisioning(env: Env) -> None:
-    build = Build(env, "--rebuild", "prod")
+def test_kill_in_prod_provisioning(seeded_env: Env) -> None:
+    env = seeded_env
+    build = Build(env, LAYERED, "--rebuild", "prod")
     build.wait_for(provisioning(env, "prod"), "Ansible in the prod chroot", 900)
     build.kill()
     env.after_kill()
-    result = env.rebuild_and_check()
+    result = env.rebuild_and_check(LAYERED)
     assert "released what a killed build left" in result.stderr
 
 
 @pytest.mark.slow
-def test_kill_in_flatten(env: Env) -> None:
-    build = Build(env, "--rebuild", "prod")
+def test_kill_in_flatten(seeded_env: Env) -> None:
+    env = seeded_env
+    build = Build(env, LAYERED, "--rebuild", "prod")
     build.wait_for(
-        lambda: processes(r"qemu-img convert .*\.prod\.qcow2\.partial-"), "qemu-img flattening", 1200
+        lambda: processes(rf"qemu-img convert .*{env.out}/.*\.prod\.qcow2\.partial-"),
+        "qemu-img flattening",
+        1200,
     )
     build.kill()
     env.after_kill()
-    result = env.rebuild_and_check()
+    result = env.rebuild_and_check(LAYERED)
     assert "released what a killed build left" in result.stderr

@@ -1,9 +1,9 @@
 """Safe rollouts on real layered builds: the kernel coupling guard, nothing of the build host in the images,
 and `stage4 diff` between two builds.
 
-The layered fixture image of test_layers (a fixture component with a kernel module, a fixture dracut
-module) is built on the session's base. What the images hold is read back with debugfs and dpkg's own
-status file, not with stage4's readers.
+The run's layered fixture image (conftest's `layered`: a fixture component with a kernel module, a
+fixture dracut module) is checked; builds that change it run in copies of its folder. What the images
+hold is read back with debugfs and dpkg's own status file, not with stage4's readers.
 """
 
 from __future__ import annotations
@@ -20,73 +20,27 @@ import pytest
 from stage4 import api
 from stage4.errors import StepFailed
 from stage4.fsutil import sha256_file
-from tests.conftest import STAGE4, BuiltImage, full_matrix, make_config, require
-from tests.test_layers import NAME, layered_image_config
+from tests.conftest import (
+    STAGE4,
+    BuiltImage,
+    Layered,
+    full_matrix,
+    layered_image_config,
+    require,
+    variant,
+)
+from tests.readback import Debugfs, dpkg_stanza
+
+NAME = Layered.NAME
 
 pytestmark = pytest.mark.slow
 
 
-def root_offset(image: Path, raw: Path) -> int:
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    table = json.loads(
-        subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True, text=True).stdout
-    )["partitiontable"]
-    (root,) = [p for p in table["partitions"] if p.get("name") == "SLX_SYS"]
-    return root["start"] * table.get("sectorsize", 512)
-
-
-class Debugfs:
-    """debugfs on a raw copy of the image's root partition (a tool stage4 did not write)."""
-
-    def __init__(self, image: Path, tmp: Path):
-        self.raw = tmp / f"{image.stem}.raw"
-        self.target = f"{self.raw}?offset={root_offset(image, self.raw)}"
-
-    def run(self, command: str) -> str:
-        return subprocess.run(
-            ["debugfs", "-R", command, self.target], check=True, capture_output=True, text=True
-        ).stdout
-
-    def stat(self, path: str) -> dict | None:
-        """Type and mode of `path` (not following a symlink at its end); None if absent."""
-        out = self.run(f"stat {path}")
-        if "Type:" not in out:
-            return None
-        words = out.split()
-        return {"type": words[words.index("Type:") + 1], "mode": words[words.index("Mode:") + 1]}
-
-    def cat(self, path: str) -> str:
-        return self.run(f"cat {path}")
-
-    def names(self, folder: str) -> list[str]:
-        lines = self.run(f"ls -p {folder}").splitlines()
-        return sorted(
-            n for n in (line.split("/")[5] for line in lines if line.count("/") >= 6) if n not in (".", "..")
-        )
-
-
-def dpkg_stanza(status: str, package: str) -> dict:
-    for stanza in status.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace()
-        )
-        if fields.get("Package") == package:
-            return fields
-    return {}
-
-
-@pytest.fixture(scope="module")
-def layered(base_image: BuiltImage, project: Path):
-    require("qemu-storage-daemon", "losetup", "lsinitrd", "debugfs")
-    cfg = make_config(base_image.output_dir.parent, {NAME: layered_image_config(project)})
-    (result,) = api.build(cfg, [NAME])
-    return cfg, result
-
-
 def test_base_and_prod_carry_nothing_of_the_build_host(
-    layered, base_image: BuiltImage, tmp_path: Path
+    layered: Layered, base_image: BuiltImage, tmp_path: Path
 ) -> None:
-    _, result = layered
+    require("debugfs")
+    result = layered.result
     host_name = socket.gethostname()
     for image in (base_image.path, result.image):
         fs = Debugfs(image, tmp_path)
@@ -105,8 +59,10 @@ def test_base_and_prod_carry_nothing_of_the_build_host(
         os.unlink(fs.raw)
 
 
-def test_prod_holds_the_kernel_and_records_the_hold(layered, base_image: BuiltImage, tmp_path: Path) -> None:
-    _, result = layered
+def test_prod_holds_the_kernel_and_records_the_hold(
+    layered: Layered, base_image: BuiltImage, tmp_path: Path
+) -> None:
+    result = layered.result
     kernel = result.dev_manifest["kernel_version"]
     fs = Debugfs(result.image, tmp_path)
     status = fs.cat("/var/lib/dpkg/status")
@@ -130,8 +86,8 @@ def test_prod_holds_the_kernel_and_records_the_hold(layered, base_image: BuiltIm
     assert dpkg_stanza(base_status, f"linux-image-{kernel}").get("Status") == "install ok installed"
 
 
-def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(layered) -> None:
-    _, result = layered
+def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(layered: Layered) -> None:
+    result = layered.result
     kernel = result.dev_manifest["kernel_version"]
     report = api.inspect(result.image)
     assert report.passed, report.problems()
@@ -151,19 +107,18 @@ def test_inspect_reports_whether_modules_and_initramfs_belong_to_the_kernel(laye
 
 @full_matrix
 def test_diff_of_two_builds_shows_the_package_and_the_file(
-    layered,
-    base_image: BuiltImage,
+    layered: Layered,
     project: Path,
     tmp_path: Path,
 ) -> None:
-    _, first = layered
+    first = layered.result
     kept = tmp_path / "first"
     kept.mkdir()
     for name in ("base.json", "dev.json", "prod.json", "prod.qcow2"):
         shutil.copy2(first.image.parent / name, kept / name)
     changed = layered_image_config(project, prod_text="prod v2")
     changed["prod"]["packages"] = ["tree"]
-    cfg = make_config(base_image.output_dir.parent, {NAME: changed})
+    cfg = variant(layered.image_dir, tmp_path / "copy", changed, ("base", "dev", "prod"))
     (second,) = api.build(cfg, [NAME])
     assert second.built == ["prod"]
 
@@ -199,11 +154,9 @@ def test_diff_of_two_builds_shows_the_package_and_the_file(
 
 
 def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(
-    layered, base_image: BuiltImage, project: Path, tmp_path: Path
+    layered: Layered, project: Path, tmp_path: Path
 ) -> None:
-    _, result = layered
-    kernel = result.dev_manifest["kernel_version"]
-    before = sha256_file(result.image)
+    kernel = layered.result.dev_manifest["kernel_version"]
     playbook = tmp_path / "kernel.yml"
     # Another flavour of the same kernel release: in the mirror, and not held.
     playbook.write_text(
@@ -211,10 +164,10 @@ def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(
         "      ansible.builtin.apt:\n"
         "        name: \"linux-image-{{ stage4_kernel_version | replace('-amd64', '-cloud-amd64') }}\"\n"
     )
-    cfg = make_config(
-        base_image.output_dir.parent,
-        {NAME: {**layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}},
-    )
+    image = {**layered_image_config(project), "prod": {"playbooks": [str(playbook)]}}
+    cfg = variant(layered.image_dir, tmp_path / "copy", image, ("base", "dev", "prod"))
+    prod = cfg.build.output_dir / NAME / "prod.qcow2"
+    before = sha256_file(prod)
     with pytest.raises(StepFailed) as caught:
         api.build(cfg, [NAME])
     message = str(caught.value)
@@ -222,4 +175,4 @@ def test_a_prod_playbook_that_installs_another_kernel_fails_naming_both(
     assert "\n" not in message and kernel in message and other in message, message
     assert "prod" in message and "changed the kernel" in message, message
     print(message)
-    assert sha256_file(result.image) == before
+    assert sha256_file(prod) == before

@@ -222,10 +222,10 @@ class Relay:
     def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
         try:
             while data := source.recv(1 << 16):
-                sink.sendall(data)
-                if count:
+                if count:  # before sending: once the guest has the bytes, they are counted
                     with self._lock:
                         self.bytes_to_guest += len(data)
+                sink.sendall(data)
         except OSError:
             pass
         self._close(source)
