@@ -236,13 +236,14 @@ def layered(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) ->
     require("qemu-storage-daemon", "losetup", "lsinitrd")
     root = run_dir(tmp_path_factory, "layered")
     project = root / "project"
-    cfg = make_config(root, {Layered.NAME: layered_image_config(project)})
     # What the first build of the run did is kept for the tests that check it, whichever worker built it.
     first = root / "first-build.json"
     with exclusive_lock(root / "build.lock", lambda: None):
         if not project.is_dir():
             for name in ("playbooks", "dracut", "component"):
                 shutil.copytree(FIXTURES / name, project / name)
+        cfg = make_config(root, {Layered.NAME: layered_image_config(project)})
+        if not (cfg.build.output_dir / Layered.NAME / "base.json").is_file():
             seed_steps(base_image.path.parent, cfg.build.output_dir / Layered.NAME)
         started = time.monotonic()
         (result,) = api.build(cfg, [Layered.NAME], keep_dev=True)
