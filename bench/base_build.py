@@ -18,8 +18,8 @@ from pathlib import Path
 
 from stage4 import api, config
 from stage4.builders.base_image import bootstrap_plan
+from stage4.context import Context
 from stage4.fsutil import remove_tree
-from stage4.pipeline import Context
 from stage4.runner import Runner
 
 

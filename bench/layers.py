@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import timed
 
 from stage4 import api, config
+from stage4.context import Context
 from stage4.layers import overlay
 from stage4.layers.provision import choose_accelerator, root_partition
-from stage4.pipeline import Context
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner
 from stage4.ui import Display

@@ -19,6 +19,7 @@ from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders import packer
 from stage4.builders.base_image import check_disk_fits
 from stage4.config import DEFAULT_IDENTIFIER, Config, SourceConfig
+from stage4.context import Context
 from stage4.dnbd3 import client as dnbd3_client
 from stage4.dnbd3 import protocol
 from stage4.dnbd3 import verify as dnbd3_verify_mod
@@ -32,7 +33,7 @@ from stage4.export.publish import Publication
 from stage4.image.filesystem import extract_boot_files
 from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
-from stage4.pipeline import LAYERS, Context, ImageResult, LayerStatus, build_image, read_manifest, status
+from stage4.pipeline import LAYERS, ImageResult, LayerStatus, build_image, read_manifest, status
 from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display

@@ -26,31 +26,12 @@ from pathlib import Path
 
 from stage4 import __version__, workdirs
 from stage4.builders import base_image
-from stage4.config import ImageConfig, MachineConfig
+from stage4.config import ImageConfig
+from stage4.context import Context
 from stage4.fsutil import sha256_file, write_json_atomically
 from stage4.layers import dev, prod
-from stage4.runner import Runner
 
 LAYERS = ("base", "dev", "prod")
-
-
-@dataclass
-class Context:
-    """Everything the steps of one image build need; made by the API from the config."""
-
-    name: str
-    image: ImageConfig
-    machine: MachineConfig
-    source: str  # the config file, for error messages
-    output_dir: Path
-    cache_dir: Path
-    runner: Runner
-    rebuild: frozenset[str] = frozenset()
-    keep_dev: bool = False
-
-    @property
-    def image_dir(self) -> Path:
-        return self.output_dir / self.name
 
 
 @dataclass

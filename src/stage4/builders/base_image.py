@@ -34,7 +34,7 @@ from stage4.runner import Runner
 from stage4.timing import timed
 
 if TYPE_CHECKING:
-    from stage4.pipeline import Context
+    from stage4.context import Context
 
 BASE_IMAGE = "base.qcow2"
 BASE_MANIFEST = "base.json"

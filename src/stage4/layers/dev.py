@@ -26,7 +26,7 @@ from stage4.runner import Runner
 from stage4.timing import timed
 
 if TYPE_CHECKING:
-    from stage4.pipeline import Context
+    from stage4.context import Context
 
 DEV_MANIFEST, DEV_IMAGE, ARTIFACTS_DIR = "dev.json", "dev.qcow2", "artifacts"
 

@@ -21,7 +21,7 @@ from stage4.provisioning import ansible, attach
 from stage4.timing import timed
 
 if TYPE_CHECKING:
-    from stage4.pipeline import Context
+    from stage4.context import Context
 
 PROD_MANIFEST, PROD_IMAGE = "prod.json", "prod.qcow2"
 

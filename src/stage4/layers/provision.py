@@ -14,7 +14,7 @@ from stage4.image.filesystem import extract_boot_files
 from stage4.provisioning import ansible, attach, packer_way, vm
 
 if TYPE_CHECKING:
-    from stage4.pipeline import Context
+    from stage4.context import Context
 
 
 def work_dir(ctx: Context) -> Path:

@@ -21,7 +21,7 @@ from stage4.mltk.modules import Module, ModuleProblem, ordered, sys_versions
 from stage4.provisioning import sources
 
 if TYPE_CHECKING:
-    from stage4.pipeline import Context
+    from stage4.context import Context
 
 DRIVER = Path(__file__).parent / "driver.sh"
 RESULTS = "mltk"  # below the layer's output folder and the image's artifacts folder
