@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from stage4 import workdirs
+from stage4 import attachments, workdirs
 from tests.conftest import FIXTURES, STAGE4, Layered, full_matrix, layered_image_config, seed_steps
 
 NAME = "recovery"  # the base killed in its bootstrap
@@ -94,7 +94,7 @@ def processes(pattern: str) -> list[str]:
 ATTACH_SCRIPT = textwrap.dedent("""\
     import os, subprocess, sys, time
     from pathlib import Path
-    from stage4 import workdirs
+    from stage4 import attachments, workdirs
     cache, image, hold = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "hold"
     work = cache / "work" / f"{image}-0123456789abcdef"
     attach = work / "attach"
@@ -102,23 +102,23 @@ ATTACH_SCRIPT = textwrap.dedent("""\
     disk = attach / "disk.raw"
     subprocess.run(["truncate", "-s", "32M", disk], check=True)
     subprocess.run(["mkfs.ext4", "-q", disk], check=True)
-    workdirs.note(attach, "open")
+    attachments.note(attach, "open")
     device = subprocess.run(["losetup", "--find", "--show", disk], check=True, capture_output=True,
                             text=True).stdout.strip()
-    workdirs.note(attach, "loop", device=device, backing=str(disk))
+    attachments.note(attach, "loop", device=device, backing=str(disk))
     root = attach / "root"
     root.mkdir()
-    workdirs.note(attach, "mount", target=str(root))
+    attachments.note(attach, "mount", target=str(root))
     subprocess.run(["mount", device, root], check=True)
     (root / "payload").write_bytes(os.urandom(4 << 20))
     worker = subprocess.Popen(["sleep", "600"], cwd=root, start_new_session=True)
-    workdirs.note_process(attach, worker.pid, worker.args)
+    attachments.note_process(attach, worker.pid, worker.args)
     lock = open(workdirs.lock_file(cache, image), "a")
     if hold:
         import fcntl
         fcntl.flock(lock, fcntl.LOCK_EX)
     (cache / "work" / f"{image}.owner.json").write_text(
-        __import__("json").dumps({**workdirs.Owner.me().to_record(), "output_dir": str(cache / "out")}))
+        __import__("json").dumps({**attachments.Owner.me().to_record(), "output_dir": str(cache / "out")}))
     print(device, flush=True)
     time.sleep(600)
     """)
@@ -141,16 +141,16 @@ def cache(tmp_path: Path) -> Path:
 
 
 def test_owner_identity_tells_a_reused_pid_apart() -> None:
-    me = workdirs.Owner.me()
+    me = attachments.Owner.me()
     assert me.alive()
-    assert not workdirs.Owner(me.pid, me.start + 1, me.boot).alive()  # same PID, a later process
-    assert not workdirs.Owner(me.pid, me.start, "another-boot").alive()
+    assert not attachments.Owner(me.pid, me.start + 1, me.boot).alive()  # same PID, a later process
+    assert not attachments.Owner(me.pid, me.start, "another-boot").alive()
     finished = subprocess.Popen(["sleep", "60"])
-    start = workdirs.process_start(finished.pid)
-    assert start is not None and workdirs.Owner(finished.pid, start, me.boot).alive()
+    start = attachments.process_start(finished.pid)
+    assert start is not None and attachments.Owner(finished.pid, start, me.boot).alive()
     finished.kill()
     finished.wait()
-    assert not workdirs.Owner(finished.pid, start, me.boot).alive()
+    assert not attachments.Owner(finished.pid, start, me.boot).alive()
 
 
 def test_clean_releases_what_a_killed_build_left(cache: Path) -> None:
@@ -186,7 +186,7 @@ def test_clean_removes_a_work_dir_kept_for_resuming(cache: Path) -> None:
     (work / "rootfs").mkdir(parents=True)
     (work / "rootfs" / "file").write_bytes(os.urandom(1 << 20))
     (work / "rootfs.done").touch()
-    with workdirs.scope(work):
+    with attachments.scope(work):
         pass
     result = subprocess.run(
         [STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", "--json"],

@@ -8,7 +8,7 @@ reaches stage4 first and stage4 decides how they end.
 Children also die with stage4 when stage4 itself is killed (SIGKILL, the OOM killer), so that nothing keeps
 writing into a layer nobody owns: each gets PR_SET_PDEATHSIG, and a guardian process (stage4/guardian.py)
 ends their whole process groups once stage4's end closes its pipe. Inside `Runner.recording(dir)` every
-command started is recorded in `dir` with its PID (stage4/workdirs.py), for the next build to find.
+command started is recorded in `dir` with its PID (stage4/attachments.py), for the next build to find.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stage4 import workdirs
+from stage4 import attachments
 from stage4.errors import Interrupted, StepFailed
 from stage4.ui import Display
 
@@ -121,7 +121,7 @@ class Runner:
     @contextlib.contextmanager
     def recording(self, directory: Path) -> Iterator[None]:
         """Record every command started while the context lasts (and what `note` is told) in `directory`."""
-        with workdirs.scope(directory):
+        with attachments.scope(directory):
             self._recording.append(directory)
             try:
                 yield
@@ -131,7 +131,7 @@ class Runner:
     def note(self, what: str, **facts: object) -> None:
         """Record an attachment (a loop device, a mount point) in the directory being recorded in, if any."""
         if self._recording:
-            workdirs.note(self._recording[-1], what, **facts)
+            attachments.note(self._recording[-1], what, **facts)
 
     def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
         # preexec_fn only calls prctl (no allocation, no locks), so the reader threads cannot deadlock it.
@@ -143,7 +143,7 @@ class Runner:
         )
         _guard(f"+{popen.pid}")
         if self._recording:
-            workdirs.note_process(self._recording[-1], popen.pid, args)
+            attachments.note_process(self._recording[-1], popen.pid, args)
         return popen
 
     def _reaped(self, popen: subprocess.Popen) -> None:

@@ -1,12 +1,11 @@
 """Work directories in the cache: who owns them, what a build attached in them, and the cleanup of what a
 killed build left behind.
 
-A build records every attachment in the directory it works in, as it happens (`.stage4-records.jsonl`, one
-JSON object a line): the processes it starts (PID and start time), loop devices and mount points, between an
-`open` and a `closed` line of its owner. While an image is built, its owner record (`<image>.owner.json`
-beside the work directories: PID, start time, boot, output folder) exists and the image's build lock
-(`<image>.lock`) is held; an orderly end, also by Ctrl-C or SIGTERM, removes the owner record, so the work
-directory of an interrupted base stays for the rerun to continue from.
+A build records every attachment in the directory it works in, as it happens (stage4/attachments.py).
+While an image is built, its owner record (`<image>.owner.json` beside the work directories: PID, start
+time, boot, output folder) exists and the image's build lock (`<image>.lock`) is held; an orderly end,
+also by Ctrl-C or SIGTERM, removes the owner record, so the work directory of an interrupted base stays
+for the rerun to continue from.
 
 An owner is gone when its PID is absent, belongs to a later process (another start time) or to an earlier
 boot. A SIGKILLed build (an OOM kill) leaves its owner record and open scopes: its work directories are
@@ -30,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stage4.attachments import Owner, open_scopes, process_start, read_records
 from stage4.fsutil import exclusive_lock, remove_tree, write_json_atomically
 
 if TYPE_CHECKING:
     from stage4.runner import Runner
 
-RECORDS = ".stage4-records.jsonl"
 KILL_WAIT_SECONDS = 15
 # Work directory names (builders/base_image.py, layers/provision.py): <image>-<16 hex> for a base (rootfs or
 # Packer identity), <image>-layers-<12 hex> for the dev and prod layers.
@@ -44,119 +43,6 @@ _WORK_DIR = re.compile(r"^(?P<image>.+)-(?:layers-[0-9a-f]{12}|[0-9a-f]{16})$")
 _PARTIAL = re.compile(r"^\..+\.(?:partial|old)-(?P<pid>[0-9]+)$")
 # The caches kept between builds, shared by all images (`stage4 clean --cache`).
 SHARED_CACHES = ("apt", "initramfs", "probe", "packer", "accelerator.json")
-
-
-@dataclass(frozen=True)
-class Owner:
-    """One process, told apart from a later process with the same PID by its start time and the boot."""
-
-    pid: int
-    start: int
-    boot: str
-
-    @classmethod
-    def me(cls) -> Owner:
-        return cls(os.getpid(), process_start(os.getpid()) or 0, boot_id())
-
-    @classmethod
-    def of(cls, pid: int) -> Owner | None:
-        start = process_start(pid)
-        return None if start is None else cls(pid, start, boot_id())
-
-    @classmethod
-    def from_record(cls, data: object) -> Owner | None:
-        try:
-            return cls(int(data["pid"]), int(data["start"]), str(data["boot"]))
-        except (TypeError, KeyError, ValueError):
-            return None
-
-    def alive(self) -> bool:
-        return self.start is not None and self.boot == boot_id() and process_start(self.pid) == self.start
-
-    def to_record(self) -> dict:
-        return {"pid": self.pid, "start": self.start, "boot": self.boot}
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of a process (clock ticks since boot), None if there is none or it is a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-# --- recording -------------------------------------------------------------------------------------------
-
-
-def note(directory: Path, what: str, **facts: object) -> None:
-    """Append one record to `directory`'s records, flushed before the caller goes on."""
-    directory.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"owner": Owner.me().to_record(), "what": what, **facts}) + "\n"
-    with (directory / RECORDS).open("a", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-@contextlib.contextmanager
-def scope(directory: Path) -> Iterator[None]:
-    """Records made in `directory` while the context lasts belong to an open scope of this process;
-    the scope is closed on every orderly exit (the attachments are released by then)."""
-    note(directory, "open")
-    try:
-        yield
-    finally:
-        note(directory, "closed")
-
-
-def note_process(directory: Path, pid: int, argv: list[str]) -> None:
-    note(directory, "process", pid=pid, start=process_start(pid), argv=argv[:6])
-
-
-# --- reading records ---------------------------------------------------------------------------------------
-
-
-def read_records(work: Path) -> list[dict]:
-    """The records in `work` and its subdirectories (never below a mount point)."""
-    found: list[dict] = []
-    for directory in _record_dirs(work):
-        with contextlib.suppress(OSError):
-            for line in (directory / RECORDS).read_text(encoding="utf-8", errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict):
-                        found.append(record)
-    return found
-
-
-def _record_dirs(work: Path, depth: int = 3) -> Iterator[Path]:
-    # Records are at most two levels down (<work>/<layer>/attach); a chroot's tree is never walked.
-    if (work / RECORDS).is_file():
-        yield work
-    if depth == 0:
-        return
-    with contextlib.suppress(OSError):
-        for child in work.iterdir():
-            with contextlib.suppress(OSError):
-                if child.is_dir() and not child.is_symlink() and not os.path.ismount(child):
-                    yield from _record_dirs(child, depth - 1)
-
-
-def open_scopes(records: list[dict]) -> list[Owner]:
-    """Owners with a scope in these records that they never closed: still attached, or killed while so."""
-    balance: dict[Owner, int] = {}
-    for record in records:
-        owner = Owner.from_record(record.get("owner"))
-        if owner is not None and record.get("what") in ("open", "closed"):
-            balance[owner] = balance.get(owner, 0) + (1 if record["what"] == "open" else -1)
-    return [owner for owner, opened in balance.items() if opened > 0]
 
 
 # --- the image's owner record and build lock ------------------------------------------------------------
