@@ -23,7 +23,7 @@ from timing import timed
 
 from stage4 import api, config
 from stage4.context import Context
-from stage4.layers import overlay
+from stage4.image import overlay
 from stage4.layers.provision import choose_accelerator, root_partition
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner

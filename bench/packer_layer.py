@@ -18,8 +18,8 @@ from timing import timed
 
 from stage4 import api, config
 from stage4.boot import accel
+from stage4.image import overlay
 from stage4.image.filesystem import extract_boot_files
-from stage4.layers import overlay
 from stage4.provisioning import ansible, attach, packer_way, vm
 from stage4.runner import Runner, install_signal_handlers
 from stage4.ui import Display

@@ -66,3 +66,20 @@ def test_no_import_cycles(package):
         if (cycle := cycle_through(graph, name))
     ]
     assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def package_of(module: str) -> str:
+    """`stage4.layers.dev` -> `stage4.layers`; a top-level module (`stage4.runner`) is a node of its own."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_import_cycles_between_packages():
+    """The same at the granularity of stage4's packages: no package imports (through any module) a
+    package that imports it back, so each package sits on a floor of its own."""
+    graph: dict[str, set[str]] = {}
+    for module, edges in module_graph().items():
+        node = package_of(module)
+        graph.setdefault(node, set()).update(package_of(e) for e in edges if package_of(e) != node)
+    cycles = [cycle for name in sorted(graph) if (cycle := cycle_through(graph, name))]
+    assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles)

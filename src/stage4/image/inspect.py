@@ -19,9 +19,9 @@ from rich.table import Table
 
 from stage4.config import DEFAULT_IDENTIFIER
 from stage4.image import filesystem, qcow2
+from stage4.image.initrd import initramfs_facts
 from stage4.image.partitions import PartitionInfo, raw_view, root_partition
 from stage4.image.partitions import partitions as read_partitions
-from stage4.layers.extract import initramfs_facts
 from stage4.runner import Runner
 
 GROWABLE_FILESYSTEMS = ("ext4", "xfs")  # what stage 4's systemd-grow_rootfs can resize

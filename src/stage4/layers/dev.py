@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from stage4.builders.bootstrap import installed_packages
 from stage4.config import ImageConfig, LayerConfig
 from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_sibling
-from stage4.layers import extract, identities, overlay
+from stage4.image import overlay
+from stage4.layers import extract, identities
 from stage4.layers.extract import OUT_IN_IMAGE
 from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
 from stage4.mltk import plan as mltk_plan

@@ -7,32 +7,16 @@ image's kernel, and it must hold the configured dracut modules.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from stage4.config import ImageConfig
 from stage4.errors import StepFailed
+from stage4.image.initrd import initramfs_facts
 from stage4.runner import Runner
 
 # Where the dev layer's roles leave their results, inside the layer.
 OUT_IN_IMAGE = "/var/lib/stage4/out"
-
-
-def initramfs_facts(initrd: Path, runner: Runner, step: str) -> dict:
-    """Kernel versions of the modules in an initramfs and its dracut modules, as lsinitrd lists them."""
-    if shutil.which("lsinitrd") is None:
-        raise StepFailed(step, "lsinitrd not found on the host (install dracut-core: ./install.sh)")
-    listing = runner.run(["lsinitrd", initrd], step=step, capture=True).stdout
-    versions = sorted(set(re.findall(r"(?:usr/)?lib/modules/([^/\s]+)/", listing)))
-    modules: list[str] = []
-    if "dracut modules:" in listing:
-        section = listing.split("dracut modules:", 1)[1]
-        for line in section.splitlines()[1:]:
-            if not line.strip() or line.startswith("="):
-                break
-            modules.append(line.strip())
-    return {"kernel_versions": versions, "dracut_modules": modules}
 
 
 def extract(root: Path, image: ImageConfig, kernel: str, dest: Path, runner: Runner, step: str) -> dict:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from stage4.config import ImageConfig, LayerConfig
 from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_sibling
-from stage4.layers import identities, kernel_guard, overlay
+from stage4.image import overlay
+from stage4.layers import identities, kernel_guard
 from stage4.layers.dev import ARTIFACTS_DIR, installs, packages_of
 from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
 from stage4.mltk import plan as mltk_plan

@@ -24,7 +24,7 @@ from stage4.builders.packer_template import Var, Variable, to_hcl, to_json, var_
 from stage4.config import MachineConfig
 from stage4.errors import StepFailed
 from stage4.fsutil import remove_tree, sha256_file
-from stage4.layers import overlay as overlay_mod
+from stage4.image import overlay as overlay_mod
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner
 
