@@ -12,6 +12,7 @@ from pathlib import Path
 
 from stage4 import diff as diff_mod
 from stage4 import distributions as distributions_mod
+from stage4 import manifest as manifests
 from stage4 import workdirs
 from stage4.boot import accel, qemu
 from stage4.boot import netboot as netboot_mod
@@ -33,7 +34,8 @@ from stage4.export.publish import Publication
 from stage4.image.filesystem import extract_boot_files
 from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
-from stage4.pipeline import LAYERS, ImageResult, LayerStatus, build_image, read_manifest, status
+from stage4.manifest import LAYERS
+from stage4.pipeline import ImageResult, LayerStatus, build_image, status
 from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
@@ -176,7 +178,7 @@ def boot(
         raise InputError(
             f"{serial_log.parent}: cannot write the boot logs there ({exc.strerror}); give --log FILE"
         ) from None
-    manifest = _manifest_of(image)
+    manifest = manifests.of_image(image)
     identifier = identifier or manifest.get("identifier")
     if kernel is None and manifest.get("kernel") and Path(manifest["kernel"]).is_file():
         kernel, initrd = (
@@ -223,12 +225,6 @@ def check_screenshot_path(path: Path | None) -> None:
     folder = path.absolute().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise InputError(f"--screenshot {path}: {folder} is not a writable folder")
-
-
-def _manifest_of(image: Path) -> dict:
-    """The stage4 manifest of a built image (base.json beside base.qcow2, ...): where facts travel."""
-    manifest = read_manifest(image.with_suffix(".json")) or {}
-    return manifest if manifest.get("image", {}).get("file") == image.name else {}
 
 
 def sources(config: Config) -> list[Entry]:

@@ -24,16 +24,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stage4 import manifest as manifests
 from stage4.config import DEFAULT_IDENTIFIER
 from stage4.errors import InputError
 from stage4.image import filesystem
 from stage4.image.inspect import detect_identifier
 from stage4.image.partitions import partitions, raw_view, root_partition
+from stage4.manifest import LAYERS
 from stage4.runner import Runner
 
 RECORD_FORMAT = "stage4-publication/1"
 META_DIR = ".stage4"  # where export keeps the records of a store's names
-LAYERS = ("base", "dev", "prod")
 _REVISION = re.compile(r"^(?P<name>.+)\.r(?P<rid>\d+)$")
 
 
@@ -75,7 +76,7 @@ def load(target: Path) -> Side:
         return from_manifest(data, target)
     if record := _record_of_revision(target):
         return from_record(record, str(target), image=target)
-    manifest = target.with_suffix(".json")
+    manifest = manifests.beside(target)
     data = _read_json(manifest) if manifest.is_file() else {}
     if data.get("image", {}).get("file") != target.name:
         raise InputError(
@@ -99,7 +100,7 @@ def from_manifest(manifest: dict, path: Path, beside_a_file: bool = True) -> Sid
     parent = manifest.get("parent")
     for layer in reversed(LAYERS[: LAYERS.index(kind)]):  # walk down the chain beside the manifest
         side.identities[layer] = parent
-        other = path.parent / f"{layer}.json"
+        other = path.parent / manifests.file_name(layer)
         beside = _read_json(other) if beside_a_file and other.is_file() else {}
         parent = beside.get("parent") if beside.get("identity") == parent else None
     side.identities = {layer: ident for layer, ident in side.identities.items() if ident}

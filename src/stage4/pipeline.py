@@ -20,18 +20,16 @@ there instead of guessing them back out of an image.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stage4 import __version__, workdirs
+from stage4 import manifest as manifests
 from stage4.builders import base_image
 from stage4.config import ImageConfig
 from stage4.context import Context
-from stage4.fsutil import sha256_file, write_json_atomically
+from stage4.fsutil import sha256_file
 from stage4.layers import dev, prod
-
-LAYERS = ("base", "dev", "prod")
 
 
 @dataclass
@@ -100,7 +98,10 @@ class ParentMissing(Exception):
 
 class Step:
     name: str
-    manifest_file: str
+
+    @property
+    def manifest_file(self) -> str:
+        return manifests.file_name(self.name)
 
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         raise NotImplementedError
@@ -111,7 +112,7 @@ class Step:
 
     def current(self, ctx: Context, identity: str) -> dict | None:
         """The stored manifest if it has this identity and every file it lists is intact."""
-        manifest = read_manifest(ctx.image_dir / self.manifest_file)
+        manifest = manifests.read(ctx.image_dir / self.manifest_file)
         if not manifest or manifest.get("identity") != identity:
             return None
         for relative, facts in manifest.get("files", {}).items():
@@ -126,7 +127,7 @@ class Step:
 
 
 class BaseStep(Step):
-    name, manifest_file = "base", base_image.BASE_MANIFEST
+    name = "base"
 
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         return base_image.identity(ctx)
@@ -136,7 +137,7 @@ class BaseStep(Step):
 
 
 class DevStep(Step):
-    name, manifest_file = "dev", dev.DEV_MANIFEST
+    name = "dev"
 
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         return dev.identity(ctx.image, _parent(done, "base"))
@@ -151,7 +152,7 @@ class DevStep(Step):
 
 
 class ProdStep(Step):
-    name, manifest_file = "prod", prod.PROD_MANIFEST
+    name = "prod"
 
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         return prod.identity(ctx.image, _parent(done, "base"), _parent(done, "dev"))
@@ -217,7 +218,7 @@ def status(ctx: Context) -> list[LayerStatus]:
         except ParentMissing as missing:
             found.append(LayerStatus(step.name, None, None, None, None, f"not built (needs the {missing})"))
             continue
-        stored = read_manifest(ctx.image_dir / step.manifest_file) or {}
+        stored = manifests.read(ctx.image_dir / step.manifest_file) or {}
         files = [ctx.image_dir / relative for relative in stored.get("files", {})]
         size = sum(f.stat().st_size for f in files if f.is_file()) if files else None
         main = (
@@ -245,13 +246,6 @@ def status(ctx: Context) -> list[LayerStatus]:
     return found
 
 
-def read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def write_manifest(ctx: Context, step: Step, identity: str, parent: str | None, body: dict) -> dict:
     """The one manifest writer: what every step's manifest shares, then the step's own facts."""
     manifest = {
@@ -265,7 +259,7 @@ def write_manifest(ctx: Context, step: Step, identity: str, parent: str | None, 
         "stage4_version": __version__,
         **body,
     }
-    write_json_atomically(ctx.image_dir / step.manifest_file, manifest)
+    manifests.write(ctx.image_dir / step.manifest_file, manifest)
     return manifest
 
 

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from stage4.context import Context
 
 BASE_IMAGE = "base.qcow2"
-BASE_MANIFEST = "base.json"
 # Room for the filesystem's own metadata and for first-boot writes, on top of the files.
 ROOT_OVERHEAD = 1.15
 ROOT_SLACK = 128 << 20

@@ -15,6 +15,7 @@ from stage4 import api
 from stage4 import config as config_mod
 from stage4.cli.options import IMAGE_FILE, check_identifier, check_output_dir
 from stage4.errors import EXIT_FAILURE, EXIT_INTERRUPTED, Interrupted, Stage4Error
+from stage4.manifest import LAYERS
 from stage4.runner import install_signal_handlers
 
 # No emoji codes: 'a:b:c' (an IPv6 address) must not print as 'a🅱c'.
@@ -63,7 +64,7 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 @click.option(
     "--rebuild",
     multiple=True,
-    type=click.Choice(["base", "dev", "prod"]),
+    type=click.Choice(LAYERS),
     help="rebuild this layer (and the layers above it) even if it is up to date",
 )
 @click.option(

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from stage4 import manifest as build_manifest
 from stage4.errors import InputError, StepFailed
 from stage4.runner import Runner
 
@@ -39,7 +40,7 @@ class BuildManifest:
 
 def beside(image: Path) -> Path | None:
     """The manifest beside `image`, if there is one."""
-    manifest = Path(image).with_suffix(".json")
+    manifest = build_manifest.beside(image)
     return manifest if manifest.is_file() else None
 
 

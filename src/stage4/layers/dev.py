@@ -29,7 +29,7 @@ from stage4.timing import timed
 if TYPE_CHECKING:
     from stage4.context import Context
 
-DEV_MANIFEST, DEV_IMAGE, ARTIFACTS_DIR = "dev.json", "dev.qcow2", "artifacts"
+DEV_IMAGE, ARTIFACTS_DIR = "dev.qcow2", "artifacts"
 
 
 def identity(image: ImageConfig, base_manifest: dict) -> str:

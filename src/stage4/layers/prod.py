@@ -24,7 +24,7 @@ from stage4.timing import timed
 if TYPE_CHECKING:
     from stage4.context import Context
 
-PROD_MANIFEST, PROD_IMAGE = "prod.json", "prod.qcow2"
+PROD_IMAGE = "prod.qcow2"
 
 
 def identity(image: ImageConfig, base_manifest: dict, dev_manifest: dict) -> str:
