@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import timed
 
 from stage4 import api, config
-from stage4.boot import accel
 from stage4.image import overlay
 from stage4.image.filesystem import extract_boot_files
+from stage4.machine import accel
 from stage4.provisioning import ansible, attach, packer_way, vm
 from stage4.runner import Runner, install_signal_handlers
 from stage4.ui import Display

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stage4.boot import accel
 from stage4.image import overlay
 from stage4.image.filesystem import extract_boot_files
+from stage4.machine import accel
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner
 from tests.conftest import BuiltImage, require

@@ -14,8 +14,8 @@ from stage4 import diff as diff_mod
 from stage4 import distributions as distributions_mod
 from stage4 import manifest as manifests
 from stage4 import workdirs
-from stage4.boot import accel, qemu
 from stage4.boot import netboot as netboot_mod
+from stage4.boot import qemu
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders import packer
 from stage4.builders.base_image import check_disk_fits
@@ -34,6 +34,7 @@ from stage4.export.publish import Publication
 from stage4.image.filesystem import extract_boot_files
 from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
+from stage4.machine import accel
 from stage4.manifest import LAYERS
 from stage4.pipeline import ImageResult, LayerStatus, build_image, status
 from stage4.provisioning.source_cache import Entry, SourceCache

@@ -22,12 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stage4.boot import accel, qemu
+from stage4.boot import qemu
 from stage4.config import MachineConfig
 from stage4.dnbd3.protocol import DEFAULT_PORT, parse_address
 from stage4.dnbd3.server import DevServer
 from stage4.dnbd3.store import META_DIR, Store, validate_name
 from stage4.errors import InputError, StepFailed
+from stage4.machine import accel
 from stage4.runner import Runner
 
 GUEST_NET = "10.0.2"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stage4.boot import screen
-from stage4.boot.accel import cpu_model
 from stage4.errors import StepFailed
+from stage4.machine.qemu_argv import headless_argv
 from stage4.runner import Runner
 
 POWEROFF_WAIT = 90
@@ -68,24 +68,7 @@ def _format(image: Path) -> str:
 
 
 def build_argv(spec: BootSpec, nonce: str, qmp_socket: Path | None = None) -> list[str]:
-    argv = [
-        "qemu-system-x86_64",
-        "-accel",
-        spec.accelerator,
-        "-cpu",
-        cpu_model(spec.accelerator),
-        "-smp",
-        str(spec.cpus),
-        "-m",
-        str(spec.memory_mib),
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ]
+    argv = headless_argv(spec.accelerator, spec.cpus, spec.memory_mib)
     if spec.image is not None:
         snapshot = "off" if spec.writable else "on"
         argv += ["-drive", f"file={spec.image},if=virtio,format={_format(spec.image)},snapshot={snapshot}"]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from stage4 import distributions
-from stage4.boot import accel
 from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_template
 from stage4.config import BuilderKind, MachineConfig, format_size
 from stage4.distributions import installer
@@ -30,6 +29,7 @@ from stage4.fsutil import (
 from stage4.identity import identity as identity_of
 from stage4.identity import source_digest
 from stage4.image.inspect import inspect_image
+from stage4.machine import accel
 from stage4.runner import Runner
 from stage4.timing import timed
 

@@ -40,6 +40,7 @@ from stage4.builders.packer_template import (
 from stage4.config import ImageConfig, MachineConfig
 from stage4.distributions.installer import HOSTNAME, AnswerContext
 from stage4.errors import InputError, StepFailed
+from stage4.machine.qemu_argv import cpu_model
 from stage4.runner import Runner
 
 MIB = 1 << 20
@@ -247,11 +248,6 @@ def resolve_iso(
 def _accelerator_value(accelerator: str) -> str:
     # Empty lets Packer choose: kvm where /dev/kvm exists, tcg elsewhere.
     return "" if accelerator in ("", "auto") else accelerator
-
-
-def cpu_model(accelerator: str) -> str:
-    # qemu's default CPU lacks x86-64-v2, which EL 9 needs; "max" is everything TCG can emulate.
-    return "host" if accelerator == "kvm" else "max"
 
 
 def base_values(machine: MachineConfig, ssh_timeout: str | None = None) -> dict[str, object]:

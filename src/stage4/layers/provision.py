@@ -6,11 +6,11 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stage4.boot import accel
 from stage4.config import LayerConfig, Way
 from stage4.errors import StepFailed
 from stage4.fsutil import remove_tree
 from stage4.image.filesystem import extract_boot_files
+from stage4.machine import accel
 from stage4.provisioning import ansible, attach, packer_way, vm
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stage4.boot import accel
 from stage4.errors import StepFailed
+from stage4.machine.qemu_argv import headless_argv
 from stage4.provisioning import attach
 from stage4.provisioning.ansible import BUILD_KEY_COMMENT, BUILD_USER, Target
 from stage4.runner import Runner
@@ -64,22 +64,7 @@ def qemu_argv(
     overlay: Path, accelerator: str, cpus: int, memory_mib: int, port: int, nonce: str, qmp: Path
 ) -> list[str]:
     return [
-        "qemu-system-x86_64",
-        "-accel",
-        accelerator,
-        "-cpu",
-        accel.cpu_model(accelerator),
-        "-smp",
-        str(cpus),
-        "-m",
-        str(memory_mib),
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
+        *headless_argv(accelerator, cpus, memory_mib),
         "-qmp",
         f"unix:{qmp},server=on,wait=off",
         "-drive",

@@ -14,15 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
+from stage4.machine.qemu_argv import headless_argv
 from stage4.runner import Runner
 
 PROBE_TIMEOUT = 30
 # Printed once the kernel has initialised and looks for its root: it ran well past the firmware.
 PROBE_PROGRESS = re.compile(r"VFS: Unable to mount root|Kernel panic|Run /init")
-
-
-def cpu_model(accelerator: str) -> str:
-    return "host" if accelerator == "kvm" else "max"
 
 
 def _boot_id() -> str:
@@ -36,28 +33,7 @@ def probe_kvm(kernel: Path, runner: Runner) -> tuple[bool, str]:
     """Boot `kernel` under KVM; (True, '') if it gets to mounting its root, else (False, why not)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
-    argv = [
-        "qemu-system-x86_64",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "256",
-        "-smp",
-        "1",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-        kernel,
-        "-append",
-        "console=ttyS0 panic=-1",
-    ]
+    argv = [*headless_argv("kvm", 1, 256), "-kernel", kernel, "-append", "console=ttyS0 panic=-1"]
     with runner.background(argv, step="probe KVM", grace=2) as process:
         deadline = time.monotonic() + PROBE_TIMEOUT
         while time.monotonic() < deadline:

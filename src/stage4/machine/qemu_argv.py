@@ -1,0 +1,35 @@
+"""qemu's command line where every stage4 guest shares it: the accelerator's CPU model, a headless VM
+whose serial console is stdio, that exits instead of rebooting. Boots (boot/qemu.py), the VM way of
+provisioning (provisioning/vm.py) and the KVM probe (machine/accel.py) add their own devices to it; the
+Packer templates (builders/packer.py) take the same CPU model.
+"""
+
+from __future__ import annotations
+
+
+def cpu_model(accelerator: str) -> str:
+    # qemu's default CPU lacks x86-64-v2, which EL 9 needs; "max" is everything TCG can emulate.
+    return "host" if accelerator == "kvm" else "max"
+
+
+def headless_argv(accelerator: str, cpus: int, memory_mib: int) -> list[str]:
+    """qemu-system-x86_64 with the accelerator, CPUs and memory: no display, no monitor, the serial
+    console on stdio, no reboot (a guest that reboots ends qemu)."""
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        accelerator,
+        "-cpu",
+        cpu_model(accelerator),
+        "-smp",
+        str(cpus),
+        "-m",
+        str(memory_mib),
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]
