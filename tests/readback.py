@@ -10,6 +10,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from PIL import Image
+
 from stage4.fsutil import mounts_below
 from stage4.image.filesystem import FilesystemReader
 from stage4.image.partitions import partitions, raw_view, root_partition
@@ -119,3 +121,20 @@ def dpkg_stanza(status: str, package: str) -> dict:
         if fields.get("Package") == package:
             return fields
     return {}
+
+
+# The VGA screen's preferred mode (EDID) stage4 gives a screenshot boot.
+SCREEN = (1024, 768)
+
+
+def check_screenshot(shot: Path) -> None:
+    """A greeter's screenshot: a PNG of the screen's size with a drawn picture (read with Pillow)."""
+    with Image.open(shot) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == SCREEN
+        found = picture.convert("RGB").getcolors(maxcolors=1 << 24)
+    # A text console has at most 16 colours, an X screen with only its pointer some 80 on 0.03 % of it;
+    # a greeter (panel, login box, anti-aliased text) has hundreds, on more than 0.5 % of the screen
+    # (GDM's flat dark one 1.2 %, LightDM's 11 %).
+    assert found is not None and len(found) >= 64, len(found or ())
+    assert max(count for count, _ in found) <= 0.995 * SCREEN[0] * SCREEN[1]

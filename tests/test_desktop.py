@@ -28,15 +28,13 @@ from tests.conftest import (
     require,
     variant,
 )
-from tests.readback import Debugfs, dpkg_stanza, root_offset
+from tests.readback import Debugfs, check_screenshot, dpkg_stanza, root_offset
 
 slow = pytest.mark.slow
 
 NAME = "desktop-xfce"
 # What the design keeps out of the base and what the Xfce session needs in prod.
 GRAPHICAL = ("xserver-xorg-core", "libwayland-server0", "lightdm", "xfce4-session", "libgtk-3-0")
-# The VGA screen's preferred mode (EDID) stage4 gives a screenshot boot.
-SCREEN = (1024, 768)
 
 
 def build(layered: Layered, folder: Path, session: str, browser: bool = False):
@@ -64,18 +62,6 @@ def greeter(xfce, tmp_path_factory: pytest.TempPathFactory):
     cfg, result = xfce
     shot = tmp_path_factory.mktemp("screen") / "greeter.png"
     return boot_with_screenshot(cfg, result, shot), shot
-
-
-def check_screenshot(shot: Path) -> None:
-    with Image.open(shot) as picture:
-        assert picture.format == "PNG"
-        assert picture.size == SCREEN
-        found = picture.convert("RGB").getcolors(maxcolors=1 << 24)
-    # A text console has at most 16 colours, an X screen with only its pointer some 80 on 0.03 % of it;
-    # a greeter (panel, login box, anti-aliased text) has hundreds, on more than 0.5 % of the screen
-    # (GDM's flat dark one 1.2 %, LightDM's 11 %).
-    assert found is not None and len(found) >= 64, len(found or ())
-    assert max(count for count, _ in found) <= 0.995 * SCREEN[0] * SCREEN[1]
 
 
 @slow

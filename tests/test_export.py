@@ -18,30 +18,13 @@ from stage4.dnbd3.crc import parse_crc_file
 from stage4.dnbd3.store import Store, parse_rid, validate_name
 from stage4.errors import InputError, Stage4Error
 from stage4.export.publish import publish
-from stage4.export.remote import RemoteTransport
 from stage4.export.revisions import prune
 from stage4.runner import Runner
+from tests.transports import LocalShellTransport
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 STAGE4 = [sys.executable, "-m", "stage4"]
-
-
-class LocalShellTransport(RemoteTransport):
-    """Runs the store host's script with the local /bin/sh and copies with cp: a 'remote' store on this host,
-    so that the script an SSH store runs is exercised without ssh."""
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-
-    def run_script(self, script: str, args, *, step: str) -> tuple[int, str]:
-        result = self.runner.run(
-            ["sh", "-s", "--", *args], step=step, input=script.encode(), capture=True, check=False
-        )
-        return result.returncode, result.stdout
-
-    def upload(self, local: Path, remote: str, *, step: str) -> None:
-        self.runner.run(["cp", "--", local, remote], step=step)
 
 
 def visible(store: Path) -> list[str]:

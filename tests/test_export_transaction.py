@@ -22,7 +22,7 @@ from stage4.errors import InputError, Stage4Error
 from stage4.export.publish import prepare, publish
 from stage4.export.revisions import prune
 from stage4.runner import Runner
-from tests.test_export import LocalShellTransport
+from tests.transports import LocalShellTransport
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]

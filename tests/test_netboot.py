@@ -343,7 +343,7 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
 @full_matrix
 def test_a_desktop_revision_netboots_to_its_greeter(base_image: BuiltImage, tmp_path: Path) -> None:
     """An Xfce image over DNBD3 and xloop, as a lab PC boots it: LightDM active and its greeter on screen."""
-    from tests.test_desktop import check_screenshot
+    from tests.readback import check_screenshot
 
     name = "stage4/netboot-xfce.qcow2"
     published = publish(tmp_path, base_image, name, 'desktop = { session = "xfce" }\n')
