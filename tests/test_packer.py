@@ -20,7 +20,9 @@ from rich.console import Console
 
 from stage4 import distributions
 from stage4.builders import packer as packer_mod
-from stage4.builders.packer import RenderTarget, build_base_with_packer, render_tree, run_packer_build
+from stage4.builders import packer_run
+from stage4.builders.packer import RenderTarget, render_tree
+from stage4.builders.packer_run import build_base_with_packer, run_packer_build
 from stage4.config import ImageConfig, MachineConfig
 from stage4.errors import InputError, StepFailed
 from stage4.runner import Runner
@@ -64,7 +66,7 @@ def _qemu_processes(marker: str) -> list[str]:
 
 
 def test_packer_version_selects_the_template_format(tmp_path: Path) -> None:
-    version = packer_mod.packer_version(Runner(), env={"CHECKPOINT_DISABLE": "1"})
+    version = packer_run.packer_version(Runner(), env={"CHECKPOINT_DISABLE": "1"})
     shown = subprocess.run(
         ["packer", "version"], capture_output=True, text=True, env={**os.environ, "CHECKPOINT_DISABLE": "1"}
     ).stdout
@@ -76,12 +78,12 @@ def test_packer_version_selects_the_template_format(tmp_path: Path) -> None:
     )
     # Debian's 1.6.6 and anything before 1.7 get the legacy JSON template (the original invocation) ...
     for old in ((1, 6, 6), (1, 6, 0), version if version < (1, 7, 0) else (1, 5, 0)):
-        argv = packer_mod.build_argv(template, old, "tcg")
+        argv = packer_run.build_argv(template, old, "tcg")
         assert argv[-1] == template.json_template.name and argv[-1].endswith(".json")
         assert "-only=qemu" in argv and "-var-file=base.json" in argv
     # ... 1.7 and later the HCL2 template.
     for new in ((1, 7, 0), (1, 9, 4), (1, 11, 2)):
-        argv = packer_mod.build_argv(template, new, "tcg")
+        argv = packer_run.build_argv(template, new, "tcg")
         assert argv[-1] == template.hcl_template.name and argv[-1].endswith(".pkr.hcl")
         assert f"-only=qemu.{template.source_name}" in argv and "-var-file=base.pkrvars.hcl" in argv
 
@@ -89,7 +91,7 @@ def test_packer_version_selects_the_template_format(tmp_path: Path) -> None:
 @needs_qemu
 def test_qemu_img_wrapper_adds_the_backing_format(tmp_path: Path) -> None:
     """Packer 1.6.x's `qemu-img create -b BASE` (no -F) works through the wrapper with qemu >= 6.1."""
-    env = packer_mod.packer_env(tmp_path, tmp_path / "cache", debug=False)
+    env = packer_run.packer_env(tmp_path, tmp_path / "cache", debug=False)
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"], check=True, env=env)
     overlay = tmp_path / "overlay.qcow2"

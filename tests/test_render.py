@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from stage4 import distributions
 from stage4.builders import credentials
-from stage4.builders.packer import RenderTarget, checksum_from_file, render_tree, resolve_iso
+from stage4.builders.packer import RenderTarget, render_tree
+from stage4.builders.packer_iso import checksum_from_file, resolve_iso
 from stage4.builders.packer_template import hcl_string
 from stage4.config import ImageConfig, MachineConfig
 from stage4.distributions.debian import Debian12

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from stage4 import distributions
-from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_template
+from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_iso, packer_run, packer_template
 from stage4.config import BuilderKind, MachineConfig, format_size
 from stage4.distributions import installer
 from stage4.distributions.apt import AptDistribution
@@ -82,7 +82,7 @@ def identity_inputs(ctx: Context) -> dict:
 
 def identity(ctx: Context) -> str:
     recipe = (
-        (packer, packer_template, installer)
+        (packer, packer_iso, packer_run, packer_template, installer)
         if ctx.image.builder is BuilderKind.packer
         else (bootstrap, initramfs, disk, grub)
     )
@@ -208,7 +208,7 @@ def _packer_base(ctx: Context, base_id: str, work: Path, timings: dict[str, floa
         ctx.runner.display.step(f"{ctx.name}: install {ctx.image.distribution} with Packer on {accelerator}"),
         timed(timings, "install"),
     ):
-        installed = packer.build_base_with_packer(
+        installed = packer_run.build_base_with_packer(
             ctx.name,
             ctx.image,
             ctx.machine,

@@ -10,7 +10,7 @@ overlay is then committed into the layer, the build user and key are removed, an
 goes on as for any other way.
 
 The template is written as legacy JSON for Packer 1.5.6 - 1.6.x and HCL2 for newer Packer, from one
-description (builders/packer_template.py), and run by builders/packer.run_packer_build: qemu-img
+description (builders/packer_template.py), and run by builders/packer_run.run_packer_build: qemu-img
 wrapper adding `-F qcow2` on PATH, CHECKPOINT_DISABLE=1, no qcow2 made means failure.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stage4.builders import packer, packer_template
+from stage4.builders import packer, packer_run, packer_template
 from stage4.builders.packer_template import Var, Variable, to_hcl, to_json, var_file_hcl, var_file_json
 from stage4.config import MachineConfig
 from stage4.errors import StepFailed
@@ -39,7 +39,7 @@ def check_packer(runner: Runner, step: str) -> tuple[int, int, int]:
     """The installed Packer's version; a one-line error when it is missing, too old or lacks plugins."""
     env = {"CHECKPOINT_DISABLE": "1"}
     try:
-        version = packer.packer_version(runner, env=env)
+        version = packer_run.packer_version(runner, env=env)
     except StepFailed as exc:
         if "command not found" in str(exc):
             raise StepFailed(
@@ -54,7 +54,7 @@ def check_packer(runner: Runner, step: str) -> tuple[int, int, int]:
             f"use_proxy needs >= {'.'.join(map(str, MIN_VERSION))}",
             runner.log_path,
         )
-    if version >= packer.FIRST_UNBUNDLED_VERSION:
+    if version >= packer_run.FIRST_UNBUNDLED_VERSION:
         installed = runner.run(
             ["packer", "plugins", "installed"], step=step, capture=True, env=env, check=False
         ).stdout
@@ -203,7 +203,7 @@ def provision(
             tree, layer, f"sha256:{sha256_file(layer)}", disk_size, machine, key, port, prepared, label
         )
         try:
-            output = packer.run_packer_build(
+            output = packer_run.run_packer_build(
                 template,
                 runner,
                 version=version,
