@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stage4.boot import netboot
+from stage4.boot import guest_network, netboot
 from stage4.dnbd3.client import Client
 from stage4.dnbd3.server import DevServer
 from stage4.errors import InputError, StepFailed
@@ -81,7 +81,7 @@ def test_relay_counts_what_the_client_reads(tmp_path: Path) -> None:
     (tmp_path / "stage4").mkdir()
     (tmp_path / "stage4" / "img.qcow2.r1").write_bytes(b"QFI\xfb" + bytes(65532))
     with DevServer(tmp_path) as server:
-        relay = netboot.Relay(server.address).start()
+        relay = guest_network.Relay(server.address).start()
         try:
             with Client.open(f"127.0.0.1:{relay.port}", "stage4/img.qcow2", 1, timeout=10) as client:
                 assert client.read(0, 4096)[:4] == b"QFI\xfb"
@@ -94,7 +94,7 @@ def test_relay_counts_what_the_client_reads(tmp_path: Path) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             dead = probe.getsockname()[1]
-        down = netboot.Relay(("127.0.0.1", dead)).start()
+        down = guest_network.Relay(("127.0.0.1", dead)).start()
         try:
             with socket.create_connection(("127.0.0.1", down.port), timeout=5) as sock:
                 assert sock.recv(1) == b""  # a server that is down: the connection ends

@@ -11,18 +11,16 @@ a copy whose SLX_DNBD3_SERVERS are the forwarded guest addresses, one per server
 from __future__ import annotations
 
 import contextlib
-import http.server
 import ipaddress
 import re
 import shlex
-import socket
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from stage4.boot import qemu
+from stage4.boot.guest_network import BRIDGE, BootFiles, Relay
 from stage4.config import MachineConfig
 from stage4.dnbd3.protocol import DEFAULT_PORT, parse_address
 from stage4.dnbd3.server import DevServer
@@ -38,28 +36,6 @@ SLXBASE = "boot"
 # What the guest's stage 3 prints when it stops (the dnbd3-rootfs module): one line, "stage4: ...".
 MODULE_FAILURE = re.compile(r"^stage4: \S")
 ROOT_FACTS = re.compile(r"STAGE4-ROOT (?P<facts>.*)$")
-
-# Per guest connection qemu runs this with the guest's TCP stream on stdin/stdout and passes it to
-# 127.0.0.1:PORT. It must never print: its stderr goes into the guest's stream as well.
-BRIDGE = """\
-import os, select, socket, sys
-sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-while True:
-    ready, _, _ = select.select([0, sock], [], [])
-    if 0 in ready:
-        data = os.read(0, 1 << 16)
-        if not data:
-            break
-        sock.sendall(data)
-    if sock in ready:
-        data = sock.recv(1 << 16)
-        if not data:
-            break
-        view = memoryview(data)
-        while view:
-            view = view[os.write(1, view):]
-"""
 
 
 @dataclass
@@ -173,118 +149,6 @@ def loopback_server(text: str) -> tuple[str, int]:
     if not loopback:
         raise InputError(f"--server {text}: netboot uses DNBD3 servers on this machine only (127.0.0.1:PORT)")
     return ("127.0.0.1" if host == "localhost" else host), port
-
-
-@dataclass
-class Relay:
-    """A loopback listener that passes each connection to `target` and counts the bytes sent back."""
-
-    target: tuple[str, int]
-    bytes_to_guest: int = 0
-    connections: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._sockets: set[socket.socket] = set()
-        self._thread = threading.Thread(target=self._accept, name=f"relay-{self.target[1]}", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._listener.getsockname()[1]
-
-    def start(self) -> Relay:
-        self._thread.start()
-        return self
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        with self._lock:
-            self.connections += 1
-            self._sockets.add(client)
-        try:
-            upstream = socket.create_connection(self.target, timeout=5)
-        except OSError:
-            self._close(client)  # a server that is down: the guest sees the connection end
-            return
-        upstream.settimeout(None)
-        with self._lock:
-            self._sockets.add(upstream)
-        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-        self._pump(upstream, client, True)
-
-    def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                if count:  # before sending: once the guest has the bytes, they are counted
-                    with self._lock:
-                        self.bytes_to_guest += len(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        self._close(source)
-        self._close(sink)
-
-    def _close(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            self._close(sock)
-
-
-class BootFiles:
-    """An HTTP server on 127.0.0.1 for /<slxbase>/...: the guest's config, the revision's boot files."""
-
-    def __init__(self, files: dict[str, bytes | Path]):
-        self.files = files
-        served = self.files
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                item = served.get(self.path.split("?", 1)[0])
-                if item is None:
-                    self.send_error(404)
-                    return
-                body = item if isinstance(item, bytes) else item.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="netboot-http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> BootFiles:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @dataclass
