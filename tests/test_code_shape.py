@@ -1,4 +1,4 @@
-"""No import cycles: no module imports (even inside a function) a module that imports it back.
+"""The shape of the code: no import cycles (between modules and between packages), no oversized module.
 
 Read from the source with `ast`, so function-level imports count too. An import of `a.b` is an edge to
 `a.b` only, not to the package `a` that Python loads first: families import `stage4.distributions.base`,
@@ -83,3 +83,13 @@ def test_no_import_cycles_between_packages():
         graph.setdefault(node, set()).update(package_of(e) for e in edges if package_of(e) != node)
     cycles = [cycle for name in sorted(graph) if (cycle := cycle_through(graph, name))]
     assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_no_source_file_over_450_lines():
+    """A module a newcomer reads in one go: a longer one gets split along its seams."""
+    long = {
+        str(path.relative_to(SRC)): lines
+        for path in SRC.rglob("*.py")
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > 450
+    }
+    assert not long, long
