@@ -30,8 +30,7 @@ from pathlib import Path
 from stage4.dnbd3.protocol import parse_address
 from stage4.dnbd3.store import Store, parse_rid, validate_name
 from stage4.errors import InputError
-from stage4.export import manifest as manifests
-from stage4.export import revisions
+from stage4.export import build_facts, revisions
 from stage4.export.job import Job, Publication
 from stage4.export.local import publish_local
 from stage4.export.reload import server_pid
@@ -233,15 +232,15 @@ def prepare(
         if reload_pidfile is not None:
             server_pid(Path(reload_pidfile))
 
-    manifest_path = Path(manifest) if manifest else manifests.beside(image)
-    build = manifests.read_manifest(manifest_path, image) if manifest_path else None
+    manifest_path = Path(manifest) if manifest else build_facts.manifest_beside(image)
+    build = build_facts.read(manifest_path, image) if manifest_path else None
     if build is not None:
         source_identity = source_identity or build.identity
         identifier = identifier or build.identifier
     dracut_modules: tuple[str, ...] = ()
     if boot_files and kernel is None and initrd is None and build is not None and build.has_boot_files:
         kernel, initrd, dracut_modules = build.kernel, build.initramfs, build.dracut_modules
-        manifests.check_dracut_modules(initrd, dracut_modules, runner)
+        build_facts.check_dracut_modules(initrd, dracut_modules, runner)
     if check_image:
         identifier = inspected_identifier(image, identifier, runner)
     job = Job(

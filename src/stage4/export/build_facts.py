@@ -24,7 +24,7 @@ BOOT_KEYS = ("kernel", "initramfs")
 
 
 @dataclass(frozen=True)
-class BuildManifest:
+class BuildFacts:
     path: Path
     identity: str | None
     identifier: str | None = None
@@ -38,13 +38,13 @@ class BuildManifest:
         return self.kernel is not None
 
 
-def beside(image: Path) -> Path | None:
+def manifest_beside(image: Path) -> Path | None:
     """The manifest beside `image`, if there is one."""
     manifest = build_manifest.beside(image)
     return manifest if manifest.is_file() else None
 
 
-def read_manifest(path: Path, image: Path | None = None) -> BuildManifest:
+def read(path: Path, image: Path | None = None) -> BuildFacts:
     """The facts export uses from a stage4 manifest; InputError naming the file and key if one is wrong."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -54,7 +54,7 @@ def read_manifest(path: Path, image: Path | None = None) -> BuildManifest:
         raise InputError(f"manifest {path}: not a JSON object")
     identity = data.get("identity") if isinstance(data.get("identity"), str) else None
     if not any(key in data for key in BOOT_KEYS):
-        return BuildManifest(Path(path), identity)  # a base image's manifest: identity only
+        return BuildFacts(Path(path), identity)  # a base image's manifest: identity only
 
     def text(key: str) -> str:
         value = data.get(key)
@@ -83,7 +83,7 @@ def read_manifest(path: Path, image: Path | None = None) -> BuildManifest:
             f"manifest {path} describes an image of {recorded} bytes, {image} has "
             f"{Path(image).stat().st_size}: not the manifest of this image"
         )
-    return BuildManifest(
+    return BuildFacts(
         Path(path),
         identity,
         text("identifier"),
