@@ -24,7 +24,7 @@ from timing import timed
 from stage4 import api, config
 from stage4.context import Context
 from stage4.image import overlay
-from stage4.layers.provision import choose_accelerator, root_partition
+from stage4.layers.layer_steps import base_root_partition, choose_accelerator
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner
 from stage4.ui import Display
@@ -101,7 +101,7 @@ def main() -> None:
     ctx = Context(
         NAME, cfg.images[NAME], cfg.machine, cfg.source, cfg.build.output_dir, cfg.build.cache_dir, runner
     )
-    base_manifest, part = full.base.manifest, root_partition(ctx, full.base.manifest)
+    base_manifest, part = full.base.manifest, base_root_partition(ctx, full.base.manifest)
     with tempfile.TemporaryDirectory(prefix="stage4-bench-", dir=cfg.build.cache_dir / "work") as tmp:
         work = Path(tmp)
         playbook = work / "small.yml"

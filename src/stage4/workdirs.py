@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from stage4.runner import Runner
 
 KILL_WAIT_SECONDS = 15
-# Work directory names (builders/base_image.py, layers/provision.py): <image>-<16 hex> for a base (rootfs or
+# Work directory names (builders/base_image.py, layers/layer_steps.py): <image>-<16 hex> for a base (rootfs or
 # Packer identity), <image>-layers-<12 hex> for the dev and prod layers.
 _WORK_DIR = re.compile(r"^(?P<image>.+)-(?:layers-[0-9a-f]{12}|[0-9a-f]{16})$")
 # Partial files of temporary_sibling and the layers' artifact swap: .<name>.partial-<pid>, .<name>.old-<pid>.
@@ -69,7 +69,7 @@ def image_build(cache_dir: Path, image: str, output_dir: Path, runner: Runner) -
         freed = recover(cache_dir, image, runner)
         for item in freed:
             display.info(
-                f"{image}: released what a killed build left: {item.path} ({format_size(item.bytes)})"
+                f"{image}: released what a killed build left: {item.path} ({readable_size(item.bytes)})"
             )
         record = owner_record(cache_dir, image)
         write_json_atomically(
@@ -366,5 +366,5 @@ def _device(path: str) -> int | None:
         return None
 
 
-def format_size(size: int) -> str:
+def readable_size(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"

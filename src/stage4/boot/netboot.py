@@ -39,7 +39,7 @@ ROOT_FACTS = re.compile(r"STAGE4-ROOT (?P<facts>.*)$")
 
 
 @dataclass
-class Revision:
+class BootableRevision:
     """The published files of one revision."""
 
     store: Path
@@ -53,7 +53,7 @@ class Revision:
     ipxe: Path
 
 
-def find_revision(store: Path, name: str, rid: int | None, boot_dir: Path | None) -> Revision:
+def find_revision(store: Path, name: str, rid: int | None, boot_dir: Path | None) -> BootableRevision:
     """The revision `rid` of `name` (default: the newest) and its boot files; bad input is one line."""
     validate_name(name)
     if not store.is_dir():
@@ -75,7 +75,7 @@ def find_revision(store: Path, name: str, rid: int | None, boot_dir: Path | None
             raise InputError(
                 f"{path}: missing (the {kind} of {name}:{rid}; give --boot-dir if it was exported elsewhere)"
             )
-    return Revision(store, name, rid, store / f"{name}.r{rid}", boot_dir, **files)
+    return BootableRevision(store, name, rid, store / f"{name}.r{rid}", boot_dir, **files)
 
 
 @dataclass
@@ -179,7 +179,7 @@ class Forwards:
 
 
 @contextlib.contextmanager
-def forwards(revision: Revision, servers: list[tuple[str, int]], work: Path) -> Iterator[Forwards]:
+def forwards(revision: BootableRevision, servers: list[tuple[str, int]], work: Path) -> Iterator[Forwards]:
     """HTTP boot files and relays to `servers`, running until the context ends."""
     guest = guest_config(
         revision.config.read_text(encoding="utf-8", errors="replace"), guest_servers(len(servers))
@@ -253,7 +253,7 @@ class NetbootResult:
 
 
 def netboot(
-    revision: Revision,
+    revision: BootableRevision,
     servers: list[tuple[str, int]],
     machine: MachineConfig,
     cache_dir: Path,

@@ -27,7 +27,7 @@ ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # Discoverable Partit
 
 
 @dataclass(frozen=True)
-class Partition:
+class PartitionPlan:
     number: int
     name: str
     type_guid: str
@@ -46,18 +46,18 @@ class Partition:
 @dataclass(frozen=True)
 class DiskLayout:
     disk_bytes: int
-    bios_boot: Partition
-    esp: Partition
-    root: Partition
+    bios_boot: PartitionPlan
+    esp: PartitionPlan
+    root: PartitionPlan
 
     @classmethod
     def plan(cls, disk_bytes: int, identifier: str) -> DiskLayout:
         sectors = disk_bytes // SECTOR
-        bios = Partition(1, "bios_grub", BIOS_BOOT_TYPE, ALIGN, ALIGN)
-        esp = Partition(2, "ESP", ESP_TYPE, 2 * ALIGN, 64 * ALIGN)
+        bios = PartitionPlan(1, "bios_grub", BIOS_BOOT_TYPE, ALIGN, ALIGN)
+        esp = PartitionPlan(2, "ESP", ESP_TYPE, 2 * ALIGN, 64 * ALIGN)
         root_start = esp.start + esp.size
         root_end = (sectors - GPT_BACKUP_SECTORS) // ALIGN * ALIGN
-        root = Partition(3, identifier, ROOT_X86_64_TYPE, root_start, root_end - root_start)
+        root = PartitionPlan(3, identifier, ROOT_X86_64_TYPE, root_start, root_end - root_start)
         return cls(disk_bytes, bios, esp, root)
 
     def sfdisk_script(self) -> str:

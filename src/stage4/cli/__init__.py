@@ -22,7 +22,7 @@ from stage4.runner import install_signal_handlers
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
-class Context:
+class CliSettings:
     def __init__(self, config_path: Path | None, debug: bool):
         self.config_path = config_path
         self.debug = debug
@@ -48,7 +48,7 @@ class Context:
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """Build network-bootable Stage4 images for OpenSLX / bwLehrpool DNBD3 clients."""
-    ctx.obj = Context(config_path, debug)
+    ctx.obj = CliSettings(config_path, debug)
 
 
 @cli.command()
@@ -72,7 +72,7 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 )
 @click.pass_obj
 def build(
-    obj: Context, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...], keep_dev: bool
+    obj: CliSettings, images: tuple[str, ...], output: Path | None, rebuild: tuple[str, ...], keep_dev: bool
 ) -> None:
     """Build IMAGES (default: every image in the project file)."""
     results = api.build(
@@ -95,7 +95,7 @@ def build(
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="output directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
-def list_layers(obj: Context, images: tuple[str, ...], output: Path | None, as_json: bool) -> None:
+def list_layers(obj: CliSettings, images: tuple[str, ...], output: Path | None, as_json: bool) -> None:
     """List each image's layer chain: identities, sizes and what is cached."""
     found = api.layers(obj.config(), images=list(images), output_dir=output)
     if as_json:
@@ -124,7 +124,7 @@ def list_layers(obj: Context, images: tuple[str, ...], output: Path | None, as_j
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
-def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) -> None:
+def inspect(obj: CliSettings, image: Path, identifier: str | None, as_json: bool) -> None:
     """Show an image's partitions, filesystems, kernels and qcow2 facts, and check the Stage4 requirements."""
     report = api.inspect(image, identifier=identifier, debug=obj.debug)
     if as_json:
@@ -183,7 +183,7 @@ def inspect(obj: Context, image: Path, identifier: str | None, as_json: bool) ->
 )
 @click.pass_obj
 def boot(
-    obj: Context,
+    obj: CliSettings,
     image: Path,
     via: str,
     kernel: Path | None,
@@ -223,7 +223,7 @@ def boot(
 @cli.command("config")
 @click.option("--reference", is_flag=True, help="print the reference of every key (Markdown)")
 @click.pass_obj
-def show_config(obj: Context, reference: bool) -> None:
+def show_config(obj: CliSettings, reference: bool) -> None:
     """Show the effective configuration."""
     if reference:
         click.echo(config_mod.reference(), nl=False)

@@ -7,7 +7,7 @@ import json
 import click
 
 from stage4 import api
-from stage4.workdirs import format_size
+from stage4.workdirs import readable_size
 
 
 @click.command("clean")
@@ -44,10 +44,10 @@ def clean(obj, images: tuple[str, ...], cache: bool, as_json: bool) -> None:
         )
         return
     for item in report.freed:
-        click.echo(f"removed {item.path} ({item.state}): {format_size(item.bytes)}")
+        click.echo(f"removed {item.path} ({item.state}): {readable_size(item.bytes)}")
     for image in report.busy:
         click.echo(f"{image}: a build is running; left alone")
-    click.echo(f"freed {report.bytes} bytes ({format_size(report.bytes)})")
+    click.echo(f"freed {report.bytes} bytes ({readable_size(report.bytes)})")
 
 
 COMMANDS: list = [clean]

@@ -20,7 +20,13 @@ from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_s
 from stage4.image import overlay
 from stage4.layers import extract, identities
 from stage4.layers.extract import OUT_IN_IMAGE
-from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
+from stage4.layers.layer_steps import (
+    base_root_partition,
+    check_playbooks,
+    fresh_work_dir,
+    kernel_of,
+    provision_layer,
+)
 from stage4.mltk import plan as mltk_plan
 from stage4.provisioning import ansible, attach, sources
 from stage4.runner import Runner
@@ -126,7 +132,7 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
             ],
         )
         with timed(timings, "provision"):
-            provision(ctx, base_manifest, "dev", layer, overlay_path, plays, variables, work)
+            provision_layer(ctx, base_manifest, "dev", layer, overlay_path, plays, variables, work)
         step = f"{ctx.name}: dev: extract kernel, initramfs and artifacts"
         staging = work / ARTIFACTS_DIR
         with (
@@ -134,7 +140,7 @@ def build(ctx: Context, dev_id: str, base_manifest: dict) -> dict:
             timed(timings, "extract"),
             attach.attached(
                 overlay_path,
-                root_partition(ctx, base_manifest),
+                base_root_partition(ctx, base_manifest),
                 work / "attach",
                 runner,
                 writable=False,

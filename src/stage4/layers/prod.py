@@ -16,7 +16,13 @@ from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_s
 from stage4.image import overlay
 from stage4.layers import identities, kernel_guard
 from stage4.layers.dev import ARTIFACTS_DIR, installs, packages_of
-from stage4.layers.provision import check_playbooks, fresh_work_dir, kernel_of, provision, root_partition
+from stage4.layers.layer_steps import (
+    base_root_partition,
+    check_playbooks,
+    fresh_work_dir,
+    kernel_of,
+    provision_layer,
+)
 from stage4.mltk import plan as mltk_plan
 from stage4.provisioning import ansible, attach
 from stage4.timing import timed
@@ -80,11 +86,11 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)],
         )
         with timed(timings, "provision"):
-            provision(ctx, base_manifest, "prod", layer, overlay_path, plays, variables, work)
+            provision_layer(ctx, base_manifest, "prod", layer, overlay_path, plays, variables, work)
         step = f"{ctx.name}: prod: kernel and package list"
         with attach.attached(
             overlay_path,
-            root_partition(ctx, base_manifest),
+            base_root_partition(ctx, base_manifest),
             work / "attach",
             runner,
             writable=False,

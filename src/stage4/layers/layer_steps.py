@@ -1,4 +1,5 @@
-"""Running Ansible on a dev or prod overlay the configured way: chroot, VM, or Packer."""
+"""What the dev and prod steps share: the work folder, the base's root partition and kernel, the playbook
+check, and running Ansible on an overlay the configured way (chroot, VM or Packer)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def fresh_work_dir(ctx: Context, layer_name: str) -> Path:
     return work
 
 
-def root_partition(ctx: Context, base_manifest: dict) -> attach.RootPartition:
+def base_root_partition(ctx: Context, base_manifest: dict) -> attach.RootPartition:
     return attach.RootPartition.from_manifest(base_manifest, ctx.image.identifier, ctx.image.filesystem.value)
 
 
@@ -50,7 +51,7 @@ def check_playbooks(ctx: Context, layer_name: str, layer: LayerConfig) -> None:
             )
 
 
-def provision(
+def provision_layer(
     ctx: Context,
     base_manifest: dict,
     layer_name: str,
@@ -62,7 +63,7 @@ def provision(
 ) -> None:
     """Run the plays on the layer the configured way."""
     runner = ctx.runner
-    part = root_partition(ctx, base_manifest)
+    part = base_root_partition(ctx, base_manifest)
     way = layer.way
     if way is Way.chroot and (reason := attach.chroot_unavailable()):
         runner.display.info(
