@@ -6,15 +6,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from stage4 import distributions
-from stage4.builders.packer import DEFAULT_SSH_TIMEOUT, accelerator_value, render_tree
+from stage4.builders.packer import (
+    DEFAULT_SSH_TIMEOUT,
+    RenderedTemplate,
+    RenderTarget,
+    accelerator_value,
+    render_tree,
+)
 from stage4.config import ImageConfig, MachineConfig
-from stage4.errors import InputError, StepFailed
+from stage4.errors import StepFailed
 from stage4.machine.qemu_argv import cpu_model
 from stage4.runner import Runner
 
@@ -22,96 +24,6 @@ from stage4.runner import Runner
 FIRST_HCL_VERSION = (1, 7, 0)
 # Packer >= 1.10 ships no plugins: the qemu plugin must be installed.
 FIRST_UNBUNDLED_VERSION = (1, 10, 0)
-
-
-@dataclass(frozen=True)
-class RenderTarget:
-    """One release to render: the image's settings plus firmware, ISO and timeout choices."""
-
-    image: ImageConfig
-    efi: bool = False
-    iso: str | None = None  # URL or local path; default: the catalog's
-    iso_checksum: str | None = None  # sha256:<hex>, <hex>, file:<URL or path>, or a checksum file's path
-    ssh_timeout: str | None = None  # how long Packer waits for the installed system; default: render_tree's
-
-    @classmethod
-    def of_image(
-        cls,
-        image: ImageConfig,
-        *,
-        efi: bool | None = None,
-        iso: str | None = None,
-        iso_checksum: str | None = None,
-        ssh_timeout: str | None = None,
-    ) -> RenderTarget:
-        """The image's own efi, iso, iso_checksum and installer_timeout, each replaced by a given override.
-
-        An overriding ISO comes with its own checksum (or none): the image's checksum belongs to its ISO.
-        """
-        if iso is None:
-            iso, iso_checksum = image.iso, image.iso_checksum if iso_checksum is None else iso_checksum
-        return cls(
-            image,
-            efi=image.efi if efi is None else efi,
-            iso=iso,
-            iso_checksum=iso_checksum,
-            ssh_timeout=ssh_timeout or image.installer_timeout,
-        )
-
-
-def targets_for(
-    names: list[str],
-    images: dict[str, ImageConfig],
-    *,
-    overrides: dict[str, object] | None = None,
-    efi: bool | None = None,
-    iso: str | None = None,
-    iso_checksum: str | None = None,
-    ssh_timeout: str | None = None,
-) -> list[RenderTarget]:
-    """What `stage4 render NAME...` renders: each name is an image of the project file (with all its
-    settings) or a distribution with default settings; `overrides` (image keys such as identifier) and the
-    other arguments replace the image's own values."""
-    if (iso or iso_checksum) and len(names) != 1:
-        raise InputError("--iso and --iso-checksum apply to exactly one DISTRO")
-    targets = []
-    for name in names:
-        if name in images:
-            base = images[name].model_dump()
-        elif name in distributions.names():
-            base = {"distribution": name}
-        else:
-            raise InputError(
-                f"{name!r} is neither an image of the project file nor a distribution; "
-                f"distributions with an installer: {', '.join(distributions.installer_names())}"
-            )
-        try:
-            image = ImageConfig.model_validate({**base, **(overrides or {})})
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            key = ".".join(str(part) for part in error["loc"])
-            shown = f" = {error['input']!r}" if error["loc"] and not isinstance(error["input"], dict) else ""
-            raise InputError(f"{name}: {key}{shown}: {error['msg'].removeprefix('Value error, ')}") from None
-        targets.append(
-            RenderTarget.of_image(image, efi=efi, iso=iso, iso_checksum=iso_checksum, ssh_timeout=ssh_timeout)
-        )
-    return targets
-
-
-@dataclass(frozen=True)
-class RenderedTemplate:
-    distribution: str
-    stem: str  # e.g. "ubuntu-16.04-amd64"
-    source_name: str  # the HCL2 source label, e.g. "ubuntu-16_04-amd64"
-    json_template: Path
-    hcl_template: Path
-    output: Path  # the qcow2 Packer writes, relative to the tree (Packer runs in the tree)
-    iso_url: str
-    iso_checksum: str
-
-    @property
-    def tree(self) -> Path:
-        return self.json_template.parent
 
 
 def packer_version(runner: Runner, env: dict[str, str] | None = None) -> tuple[int, int, int]:
