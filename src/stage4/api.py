@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Unpack
 
 from stage4 import diff as diff_mod
 from stage4 import distributions as distributions_mod
@@ -40,6 +41,9 @@ from stage4.pipeline import ImageResult, LayerStatus, build_image, status
 from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
+
+if TYPE_CHECKING:
+    from stage4.api_options import RenderOptions, VerifyOptions
 
 
 @contextmanager
@@ -138,7 +142,7 @@ def inspect(image: Path, identifier: str | None = None, debug: bool = False) -> 
         return inspect_image(image, identifier, runner)
 
 
-def diff(a: Path, b: Path, files: bool = False, debug: bool = False) -> dict:
+def diff(a: Path, b: Path, files: bool = False, debug: bool = False) -> diff_mod.DiffResult:
     """What changed from A to B (manifests, built images or exported revisions); see stage4.diff."""
     with _runner(None, debug) as runner:
         return diff_mod.diff(a, b, files=files, runner=runner)
@@ -319,7 +323,14 @@ def distributions() -> list[type[distributions_mod.Distribution]]:
 # ----- publishing and serving: the export, the store's revisions, DNBD3 servers ------------------------
 
 
-def export(image: Path, store: str, name: str, *, debug: bool = False, **options) -> Publication:
+def export(
+    image: Path,
+    store: str,
+    name: str,
+    *,
+    debug: bool = False,
+    **options: Unpack[export_publish.PrepareOptions],
+) -> Publication:
     """Publish a standalone qcow2 as a new revision of `name` in a DNBD3 store (local or [user@]host:/path).
 
     Every input is checked first (bad input raises InputError before anything is written); the options are
@@ -398,12 +409,14 @@ def serve(
     return DevServer(store, host, port, alt_servers=entries, log=log)
 
 
-def dnbd3_images(server: str, timeout: float = 10.0) -> list[dict]:
+def dnbd3_images(server: str, timeout: float = 10.0) -> list[dict[str, Any]]:
     """The images a DNBD3 server (host[:port]) has loaded (GET /query?q=images)."""
     return dnbd3_client.query_images(server, timeout=timeout)
 
 
-def dnbd3_verify(server: str, name: str, rid: int = 0, **options) -> dnbd3_verify_mod.VerifyReport:
+def dnbd3_verify(
+    server: str, name: str, rid: int = 0, **options: Unpack[VerifyOptions]
+) -> dnbd3_verify_mod.VerifyReport:
     """Check image `name` on a DNBD3 server the way a client reads it (dnbd3.verify.verify's options)."""
     return dnbd3_verify_mod.verify(server, name, rid, **options)
 
@@ -421,7 +434,7 @@ def render(
     output: Path,
     overrides: dict[str, object],
     debug: bool = False,
-    **options,
+    **options: Unpack[RenderOptions],
 ) -> list[packer.RenderedTemplate]:
     """Packer templates and answer files for distributions or images of the config (their settings, then
     `overrides` and the options of builders.packer.targets_for: efi, iso, iso_checksum, ssh_timeout)."""

@@ -16,8 +16,17 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 RECORDS = ".stage4-records.jsonl"
+# One line of the records, as read back: JSON whose fields depend on its "what" (never trusted to be typed).
+Record = dict[str, object]
+
+
+class OwnerRecord(TypedDict):
+    pid: int
+    start: int
+    boot: str
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class Owner:
 
     @classmethod
     def from_record(cls, data: object) -> Owner | None:
+        if not isinstance(data, dict):
+            return None
         try:
             return cls(int(data["pid"]), int(data["start"]), str(data["boot"]))
         except (TypeError, KeyError, ValueError):
@@ -47,7 +58,7 @@ class Owner:
     def alive(self) -> bool:
         return self.start is not None and self.boot == boot_id() and process_start(self.pid) == self.start
 
-    def to_record(self) -> dict:
+    def to_record(self) -> OwnerRecord:
         return {"pid": self.pid, "start": self.start, "boot": self.boot}
 
 
@@ -97,9 +108,9 @@ def note_process(directory: Path, pid: int, argv: list[str]) -> None:
 # --- reading records ---------------------------------------------------------------------------------------
 
 
-def read_records(work: Path) -> list[dict]:
+def read_records(work: Path) -> list[Record]:
     """The records in `work` and its subdirectories (never below a mount point)."""
-    found: list[dict] = []
+    found: list[Record] = []
     for directory in _record_dirs(work):
         with contextlib.suppress(OSError):
             for line in (directory / RECORDS).read_text(encoding="utf-8", errors="replace").splitlines():
@@ -123,7 +134,7 @@ def _record_dirs(work: Path, depth: int = 3) -> Iterator[Path]:
                     yield from _record_dirs(child, depth - 1)
 
 
-def open_scopes(records: list[dict]) -> list[Owner]:
+def open_scopes(records: list[Record]) -> list[Owner]:
     """Owners with a scope in these records that they never closed: still attached, or killed while so."""
     balance: dict[Owner, int] = {}
     for record in records:

@@ -20,9 +20,10 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, NotRequired, TypedDict, TypeVar
 
 from stage4 import manifest as manifests
 from stage4.config import DEFAULT_IDENTIFIER
@@ -36,6 +37,64 @@ from stage4.runner import Runner
 RECORD_FORMAT = "stage4-publication/1"
 META_DIR = ".stage4"  # where export keeps the records of a store's names
 _REVISION = re.compile(r"^(?P<name>.+)\.r(?P<rid>\d+)$")
+_T = TypeVar("_T")
+
+
+class Pair(TypedDict, Generic[_T]):
+    a: _T
+    b: _T
+    changed: bool
+
+
+class VersionChange(TypedDict):
+    a: str
+    b: str
+
+
+class PackageDiff(TypedDict):
+    added: dict[str, str]  # name -> version
+    removed: dict[str, str]
+    changed: dict[str, VersionChange]
+
+
+class TreeEntry(TypedDict, total=False):
+    """One path of a root filesystem: mode, owner and type always; the rest depending on the type."""
+
+    mode: str
+    uid: int
+    gid: int
+    type: str
+    size: int
+    sha256: str
+    target: str
+    rdev: int
+
+
+class TreeDiff(TypedDict):
+    added: list[str]
+    removed: list[str]
+    changed: dict[str, list[str]]  # path -> the facts that differ
+
+
+class SideInfo(TypedDict):
+    what: str
+    kind: str
+    revision: int | None
+
+
+class DiffResult(TypedDict):
+    """What `compare` finds (what `stage4 diff --json` prints)."""
+
+    a: SideInfo
+    b: SideInfo
+    identities: dict[str, Pair[str | None]]
+    kernel: Pair[list[str]]
+    dracut_modules: Pair[list[str] | None]
+    kernel_modules: Pair[list[str] | None]
+    kernel_hold: Pair[list[str] | None]
+    packages: PackageDiff | None
+    sizes: dict[str, Pair[int | None]]
+    files: NotRequired[TreeDiff]
 
 
 @dataclass
@@ -88,7 +147,7 @@ def load(target: Path) -> Side:
     return side
 
 
-def from_manifest(manifest: dict, path: Path, beside_a_file: bool = True) -> Side:
+def from_manifest(manifest: dict[str, Any], path: Path, beside_a_file: bool = True) -> Side:
     """A build's facts from its manifest; the identities of its parents from the manifests beside it."""
     kind = manifest.get("kind")
     if kind not in LAYERS or not isinstance(manifest.get("identity"), str):
@@ -96,14 +155,14 @@ def from_manifest(manifest: dict, path: Path, beside_a_file: bool = True) -> Sid
             f"diff: {path}: not a stage4 manifest (expected 'kind' base, dev or prod and an 'identity')"
         )
     side = Side(str(path), kind, identifier=manifest.get("identifier"))
-    side.identities[kind] = manifest["identity"]
+    identities: dict[str, str | None] = {kind: manifest["identity"]}
     parent = manifest.get("parent")
     for layer in reversed(LAYERS[: LAYERS.index(kind)]):  # walk down the chain beside the manifest
-        side.identities[layer] = parent
+        identities[layer] = parent
         other = path.parent / manifests.file_name(layer)
         beside = _read_json(other) if beside_a_file and other.is_file() else {}
         parent = beside.get("parent") if beside.get("identity") == parent else None
-    side.identities = {layer: ident for layer, ident in side.identities.items() if ident}
+    side.identities = {layer: ident for layer, ident in identities.items() if ident}
     side.packages = manifest.get("packages") if isinstance(manifest.get("packages"), dict) else None
     version = manifest.get("kernel_version")
     side.kernels = [version] if version else list(manifest.get("kernel_versions") or [])
@@ -129,7 +188,7 @@ def from_manifest(manifest: dict, path: Path, beside_a_file: bool = True) -> Sid
     return side
 
 
-def from_record(record: dict, label: str, image: Path | None = None) -> Side:
+def from_record(record: dict[str, Any], label: str, image: Path | None = None) -> Side:
     """An exported revision: the build manifest the record carries (key `build`) or names (if that file is
     still the one of the recorded identity: the next build of the image overwrites it), else the record
     alone."""
@@ -151,15 +210,16 @@ def from_record(record: dict, label: str, image: Path | None = None) -> Side:
             dracut_modules=source.get("dracut_modules") or None,
         )
     side.revision = record.get("rid")
-    if side.kind == "revision" and isinstance(source.get("size") or record.get("size"), int):
-        side.sizes = {"size": source.get("size") or record.get("size")}
+    size = source.get("size") or record.get("size")
+    if side.kind == "revision" and isinstance(size, int):
+        side.sizes = {"size": size}
     side.image = image or (Path(source["image"]) if source.get("image") else None)
     if side.image is not None and not side.image.is_file():
         side.image = None
     return side
 
 
-def _record_of_revision(target: Path) -> dict | None:
+def _record_of_revision(target: Path) -> dict[str, Any] | None:
     """The record of a revision file `<store>/<name>.r<RID>`: in `<store>/.stage4/<name>/` of some parent."""
     found = _REVISION.match(target.name)
     if not found:
@@ -176,7 +236,8 @@ def _record_of_revision(target: Path) -> dict | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path` (a manifest or a record: free-form JSON)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -189,11 +250,11 @@ def _read_json(path: Path) -> dict:
 # --- comparing ----------------------------------------------------------------------------------------------
 
 
-def _pair(a, b) -> dict:
+def _pair(a: _T, b: _T) -> Pair[_T]:
     return {"a": a, "b": b, "changed": a != b}
 
 
-def compare_packages(a: dict[str, str] | None, b: dict[str, str] | None) -> dict | None:
+def compare_packages(a: dict[str, str] | None, b: dict[str, str] | None) -> PackageDiff | None:
     if a is None or b is None:
         return None
     return {
@@ -203,10 +264,10 @@ def compare_packages(a: dict[str, str] | None, b: dict[str, str] | None) -> dict
     }
 
 
-def compare(a: Side, b: Side, files: dict | None = None) -> dict:
+def compare(a: Side, b: Side, files: TreeDiff | None = None) -> DiffResult:
     """The diff of two sides as plain data (what `--json` prints)."""
     layers = [layer for layer in (*LAYERS, "build") if layer in a.identities or layer in b.identities]
-    return {
+    found: DiffResult = {
         "a": {"what": a.label, "kind": a.kind, "revision": a.revision},
         "b": {"what": b.label, "kind": b.kind, "revision": b.revision},
         "identities": {layer: _pair(a.identities.get(layer), b.identities.get(layer)) for layer in layers},
@@ -220,26 +281,32 @@ def compare(a: Side, b: Side, files: dict | None = None) -> dict:
             for key in ("size", "virtual_size")
             if key in a.sizes or key in b.sizes
         },
-        **({"files": files} if files is not None else {}),
     }
+    if files is not None:
+        found["files"] = files
+    return found
 
 
-def diff(a: Path, b: Path, files: bool = False, runner: Runner | None = None) -> dict:
+def diff(a: Path, b: Path, files: bool = False, runner: Runner | None = None) -> DiffResult:
     """Compare A and B (see the module's description); with `files`, their root filesystems too."""
     first, second = load(a), load(b)
     tree_diff = None
     if files:
-        for side in (first, second):
-            if side.image is None:
-                raise InputError(f"diff --files: {side.label}: its image file is not there")
+        image_a, image_b = _image_for_files(first), _image_for_files(second)
         runner = runner or Runner()
         tree_diff = compare_trees(
-            tree(first.image, first.identifier, runner), tree(second.image, second.identifier, runner)
+            tree(image_a, first.identifier, runner), tree(image_b, second.identifier, runner)
         )
     return compare(first, second, tree_diff)
 
 
-def summary(previous_record: dict, new_record: dict) -> str:
+def _image_for_files(side: Side) -> Path:
+    if side.image is None:
+        raise InputError(f"diff --files: {side.label}: its image file is not there")
+    return side.image
+
+
+def summary(previous_record: dict[str, Any], new_record: dict[str, Any]) -> str:
     """What `stage4 export` prints: the new revision against the previous one of the name."""
     return text(
         compare(
@@ -252,39 +319,37 @@ def summary(previous_record: dict, new_record: dict) -> str:
 # --- root filesystems ---------------------------------------------------------------------------------------
 
 
-def tree(image: Path, identifier: str | None, runner: Runner) -> dict[str, dict]:
+def tree(image: Path, identifier: str | None, runner: Runner) -> dict[str, TreeEntry]:
     """Every path of the image's root filesystem -> type, mode, size and sha256 (or symlink target)."""
     with _mounted_root(image, identifier, runner) as root:
-        found: dict[str, dict] = {}
+        found: dict[str, TreeEntry] = {}
         for folder, dirs, names in os.walk(root):
             for name in (*dirs, *names):
                 path = Path(folder) / name
                 facts = os.lstat(path)
-                entry = {
+                entry: TreeEntry = {
                     "mode": f"{stat.S_IMODE(facts.st_mode):04o}",
                     "uid": facts.st_uid,
                     "gid": facts.st_gid,
                 }
                 if stat.S_ISREG(facts.st_mode):
                     with path.open("rb") as handle:
-                        entry |= {
-                            "type": "file",
-                            "size": facts.st_size,
-                            "sha256": hashlib.file_digest(handle, "sha256").hexdigest(),
-                        }
+                        entry["type"] = "file"
+                        entry["size"] = facts.st_size
+                        entry["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
                 elif stat.S_ISLNK(facts.st_mode):
-                    entry |= {"type": "symlink", "target": os.readlink(path)}
+                    entry["type"], entry["target"] = "symlink", os.readlink(path)
                 elif stat.S_ISDIR(facts.st_mode):
-                    entry |= {"type": "dir"}
+                    entry["type"] = "dir"
                 else:
-                    entry |= {"type": "special", "rdev": facts.st_rdev}
+                    entry["type"], entry["rdev"] = "special", facts.st_rdev
                 found["/" + str(path.relative_to(root))] = entry
         found.pop("/lost+found", None)
         return found
 
 
-def compare_trees(a: dict[str, dict], b: dict[str, dict]) -> dict:
-    changed = {}
+def compare_trees(a: Mapping[str, TreeEntry], b: Mapping[str, TreeEntry]) -> TreeDiff:
+    changed: dict[str, list[str]] = {}
     for path in sorted(a.keys() & b.keys()):
         if a[path] != b[path]:
             changed[path] = sorted(
@@ -316,25 +381,25 @@ def _items(values: list[str] | None) -> str:
     return "unknown" if values is None else (", ".join(values) or "none")
 
 
-def text(found: dict) -> str:
+def text(found: DiffResult) -> str:
     """The diff for people: one section per kind of fact, unchanged ones in one line."""
     lines = [f"a: {found['a']['what']}", f"b: {found['b']['what']}"]
     for layer, pair in found["identities"].items():
         a, b = (pair["a"] or "-")[:16], (pair["b"] or "-")[:16]
         lines.append(f"{layer} identity: {a} -> {b}" if pair["changed"] else f"{layer} identity: {a} (same)")
-    for key, title in (
-        ("kernel", "kernel"),
-        ("dracut_modules", "initramfs dracut modules"),
-        ("kernel_modules", "extra kernel modules"),
-        ("kernel_hold", "held packages"),
-    ):
-        pair = found[key]
-        if pair["a"] is None and pair["b"] is None:
+    lists: list[tuple[Pair[list[str]] | Pair[list[str] | None], str]] = [
+        (found["kernel"], "kernel"),
+        (found["dracut_modules"], "initramfs dracut modules"),
+        (found["kernel_modules"], "extra kernel modules"),
+        (found["kernel_hold"], "held packages"),
+    ]
+    for values, title in lists:
+        if values["a"] is None and values["b"] is None:
             continue
         lines.append(
-            f"{title}: {_items(pair['a'])} -> {_items(pair['b'])}"
-            if pair["changed"]
-            else f"{title}: {_items(pair['a'])} (same)"
+            f"{title}: {_items(values['a'])} -> {_items(values['b'])}"
+            if values["changed"]
+            else f"{title}: {_items(values['a'])} (same)"
         )
     packages = found["packages"]
     if packages is None:
@@ -349,14 +414,13 @@ def text(found: dict) -> str:
         lines += [f"  ~ {name} {v['a']} -> {v['b']}" for name, v in packages["changed"].items()]
     for key, title in (("size", "image size"), ("virtual_size", "virtual size")):
         if key in found["sizes"]:
-            pair = found["sizes"][key]
-            if not pair["changed"]:
-                lines.append(f"{title}: {_size(pair['a'])} (same)")
+            sizes = found["sizes"][key]
+            size_a, size_b = sizes["a"], sizes["b"]
+            if not sizes["changed"]:
+                lines.append(f"{title}: {_size(size_a)} (same)")
                 continue
-            delta = (
-                "" if None in (pair["a"], pair["b"]) else f" ({(pair['b'] - pair['a']) / (1 << 20):+.1f} MiB)"
-            )
-            lines.append(f"{title}: {_size(pair['a'])} -> {_size(pair['b'])}{delta}")
+            delta = "" if size_a is None or size_b is None else f" ({(size_b - size_a) / (1 << 20):+.1f} MiB)"
+            lines.append(f"{title}: {_size(size_a)} -> {_size(size_b)}{delta}")
     if "files" in found:
         files = found["files"]
         lines.append(

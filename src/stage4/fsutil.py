@@ -10,6 +10,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypedDict
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -20,7 +21,14 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_facts(folder: Path, *relatives: str) -> dict[str, dict]:
+class FileFacts(TypedDict):
+    """A file's entry in a manifest's `files`."""
+
+    size: int
+    sha256: str
+
+
+def file_facts(folder: Path, *relatives: str) -> dict[str, FileFacts]:
     """The `files` entry of a manifest: size and sha256 of each file, relative to `folder`."""
     return {
         rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in relatives

@@ -8,7 +8,9 @@ writes them (one writer, `write`), and the pipeline, `stage4 diff`, export and t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from stage4.fsutil import write_json_atomically
 
@@ -25,19 +27,24 @@ def beside(image: Path) -> Path:
     return Path(image).with_suffix(".json")
 
 
-def read(path: Path) -> dict | None:
+# A manifest is free-form JSON: each step adds its own facts.
+Manifest = dict[str, Any]
+
+
+def read(path: Path) -> Manifest | None:
     """The manifest at `path`, or None where there is none or it is not readable JSON."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        manifest: Manifest | None = json.loads(Path(path).read_text(encoding="utf-8"))
+        return manifest
     except (OSError, ValueError):
         return None
 
 
-def of_image(image: Path) -> dict:
+def of_image(image: Path) -> Manifest:
     """The manifest that describes `image` ({} where none beside it names the file)."""
     manifest = read(beside(image)) or {}
     return manifest if manifest.get("image", {}).get("file") == Path(image).name else {}
 
 
-def write(path: Path, manifest: dict) -> None:
+def write(path: Path, manifest: Mapping[str, object]) -> None:
     write_json_atomically(path, manifest)

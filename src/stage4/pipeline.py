@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stage4 import __version__, workdirs
 from stage4 import manifest as manifests
@@ -35,13 +36,14 @@ from stage4.layers import dev, prod
 @dataclass
 class StepResult:
     step: str
-    manifest: dict
+    manifest: dict[str, Any]
     reused: bool
     image_dir: Path
 
     @property
     def identity(self) -> str:
-        return self.manifest["identity"]
+        identity: str = self.manifest["identity"]
+        return identity
 
     @property
     def image(self) -> Path | None:
@@ -61,10 +63,14 @@ class ImageResult:
 
     @property
     def image(self) -> Path:
-        return self.last.image
+        # The last step of every image (base or prod) has an image file; its manifest names it.
+        image = self.last.image
+        if image is None:
+            raise ValueError(f"{self.name}: the manifest of step {self.last.step} names no image")
+        return image
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         return self.last.manifest
 
     @property
@@ -84,7 +90,7 @@ class ImageResult:
         return self.steps["base"]
 
     @property
-    def dev_manifest(self) -> dict:
+    def dev_manifest(self) -> dict[str, Any]:
         return self.steps["dev"].manifest if "dev" in self.steps else {}
 
     @property
@@ -106,11 +112,11 @@ class Step:
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         raise NotImplementedError
 
-    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict:
+    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict[str, Any]:
         """Build the step's files into the image folder; returns the step's part of its manifest."""
         raise NotImplementedError
 
-    def current(self, ctx: Context, identity: str) -> dict | None:
+    def current(self, ctx: Context, identity: str) -> dict[str, Any] | None:
         """The stored manifest if it has this identity and every file it lists is intact."""
         manifest = manifests.read(ctx.image_dir / self.manifest_file)
         if not manifest or manifest.get("identity") != identity:
@@ -132,7 +138,7 @@ class BaseStep(Step):
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         return base_image.identity(ctx)
 
-    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict:
+    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict[str, Any]:
         return base_image.build(ctx, identity)
 
 
@@ -142,10 +148,10 @@ class DevStep(Step):
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         return dev.identity(ctx.image, _parent(done, "base"))
 
-    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict:
+    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict[str, Any]:
         return dev.build(ctx, identity, done["base"].manifest)
 
-    def current(self, ctx: Context, identity: str) -> dict | None:
+    def current(self, ctx: Context, identity: str) -> dict[str, Any] | None:
         if ctx.keep_dev and not (ctx.image_dir / dev.DEV_IMAGE).is_file():
             return None  # asked to keep the dev layer, which was thrown away: build it again
         return super().current(ctx, identity)
@@ -157,7 +163,7 @@ class ProdStep(Step):
     def identity(self, ctx: Context, done: dict[str, StepResult]) -> str:
         return prod.identity(ctx.image, _parent(done, "base"), _parent(done, "dev"))
 
-    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict:
+    def run(self, ctx: Context, identity: str, done: dict[str, StepResult]) -> dict[str, Any]:
         return prod.build(ctx, identity, done["base"].manifest, done["dev"].manifest)
 
 
@@ -197,7 +203,7 @@ class LayerStatus:
     size: int | None
     state: str  # what is cached: 'cached, up to date', 'stale (inputs changed)', 'not built', ...
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "identity": self.identity,
@@ -246,7 +252,9 @@ def status(ctx: Context) -> list[LayerStatus]:
     return found
 
 
-def write_manifest(ctx: Context, step: Step, identity: str, parent: str | None, body: dict) -> dict:
+def write_manifest(
+    ctx: Context, step: Step, identity: str, parent: str | None, body: dict[str, Any]
+) -> dict[str, Any]:
     """The one manifest writer: what every step's manifest shares, then the step's own facts."""
     manifest = {
         "kind": step.name,
@@ -263,7 +271,7 @@ def write_manifest(ctx: Context, step: Step, identity: str, parent: str | None, 
     return manifest
 
 
-def _parent(done: dict[str, StepResult], name: str) -> dict:
+def _parent(done: dict[str, StepResult], name: str) -> dict[str, Any]:
     if name not in done:
         raise ParentMissing(name)
     return done[name].manifest

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from stage4 import attachments
 from stage4.errors import Interrupted, StepFailed
@@ -33,7 +34,7 @@ from stage4.ui import Display
 TERMINATE_GRACE_SECONDS = 20
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-_guardian: subprocess.Popen | None = None
+_guardian: subprocess.Popen[bytes] | None = None
 
 
 @dataclass
@@ -48,8 +49,8 @@ class Process:
     """A command running in the background (qemu, a storage daemon), stopped on exit of its context."""
 
     argv: list[str]
-    popen: subprocess.Popen
-    lines: deque = field(default_factory=lambda: deque(maxlen=200))
+    popen: subprocess.Popen[bytes]
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     _listeners: list[Callable[[str], None]] = field(default_factory=list)
 
     def running(self) -> bool:
@@ -67,6 +68,12 @@ def install_signal_handlers() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
+    """A child's stream that was opened with PIPE (so it is never None)."""
+    assert stream is not None
+    return stream
 
 
 def _die_with_parent() -> Callable[[], None]:
@@ -92,13 +99,14 @@ def _guard(line: str) -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+    stdin = _pipe(_guardian.stdin)
     with contextlib.suppress(BrokenPipeError):
-        _guardian.stdin.write(f"{line}\n".encode())
-        _guardian.stdin.flush()
+        stdin.write(f"{line}\n".encode())
+        stdin.flush()
 
 
 def _stop_group(
-    popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = TERMINATE_GRACE_SECONDS
+    popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = TERMINATE_GRACE_SECONDS
 ) -> None:
     """Stop a child and everything it started; escalate to SIGKILL after `grace` seconds."""
     if popen.poll() is not None:
@@ -133,20 +141,33 @@ class Runner:
         if self._recording:
             attachments.note(self._recording[-1], what, **facts)
 
-    def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
+    def _popen(
+        self,
+        args: list[str],
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        env: Mapping[str, str] | None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         # preexec_fn only calls prctl (no allocation, no locks), so the reader threads cannot deadlock it.
         popen = subprocess.Popen(
             args,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent(),
-            **kwargs,
         )
         _guard(f"+{popen.pid}")
         if self._recording:
             attachments.note_process(self._recording[-1], popen.pid, args)
         return popen
 
-    def _reaped(self, popen: subprocess.Popen) -> None:
+    def _reaped(self, popen: subprocess.Popen[bytes]) -> None:
         if popen.returncode is not None:
             _guard(f"-{popen.pid}")
 
@@ -156,11 +177,11 @@ class Runner:
 
     def run(
         self,
-        argv: Sequence[str | os.PathLike],
+        argv: Sequence[str | os.PathLike[str]],
         *,
         step: str,
         env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         input: bytes | None = None,
         capture: bool = False,
         check: bool = True,
@@ -181,22 +202,23 @@ class Runner:
             )
         except FileNotFoundError as exc:
             raise StepFailed(step, f"command not found: {args[0]} (run ./install.sh)") from exc
+        stdout_pipe, stderr_pipe = _pipe(popen.stdout), _pipe(popen.stderr)
         tail: deque[str] = deque(maxlen=15)
         captured: list[bytes] = []
 
         def pump_stderr() -> None:
-            for raw in popen.stderr:
+            for raw in stderr_pipe:
                 line = raw.decode(errors="replace")
                 tail.append(line.rstrip())
                 self.display.output(line)
 
         readers = [threading.Thread(target=pump_stderr, daemon=True)]
         if capture:
-            readers.append(threading.Thread(target=lambda: captured.append(popen.stdout.read()), daemon=True))
+            readers.append(threading.Thread(target=lambda: captured.append(stdout_pipe.read()), daemon=True))
         else:
 
             def pump_stdout() -> None:
-                for raw in popen.stdout:
+                for raw in stdout_pipe:
                     line = raw.decode(errors="replace")
                     tail.append(line.rstrip())
                     self.display.output(line)
@@ -207,8 +229,9 @@ class Runner:
         try:
             if input is not None:
                 with contextlib.suppress(BrokenPipeError):
-                    popen.stdin.write(input)
-                    popen.stdin.close()
+                    stdin_pipe = _pipe(popen.stdin)
+                    stdin_pipe.write(input)
+                    stdin_pipe.close()
             popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop_group(popen)
@@ -235,7 +258,7 @@ class Runner:
     @contextlib.contextmanager
     def background(
         self,
-        argv: Sequence[str | os.PathLike],
+        argv: Sequence[str | os.PathLike[str]],
         *,
         step: str,
         env: Mapping[str, str] | None = None,
@@ -260,8 +283,10 @@ class Runner:
         if on_line is not None:
             process.on_line(on_line)
 
+        stdout_pipe = _pipe(popen.stdout)
+
         def pump() -> None:
-            for raw in popen.stdout:
+            for raw in stdout_pipe:
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 process.lines.append(line)
                 self.display.output(line)

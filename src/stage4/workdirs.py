@@ -27,9 +27,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from stage4.attachments import Owner, open_scopes, process_start, read_records
+from stage4.attachments import Owner, Record, open_scopes, process_start, read_records
 from stage4.fsutil import exclusive_lock, remove_tree, write_json_atomically
 
 if TYPE_CHECKING:
@@ -100,10 +100,11 @@ def try_image_lock(cache_dir: Path, image: str) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _dead_owner(cache_dir: Path, image: str) -> dict | None:
+def _dead_owner(cache_dir: Path, image: str) -> dict[str, Any] | None:
     """The owner record of the image's last build if that build was killed (it never removed it)."""
     try:
-        data = json.loads(owner_record(cache_dir, image).read_text(encoding="utf-8"))
+        # Free-form JSON read back from disk (written by image_build; a killed build may have left anything).
+        data: dict[str, Any] = json.loads(owner_record(cache_dir, image).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     owner = Owner.from_record(data)
@@ -199,7 +200,7 @@ def clean(
     return report
 
 
-def release(work: Path, records: list[dict], runner: Runner, state: str) -> Freed:
+def release(work: Path, records: list[Record], runner: Runner, state: str) -> Freed:
     """End the processes of `work`, unmount and detach what is attached below it, and remove it."""
     work = work.resolve()
     end_processes(work, records)
@@ -228,25 +229,20 @@ def _unmount(target: str, runner: Runner, step: str) -> None:
         runner.run(["umount", "--lazy", target], step=step, check=False)
 
 
-def end_processes(work: Path, records: list[dict]) -> list[int]:
+def end_processes(work: Path, records: list[Record]) -> list[int]:
     """SIGKILL every process of `work` and wait until they are gone; returns their PIDs.
 
     Recorded processes count if their start time still matches, with the members of their process groups
     (stage4 starts each command in its own group); any process whose root (a chroot), working directory or
     open files are below `work` counts too.
     """
-    groups = set()
+    groups: set[int] = set()
     for record in records:
-        if (
-            record.get("what") == "process"
-            and isinstance(record.get("pid"), int)
-            and record.get("start") is not None
-        ):
-            leader = Owner.of(record["pid"])
+        pid = record.get("pid")
+        if record.get("what") == "process" and isinstance(pid, int) and record.get("start") is not None:
+            leader = Owner.of(pid)
             if leader is None or leader.start == record["start"]:
-                groups.add(
-                    record["pid"]
-                )  # the group is ours unless its leader's PID now names a later process
+                groups.add(pid)  # the group is ours unless its leader's PID now names a later process
     me = os.getpid()
     victims = [pid for pid in _pids() if pid != me and (_group(pid) in groups or _uses(pid, work))]
     for pid in victims:
@@ -300,7 +296,7 @@ def mounts_in_order(work: Path) -> list[tuple[str, str, str]]:
     return found[::-1]
 
 
-def loop_devices(work: Path, records: list[dict]) -> set[str]:
+def loop_devices(work: Path, records: list[Record]) -> set[str]:
     """Loop devices whose backing file is below `work` (recorded or not: a kill can come before the record),
     and recorded ones whose backing file lost its name (its FUSE export is gone) with the recorded
     geometry."""

@@ -50,7 +50,8 @@ class Relay:
 
     @property
     def port(self) -> int:
-        return self._listener.getsockname()[1]
+        port: int = self._listener.getsockname()[1]
+        return port
 
     def start(self) -> Relay:
         self._thread.start()

@@ -104,7 +104,7 @@ def parse_ipxe(text: str, source: str = "ipxe entry") -> IpxeEntry:
 def substitute(text: str, variables: dict[str, str]) -> str:
     """iPXE's ${name} settings, as iPXE expands them; an unknown one is an error, not an empty string."""
 
-    def value(match: re.Match) -> str:
+    def value(match: re.Match[str]) -> str:
         if match[1] not in variables:
             raise InputError(f"iPXE entry uses ${{{match[1]}}}, which a client's menu does not set")
         return variables[match[1]]
@@ -218,7 +218,7 @@ def check_root(facts: dict[str, str], name: str, rid: int) -> str:
     slaves = [s for s in facts.get("slaves", "").split(",") if s]
     origin = next((s for s in slaves if re.match(r"^xloop\d+p\d+$", s)), None)
     ram = next((s for s in slaves if re.match(r"^(zram|ram)\d+$", s)), None)
-    loop = re.sub(r"p\d+$", "", origin) if origin else None
+    loop = re.sub(r"p\d+$", "", origin) if origin else ""  # only looked at when there is an origin
     problems = []
     if not facts:
         problems.append("the image printed no STAGE4-ROOT line (its marker script is older than netboot)")

@@ -46,7 +46,8 @@ class BootSpec:
     timeout: float = 600
     firmware: str = "bios"
     nic: str = "user,model=virtio-net-pci"  # the -nic option (a network boot adds its forwards)
-    fail_on: re.Pattern | None = None  # a console line that ends the boot as failed (e.g. the initramfs's)
+    # a console line that ends the boot as failed (e.g. the initramfs's)
+    fail_on: re.Pattern[str] | None = None
     on_marker: Callable[[], None] | None = None  # called the moment the marker is seen
     screenshot: Path | None = None  # a PNG of the display manager's screen, taken instead of the poweroff
 

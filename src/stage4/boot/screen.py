@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -40,22 +41,23 @@ class Qmp:
         self._reply()  # the greeting
         self.command("qmp_capabilities")
 
-    def _reply(self) -> dict:
+    def _reply(self) -> dict[str, Any]:
         while True:
             line = self.stream.readline()
             if not line:
                 raise ConnectionError("qemu closed the QMP socket")
-            message = json.loads(line)
+            message: dict[str, Any] = json.loads(line)  # a QMP message: a JSON object
             if "event" not in message:
                 return message
 
-    def command(self, name: str, **arguments) -> dict:
+    def command(self, name: str, **arguments: object) -> dict[str, Any]:
         self.stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
         self.stream.flush()
         reply = self._reply()
         if "error" in reply:
             raise StepFailed("screenshot", f"qemu refused {name}: {reply['error'].get('desc', reply)}")
-        return reply.get("return", {})
+        result: dict[str, Any] = reply.get("return", {})
+        return result
 
     def close(self) -> None:
         self.stream.close()

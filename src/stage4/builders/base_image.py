@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NotRequired, TypedDict
 
 from stage4 import distributions
 from stage4.builders import bootstrap, disk, grub, initramfs, packer, packer_iso, packer_run, packer_template
@@ -42,6 +42,23 @@ ROOT_OVERHEAD = 1.15
 ROOT_SLACK = 128 << 20
 
 
+class PartitionFacts(TypedDict):
+    number: int
+    name: str
+    type: str  # GPT type GUID
+    start: int  # bytes
+    size: int  # bytes
+
+
+class DiskFacts(TypedDict):
+    """What the base's manifest tells of the system on the disk."""
+
+    kernel_versions: list[str]
+    packages: dict[str, str] | None  # name -> version; None: not read back (installer-built images)
+    partitions: list[PartitionFacts]
+    rootfs_bytes: NotRequired[int]  # the bootstrapped tree's size
+
+
 def bootstrap_plan(ctx: Context) -> bootstrap.BootstrapPlan:
     distribution = distributions.get(ctx.image.distribution)
     if not issubclass(distribution, AptDistribution) or not distribution.bootstrappable:
@@ -61,8 +78,9 @@ def bootstrap_plan(ctx: Context) -> bootstrap.BootstrapPlan:
     )
 
 
-def identity_inputs(ctx: Context) -> dict:
+def identity_inputs(ctx: Context) -> dict[str, object]:
     image = ctx.image
+    inputs: dict[str, object]
     if image.builder is BuilderKind.packer:
         inputs = {
             "builder": "packer",
@@ -91,7 +109,7 @@ def identity(ctx: Context) -> str:
     )
 
 
-def build(ctx: Context, base_id: str) -> dict:
+def build(ctx: Context, base_id: str) -> dict[str, object]:
     """Build the base into the image folder; returns the base's part of its manifest."""
     display = ctx.runner.display
     timings: dict[str, float] = {}
@@ -155,7 +173,9 @@ def _bootstrap_work_dir(ctx: Context) -> Path:
     return work
 
 
-def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, float]) -> tuple[Path, dict]:
+def _bootstrap_base(
+    ctx: Context, base_id: str, work: Path, timings: dict[str, float]
+) -> tuple[Path, DiskFacts]:
     plan, display = bootstrap_plan(ctx), ctx.runner.display
     rootfs, raw = work / "rootfs", work / "disk.raw"
     layout = disk.DiskLayout.plan(ctx.machine.disk_size, plan.identifier)
@@ -189,7 +209,7 @@ def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, f
             disk.write_esp(layout, raw, efi, work, ctx.runner)
             grub.embed_bios(layout, raw, work, plan.identifier, ctx.runner)
         disk_stamp.write_text(base_id)
-    facts = {
+    facts: DiskFacts = {
         "kernel_versions": kernels,
         "packages": bootstrap.installed_packages(rootfs, ctx.runner),
         "partitions": [
@@ -201,7 +221,7 @@ def _bootstrap_base(ctx: Context, base_id: str, work: Path, timings: dict[str, f
     return raw, facts
 
 
-def _packer_base(ctx: Context, base_id: str, work: Path, timings: dict[str, float]) -> tuple[Path, dict]:
+def _packer_base(ctx: Context, base_id: str, work: Path, timings: dict[str, float]) -> tuple[Path, DiskFacts]:
     """An installer run under Packer; the result must pass the Stage4 checks before it is published."""
     accelerator = accel.choose(ctx.machine.accelerator.value, None, ctx.runner, ctx.cache_dir)
     with (
@@ -229,7 +249,7 @@ def _packer_base(ctx: Context, base_id: str, work: Path, timings: dict[str, floa
         raise StepFailed(
             f"{ctx.name}: Stage4 checks of the installed image", "; ".join(failed), ctx.runner.log_path
         )
-    facts = {
+    facts: DiskFacts = {
         "kernel_versions": sorted(report.kernels),
         "packages": None,  # not read back from installer-built images yet
         "partitions": [

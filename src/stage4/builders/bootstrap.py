@@ -95,7 +95,7 @@ class BootstrapPlan:
     def sources(self) -> list[str]:
         return self.distribution.sources(self.mirror)
 
-    def tree_inputs(self) -> dict:
+    def tree_inputs(self) -> dict[str, object]:
         """What the root file system tree depends on."""
         return {
             "distribution": self.distribution.name,
@@ -105,7 +105,7 @@ class BootstrapPlan:
             "hostname": self.hostname,
         }
 
-    def identity_inputs(self) -> dict:
+    def identity_inputs(self) -> dict[str, object]:
         return {**self.tree_inputs(), "filesystem": self.filesystem, "identifier": self.identifier}
 
 

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 # dracut's own compression (gzip -9, one core) is 90 % of its time; the image is compressed on the host
 # instead, with multi-threaded zstd (smaller, and Debian's and Ubuntu's kernels read it). No early
@@ -49,8 +50,19 @@ LISTING_LINE = re.compile(
 )
 
 
+class KeyInputs(TypedDict):
+    """What an initramfs's cache key is made of (kept beside the cached image)."""
+
+    kernel: str
+    dracut: tuple[str, ...]
+    packages: dict[str, str]  # package -> version
+    unowned: dict[str, str]  # path -> sha256 of its content
+    recipe: str  # sha256 of this file
+
+
 def _installed(root: Path) -> dict[str, str]:
-    versions, fields = {}, {}
+    versions: dict[str, str] = {}
+    fields: dict[str, str] = {}
     for line in (root / "var/lib/dpkg/status").read_text(encoding="utf-8", errors="replace").splitlines() + [
         ""
     ]:
@@ -87,7 +99,7 @@ def _merged_usr(path: str) -> str:
     return path
 
 
-def key_for(root: Path, kernel_version: str, contents: list[str]) -> tuple[str, dict]:
+def key_for(root: Path, kernel_version: str, contents: list[str]) -> tuple[str, KeyInputs]:
     """The key of an initramfs with these `contents` (paths inside it), built from this tree, and its
     inputs."""
     wanted = {_merged_usr("/" + path.lstrip("./")) for path in contents}
@@ -107,7 +119,7 @@ def key_for(root: Path, kernel_version: str, contents: list[str]) -> tuple[str, 
         if full.is_file() and not full.is_symlink():
             unowned[path] = hashlib.sha256(full.read_bytes()).hexdigest()
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    data = {
+    data: KeyInputs = {
         "kernel": kernel_version,
         "dracut": DRACUT_ARGS,
         "packages": relevant,
@@ -148,8 +160,8 @@ def provide(root: Path, cache: Path, kernel_version: str) -> str:
     key, inputs = key_for(root, kernel_version, contents)
     entries.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(target, entries / f"{key[:16]}.img")
-    record = {"key": key, "contents": contents, "inputs": inputs}
-    (entries / f"{key[:16]}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    stored = {"key": key, "contents": contents, "inputs": inputs}
+    (entries / f"{key[:16]}.json").write_text(json.dumps(stored, indent=1), encoding="utf-8")
     for old in sorted(entries.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_PER_KERNEL]:
         old.unlink()
         old.with_suffix(".img").unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from stage4.builders import packer_template
 from stage4.builders.credentials import BuildCredentials
 from stage4.builders.packer_iso import resolve_iso
 from stage4.builders.packer_template import (
+    Setting,
     TemplatePath,
     Var,
     Variable,
@@ -142,7 +144,7 @@ def accelerator_value(accelerator: str) -> str:
     return "" if accelerator in ("", "auto") else accelerator
 
 
-def base_values(machine: MachineConfig, ssh_timeout: str | None = None) -> dict[str, object]:
+def base_values(machine: MachineConfig, ssh_timeout: str | None = None) -> dict[str, Setting]:
     """The shared VM settings (base.json, [machine]): the role the original design gave base.json. The SSH
     timeout only when given (a layer's run): for installer runs it is each image's installer_timeout, so
     render_tree makes it a default in each template."""
@@ -157,7 +159,9 @@ def base_values(machine: MachineConfig, ssh_timeout: str | None = None) -> dict[
     }
 
 
-def _variables(base: dict[str, object], iso_url: str, iso_checksum: str, ssh_timeout: str) -> list[Variable]:
+def _variables(
+    base: Mapping[str, Setting], iso_url: str, iso_checksum: str, ssh_timeout: str
+) -> list[Variable]:
     descriptions = {
         "cpus": ("number", "virtual CPUs of the installer VM"),
         "memory": ("number", "memory of the installer VM in MiB"),
@@ -182,10 +186,10 @@ def _variables(base: dict[str, object], iso_url: str, iso_checksum: str, ssh_tim
     return variables
 
 
-def builder_settings(dist: type[distributions.Distribution], stem: str, efi: bool) -> dict[str, object]:
+def builder_settings(dist: type[distributions.Distribution], stem: str, efi: bool) -> dict[str, Setting]:
     """The one description of the qemu builder that both template formats are written from."""
     http_url = f"http://{{{{ .HTTPIP }}}}:{{{{ .HTTPPort }}}}/{dist.name}"
-    qemuargs: list[list[object]] = [["-cpu", Var("cpu_model")]]
+    qemuargs: list[list[Setting]] = [["-cpu", Var("cpu_model")]]
     if efi:
         # Packer 1.6.x has no efi_boot; OVMF as -bios works on every version (NVRAM is not kept).
         qemuargs.append(["-bios", OVMF])

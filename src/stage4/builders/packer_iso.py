@@ -74,11 +74,8 @@ def resolve_iso(
         raise InputError(f"{dist.name}: give the checksum of {iso} (sha256:<hex> or a checksum file)")
 
     literal = _literal_checksum(checksum)
-    sums_source = None
-    if literal is None:
-        sums_source = checksum[5:] if checksum.startswith("file:") else checksum
-        if sums_source.startswith("file://"):
-            sums_source = sums_source[7:]
+    # Where the checksum file is (a URL or a local path), used when the checksum is no literal digest.
+    sums_source = checksum.removeprefix("file:").removeprefix("file://")
 
     if _is_url(iso):
         if literal:

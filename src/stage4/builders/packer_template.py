@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeAlias
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,21 @@ class TemplatePath:
     relative: str
 
 
+# A value of the builder's settings, of a provisioner or of a variable, as both formats can write it.
+Setting: TypeAlias = (
+    "str | int | float | bool | Var | TemplatePath | Sequence[Setting] | Mapping[str, Setting]"
+)
+
+
 @dataclass(frozen=True)
 class Variable:
     name: str
     type: str  # "string", "number" or "bool"
-    default: Any
+    default: Setting
     description: str
 
 
-def variables(values: dict[str, Any], described: dict[str, tuple[str, str]]) -> list[Variable]:
+def variables(values: Mapping[str, Setting], described: Mapping[str, tuple[str, str]]) -> list[Variable]:
     """Template variables with their values, from a table of name -> (type, description)."""
     return [Variable(name, described[name][0], value, described[name][1]) for name, value in values.items()]
 
@@ -43,7 +50,7 @@ def variables(values: dict[str, Any], described: dict[str, tuple[str, str]]) -> 
 # ----- JSON (legacy) ------------------------------------------------------------------------------
 
 
-def _json_value(value: Any) -> Any:
+def _json_value(value: Setting) -> object:
     if isinstance(value, Var):
         return "{{user `" + value.name + "`}}"
     if isinstance(value, TemplatePath):
@@ -55,7 +62,7 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def legacy_string(value: Any) -> str:
+def legacy_string(value: Setting) -> str:
     """Legacy JSON user variables (and var files) hold strings only."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -63,12 +70,12 @@ def legacy_string(value: Any) -> str:
 
 
 def to_json(
-    builder: dict[str, Any],
+    builder: Mapping[str, Setting],
     variables: list[Variable],
     description: str,
-    provisioners: list[dict[str, Any]] = (),
+    provisioners: Sequence[Mapping[str, Setting]] = (),
 ) -> str:
-    template = {
+    template: dict[str, object] = {
         "description": description,
         "variables": {variable.name: legacy_string(variable.default) for variable in variables},
         "builders": [_json_value(builder)],
@@ -78,7 +85,7 @@ def to_json(
     return json.dumps(template, indent=2) + "\n"
 
 
-def var_file_json(values: dict[str, Any]) -> str:
+def var_file_json(values: Mapping[str, Setting]) -> str:
     return json.dumps({key: legacy_string(value) for key, value in values.items()}, indent=2) + "\n"
 
 
@@ -101,7 +108,7 @@ def hcl_string(text: str) -> str:
     return f'"{escaped}"'
 
 
-def _hcl_value(value: Any, indent: str, top: bool = False) -> str:
+def _hcl_value(value: Setting, indent: str, top: bool = False) -> str:
     if isinstance(value, Var):
         return f"var.{value.name}"
     if isinstance(value, TemplatePath):
@@ -114,19 +121,15 @@ def _hcl_value(value: Any, indent: str, top: bool = False) -> str:
         return hcl_string(value)
     if isinstance(value, list | tuple):
         # A long list of strings (a boot command) gets one item per line; everything else stays inline.
-        if (
-            top
-            and len(value) > 1
-            and all(isinstance(item, str) for item in value)
-            and sum(map(len, value)) > 60
-        ):
+        strings = [item for item in value if isinstance(item, str)]
+        if top and len(value) > 1 and len(strings) == len(value) and sum(map(len, strings)) > 60:
             inner = indent + "  "
             return "[\n" + "".join(f"{inner}{_hcl_value(item, inner)},\n" for item in value) + indent + "]"
         return "[" + ", ".join(_hcl_value(item, indent) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as HCL2")
 
 
-def _attributes(settings: dict[str, Any], indent: str) -> str:
+def _attributes(settings: Mapping[str, Setting], indent: str) -> str:
     width = max(len(key) for key in settings)
     return "".join(
         f"{indent}{key.ljust(width)} = {_hcl_value(value, indent, top=True)}\n"
@@ -135,11 +138,11 @@ def _attributes(settings: dict[str, Any], indent: str) -> str:
 
 
 def to_hcl(
-    builder: dict[str, Any],
+    builder: Mapping[str, Setting],
     variables: list[Variable],
     source_name: str,
     description: str,
-    provisioners: list[dict[str, Any]] = (),
+    provisioners: Sequence[Mapping[str, Setting]] = (),
 ) -> str:
     """An HCL2 template: the variables, one `source "qemu"` block and a build of it (with `provisioners`,
     each a dict with its "type", in order).
@@ -170,6 +173,6 @@ def to_hcl(
     return "".join(blocks)
 
 
-def var_file_hcl(values: dict[str, Any]) -> str:
+def var_file_hcl(values: Mapping[str, Setting]) -> str:
     width = max(len(key) for key in values)
     return "".join(f"{key.ljust(width)} = {_hcl_value(value, '')}\n" for key, value in values.items())

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from stage4 import api
 from stage4.workdirs import readable_size
+
+if TYPE_CHECKING:
+    from stage4.cli import CliSettings
 
 
 @click.command("clean")
@@ -20,7 +24,7 @@ from stage4.workdirs import readable_size
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
-def clean(obj, images: tuple[str, ...], cache: bool, as_json: bool) -> None:
+def clean(obj: CliSettings, images: tuple[str, ...], cache: bool, as_json: bool) -> None:
     """Remove the work directories of IMAGES (default: every image with some in the cache).
 
     A build killed outright (SIGKILL, the OOM killer) can leave processes, mounts, loop devices and its work
@@ -50,4 +54,4 @@ def clean(obj, images: tuple[str, ...], cache: bool, as_json: bool) -> None:
     click.echo(f"freed {report.bytes} bytes ({readable_size(report.bytes)})")
 
 
-COMMANDS: list = [clean]
+COMMANDS: list[click.Command] = [clean]

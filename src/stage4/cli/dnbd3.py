@@ -309,4 +309,4 @@ def get(server: str, name: str, rid: str | None, output: Path, timeout: float) -
     click.echo(f"{name}:{got_rid}: {size} bytes to {output} (sha256 {sha256})")
 
 
-COMMANDS: list = [serve, revisions, prune, dnbd3_group]
+COMMANDS: list[click.Command] = [serve, revisions, prune, dnbd3_group]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from stage4 import api
+
+if TYPE_CHECKING:
+    from stage4.cli import CliSettings
 
 
 @click.command()
@@ -82,7 +86,7 @@ from stage4 import api
 @click.option("--json", "as_json", is_flag=True, help="print the publication record as JSON")
 @click.pass_obj
 def export(
-    obj,
+    obj: CliSettings | None,
     image: Path,
     store: str,
     ssh_options: tuple[str, ...],
@@ -148,4 +152,4 @@ def export(
             click.echo(f"changes against the previous revision:\n{changes}")
 
 
-COMMANDS: list = [export]
+COMMANDS: list[click.Command] = [export]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from stage4.dnbd3.store import parse_rid
+
+if TYPE_CHECKING:
+    from stage4.cli import CliSettings
 
 
 @click.command()
@@ -44,7 +48,7 @@ from stage4.dnbd3.store import parse_rid
 )
 @click.pass_obj
 def netboot(
-    obj,
+    obj: CliSettings,
     store: Path,
     name: str,
     rid: str | None,
@@ -89,4 +93,4 @@ def netboot(
     click.echo(f"  serial log: {result.serial_log}")
 
 
-COMMANDS: list = [netboot]
+COMMANDS: list[click.Command] = [netboot]

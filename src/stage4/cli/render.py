@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from stage4 import api
+
+if TYPE_CHECKING:
+    from stage4.cli import CliSettings
 
 
 @click.command("render")
@@ -55,7 +59,7 @@ from stage4 import api
 )
 @click.pass_obj
 def render(
-    obj,
+    obj: CliSettings,
     targets: tuple[str, ...],
     output: Path,
     identifier: str | None,
@@ -73,7 +77,7 @@ def render(
     Without arguments: every distribution that has an installer.
     """
     cfg = obj.config()
-    overrides = {
+    overrides: dict[str, object] = {
         key: value
         for key, value in (("identifier", identifier), ("filesystem", filesystem))
         if value is not None
@@ -99,4 +103,4 @@ def render(
     )
 
 
-COMMANDS: list = [render]
+COMMANDS: list[click.Command] = [render]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from stage4 import api
 from stage4.errors import InputError
 from stage4.provisioning.source_cache import Entry
+
+if TYPE_CHECKING:
+    from stage4.cli import CliSettings
 
 
 def _size(size: int) -> str:
@@ -33,7 +37,8 @@ def sources(ctx: click.Context, as_json: bool) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    cfg = ctx.obj.config()
+    settings: CliSettings = ctx.obj
+    cfg = settings.config()
     entries = api.sources(cfg)
     if as_json:
         click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
@@ -45,7 +50,11 @@ def sources(ctx: click.Context, as_json: bool) -> None:
         )
         return
     for entry in entries:
-        key = f"{entry.ref}  {entry.commit[:12]}" if entry.kind == "git" else f"sha256 {entry.sha256[:12]}"
+        key = (
+            f"{entry.ref}  {(entry.commit or '')[:12]}"
+            if entry.kind == "git"
+            else f"sha256 {(entry.sha256 or '')[:12]}"
+        )
         click.echo(
             f"{entry.kind:7} {entry.url}  {key}  {_size(entry.size):>10}  {entry.when}  from {entry.origin}"
         )
@@ -59,7 +68,7 @@ def sources(ctx: click.Context, as_json: bool) -> None:
 )
 @click.option("--sha256", default=None, help="tarball: its SHA-256 (FILE must match it)")
 @click.pass_obj
-def import_(obj, url: str, location: Path, ref: str | None, sha256: str | None) -> None:
+def import_(obj: CliSettings, url: str, location: Path, ref: str | None, sha256: str | None) -> None:
     """Cache URL from a local copy: DIR, a clone of the git URL, or FILE, the tarball (with --sha256).
 
     A build whose source names URL (and REF, or the sha256) then works on this host without internet.
@@ -73,7 +82,7 @@ def import_(obj, url: str, location: Path, ref: str | None, sha256: str | None) 
 @click.option("--ref", default=None, help="git: the ref to forget (default: master)")
 @click.option("--sha256", default=None, help="tarball: forget the tarball with this SHA-256")
 @click.pass_obj
-def remove(obj, url: str | None, ref: str | None, sha256: str | None) -> None:
+def remove(obj: CliSettings, url: str | None, ref: str | None, sha256: str | None) -> None:
     """Forget a cached source: a git URL at a ref (its mirror goes with its last ref), or a tarball."""
     if url is None and sha256 is None:
         raise InputError("give a git URL (and --ref) or --sha256 of a tarball")
@@ -81,4 +90,4 @@ def remove(obj, url: str | None, ref: str | None, sha256: str | None) -> None:
     click.echo(f"removed {_describe(entry)}")
 
 
-COMMANDS = [sources]
+COMMANDS: list[click.Command] = [sources]

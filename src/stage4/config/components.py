@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from pydantic import (
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -28,7 +28,7 @@ class SourceConfig(Strict):
 
     @field_validator("path")
     @classmethod
-    def _path(cls, value: Path | None, info: Any) -> Path | None:
+    def _path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         value = relative_to_config(value, info)
         if value is not None and not value.is_dir():
             raise PydanticCustomError("source", "{what}", {"what": missing_problem(value, "directory")})
@@ -36,7 +36,7 @@ class SourceConfig(Strict):
 
     @field_validator("tarball")
     @classmethod
-    def _local_tarball(cls, value: str | None, info: Any) -> str | None:
+    def _local_tarball(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or "://" in value:
             return value
         path = relative_to_config(Path(value), info)

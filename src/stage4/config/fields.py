@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, overload
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    ValidationInfo,
 )
 from pydantic_core import PydanticCustomError
 
@@ -33,7 +34,7 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P"
 QCOW2_MAX_SIZE = 2 << 50
 
 
-def parse_size(value: Any) -> int:
+def parse_size(value: object) -> int:
     """'4G', '512M', '2GiB' or a plain number of bytes; units are binary (as in qemu-img)."""
     if isinstance(value, bool):
         raise PydanticCustomError("size", "expected a size such as '4G' or '512M'")
@@ -132,7 +133,13 @@ def missing_problem(path: Path, kind: str) -> str:
     return f"{path} is a {'file' if kind == 'directory' else 'directory'}, not a {kind}"
 
 
-def relative_to_config(value: Path | None, info: Any) -> Path | None:
+@overload
+def relative_to_config(value: Path, info: ValidationInfo | None) -> Path: ...
+@overload
+def relative_to_config(value: None, info: ValidationInfo | None) -> None: ...
+@overload
+def relative_to_config(value: Path | None, info: ValidationInfo | None) -> Path | None: ...
+def relative_to_config(value: Path | None, info: ValidationInfo | None) -> Path | None:
     """Relative paths in the project file are relative to the file's directory."""
     if value is None:
         return None
@@ -143,7 +150,7 @@ def relative_to_config(value: Path | None, info: Any) -> Path | None:
     return value
 
 
-def _existing_playbook(value: Path, info: Any) -> Path:
+def _existing_playbook(value: Path, info: ValidationInfo) -> Path:
     value = relative_to_config(value, info)
     if not value.is_file():
         raise PydanticCustomError("playbook", "{what}", {"what": missing_problem(value, "file")})

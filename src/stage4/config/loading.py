@@ -10,17 +10,21 @@ from typing import Any
 from pydantic import (
     ValidationError,
 )
+from pydantic_core import ErrorDetails
 
 from stage4.config.fields import DEFAULT_CONFIG_FILE
 from stage4.config.model import Config
 from stage4.errors import MISSING, ConfigError
 
+# Where a validation error is: keys and list indexes from the top of the file.
+Loc = tuple[int | str, ...]
 
-def _dotted(loc: tuple) -> str:
+
+def _dotted(loc: Loc) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _lookup(data: Any, loc: tuple) -> Any:
+def _lookup(data: Any, loc: Loc) -> Any:
     for part in loc:
         try:
             data = data[part]
@@ -47,12 +51,12 @@ TYPE_MESSAGES = {
 }
 
 
-def _message(error: dict) -> str:
+def _message(error: ErrorDetails) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "enum":
-        return "must be one of " + error["ctx"]["expected"].replace("'", "")
+        return "must be one of " + str(error["ctx"]["expected"]).replace("'", "")
     if kind in TYPE_MESSAGES:
         return TYPE_MESSAGES[kind]
     if kind == "greater_than_equal":
@@ -62,7 +66,7 @@ def _message(error: dict) -> str:
     return error["msg"].removeprefix("Value error, ")
 
 
-def from_dict(data: dict, source: str) -> Config:
+def from_dict(data: dict[str, Any], source: str) -> Config:
     """Validate parsed TOML; the first problem becomes a ConfigError naming source, key and value."""
     try:
         return Config.model_validate(

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -47,7 +48,7 @@ class MachineConfig(Strict):
 
     @field_validator("memory", "disk_size", mode="before")
     @classmethod
-    def _size(cls, value: Any) -> int:
+    def _size(cls, value: object) -> int:
         return parse_size(value)
 
     @field_validator("memory")
@@ -164,7 +165,7 @@ class ImageConfig(Strict):
 
     @field_validator("desktop")
     @classmethod
-    def _desktop_needs_apt(cls, value: DesktopConfig | None, info: Any) -> DesktopConfig | None:
+    def _desktop_needs_apt(cls, value: DesktopConfig | None, info: ValidationInfo) -> DesktopConfig | None:
         name = info.data.get("distribution")
         if (
             value is not None
@@ -189,7 +190,7 @@ class ImageConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_builder(cls, data: Any) -> Any:
+    def _default_builder(cls, data: object) -> object:
         """Without a builder, a distribution that cannot be bootstrapped is installed with Packer."""
         if (
             isinstance(data, dict)
@@ -202,7 +203,7 @@ class ImageConfig(Strict):
 
     @field_validator("builder")
     @classmethod
-    def _builder_fits_distribution(cls, value: BuilderKind, info: Any) -> BuilderKind:
+    def _builder_fits_distribution(cls, value: BuilderKind, info: ValidationInfo) -> BuilderKind:
         name = info.data.get("distribution")
         if name is None:
             return value
@@ -217,7 +218,7 @@ class ImageConfig(Strict):
 
     @field_validator("filesystem")
     @classmethod
-    def _filesystem_fits_installer(cls, value: Filesystem, info: Any) -> Filesystem:
+    def _filesystem_fits_installer(cls, value: Filesystem, info: ValidationInfo) -> Filesystem:
         name, builder = info.data.get("distribution"), info.data.get("builder")
         if name is not None and builder is BuilderKind.packer:
             dist = distributions.get(name)
@@ -245,7 +246,7 @@ class ImageConfig(Strict):
 
     @field_validator("identifier")
     @classmethod
-    def _valid_identifier(cls, value: str, info: Any) -> str:
+    def _valid_identifier(cls, value: str, info: ValidationInfo) -> str:
         filesystem = info.data.get("filesystem")
         if problem := identifier_problem(value, None if filesystem is None else str(filesystem)):
             raise PydanticCustomError("identifier", problem)
@@ -274,7 +275,7 @@ class Config(Strict):
 
     @field_validator("images")
     @classmethod
-    def _some_image(cls, value: dict) -> dict:
+    def _some_image(cls, value: dict[str, ImageConfig]) -> dict[str, ImageConfig]:
         if not value:
             raise PydanticCustomError("images", "no image defined; add an [images.NAME] table")
         return value

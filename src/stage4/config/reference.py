@@ -49,8 +49,7 @@ def reference() -> str:
     table("images.NAME.initramfs", InitramfsConfig)
     lines.append(
         "| `images.NAME.initramfs.source` | the dnbd3-rootfs module shipped with stage4 | "
-        + InitramfsConfig.model_fields["source"].description
-        + " |"
+        f"{InitramfsConfig.model_fields['source'].description} |"
     )
     table("images.NAME.initramfs.source", SourceConfig)
     lines.append(
@@ -62,8 +61,8 @@ def reference() -> str:
     table("images.NAME.components.C.artifacts[]", ArtifactConfig)
     lines.append(
         "| `images.NAME.mltk.source` | `(required)` | "
-        + MltkConfig.model_fields["source"].description
-        + "; giving [images.NAME.mltk] builds the dev and prod layers |"
+        f"{MltkConfig.model_fields['source'].description}"
+        "; giving [images.NAME.mltk] builds the dev and prod layers |"
     )
     table("images.NAME.mltk", MltkConfig)
     table("images.NAME.mltk.source", SourceConfig)

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from stage4.dnbd3 import protocol as p
 from stage4.errors import InputError, Stage4Error
@@ -354,7 +355,7 @@ class Client:
             self._discard(reply)
 
 
-def query_images(server: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[dict]:
+def query_images(server: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
     """The server's `/query?q=images` list (loaded images only: docs/dnbd3-protocol.md, "HTTP on the
     same port")."""
     host, port = server_address(server)

@@ -22,8 +22,10 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from stage4.dnbd3.protocol import BLOCK_SIZE, HASH_BLOCK_SIZE, virtual_size
 from stage4.errors import Stage4Error
@@ -33,6 +35,10 @@ _COPY_CHUNK = 64 << 20
 _READ_CHUNK = 1 << 20
 # copy_file_range / sendfile not possible here (other filesystem, old kernel): fall back.
 _UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
+
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 class CrcError(Stage4Error):
@@ -132,23 +138,27 @@ def digest_and_copy(source: Path, dest_fd: int | None = None) -> Digest:
                 mapped.madvise(mmap.MADV_SEQUENTIAL)
             view = memoryview(mapped)
             try:
-                results: dict[str, object] = {}
+                sha: list[str] = []
+                crcs: list[list[int]] = []
+                copied: list[None] = []
                 errors: list[BaseException] = []
 
-                def guarded(key: str, func, *args) -> None:
+                def guarded(
+                    out: list[_T], func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+                ) -> None:
                     try:
-                        results[key] = func(*args)
+                        out.append(func(*args, **kwargs))
                     except BaseException as exc:  # re-raised in the caller's thread below
                         errors.append(exc)
 
-                threads = [threading.Thread(target=guarded, args=("sha", _sha256, view, padded - real))]
+                threads = [threading.Thread(target=guarded, args=(sha, _sha256, view, padded - real))]
                 if dest_fd is not None:
                     threads.append(
-                        threading.Thread(target=guarded, args=("copy", _copy, src.fileno(), dest_fd, real))
+                        threading.Thread(target=guarded, args=(copied, _copy, src.fileno(), dest_fd, real))
                     )
                 for thread in threads:
                     thread.start()
-                guarded("crc", block_crcs, view)
+                guarded(crcs, block_crcs, view)
                 for thread in threads:
                     thread.join()
                 if errors:
@@ -157,7 +167,7 @@ def digest_and_copy(source: Path, dest_fd: int | None = None) -> Digest:
                 view.release()
         if dest_fd is not None and padded != real:
             os.ftruncate(dest_fd, padded)
-    return Digest(real, padded, crc_file_bytes(results["crc"]), results["sha"])
+    return Digest(real, padded, crc_file_bytes(crcs[0]), sha[0])
 
 
 def _sha256(view: memoryview, pad: int) -> str:

@@ -185,12 +185,13 @@ class Registry:
         real server's SIGUSR1)."""
         self.log("Verifying checksum of all images")
         for image in self.loaded():
-            if image.crc:
+            crcs = image.block_crcs  # None exactly when image.crc is empty
+            if crcs is not None:
                 with image.check_lock:
                     image.checked.clear()
                 try:
                     with open(image.path, "rb") as handle:
-                        for index in range(len(image.block_crcs)):
+                        for index in range(len(crcs)):
                             image.block_ok(index, handle.fileno(), self.log)
                 except OSError as exc:
                     self.log(f"WARNING: cannot check {image.name}:{image.rid}: {exc}")

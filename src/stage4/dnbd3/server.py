@@ -33,6 +33,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from stage4.dnbd3 import protocol as p
 from stage4.dnbd3.loaded import LoadedImage, Registry
@@ -57,7 +58,7 @@ class Connection:
         self.registry = server.registry
         self.last_handle = 0
         self.image: LoadedImage | None = None
-        self.file = None
+        self.file: BinaryIO | None = None
 
     def recv_exact(self, count: int) -> bytes:
         chunks = bytearray()
@@ -124,9 +125,11 @@ class Connection:
         self.send(p.select_reply(version, image.name, image.rid, image.virtual_size))
 
     def _request(self) -> None:
+        image, file = self.image, self.file
+        assert image is not None and file is not None  # set by _handshake before the first request
         request = p.parse_request(self.recv_exact(p.REQUEST_SIZE))
         if request.cmd == p.CMD_GET_BLOCK:
-            self._get_block(request)
+            self._get_block(request, image, file)
             return
         if request.size != 0:
             raise _Closed("payload on a command without payload")  # the real server desynchronises
@@ -136,12 +139,11 @@ class Connection:
             payload = b"".join(entry.pack() for entry in self.server.alt_servers[: p.MAX_SERVERS])
             self.send(p.Reply(p.CMD_GET_SERVERS, len(payload), self.last_handle).pack() + payload)
         elif request.cmd == p.CMD_GET_CRC32:
-            crc = self.image.crc
+            crc = image.crc
             self.send(p.Reply(p.CMD_GET_CRC32, len(crc), self.last_handle).pack() + crc)
         # SET_CLIENT_MODE, LATEST_RID and unknown commands: no reply, connection kept.
 
-    def _get_block(self, request: p.Request) -> None:
-        image = self.image
+    def _get_block(self, request: p.Request, image: LoadedImage, file: BinaryIO) -> None:
         offset = request.offset & p.OFFSET_MASK
         size = request.size
         self.last_handle = request.handle
@@ -152,7 +154,7 @@ class Connection:
         end = offset + size
         if size and offset < image.real_size:
             for index in range(offset // p.HASH_BLOCK_SIZE, (end - 1) // p.HASH_BLOCK_SIZE + 1):
-                if not image.block_ok(index, self.file.fileno(), self.server.log):
+                if not image.block_ok(index, file.fileno(), self.server.log):
                     # What a primary dnbd3-server does with a block that failed its hash check: no reply,
                     # no CMD_ERROR (that would mean "past the end"); the connection is closed.
                     raise _Closed(f"block {index} failed its hash check")
@@ -160,7 +162,7 @@ class Connection:
         real_end = min(end, image.real_size)
         if offset < real_end:
             try:
-                self.sock.sendfile(self.file, offset, real_end - offset)
+                self.sock.sendfile(file, offset, real_end - offset)
             except OSError as exc:
                 raise _Closed(str(exc)) from None
             self.server.bytes_sent += real_end - offset
@@ -214,7 +216,9 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        self.server.owner.handle_socket(self.request)
+        server = self.server
+        assert isinstance(server, _TCPServer)  # the only server this handler is used with
+        server.owner.handle_socket(self.request)
 
 
 class DevServer:
@@ -250,6 +254,7 @@ class DevServer:
     @property
     def address(self) -> tuple[str, int]:
         host, port = self._tcp.server_address[:2]
+        assert isinstance(host, str)  # getsockname() of an AF_INET / AF_INET6 socket
         return host, port
 
     def handle_socket(self, sock: socket.socket) -> None:
@@ -274,9 +279,9 @@ class DevServer:
     def check_all(self) -> None:
         self.registry.check_all()
 
-    def query(self, query: str) -> dict:
+    def query(self, query: str) -> dict[str, object]:
         wanted = set(urllib.parse.parse_qs(query).get("q", []))
-        result: dict = {}
+        result: dict[str, object] = {}
         if "images" in wanted:
             result["runId"] = self.run_id
             result["images"] = [

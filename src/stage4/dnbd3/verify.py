@@ -18,12 +18,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO, TypedDict
 
 from stage4.config import DEFAULT_IDENTIFIER
 from stage4.dnbd3 import diskview
 from stage4.dnbd3.client import Client, ConnectionLost, Dnbd3Error, query_images
 from stage4.dnbd3.crc import CrcError, parse_crc_file
-from stage4.dnbd3.protocol import HASH_BLOCK_SIZE, virtual_size
+from stage4.dnbd3.protocol import HASH_BLOCK_SIZE, SelectReply, virtual_size
 from stage4.dnbd3.store import META_DIR, validate_name
 from stage4.errors import InputError, Stage4Error
 from stage4.image import qcow2
@@ -31,6 +32,18 @@ from stage4.image import qcow2
 CHUNK = 1 << 20
 MAX_PROBLEMS = 20
 Progress = Callable[[int, int], None]
+
+
+class VerifyReportDict(TypedDict):
+    server: str
+    name: str
+    rid: int
+    size: int
+    passed: bool
+    blocks_checked: int
+    blocks_total: int
+    facts: list[str]
+    problems: list[str]
 
 
 @dataclass
@@ -54,7 +67,7 @@ class VerifyReport:
         elif len(self.problems) == MAX_PROBLEMS:
             self.problems.append("... more problems not shown")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> VerifyReportDict:
         return {
             "server": self.server,
             "name": self.name,
@@ -73,7 +86,14 @@ def _block_range(index: int, size: int) -> tuple[int, int]:
     return start, min(HASH_BLOCK_SIZE, size - start)
 
 
-def _local_bytes(handle, real_size: int, offset: int, size: int) -> bytes:
+def _selected(client: Client) -> SelectReply:
+    """The image `Client.open` selected (set by the handshake, kept after close)."""
+    image = client.image
+    assert image is not None
+    return image
+
+
+def _local_bytes(handle: BinaryIO, real_size: int, offset: int, size: int) -> bytes:
     data = (
         os.pread(handle.fileno(), max(0, min(size, real_size - offset)), offset)
         if offset < real_size
@@ -99,13 +119,13 @@ def verify(
     report = VerifyReport(server, name)
     client = Client.open(server, name, rid, timeout=timeout)
     try:
-        image = client.image
+        image = _selected(client)
         report.rid, report.size = image.rid, image.size
         report.facts.append(
             f"server {client.where} serves {image.name}:{image.rid}, {image.size} bytes "
             f"(protocol version {image.version})"
         )
-        record = None
+        record: dict[str, Any] | None = None  # the publication record (free-form JSON)
         if store is not None:
             published = published or Path(store) / f"{name}.r{image.rid}"
             record_path = Path(store) / META_DIR / name / f"publication.r{image.rid}.json"
@@ -187,7 +207,7 @@ def _check_crc_lists(client: Client, report: VerifyReport, local_crc: bytes | No
     crcs = None
     if served:
         try:
-            crcs = parse_crc_file(served, client.image.size)
+            crcs = parse_crc_file(served, _selected(client).size)
             report.facts.append(f"server CRC list: {len(crcs)} blocks, master CRC consistent")
         except CrcError as exc:
             report.problem(f"server CRC list: {exc}")
@@ -200,7 +220,7 @@ def _check_crc_lists(client: Client, report: VerifyReport, local_crc: bytes | No
         report.facts.append("no CRC list published")
     if local_crc is not None:
         try:
-            local_list = parse_crc_file(local_crc, client.image.size)
+            local_list = parse_crc_file(local_crc, _selected(client).size)
         except CrcError as exc:
             report.problem(f"published .crc: {exc}")
             local_list = None
@@ -218,12 +238,12 @@ def _check_blocks(
     timeout: float,
     chosen: list[int],
     crcs: list[int] | None,
-    handle,
+    handle: BinaryIO | None,
     published: Path | None,
     report: VerifyReport,
     progress: Progress | None,
 ) -> Client:
-    size = client.image.size
+    size = _selected(client).size
     real = published.stat().st_size if published is not None else 0
     for done, index in enumerate(chosen):
         start, length = _block_range(index, size)
@@ -259,7 +279,7 @@ def _check_blocks(
 
 
 def _describe_contents(client: Client, report: VerifyReport, identifier: str) -> None:
-    size = client.image.size
+    size = _selected(client).size
 
     def read(offset: int, length: int) -> bytes:
         return client.read(offset, length) if length else b""
@@ -309,7 +329,8 @@ def download(
     output = Path(output)
     temp = output.with_name(f".{output.name}.stage4-get.part")
     with Client.open(server, name, rid, timeout=timeout) as client:
-        size = client.image.size
+        image = _selected(client)
+        size = image.size
         served = client.crc_list()
         crcs = parse_crc_file(served, size) if served else None
         digest = hashlib.sha256()
@@ -327,20 +348,20 @@ def download(
                             if crcs is not None and crc != crcs[block]:
                                 start = block * HASH_BLOCK_SIZE
                                 raise Stage4Error(
-                                    f"{name}:{client.image.rid} block {block} (bytes {start}..{end - 1}): "
+                                    f"{name}:{image.rid} block {block} (bytes {start}..{end - 1}): "
                                     f"CRC-32 0x{crc:08x}, the server's list says 0x{crcs[block]:08x}"
                                 )
                             block, crc = block + 1, 0
                         if progress:
                             progress(end, size)
                 except ConnectionLost as exc:
-                    refused = _refused_block(server, name, client.image.rid, block, size, timeout)
+                    refused = _refused_block(server, name, image.rid, block, size, timeout)
                     if refused is None:
                         raise
                     start = refused * HASH_BLOCK_SIZE
                     last = min(start + HASH_BLOCK_SIZE, size) - 1
                     raise Stage4Error(
-                        f"{name}:{client.image.rid} block {refused} (bytes {start}..{last}): the "
+                        f"{name}:{image.rid} block {refused} (bytes {start}..{last}): the "
                         "server closes the connection on every read of it: a failed hash check on "
                         f"the server ({exc})"
                     ) from None
@@ -350,7 +371,7 @@ def download(
         finally:
             if temp.exists():
                 temp.unlink()
-        return client.image.rid, size, digest.hexdigest()
+        return image.rid, size, digest.hexdigest()
 
 
 def _refused_block(server: str, name: str, rid: int, first: int, size: int, timeout: float) -> int | None:

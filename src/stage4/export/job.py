@@ -42,7 +42,7 @@ class Publication:
     activated: bool = False
     warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -76,7 +76,7 @@ class Job:
     def has_ipxe(self) -> bool:
         return self.kernel is not None and self.initrd is not None
 
-    def boot_facts(self, rid: int | str) -> dict[str, dict]:
+    def boot_facts(self, rid: int | str) -> dict[str, records.BootFile]:
         return {
             kind: {
                 "file": f"{kind}.r{rid}",
@@ -89,7 +89,7 @@ class Job:
     def texts(self, rid: int | str, digest: Digest, boot_dir: str) -> dict[str, str]:
         """The text files of revision `rid`: config fragment, iPXE entry (with kernel and initrd), record."""
         note = records.comment(self.name, rid, digest.sha256, self.source_identity)
-        source = {
+        source: records.RecordSource = {
             "image": str(self.image.resolve()),
             "size": digest.real_size,
             "identity": self.source_identity,

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from stage4.dnbd3.protocol import parse_address
 from stage4.dnbd3.store import Store, parse_rid, validate_name
@@ -239,6 +240,7 @@ def prepare(
         identifier = identifier or build.identifier
     dracut_modules: tuple[str, ...] = ()
     if boot_files and kernel is None and initrd is None and build is not None and build.has_boot_files:
+        assert build.initramfs is not None  # build_facts.read sets kernel and initramfs together
         kernel, initrd, dracut_modules = build.kernel, build.initramfs, build.dracut_modules
         build_facts.check_dracut_modules(initrd, dracut_modules, runner)
     if check_image:
@@ -261,7 +263,28 @@ def prepare(
     return Export(job, store, boot_dir, extract, runner, transport, ssh_options)
 
 
-def publish(image: Path, store: str | Path, name: str, **options) -> Publication:
+class PrepareOptions(TypedDict, total=False):
+    """The keyword arguments of `prepare` but its runner (what `publish` and `api.export` pass on)."""
+
+    rid: int | str | None
+    kernel: Path | None
+    initrd: Path | None
+    servers: Sequence[str]
+    identifier: str | None
+    source_identity: str | None
+    manifest: Path | None
+    reload_pidfile: Path | None
+    boot_dir: str | Path | None
+    activate: bool
+    boot_files: bool
+    check_image: bool
+    transport: RemoteTransport | None
+    ssh_options: Sequence[str]
+
+
+def publish(
+    image: Path, store: str | Path, name: str, runner: Runner | None = None, **options: Unpack[PrepareOptions]
+) -> Publication:
     """Publish `image` as the next (or the given) revision of `name` in `store`.
 
     Options (all keywords): rid, kernel, initrd, servers, identifier, source_identity, manifest (default:
@@ -270,4 +293,4 @@ def publish(image: Path, store: str | Path, name: str, **options) -> Publication
     refused either way), transport, ssh_options ('Key=Value' for a host:/path store, given to ssh, scp and
     rsync as `-o` options).
     """
-    return prepare(image, store, name, **options).run()
+    return prepare(image, store, name, runner=runner, **options).run()

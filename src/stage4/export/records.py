@@ -13,7 +13,9 @@ import hashlib
 import json
 import posixpath
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypedDict
 
 from stage4.dnbd3.store import META_DIR
 from stage4.errors import InputError
@@ -21,6 +23,50 @@ from stage4.errors import InputError
 RECORD_FORMAT = "stage4-publication/1"
 ACTIVE_CONFIG = "config"
 _CONFIG_LINE = re.compile(r"^(SLX_DNBD3_IMAGE|SLX_DNBD3_RID)='([^']*)'\s*$", re.MULTILINE)
+
+
+class FileFacts(TypedDict):
+    size: int
+    sha256: str
+
+
+class BootFile(FileFacts):
+    """A boot file of a revision (kernel, initrd): its name in the boot directory and where it came from."""
+
+    file: str
+    source: str
+
+
+class RecordSource(TypedDict):
+    """What was exported: the source image and the build it came from."""
+
+    image: str
+    size: int
+    identity: str | None
+    manifest: str | None
+    dracut_modules: list[str]
+
+
+class PublicationRecord(TypedDict):
+    """`publication.r<RID>.json` as `record` writes it (records read back are plain JSON: `read_record`)."""
+
+    format: str
+    name: str
+    rid: int | str
+    file: str
+    size: int
+    sha256: str
+    crc_file: str
+    crc_sha256: str
+    identifier: str
+    servers: list[str]
+    source: RecordSource
+    boot_dir: str
+    boot_files: dict[str, BootFile]
+    config: str
+    ipxe: str | None
+    published_at: str
+    build: dict[str, Any] | None  # the build manifest (JSON)
 
 
 def config_fragment(servers: list[str], name: str, rid: int | str, identifier: str, comment: str) -> str:
@@ -55,7 +101,7 @@ def comment(name: str, rid: int | str, sha256: str, identity: str | None) -> str
     return f"stage4 export of {name} revision {rid}, sha256 {sha256}{build}"
 
 
-def file_facts(path: Path) -> dict:
+def file_facts(path: Path) -> FileFacts:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         while chunk := handle.read(8 << 20):
@@ -72,12 +118,12 @@ def record(
     crc_file: bytes,
     identifier: str,
     servers: list[str],
-    source: dict,
+    source: RecordSource,
     boot_dir: str,
-    boot_files: dict[str, dict],
+    boot_files: dict[str, BootFile],
     ipxe: bool,
-    build: dict | None = None,
-) -> dict:
+    build: dict[str, Any] | None = None,
+) -> PublicationRecord:
     return {
         "format": RECORD_FORMAT,
         "name": name,
@@ -108,7 +154,7 @@ def recorded_boot_dir(store: str, boot_dir: str) -> str:
     return boot_dir if relative == ".." or relative.startswith("../") else relative
 
 
-def boot_dir_of(store: Path, record: dict) -> Path | None:
+def boot_dir_of(store: Path, record: Mapping[str, Any]) -> Path | None:
     value = record.get("boot_dir")
     return Path(store) / value if isinstance(value, str) and value else None
 
@@ -117,7 +163,8 @@ def record_path(store: Path, name: str, rid: int) -> Path:
     return Path(store) / META_DIR / name / f"publication.r{rid}.json"
 
 
-def read_record(store: Path, name: str, rid: int) -> dict | None:
+def read_record(store: Path, name: str, rid: int) -> dict[str, Any] | None:
+    """The record of revision `rid` as JSON (any format version), or None if unreadable or not that rid."""
     try:
         data = json.loads(record_path(store, name, rid).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -125,7 +172,7 @@ def read_record(store: Path, name: str, rid: int) -> dict | None:
     return data if isinstance(data, dict) and data.get("rid") == rid else None
 
 
-def boot_files_of(record: dict, rid: int) -> list[str]:
+def boot_files_of(record: Mapping[str, Any], rid: int) -> list[str]:
     """The boot-directory files a record says its revision has."""
     names = [f"{kind}.r{rid}" for kind in (record.get("boot_files") or {})]
     names.append(record.get("config") or f"config.r{rid}")

@@ -126,7 +126,7 @@ class SshTransport(RemoteTransport):
     def upload(self, local: Path, remote: str, *, step: str) -> None:
         if self.copier == "rsync":
             shell = shlex.join(["ssh", *self.options])
-            argv = [
+            argv: list[str | Path] = [
                 "rsync",
                 "--inplace",
                 "--whole-file",

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 from stage4.dnbd3.client import Dnbd3Error, query_images
 from stage4.dnbd3.protocol import MAX_RID
@@ -27,7 +28,7 @@ BOOT_FILE = re.compile(r"^(?:kernel|initrd|config|ipxe)\.r([0-9]+)$")
 RECORD_FILE = re.compile(r"^publication\.r([0-9]+)\.json$")
 
 
-def _rids_in(directory: Path, pattern: re.Pattern) -> set[int]:
+def _rids_in(directory: Path, pattern: re.Pattern[str]) -> set[int]:
     found = set()
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(directory):
@@ -56,13 +57,26 @@ def next_rid(name: str, taken: set[int]) -> int:
     return rid
 
 
+class RevisionRow(TypedDict):
+    """One complete revision as `stage4 dnbd3 revisions` lists it."""
+
+    rid: int
+    file: str
+    size: int | None
+    crc: bool
+    sha256: str | None
+    published_at: str | None
+    identity: str | None
+    boot_dir: str
+
+
 @dataclass
 class RevisionState:
     name: str
     rid: int
     image: Path
     size: int | None
-    record: dict | None
+    record: dict[str, Any] | None  # the publication record (JSON, see records.read_record)
     boot_dir: Path
     present: list[Path] = field(default_factory=list)
     missing: list[Path] = field(default_factory=list)
@@ -71,7 +85,7 @@ class RevisionState:
     def complete(self) -> bool:
         return not self.missing
 
-    def row(self) -> dict:
+    def row(self) -> RevisionRow:
         record = self.record or {}
         return {
             "rid": self.rid,

@@ -7,12 +7,18 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import TypedDict
 
 from stage4.errors import StepFailed
 from stage4.runner import Runner
 
 
-def initramfs_facts(initrd: Path, runner: Runner, step: str) -> dict:
+class InitramfsFacts(TypedDict):
+    kernel_versions: list[str]
+    dracut_modules: list[str]
+
+
+def initramfs_facts(initrd: Path, runner: Runner, step: str) -> InitramfsFacts:
     """Kernel versions of the modules in an initramfs and its dracut modules, as lsinitrd lists them."""
     if shutil.which("lsinitrd") is None:
         raise StepFailed(step, "lsinitrd not found on the host (install dracut-core: ./install.sh)")

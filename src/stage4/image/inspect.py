@@ -93,7 +93,7 @@ class InspectReport:
     def problems(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if c.required and not c.passed]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {
             "image": str(self.image),
             "format": self.format,

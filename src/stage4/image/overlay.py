@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from stage4.errors import StepFailed
 from stage4.runner import Runner
@@ -31,12 +32,14 @@ def create(base: Path, overlay: Path, runner: Runner, step: str) -> None:
     )
 
 
-def info(image: Path, runner: Runner, step: str) -> dict:
+def info(image: Path, runner: Runner, step: str) -> dict[str, Any]:
+    """`qemu-img info` of `image` (its JSON object)."""
     out = runner.run(["qemu-img", "info", "--output=json", "-U", image], step=step, capture=True).stdout
-    return json.loads(out)
+    facts: dict[str, Any] = json.loads(out)
+    return facts
 
 
-def flatten(overlay: Path, target: Path, runner: Runner, step: str) -> dict:
+def flatten(overlay: Path, target: Path, runner: Runner, step: str) -> dict[str, Any]:
     """The whole chain of `overlay` as one standalone qcow2 v3, zstd-compressed; checked afterwards."""
     runner.run(
         [

@@ -82,7 +82,7 @@ class Qcow2Header:
             f"compression {self.compression}, backing file {self.backing_file or 'none'}"
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "cluster_size": self.cluster_size}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from stage4.config import ImageConfig
 from stage4.errors import StepFailed
@@ -19,7 +20,9 @@ from stage4.runner import Runner
 OUT_IN_IMAGE = "/var/lib/stage4/out"
 
 
-def extract(root: Path, image: ImageConfig, kernel: str, dest: Path, runner: Runner, step: str) -> dict:
+def extract(
+    root: Path, image: ImageConfig, kernel: str, dest: Path, runner: Runner, step: str
+) -> dict[str, Any]:
     """Copy the results out of the mounted dev layer at `root` into `dest`; returns what the dev manifest
     records of them (file names relative to `dest`)."""
     dest.mkdir(parents=True)
@@ -29,7 +32,7 @@ def extract(root: Path, image: ImageConfig, kernel: str, dest: Path, runner: Run
         f"vmlinuz-{kernel}": root / "boot" / f"vmlinuz-{kernel}",
         f"initrd.img-{kernel}": root / OUT_IN_IMAGE.lstrip("/") / f"initrd.img-{kernel}",
     }
-    components: dict[str, list[dict]] = {}
+    components: dict[str, list[dict[str, Any]]] = {}
     for name, component in sorted(image.components.items()):
         components[name] = []
         for artifact in component.artifacts:

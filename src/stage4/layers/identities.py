@@ -8,6 +8,7 @@ the layers and provisioning packages). The pipeline compares them with the ident
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from stage4 import mltk
 from stage4.config import ComponentConfig, ImageConfig, LayerConfig
@@ -32,7 +33,7 @@ PLAYBOOK_NEIGHBOURS = (
 )
 
 
-def playbook_inputs(playbook: Path) -> dict:
+def playbook_inputs(playbook: Path) -> dict[str, Any]:
     """A playbook's content and the content of the Ansible folders beside it."""
     if not playbook.is_file():
         return {"path": str(playbook), "missing": True}
@@ -44,7 +45,7 @@ def playbook_inputs(playbook: Path) -> dict:
     return found
 
 
-def layer_inputs(layer: LayerConfig) -> dict:
+def layer_inputs(layer: LayerConfig) -> dict[str, Any]:
     return {
         "playbooks": [playbook_inputs(p) for p in layer.playbooks],
         "packages": list(layer.packages),
@@ -52,7 +53,7 @@ def layer_inputs(layer: LayerConfig) -> dict:
     }
 
 
-def component_inputs(component: ComponentConfig) -> dict:
+def component_inputs(component: ComponentConfig) -> dict[str, Any]:
     data = component.model_dump(mode="json", exclude={"source"})
     return {**data, "source": sources.identity_inputs(component.source)}
 

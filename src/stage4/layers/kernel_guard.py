@@ -9,6 +9,7 @@ prod.json records.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from stage4.errors import StepFailed
 from stage4.runner import Runner
@@ -38,7 +39,7 @@ def check(root: Path, kernel: str, step: str, runner: Runner, base_kernels: list
         )
 
 
-def hold(root: Path, runner: Runner) -> dict:
+def hold(root: Path, runner: Runner) -> dict[str, Any]:
     """The kernel hold found in the layer: apt's held packages or dnf's version locks."""
     if (root / "var/lib/dpkg/status").is_file():
         result = runner.run(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stage4.config import LayerConfig, Way
 from stage4.errors import StepFailed
@@ -32,13 +32,14 @@ def fresh_work_dir(ctx: Context, layer_name: str) -> Path:
     return work
 
 
-def base_root_partition(ctx: Context, base_manifest: dict) -> attach.RootPartition:
+def base_root_partition(ctx: Context, base_manifest: dict[str, Any]) -> attach.RootPartition:
     return attach.RootPartition.from_manifest(base_manifest, ctx.image.identifier, ctx.image.filesystem.value)
 
 
-def kernel_of(base_manifest: dict) -> str:
+def kernel_of(base_manifest: dict[str, Any]) -> str:
     """The kernel the layers build for: the newest one the base installed (recorded in its manifest)."""
-    return base_manifest["kernel_versions"][-1]
+    kernel: str = base_manifest["kernel_versions"][-1]
+    return kernel
 
 
 def check_playbooks(ctx: Context, layer_name: str, layer: LayerConfig) -> None:
@@ -53,12 +54,12 @@ def check_playbooks(ctx: Context, layer_name: str, layer: LayerConfig) -> None:
 
 def provision_layer(
     ctx: Context,
-    base_manifest: dict,
+    base_manifest: dict[str, Any],
     layer_name: str,
     layer: LayerConfig,
     overlay_path: Path,
-    plays: list[dict],
-    variables: dict,
+    plays: list[dict[str, Any]],
+    variables: dict[str, Any],
     work: Path,
 ) -> None:
     """Run the plays on the layer the configured way."""
@@ -115,7 +116,7 @@ def provision_layer(
                 ansible.run(target, plays, variables, work / "ansible", runner, step)
 
 
-def choose_accelerator(ctx: Context, base_manifest: dict, work: Path) -> str:
+def choose_accelerator(ctx: Context, base_manifest: dict[str, Any], work: Path) -> str:
     requested = ctx.machine.accelerator.value
     if requested != "auto":
         return requested

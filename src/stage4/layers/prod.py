@@ -9,22 +9,18 @@ fails (kernel_guard.py); else the overlay is flattened into one standalone zstd 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from stage4.config import ImageConfig, LayerConfig
-from stage4.fsutil import file_facts, place_atomically, remove_tree, temporary_sibling
+from stage4.config import ImageConfig
+from stage4.fsutil import file_facts, place_atomically, temporary_sibling
 from stage4.image import overlay
 from stage4.layers import identities, kernel_guard
 from stage4.layers.dev import ARTIFACTS_DIR, installs, packages_of
-from stage4.layers.layer_steps import (
-    base_root_partition,
-    check_playbooks,
-    fresh_work_dir,
-    kernel_of,
-    provision_layer,
-)
+from stage4.layers.layer_run import LayerRun
+from stage4.layers.layer_steps import kernel_of
 from stage4.mltk import plan as mltk_plan
-from stage4.provisioning import ansible, attach
+from stage4.provisioning import ansible
 from stage4.timing import timed
 
 if TYPE_CHECKING:
@@ -33,43 +29,59 @@ if TYPE_CHECKING:
 PROD_IMAGE = "prod.qcow2"
 
 
-def identity(image: ImageConfig, base_manifest: dict, dev_manifest: dict) -> str:
+def identity(image: ImageConfig, base_manifest: dict[str, Any], dev_manifest: dict[str, Any]) -> str:
     return identities.prod_identity(image, base_manifest["identity"], dev_manifest["identity"])
 
 
-def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -> dict:
+def build(
+    ctx: Context, prod_id: str, base_manifest: dict[str, Any], dev_manifest: dict[str, Any]
+) -> dict[str, Any]:
     """Build and flatten the prod layer into prod.qcow2; returns the prod part of its manifest."""
-    layer = ctx.image.prod or LayerConfig()
-    check_playbooks(ctx, "prod", layer)
-    display, runner = ctx.runner.display, ctx.runner
-    kernel = dev_manifest.get("kernel_version") or kernel_of(base_manifest)
-    artifacts = dev_manifest["artifacts"]
-    artifacts_dir = ctx.image_dir / ARTIFACTS_DIR
-    work = fresh_work_dir(ctx, "prod")
-    timings: dict[str, float] = {}
-    try:
-        overlay_path = work / "prod-overlay.qcow2"
-        overlay.create(
-            ctx.image_dir / base_manifest["image"]["file"],
-            overlay_path,
-            runner,
-            f"{ctx.name}: prod: create overlay",
-        )
-        to_install = installs(
+    return ProdRun(ctx, base_manifest, dev_manifest).run()
+
+
+class ProdRun(LayerRun):
+    name, overlay_file = "prod", "prod-overlay.qcow2"
+
+    def __init__(self, ctx: Context, base_manifest: dict[str, Any], dev_manifest: dict[str, Any]) -> None:
+        super().__init__(ctx, ctx.image.prod, base_manifest)
+        self.dev_manifest = dev_manifest
+        self.kernel: str = dev_manifest.get("kernel_version") or kernel_of(base_manifest)
+        self.artifacts: dict[str, Any] = dev_manifest["artifacts"]
+        self.artifacts_dir = ctx.image_dir / ARTIFACTS_DIR
+        self.to_install: list[dict[str, Any]] = []
+        self.packages_requested: list[str] = []
+        self.packages: dict[str, str] = {}
+        self.kernel_hold: dict[str, Any] = {}
+        self.flattened: dict[str, Any] = {}
+
+    def sub_steps(self) -> list[Callable[[], None]]:
+        return [
+            self.create_overlay,
+            self.provision,
+            self.check_kernel,
+            self.flatten,
+        ]
+
+    def provision(self) -> None:
+        """Kernel hold, runtime packages, artifacts, desktop, mltk modules, the user's playbooks, cleanup."""
+        ctx, layer, artifacts = self.ctx, self.layer, self.artifacts
+        self.to_install = installs(
             [a for name in sorted(artifacts["components"]) for a in artifacts["components"][name]],
-            f"{artifacts_dir}/",
+            f"{self.artifacts_dir}/",
         )
-        runtime = sorted({p for c in ctx.image.components.values() for p in c.runtime_packages})
+        runtime = {p for c in ctx.image.components.values() for p in c.runtime_packages}
         # mltk's REQUIRED_CONTENT_PACKAGES: real packages here (the image is a real distribution).
         mltk = artifacts.get("mltk")
-        runtime = sorted({*runtime, *(mltk["content_packages"] if mltk else ())})
+        runtime |= set(mltk["content_packages"] if mltk else ())
+        self.packages_requested = sorted({*layer.packages, *runtime})
         variables = {
             **layer.vars,
             "stage4_way": layer.way.value,
-            "stage4_kernel_version": kernel,
-            "stage4_packages": sorted({*layer.packages, *runtime}),
-            "stage4_artifacts": to_install,
-            "stage4_mltk": mltk_plan.install_vars(mltk, artifacts_dir),
+            "stage4_kernel_version": self.kernel,
+            "stage4_packages": self.packages_requested,
+            "stage4_artifacts": self.to_install,
+            "stage4_mltk": mltk_plan.install_vars(mltk, self.artifacts_dir),
         }
         roles = ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"]
         if desktop := ctx.image.desktop:
@@ -85,49 +97,55 @@ def build(ctx: Context, prod_id: str, base_manifest: dict, dev_manifest: dict) -
             list(layer.playbooks),
             [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)],
         )
-        with timed(timings, "provision"):
-            provision_layer(ctx, base_manifest, "prod", layer, overlay_path, plays, variables, work)
-        step = f"{ctx.name}: prod: kernel and package list"
-        with attach.attached(
-            overlay_path,
-            base_root_partition(ctx, base_manifest),
-            work / "attach",
-            runner,
-            writable=False,
-            step=step,
-        ) as root:
-            kernel_guard.check(root, kernel, step, runner, base_manifest.get("kernel_versions"))
-            packages, kernel_hold = packages_of(root, runner), kernel_guard.hold(root, runner)
-        target = ctx.image_dir / PROD_IMAGE
-        step = f"{ctx.name}: prod: flatten into a standalone qcow2"
-        with temporary_sibling(target) as partial, display.step(step), timed(timings, "flatten"):
-            facts = overlay.flatten(overlay_path, partial, runner, step)
+        self.provision_with(plays, variables)
+
+    def check_kernel(self) -> None:
+        """The layer's kernels are exactly the dev run's (kernel_guard.py); the package list is read."""
+        step = self.step("kernel and package list")
+        with self.attached_read_only(step) as root:
+            kernel_guard.check(
+                root, self.kernel, step, self.runner, self.base_manifest.get("kernel_versions")
+            )
+            self.packages = packages_of(root, self.runner)
+            self.kernel_hold = kernel_guard.hold(root, self.runner)
+
+    def flatten(self) -> None:
+        """The overlay and its base as one standalone zstd qcow2: prod.qcow2."""
+        target = self.ctx.image_dir / PROD_IMAGE
+        step = self.step("flatten into a standalone qcow2")
+        with (
+            temporary_sibling(target) as partial,
+            self.runner.display.step(step),
+            timed(self.timings, "flatten"),
+        ):
+            self.flattened = overlay.flatten(self.overlay, partial, self.runner, step)
             place_atomically(partial, target)
-    finally:
-        remove_tree(work)
-    files = file_facts(ctx.image_dir, PROD_IMAGE)
-    return {
-        "dev_identity": dev_manifest["identity"],
-        "way": layer.way.value,
-        "kernel_version": kernel,
-        # What export publishes beside the image: the dev run's kernel and initramfs, not the base's.
-        "kernel": str(artifacts_dir / artifacts["kernel"]),
-        "initramfs": str(artifacts_dir / artifacts["initramfs"]),
-        "dracut_modules": list(ctx.image.initramfs.dracut_modules),
-        "playbooks": [str(p) for p in layer.playbooks],
-        "desktop": ctx.image.desktop.model_dump(mode="json") if ctx.image.desktop else None,
-        "packages_requested": variables["stage4_packages"],
-        "artifacts_installed": to_install,
-        "packages": packages,
-        "kernel_hold": kernel_hold,
-        "image": {
-            "file": PROD_IMAGE,
-            "format": "qcow2",
-            "compat": "1.1",
-            "compression": "zstd",
-            "virtual_size": facts["virtual-size"],
-            **files[PROD_IMAGE],
-        },
-        "files": files,
-        "timings_seconds": timings,
-    }
+
+    def manifest(self) -> dict[str, Any]:
+        ctx, layer, artifacts_dir = self.ctx, self.layer, self.artifacts_dir
+        files = file_facts(ctx.image_dir, PROD_IMAGE)
+        return {
+            "dev_identity": self.dev_manifest["identity"],
+            "way": layer.way.value,
+            "kernel_version": self.kernel,
+            # What export publishes beside the image: the dev run's kernel and initramfs, not the base's.
+            "kernel": str(artifacts_dir / self.artifacts["kernel"]),
+            "initramfs": str(artifacts_dir / self.artifacts["initramfs"]),
+            "dracut_modules": list(ctx.image.initramfs.dracut_modules),
+            "playbooks": [str(p) for p in layer.playbooks],
+            "desktop": ctx.image.desktop.model_dump(mode="json") if ctx.image.desktop else None,
+            "packages_requested": self.packages_requested,
+            "artifacts_installed": self.to_install,
+            "packages": self.packages,
+            "kernel_hold": self.kernel_hold,
+            "image": {
+                "file": PROD_IMAGE,
+                "format": "qcow2",
+                "compat": "1.1",
+                "compression": "zstd",
+                "virtual_size": self.flattened["virtual-size"],
+                **files[PROD_IMAGE],
+            },
+            "files": files,
+            "timings_seconds": self.timings,
+        }

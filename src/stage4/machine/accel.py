@@ -33,7 +33,13 @@ def probe_kvm(kernel: Path, runner: Runner) -> tuple[bool, str]:
     """Boot `kernel` under KVM; (True, '') if it gets to mounting its root, else (False, why not)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
-    argv = [*headless_argv("kvm", 1, 256), "-kernel", kernel, "-append", "console=ttyS0 panic=-1"]
+    argv: list[str | Path] = [
+        *headless_argv("kvm", 1, 256),
+        "-kernel",
+        kernel,
+        "-append",
+        "console=ttyS0 panic=-1",
+    ]
     with runner.background(argv, step="probe KVM", grace=2) as process:
         deadline = time.monotonic() + PROBE_TIMEOUT
         while time.monotonic() < deadline:
@@ -62,7 +68,8 @@ def choose(requested: str, kernel: Path | None, runner: Runner, cache_dir: Path)
     try:
         cached = json.loads(cache.read_text())
         if cached.get("boot_id") == _boot_id():
-            return cached["accelerator"]
+            known: str = cached["accelerator"]  # as written below
+            return known
     except (OSError, ValueError, KeyError):
         pass
     kept = cache_dir / "probe" / "vmlinuz"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from stage4.config import SourceConfig
 from stage4.errors import ConfigError, StepFailed
@@ -27,6 +27,53 @@ DRIVER = Path(__file__).parent / "driver.sh"
 RESULTS = "mltk"  # below the layer's output folder and the image's artifacts folder
 
 
+class ModuleFolder(TypedDict):
+    name: str
+    path: str  # relative to the checkout's top
+
+
+class GitTarball(TypedDict):
+    """A module's REQUIRED_GIT repository, fetched on the host."""
+
+    module: str
+    folder: str
+    tarball: str
+
+
+class BuildPlan(TypedDict):
+    """The dev role's `stage4_mltk` variable."""
+
+    tarball: str  # the mltk checkout
+    driver: str
+    sys_versions: str  # space-separated
+    modules: list[ModuleFolder]  # in dependency order
+    build_packages: list[str]
+    content_packages: list[str]
+    git: list[GitTarball]
+
+
+class Results(TypedDict):
+    """The dev manifest's `mltk` entry."""
+
+    modules: list[str]
+    content_packages: list[str]
+    sys_versions: str
+    files: list[str]  # relative to the artifacts folder
+
+
+class InstalledModule(TypedDict):
+    name: str
+    tarball: str
+
+
+class InstallVars(TypedDict):
+    """The prod role's `stage4_mltk` variable (only `modules`, empty, without mltk)."""
+
+    driver: NotRequired[str]
+    sys_versions: NotRequired[str]
+    modules: list[InstalledModule]
+
+
 def git_source(entry: str) -> tuple[str, SourceConfig]:
     """A REQUIRED_GIT entry ('URL', 'URL|branch' or 'URL||commit') as its folder name and source."""
     url, _, rest = entry.partition("|")
@@ -34,9 +81,11 @@ def git_source(entry: str) -> tuple[str, SourceConfig]:
     return url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git"), SourceConfig(git=url, ref=ref)
 
 
-def prepare(ctx: Context, sources_dir: Path, step: str) -> dict:
+def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
     """Fetch the checkout and the modules' git sources; the dev role's `stage4_mltk` variable."""
     mltk, runner = ctx.image.mltk, ctx.runner
+    if mltk is None:
+        raise ValueError(f"image {ctx.name} has no mltk modules to prepare")
     tarball = sources.fetch("stage4-mltk", mltk.source, sources_dir, runner, f"{step} (mltk)", ctx.cache_dir)
     tree = sources_dir / "stage4-mltk-read"
     shutil.rmtree(tree, ignore_errors=True)
@@ -52,7 +101,7 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> dict:
             list(mltk.modules),
             f"{exc} ({mltk.source.describe()})",
         ) from None
-    git = []
+    git: list[GitTarball] = []
     for module in order:
         for entry in module.words("REQUIRED_GIT"):
             folder, source = git_source(entry)
@@ -80,7 +129,7 @@ def _packages(order: list[Module], *keys: str) -> list[str]:
     return sorted({p for module in order for key in keys for p in module.packages(key)})
 
 
-def extract(out_dir: Path, staging: Path, plan: dict, step: str, log: Path | None) -> dict:
+def extract(out_dir: Path, staging: Path, plan: BuildPlan, step: str, log: Path | None) -> Results:
     """Copy each module's result out of the dev layer's output folder; the dev manifest's `mltk` entry."""
     (staging / RESULTS).mkdir(parents=True, exist_ok=True)
     files = []
@@ -98,7 +147,7 @@ def extract(out_dir: Path, staging: Path, plan: dict, step: str, log: Path | Non
     }
 
 
-def install_vars(mltk: dict | None, artifacts_dir: Path) -> dict:
+def install_vars(mltk: Results | None, artifacts_dir: Path) -> InstallVars:
     """The prod role's `stage4_mltk` variable, from the dev manifest's `mltk` entry."""
     if not mltk:
         return {"modules": []}

@@ -11,6 +11,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stage4.errors import StepFailed
 from stage4.runner import Runner
@@ -20,6 +21,10 @@ ROLES_DIR = ANSIBLE_DIR / "roles"
 REMOTE_TMP = "/tmp/.stage4-ansible"
 BUILD_USER = "stage4-build"
 BUILD_KEY_COMMENT = "stage4-build-key"
+
+# One entry of the generated playbook (a play of stage4's roles or an import of the user's playbook), as
+# Ansible reads it.
+Play = dict[str, object]
 
 
 @dataclass
@@ -31,8 +36,11 @@ class Target:
     port: int | None = None
     key: Path | None = None
 
-    def inventory(self) -> dict:
-        host: dict = {"ansible_python_interpreter": "/usr/bin/python3", "ansible_remote_tmp": REMOTE_TMP}
+    def inventory(self) -> dict[str, object]:
+        host: dict[str, object] = {
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "ansible_remote_tmp": REMOTE_TMP,
+        }
         if self.way == "chroot":
             host |= {"ansible_connection": "community.general.chroot", "ansible_host": str(self.root)}
         else:
@@ -49,15 +57,16 @@ class Target:
         return {"all": {"hosts": {"layer": host}}}
 
 
-def play(name: str, roles: list[str], gather_facts: bool = True) -> dict:
+def play(name: str, roles: list[str], gather_facts: bool = True) -> Play:
     """One play of stage4's roles. Facts gathered by an earlier play of the same run stay known, so the
     later plays need not gather them again (a few seconds each in a chroot)."""
     return {"name": name, "hosts": "all", "gather_facts": gather_facts, "roles": roles}
 
 
-def site(before: list[dict], playbooks: list[Path], after: list[dict]) -> list[dict]:
+def site(before: list[Play], playbooks: list[Path], after: list[Play]) -> list[Play]:
     """stage4's plays, the user's playbooks (imported as they are), stage4's closing plays."""
-    return [*before, *({"import_playbook": str(p)} for p in playbooks), *after]
+    imports: list[Play] = [{"import_playbook": str(p)} for p in playbooks]
+    return [*before, *imports, *after]
 
 
 def ansible_playbook() -> str:
@@ -77,11 +86,11 @@ class Prepared:
     variables: Path
     env: dict[str, str]
 
-    def argv(self) -> list:
+    def argv(self) -> list[str | Path]:
         return [ansible_playbook(), "-i", self.inventory, "-e", f"@{self.variables}", self.playbook]
 
 
-def prepare(target: Target, plays: list[dict], variables: dict, work: Path) -> Prepared:
+def prepare(target: Target, plays: list[Play], variables: dict[str, Any], work: Path) -> Prepared:
     """Write the playbook, inventory, variables and ansible.cfg of a run into `work`."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "site.yml").write_text(json.dumps(plays, indent=1), encoding="utf-8")
@@ -109,7 +118,9 @@ def prepare(target: Target, plays: list[dict], variables: dict, work: Path) -> P
     return Prepared(work / "site.yml", work / "inventory.json", work / "vars.json", env)
 
 
-def run(target: Target, plays: list[dict], variables: dict, work: Path, runner: Runner, step: str) -> None:
+def run(
+    target: Target, plays: list[Play], variables: dict[str, Any], work: Path, runner: Runner, step: str
+) -> None:
     """Run `plays` against `target`; a failure is a StepFailed naming `step` and the build log."""
     prepared = prepare(target, plays, variables, work)
     try:

@@ -14,9 +14,10 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stage4.errors import StepFailed
 from stage4.fsutil import mounts_below
@@ -49,7 +50,7 @@ class RootPartition:
     fs_type: str
 
     @classmethod
-    def from_manifest(cls, manifest: dict, identifier: str, fs_type: str) -> RootPartition:
+    def from_manifest(cls, manifest: Mapping[str, Any], identifier: str, fs_type: str) -> RootPartition:
         for part in manifest["partitions"]:
             if part["name"] == identifier:
                 return cls(part["start"], part["size"], fs_type)

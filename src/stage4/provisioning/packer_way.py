@@ -17,10 +17,20 @@ wrapper adding `-F qcow2` on PATH, CHECKPOINT_DISABLE=1, no qcow2 made means fai
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypedDict
 
 from stage4.builders import packer, packer_run, packer_template
-from stage4.builders.packer_template import Var, Variable, to_hcl, to_json, var_file_hcl, var_file_json
+from stage4.builders.packer_template import (
+    Setting,
+    Var,
+    Variable,
+    to_hcl,
+    to_json,
+    var_file_hcl,
+    var_file_json,
+)
 from stage4.config import MachineConfig
 from stage4.errors import StepFailed
 from stage4.fsutil import remove_tree, sha256_file
@@ -33,6 +43,13 @@ MIN_VERSION = (1, 5, 6)
 SSH_TIMEOUT = f"{(vm.BOOT_TIMEOUT + vm.SSH_TIMEOUT) // 60}m"
 SOURCE = "layer"
 OUTPUT = Path(f"output-{SOURCE}") / f"{SOURCE}.qcow2"
+
+
+class PackerFacts(TypedDict):
+    """What a layer's Packer run reports."""
+
+    packer_version: str
+    packer_overlay_size: int
 
 
 def check_packer(runner: Runner, step: str) -> tuple[int, int, int]:
@@ -69,7 +86,7 @@ def check_packer(runner: Runner, step: str) -> tuple[int, int, int]:
     return version
 
 
-def _variables(values: dict[str, object]) -> list[Variable]:
+def _variables(values: Mapping[str, Setting]) -> list[Variable]:
     described = {
         "cpus": ("number", "virtual CPUs of the layer's VM"),
         "memory": ("number", "memory of the layer's VM in MiB"),
@@ -94,11 +111,12 @@ def render(
     label: str,
 ) -> packer.RenderedTemplate:
     """Write the layer's Packer tree: base.json/base.pkrvars.hcl, layer.json (1.6.x), layer.pkr.hcl."""
-    values = {**packer.base_values(machine, SSH_TIMEOUT), "disk_size": disk_size}
-    builder = {
+    values: dict[str, Setting] = {**packer.base_values(machine, SSH_TIMEOUT), "disk_size": disk_size}
+    iso_url = str(layer.absolute())
+    builder: dict[str, Setting] = {
         "type": "qemu",
         "name": "qemu",
-        "iso_url": str(layer.absolute()),
+        "iso_url": iso_url,
         "iso_checksum": checksum,
         "disk_image": True,
         "use_backing_file": True,
@@ -131,7 +149,7 @@ def render(
         "shutdown_command": "sudo -n systemctl poweroff",
         "shutdown_timeout": "5m",
     }
-    provisioner = {
+    provisioner: dict[str, Setting] = {
         "type": "ansible",
         "command": ansible.ansible_playbook(),
         "playbook_file": str(prepared.playbook),
@@ -149,9 +167,7 @@ def render(
     variables = _variables(values)
     json_path.write_text(to_json(builder, variables, description, [provisioner]), encoding="utf-8")
     hcl_path.write_text(to_hcl(builder, variables, SOURCE, description, [provisioner]), encoding="utf-8")
-    return packer.RenderedTemplate(
-        label, SOURCE, SOURCE, json_path, hcl_path, OUTPUT, builder["iso_url"], checksum
-    )
+    return packer.RenderedTemplate(label, SOURCE, SOURCE, json_path, hcl_path, OUTPUT, iso_url, checksum)
 
 
 def _failure(exc: StepFailed, log_path: Path | None) -> str:
@@ -181,13 +197,13 @@ def provision(
     part: attach.RootPartition,
     accelerator: str,
     machine: MachineConfig,
-    plays: list[dict],
-    variables: dict,
+    plays: list[ansible.Play],
+    variables: dict[str, Any],
     work: Path,
     runner: Runner,
     step: str,
     label: str,
-) -> dict:
+) -> PackerFacts:
     """Provision the qcow2 `layer` (an overlay on the base) with Packer; returns facts of the run."""
     version = check_packer(runner, step)
     tree = work / "packer"

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from stage4.errors import InputError, StepFailed
 from stage4.fsutil import (
@@ -43,6 +44,34 @@ FETCH_TIMEOUT = 300
 FULL_COMMIT = re.compile(r"^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$")
 
 
+# What refs.json keeps of one (URL, ref), and the whole file.
+GitRecord = TypedDict("GitRecord", {"commit": str, "when": str, "from": str})
+
+
+class GitRecords(TypedDict):
+    url: str
+    refs: dict[str, GitRecord]
+
+
+# <sha256>.json beside a cached tarball.
+TarballRecord = TypedDict("TarballRecord", {"url": str, "sha256": str, "when": str, "from": str, "size": int})
+
+# Entry.to_dict(): what `stage4 sources --json` shows.
+EntryDict = TypedDict(
+    "EntryDict",
+    {
+        "kind": str,
+        "url": str,
+        "ref": str | None,
+        "commit": str | None,
+        "sha256": str | None,
+        "size": int,
+        "when": str,
+        "from": str,
+    },
+)
+
+
 class Unreachable(Exception):
     """The network copy of a source cannot be reached (the reason is the message)."""
 
@@ -60,7 +89,7 @@ class Entry:
     when: str
     origin: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> EntryDict:
         return {
             "kind": self.kind,
             "url": self.url,
@@ -105,14 +134,22 @@ class SourceCache:
     def mirror(self, url: str) -> Path:
         return self._git_dir(url) / "mirror.git"
 
-    def _records(self, url: str) -> dict:
+    def _records(self, url: str) -> GitRecords:
         path = self._git_dir(url) / "refs.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"url": url, "refs": {}}
+        if not path.is_file():
+            return {"url": url, "refs": {}}
+        records: GitRecords = json.loads(path.read_text(encoding="utf-8"))
+        return records
+
+    def git_record(self, url: str, ref: str) -> GitRecord | None:
+        """The commit cached for (url, ref), when and where from; None if it is not cached."""
+        return self._records(url)["refs"].get(ref)
 
     def git_entry(self, url: str, ref: str) -> Entry | None:
-        record = self._records(url)["refs"].get(ref)
-        if record is None:
-            return None
+        record = self.git_record(url, ref)
+        return None if record is None else self._git_entry(url, ref, record)
+
+    def _git_entry(self, url: str, ref: str, record: GitRecord) -> Entry:
         return Entry(
             "git",
             url,
@@ -160,9 +197,10 @@ class SourceCache:
             step=step,
         )
         records = self._records(url)
-        records["refs"][ref] = {"commit": commit, "when": _now(), "from": origin}
+        record: GitRecord = {"commit": commit, "when": _now(), "from": origin}
+        records["refs"][ref] = record
         write_json_atomically(self._git_dir(url) / "refs.json", records)
-        return self.git_entry(url, ref)
+        return self._git_entry(url, ref, record)
 
     def import_git(self, url: str, ref: str, directory: Path, runner: Runner, at: str | None = None) -> Entry:
         """Cache (url, ref) from a local clone: the commit `ref` (or the revision `at`) names in
@@ -272,7 +310,13 @@ class SourceCache:
         with temporary_sibling(target) as partial:
             shutil.copyfile(file, partial)
             place_atomically(partial, target)
-        record = {"url": url, "sha256": sha256, "when": _now(), "from": origin, "size": target.stat().st_size}
+        record: TarballRecord = {
+            "url": url,
+            "sha256": sha256,
+            "when": _now(),
+            "from": origin,
+            "size": target.stat().st_size,
+        }
         write_json_atomically(target.with_name(target.name + ".json"), record)
         return _tarball_entry(record)
 
@@ -294,8 +338,9 @@ class SourceCache:
     def entries(self) -> list[Entry]:
         found = []
         for records_file in sorted((self.root / "git").glob("*/refs.json")):
-            records = json.loads(records_file.read_text(encoding="utf-8"))
-            found += [self.git_entry(records["url"], ref) for ref in sorted(records["refs"])]
+            records: GitRecords = json.loads(records_file.read_text(encoding="utf-8"))
+            url = records["url"]
+            found += [self._git_entry(url, ref, records["refs"][ref]) for ref in sorted(records["refs"])]
         for record_file in sorted((self.root / "tarball").glob("*.json")):
             found.append(_tarball_entry(json.loads(record_file.read_text(encoding="utf-8"))))
         return found
@@ -307,12 +352,11 @@ class SourceCache:
             record = path.with_name(path.name + ".json")
             if not record.is_file():
                 raise InputError(f"no tarball with sha256 {sha256} in the source cache ({self.root})")
-            entry = _tarball_entry(json.loads(record.read_text(encoding="utf-8")))
+            removed = _tarball_entry(json.loads(record.read_text(encoding="utf-8")))
             path.unlink(missing_ok=True)
             record.unlink()
-            return entry
-        entry = self.git_entry(url, ref)
-        if entry is None:
+            return removed
+        if ref is None or (entry := self.git_entry(url, ref)) is None:
             raise InputError(
                 f"{url} at {ref!r} is not in the source cache ({self.root}); see `stage4 sources`"
             )
@@ -332,21 +376,25 @@ class SourceCache:
 
 def _advertised(listing: str, ref: str) -> str | None:
     """The commit `git ls-remote` shows for a branch or tag named `ref` (a tag by the commit it points to)."""
-    refs = dict(reversed(line.split("\t", 1)) for line in listing.splitlines() if "\t" in line)
+    refs: dict[str, str] = {}  # name -> commit; the last line of a name wins
+    for line in listing.splitlines():
+        if "\t" in line:
+            commit, name = line.split("\t", 1)
+            refs[name] = commit
     for name in (f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", ref):
         if name in refs:
             return refs[name]
     return None
 
 
-def _tarball_entry(record: dict) -> Entry:
+def _tarball_entry(record: TarballRecord) -> Entry:
     return Entry(
         "tarball", record["url"], None, None, record["sha256"], record["size"], record["when"], record["from"]
     )
 
 
 def _fetch_into(
-    mirror: Path, arguments: list, runner: Runner, step: str, timeout: float | None = None
+    mirror: Path, arguments: list[str | Path], runner: Runner, step: str, timeout: float | None = None
 ) -> None:
     """`git fetch` into a cache mirror (no automatic gc: the cached commits are kept by refs/stage4/)."""
     runner.run(

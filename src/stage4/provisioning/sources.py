@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from stage4.config import SourceConfig
-from stage4.errors import StepFailed
+from stage4.errors import InputError, StepFailed
 from stage4.fsutil import sha256_file
 from stage4.provisioning.source_cache import FULL_COMMIT, SourceCache, Unreachable
 from stage4.runner import Runner
@@ -40,15 +40,23 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def identity_inputs(source: SourceConfig) -> dict:
+def identity_inputs(source: SourceConfig) -> dict[str, str | bool | None]:
     """What a source contributes to a layer identity: its URL and ref, its checksum, or its content."""
     if source.git:
         return {"git": source.git, "ref": source.ref}
     if source.tarball:
         return {"tarball": source.sha256}
-    if not source.path.is_dir():
-        return {"path": str(source.path), "missing": True}
-    return {"path_content": tree_digest(source.path)}
+    path = _directory(source)
+    if not path.is_dir():
+        return {"path": str(path), "missing": True}
+    return {"path_content": tree_digest(path)}
+
+
+def _directory(source: SourceConfig) -> Path:
+    """The folder of a source given neither as git nor as tarball (SourceConfig requires exactly one)."""
+    if source.path is None:
+        raise InputError("a source needs one of git, tarball or path")
+    return source.path
 
 
 def fetch(
@@ -63,14 +71,16 @@ def fetch(
         shutil.rmtree(tree)
     cache = SourceCache(cache_dir)
     if source.git:
-        _git_tree(source, tree, cache, runner, step)
+        _git_tree(source.git, source.ref, tree, cache, runner, step)
         root = tree
     elif source.tarball:
-        root = _unpack_tarball(source, tree, cache, runner, step)
+        if source.sha256 is None:
+            raise InputError(f"tarball {source.tarball}: a tarball needs its sha256")
+        root = _unpack_tarball(source.tarball, source.sha256, tree, cache, runner, step)
     else:
-        if not source.path.is_dir():
-            raise StepFailed(step, f"source directory {source.path} does not exist", runner.log_path)
-        root = source.path
+        root = _directory(source)
+        if not root.is_dir():
+            raise StepFailed(step, f"source directory {root} does not exist", runner.log_path)
     with tarfile.open(target, "w:gz") as archive:
         for entry in sorted(root.iterdir()):
             if entry.name != ".git":
@@ -84,15 +94,14 @@ def top_level(tarball: Path) -> set[str]:
         return {name.split("/", 1)[0] for name in archive.getnames()}
 
 
-def _git_tree(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runner, step: str) -> None:
-    url, ref = source.git, source.ref
+def _git_tree(url: str, ref: str, tree: Path, cache: SourceCache, runner: Runner, step: str) -> None:
     if FULL_COMMIT.match(ref) and cache.has_commit(url, ref, runner, step):
         commit = ref.lower()  # a commit id names the same tree forever: no need to ask the network
     else:
         try:
             commit = cache.fetch_from_network(url, ref, runner, step)
         except Unreachable as exc:
-            cached = cache.git_entry(url, ref)
+            cached = cache.git_record(url, ref)
             if cached is None:
                 raise StepFailed(
                     step,
@@ -101,17 +110,19 @@ def _git_tree(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runn
                     f"clone here and run `stage4 sources import {url} --ref {ref} DIR`",
                     runner.log_path,
                 ) from None
-            how = "fetched" if cached.origin == url else f"imported from {cached.origin}"
+            how = "fetched" if cached["from"] == url else f"imported from {cached['from']}"
             runner.display.info(
                 f"{step}: {url} is not reachable ({exc}); using the cached {ref!r} at commit "
-                f"{cached.commit[:12]} ({how} {cached.when})"
+                f"{cached['commit'][:12]} ({how} {cached['when']})"
             )
-            commit = cached.commit
+            commit = cached["commit"]
     cache.checkout(url, commit, tree, runner, step)
 
 
-def _unpack_tarball(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runner, step: str) -> Path:
-    tarball = cache.tarball(source.sha256, runner) or _obtain_tarball(source, tree, cache, runner, step)
+def _unpack_tarball(
+    location: str, sha256: str, tree: Path, cache: SourceCache, runner: Runner, step: str
+) -> Path:
+    tarball = cache.tarball(sha256, runner) or _obtain_tarball(location, sha256, tree, cache, runner, step)
     tree.mkdir(parents=True)
     with tarfile.open(tarball) as archive:
         archive.extractall(tree, filter="data")
@@ -120,9 +131,10 @@ def _unpack_tarball(source: SourceConfig, tree: Path, cache: SourceCache, runner
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else tree
 
 
-def _obtain_tarball(source: SourceConfig, tree: Path, cache: SourceCache, runner: Runner, step: str) -> Path:
-    """Download (or copy) the tarball, check its sha256 and keep it in the source cache."""
-    location = source.tarball
+def _obtain_tarball(
+    location: str, sha256: str, tree: Path, cache: SourceCache, runner: Runner, step: str
+) -> Path:
+    """Download (or copy) the tarball at `location`, check its sha256 and keep it in the source cache."""
     remote = "://" in location
     download = tree.with_name(tree.name + ".download")
     try:
@@ -137,17 +149,17 @@ def _obtain_tarball(source: SourceConfig, tree: Path, cache: SourceCache, runner
         if remote:
             hint = (
                 f"; on a host without internet, download it elsewhere, copy it here and run "
-                f"`stage4 sources import {location} --sha256 {source.sha256} FILE`"
+                f"`stage4 sources import {location} --sha256 {sha256} FILE`"
             )
         raise StepFailed(
             step, f"cannot fetch {location}: {getattr(exc, 'reason', exc)}{hint}", runner.log_path
         ) from None
     try:
         digest = sha256_file(download)
-        if digest != source.sha256:
+        if digest != sha256:
             raise StepFailed(
                 step,
-                f"checksum mismatch for {location}: expected sha256 {source.sha256}, got {digest}",
+                f"checksum mismatch for {location}: expected sha256 {sha256}, got {digest}",
                 runner.log_path,
             )
         cache.add_tarball(location, digest, download, location)

@@ -57,7 +57,8 @@ def remove_build_user(root: Path, runner: Runner, step: str) -> None:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]  # (host, port) of an AF_INET socket
+        return port
 
 
 def qemu_argv(
