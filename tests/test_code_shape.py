@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles (between modules and between packages), no oversized module.
+"""The shape of the code: no import cycles (between modules and between packages), no oversized module, no
+`pytest.raises` in tests/ that does not name the message it expects.
 
 Read from the source with `ast`, so function-level imports count too. An import of `a.b` is an edge to
 `a.b` only, not to the package `a` that Python loads first: families import `stage4.distributions.base`,
@@ -93,3 +94,27 @@ def test_no_source_file_over_450_lines():
         if (lines := len(path.read_text(encoding="utf-8").splitlines())) > 450
     }
     assert not long, long
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def raises_without_match() -> list[str]:
+    """`file:line` of every `pytest.raises(...)` call in tests/*.py that names no `match=`."""
+    found = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func) == "pytest.raises"
+                and not any(keyword.arg == "match" for keyword in node.keywords)
+            ):
+                found.append((path.name, node.lineno))
+    return [f"{name}:{line}" for name, line in sorted(found)]
+
+
+def test_every_pytest_raises_names_its_message():
+    """A `pytest.raises` without `match=` passes on any error of that class, also the wrong one: each
+    names the message it expects."""
+    missing = raises_without_match()
+    assert not missing, f"{len(missing)} pytest.raises without match=: " + ", ".join(missing)

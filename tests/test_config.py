@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,7 @@ def test_malformed_config_is_named_precisely(tmp_path: Path, text: str, expected
     if expected is None:
         assert config.load(path).images["a"].identifier == "SLX_SYSTEM_1"
         return
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: {expected}")) as caught:
         config.load(path)
     assert str(caught.value).startswith(f"{path}: {expected}")
 
@@ -202,6 +203,6 @@ def test_ubuntu_without_its_keyring_says_what_is_missing(tmp_path: Path) -> None
 def test_builder_and_installer_settings_are_checked(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "stage4.toml"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: {expected}") + "$") as caught:
         config.load(path)
     assert str(caught.value) == f"{path}: {expected}"

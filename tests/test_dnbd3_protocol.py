@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -91,9 +92,9 @@ def test_server_entry_vectors():
 
 
 def test_byte_swapped_magic_is_refused():
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match=r"^bad magic 0x7372 in reply$"):
         p.parse_reply(h("72 73 05 00 00 00 00 00") + bytes(8))
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match=r"^bad magic 0x7372 in request$"):
         p.parse_request(h("72 73 05 00") + bytes(20))
 
 
@@ -102,24 +103,46 @@ def test_select_image_payload_is_parsed_as_leniently_as_the_server():
     assert p.parse_select_image(base) == p.SelectImage(3, "img", 5, 0)  # flags omitted
     assert p.parse_select_image(base + b"\x07trailing") == p.SelectImage(3, "img", 5, 7)
     assert p.parse_select_image(struct.pack("<H", 3) + b"img").rid == 0  # name without NUL at the end
-    for bad in (struct.pack("<H", 3), struct.pack("<H", 3) + b"\0\0\0\0", bytes(1001)):
-        with pytest.raises(p.ProtocolError):
+    for bad, message in (
+        (struct.pack("<H", 3), r"^incomplete SELECT_IMAGE payload$"),
+        (struct.pack("<H", 3) + b"\0\0\0\0", r"^empty image name$"),
+        (bytes(1001), r"^SELECT_IMAGE payload of 1001 bytes exceeds 1000$"),
+    ):
+        with pytest.raises(p.ProtocolError, match=message):
             p.parse_select_image(bad)
 
 
 @pytest.mark.parametrize(
-    "payload",
+    ("payload", "message"),
     [
-        struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 0, 8192),  # RID 0
-        struct.pack("<H", 1) + b"img\0" + struct.pack("<HQ", 1, 8192),  # version 1
-        struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 1, 100),  # size below 4096
-        struct.pack("<H", 3) + b"img" + struct.pack("<HQ", 1, 8192),  # no NUL
-        struct.pack("<H", 3) + b"\0" + struct.pack("<HQ", 1, 8192) + b"xx",  # empty name
-        struct.pack("<H", 3) + b"abcdefghij\0" + b"\1",  # cut after the name
+        (  # RID 0
+            struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 0, 8192),
+            r"^server did not supply a revision id$",
+        ),
+        (  # version 1
+            struct.pack("<H", 1) + b"img\0" + struct.pack("<HQ", 1, 8192),
+            r"^server speaks protocol version 1, at least 2 needed$",
+        ),
+        (  # size below 4096
+            struct.pack("<H", 3) + b"img\0" + struct.pack("<HQ", 1, 100),
+            r"^SELECT_IMAGE reply: image size 100 is below 4096$",
+        ),
+        (  # no NUL anywhere after the version (a packed RID/size would bring its own zero bytes)
+            struct.pack("<H", 3) + b"img" + b"\1" * 10,
+            r"^SELECT_IMAGE reply: image name is not NUL-terminated$",
+        ),
+        (  # empty name
+            struct.pack("<H", 3) + b"\0" + struct.pack("<HQ", 1, 8192) + b"xx",
+            r"^SELECT_IMAGE reply: empty image name$",
+        ),
+        (  # cut after the name
+            struct.pack("<H", 3) + b"abcdefghij\0" + b"\1",
+            r"^SELECT_IMAGE reply: too short for revision and size$",
+        ),
     ],
 )
-def test_bad_select_replies_are_refused(payload):
-    with pytest.raises(p.ProtocolError):
+def test_bad_select_replies_are_refused(payload, message):
+    with pytest.raises(p.ProtocolError, match=message):
         p.parse_select_reply(payload)
 
 
@@ -137,9 +160,19 @@ def test_parse_address(text, expected):
     assert p.parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["host:0", "host:70000", "host:x", ":5003", "[::1", "[::1]x"])
-def test_parse_address_refuses(text):
-    with pytest.raises(InputError):
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("host:0", "port must be 1..65535"),
+        ("host:70000", "port must be 1..65535"),
+        ("host:x", "port must be 1..65535"),
+        (":5003", "no host"),
+        ("[::1", "missing ']'"),
+        ("[::1]x", "expected ':port' after ']'"),
+    ],
+)
+def test_parse_address_refuses(text, problem):
+    with pytest.raises(InputError, match="^" + re.escape(f"server address {text!r}: {problem}") + "$"):
         p.parse_address(text)
 
 
@@ -195,7 +228,7 @@ def test_select_reply_roundtrip(version, name, rid, size):
 def test_crc_list_with_bad_master_is_refused():
     good = h("19 01 66 5f 4a a1 7c a4")
     assert parse_crc_file(good, 16 << 20) == [0xA47CA14A]
-    with pytest.raises(CrcError):
+    with pytest.raises(CrcError, match=r"^master CRC 0x5f660118 does not match the list \(0x5f660119\)$"):
         parse_crc_file(b"\x18" + good[1:])
-    with pytest.raises(CrcError):
+    with pytest.raises(CrcError, match=r"^CRC list has 8 bytes, 12 expected for an image of 33554432 bytes$"):
         parse_crc_file(good, 32 << 20)  # too short for two blocks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,7 +124,10 @@ def test_orphan_crc_blocks_its_rid(tmp_path, image):
     store = tmp_path / "store"
     (store / "stage4").mkdir(parents=True)
     (store / "stage4/test.qcow2.r5.crc").write_bytes(b"x" * 8)
-    with pytest.raises(InputError):
+    with pytest.raises(
+        InputError,
+        match=re.escape(f"stage4/test.qcow2: revision 5 exists in {store}; it is never overwritten"),
+    ):
         export(image, store, rid=5)
     assert export(image, store).rid == 6
     assert (store / "stage4/test.qcow2.r5.crc").read_bytes() == b"x" * 8
@@ -214,41 +218,45 @@ def test_qcow2_with_backing_file_is_refused(tmp_path):
     assert pub.size % 4096 == 0
 
 
+CHARS = "(use letters, digits and . _ - + @ , = ~)"
+
+# (name, what the refusal says after "image name {name!r}: ")
 BAD_NAMES = [
-    "",
-    "/abs/img",
-    "a/../img",
-    "..",
-    "a//img",
-    "img/",
-    ".hidden",
-    "a/.img",
-    "./img",
-    "a/./img",
-    "x" * 151 + "/img",
-    "y" * 144,
-    "with space",
-    "star*",
-    "q?",
-    "br[a]ck",
-    "quo'te",
-    "tab\tname",
-    "nul\0byte",
-    "ümlaut",
-    "img.r7",
-    "img.crc",
-    "a\\b",
+    ("", "empty"),
+    ("/abs/img", "must be relative to the store (no leading '/')"),
+    ("a/../img", "path component '..' is not allowed"),
+    ("..", "path component '..' is not allowed"),
+    ("a//img", "empty path component ('//'); the server would register a second image for it"),
+    ("img/", "must not end with '/'"),
+    (".hidden", "component '.hidden' starts with '.'; the server skips hidden files and directories"),
+    ("a/.img", "component '.img' starts with '.'; the server skips hidden files and directories"),
+    ("./img", "path component '.' is not allowed"),
+    ("a/./img", "path component '.' is not allowed"),
+    ("x" * 151 + "/img", "directory 'xxxxxxxxxxxxxxxxxxxx'... is longer than the server's 150-byte limit"),
+    ("y" * 144, "last component is longer than 143 bytes (the file name with '.r<RID>' must fit 150)"),
+    ("with space", "character ' ' is not allowed " + CHARS),
+    ("star*", "character '*' is not allowed " + CHARS),
+    ("q?", "character '?' is not allowed " + CHARS),
+    ("br[a]ck", "character '[' is not allowed " + CHARS),
+    ("quo'te", 'character "\'" is not allowed ' + CHARS),
+    ("tab\tname", "character '\\t' is not allowed " + CHARS),
+    ("nul\0byte", "character '\\x00' is not allowed " + CHARS),
+    ("ümlaut", "character 'ü' is not allowed " + CHARS),
+    ("img.r7", "must not end in '.r<number>' (the server would read that as a revision)"),
+    ("img.crc", "must not end in .crc, .map or .meta"),
+    ("a\\b", "character '\\\\' is not allowed " + CHARS),
 ]
 
 
-@pytest.mark.parametrize("name", BAD_NAMES)
-def test_bad_names_are_refused(tmp_path, image, name):
-    with pytest.raises(InputError) as info:
+@pytest.mark.parametrize(("name", "problem"), BAD_NAMES)
+def test_bad_names_are_refused(tmp_path, image, name, problem):
+    message = "^" + re.escape(f"image name {name!r}: {problem}") + "$"
+    with pytest.raises(InputError, match=message) as info:
         validate_name(name)
     assert "\n" not in str(info.value)
     store = tmp_path / "store"
     store.mkdir()
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=message):
         export(image, store, name)
     assert list(store.iterdir()) == []
 
@@ -266,7 +274,12 @@ def test_good_names_are_accepted():
 
 @pytest.mark.parametrize("value", ["0", "65536", "07", "-1", "1.0", "x", ""])
 def test_bad_rids_are_refused(value):
-    with pytest.raises(InputError):
+    with pytest.raises(
+        InputError,
+        match="^"
+        + re.escape(f"revision {value!r}: must be a plain decimal number 1..65535 without leading zeros")
+        + "$",
+    ):
         parse_rid(value)
 
 
@@ -308,7 +321,9 @@ def test_revisions_and_prune(tmp_path, image):
     assert not (store / ".stage4/p/publication.r2.json").exists()
     assert prune(store, "p", 1) == [1, 4]
     assert [r.rid for r in Store(store).revisions("p")] == [5]
-    with pytest.raises(InputError):
+    with pytest.raises(
+        InputError, match=r"^--keep must be at least 1 \(the newest revision is never removed\)$"
+    ):
         prune(store, "p", 0)
     out = subprocess.run(
         [*STAGE4, "revisions", "p", "--store", str(store), "--json"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,7 +163,15 @@ def test_an_initramfs_without_a_configured_module_is_refused(tmp_path, built, in
     shutil.copyfile(initramfs["without"], manifest["initramfs"])
     store = tmp_path / "store"
     store.mkdir()
-    with pytest.raises(InputError) as info:
+    with pytest.raises(
+        InputError,
+        match="^"
+        + re.escape(
+            f"initramfs {manifest['initramfs']} lacks the configured dracut module 'stage4test'; "
+            "nothing published"
+        )
+        + "$",
+    ) as info:
         publish(image, store, NAME, check_image=False)
     message = str(info.value)
     assert "\n" not in message and manifest["initramfs"] in message and "'stage4test'" in message

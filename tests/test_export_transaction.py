@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,7 +131,11 @@ def test_store_without_space_publishes_nothing(tmp_path, mounts, image, small):
     assert export(image, store).rid == 1
     before = everything(store)
     for name in (NAME, "new/deeper/img.qcow2"):
-        with pytest.raises(Stage4Error) as info:
+        where = store / name.rsplit("/", 1)[0]
+        with pytest.raises(
+            Stage4Error,
+            match=re.escape(f"cannot write the image to {where}: No space left on device; nothing published"),
+        ) as info:
             export(image, store, name)
         message = one_line(str(info.value))
         assert "No space left on device" in message and "nothing published" in message
@@ -145,7 +150,10 @@ def test_boot_dir_without_inodes_publishes_nothing(tmp_path, mounts, image, boot
     store.mkdir()
     # room for the kernel and initramfs temporaries, none for the config: the reported bug left .r1 and
     # .r1.crc visible with no config.r1 and no record
-    with pytest.raises(Stage4Error) as info:
+    with pytest.raises(
+        Stage4Error,
+        match=re.escape(f"cannot write the config to {boot_dir}: No space left on device; nothing published"),
+    ) as info:
         export(image, store, kernel=boot[0], initrd=boot[1], boot_files=True, boot_dir=boot_dir)
     message = one_line(str(info.value))
     assert "No space left on device" in message and str(boot_dir) in message
@@ -162,7 +170,10 @@ def test_boot_dir_without_space_for_the_initramfs_publishes_nothing(tmp_path, mo
     store, boot_root = tmp_path / "store", mounts(tmp_path / "boot", "size=256k")
     store.mkdir()
     boot_dir = boot_root / "netboot/stage4"
-    with pytest.raises(Stage4Error) as info:
+    with pytest.raises(
+        Stage4Error,
+        match=re.escape(f"cannot write the initrd to {boot_dir}: No space left on device; nothing published"),
+    ) as info:
         export(image, store, kernel=boot[0], initrd=boot[1], boot_files=True, boot_dir=boot_dir)
     assert "cannot write the initrd" in one_line(str(info.value))
     assert everything(boot_root) == [] and everything(store) == [".stage4.lock"]
@@ -250,7 +261,13 @@ def test_server_gone_after_the_link_withdraws_the_revision(tmp_path, image, boot
     planned = prepare(image, store, NAME, reload_pidfile=pidfile, **kwargs)
     server.kill()
     server.wait()
-    with pytest.raises(Stage4Error) as info:
+    with pytest.raises(
+        Stage4Error,
+        match=re.escape(
+            f"server reload: no process {server.pid} (from {pidfile}); revision 2 of {NAME} withdrawn; "
+            "nothing published"
+        ),
+    ) as info:
         planned.run()
     message = one_line(str(info.value))
     assert f"no process {server.pid}" in message and f"revision 2 of {NAME} withdrawn" in message
@@ -373,7 +390,13 @@ def test_remote_store_script_is_one_transaction_too(tmp_path, mounts, image, boo
     server = subprocess.Popen(["sleep", "60"])
     pidfile = tmp_path / "server.pid"
     pidfile.write_text(f"{server.pid}\n")
-    with pytest.raises(Stage4Error) as info:
+    with pytest.raises(
+        Stage4Error,
+        match=re.escape(
+            f"host:{store}: server reload: no process '{server.pid}' (from {pidfile}); the revision was "
+            "withdrawn; nothing published"
+        ),
+    ) as info:
         publish(
             image,
             f"host:{store}",
@@ -386,7 +409,11 @@ def test_remote_store_script_is_one_transaction_too(tmp_path, mounts, image, boo
     assert "no process" in message and "withdrawn" in message
     assert everything(store) == before and (meta / "config").read_text() == active
     boot_dir = mounts(tmp_path / "boot", "size=8m,nr_inodes=3")
-    with pytest.raises(Stage4Error) as info:
+    with pytest.raises(  # no inode for the uploaded config's temporary
+        Stage4Error,
+        match=rf"^upload config failed: cp exited with 1: .*'{re.escape(str(boot_dir))}/\.config\.stage4-"
+        r"[^']+\.part': No space left on device; nothing published$",
+    ) as info:
         publish(
             image,
             f"host:{store}",

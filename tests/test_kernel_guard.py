@@ -7,6 +7,7 @@ test_rollouts.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -43,7 +44,12 @@ def test_a_changed_kernel_fails_with_one_line_naming_both(tmp_path: Path, change
     elif change == "modules of another kernel":
         kernel_tree(tmp_path, KERNEL)
         kernel_tree(tmp_path, OTHER, boot=False)
-    with pytest.raises(StepFailed) as caught:
+    prod_has = "no kernel" if change == "no kernel" else f"{KERNEL}, {OTHER}"
+    expected = (
+        "debian-12: prod: kernel and package list failed: the prod layer changed the kernel: the dev run "
+        f"built the initramfs and modules for {KERNEL}, prod has {prod_has}"
+    )
+    with pytest.raises(StepFailed, match="^" + re.escape(expected) + "$") as caught:
         kernel_guard.check(tmp_path, KERNEL, "debian-12: prod: kernel and package list", Runner())
     message = str(caught.value)
     assert "\n" not in message and KERNEL in message and "prod" in message, message

@@ -9,6 +9,7 @@ Everything is real: qemu-storage-daemon, loop devices, chroot Ansible, qemu unde
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -213,11 +214,19 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
     def config_with(image: dict):
         return make_config(tmp_path / "copy", {NAME: image}, cfg.build.cache_dir)
 
-    def failing(cfg, *words: str) -> str:
-        with pytest.raises(StepFailed) as caught:
+    def failing(cfg, step: str, *words: str) -> str:
+        """The build fails in `step` (the image's step name, after "<image>: ") with all `words` in the
+        message, and names the build log."""
+        expected = (
+            "(?s)^"
+            + re.escape(f"{NAME}: {step} failed: ")
+            + "".join(f"(?=.*{re.escape(word)})" for word in words)
+            + r".* \(log: [^)]+\)$"
+        )
+        with pytest.raises(StepFailed, match=expected) as caught:
             api.build(cfg, [NAME])
         message = str(caught.value)
-        for word in words:
+        for word in (step, *words):
             assert word in message, message
         assert "(log: " in message and Path(message.rsplit("(log: ", 1)[1].rstrip(")")).is_file()
         assert sha256_file(image) == before
@@ -244,7 +253,9 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
     wrong["components"] = {
         "fixture": {**wrong["components"]["fixture"], "source": {"tarball": str(tarball), "sha256": "0" * 64}}
     }
-    failing(config_with(wrong), "dev: fetch sources", "checksum mismatch")
+    failing(
+        config_with(wrong), "dev: fetch sources (fixture)", "checksum mismatch", f"expected sha256 {'0' * 64}"
+    )
 
     # The first failing build command stops the component; its own output is the message, and the next
     # command (whose failure would be a confusing follow-on) never runs.

@@ -6,6 +6,7 @@ bootstrap base (dev by the chroot way, no components), about 3-4 minutes under T
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -123,7 +124,15 @@ def test_missing_packer_is_one_line_naming_the_layer(tmp_path: Path, monkeypatch
     from stage4.errors import StepFailed
 
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no packer on it
-    with pytest.raises(StepFailed) as caught:
+    with pytest.raises(
+        StepFailed,
+        match="^"
+        + re.escape(
+            "img: prod: provision (packer) failed: "
+            'Packer is not installed (run ./install.sh, or use way = "vm")'
+        )
+        + "$",
+    ) as caught:
         packer_way.check_packer(Runner(), "img: prod: provision (packer)")
     message = str(caught.value)
     assert (

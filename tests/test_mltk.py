@@ -4,6 +4,7 @@ driver that runs a module's functions, run for real on the host (the image build
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -109,26 +110,40 @@ def mltk_config(tmp_path: Path, mltk: dict) -> config.Config:
 def test_config_bad_input_is_one_line(tmp_path: Path) -> None:
     cfg = mltk_config(tmp_path, {"source": {"path": str(FIXTURE)}, "modules": ["stage4-greeter"]})
     assert cfg.images["img"].layered and cfg.images["img"].mltk.modules == ("stage4-greeter",)
-    cases = [
-        ({"source": {"path": str(FIXTURE)}, "modules": []}, "images.img.mltk.modules", "at least one module"),
-        ({"source": {"path": str(FIXTURE)}, "modules": ["../x"]}, "images.img.mltk.modules", "not an mltk"),
-        ({"modules": ["a"]}, "images.img.mltk.source", "required key is missing"),
+    missing = tmp_path / "no"
+    cases = [  # (mltk table, the key named, the rest of the line after the key)
         (
-            {"source": {"path": str(tmp_path / "no")}, "modules": ["a"]},
+            {"source": {"path": str(FIXTURE)}, "modules": []},
+            "images.img.mltk.modules",
+            " = []: name at least one module",
+        ),
+        (
+            {"source": {"path": str(FIXTURE)}, "modules": ["../x"]},
+            "images.img.mltk.modules",
+            " = ['../x']: '../x' is not an mltk module name",
+        ),
+        ({"modules": ["a"]}, "images.img.mltk.source", ": required key is missing"),
+        (
+            {"source": {"path": str(missing)}, "modules": ["a"]},
             "images.img.mltk.source.path",
-            "no such",
+            f" = '{missing}': no such directory {missing}",
         ),
         (
             {"source": {"path": str(FIXTURE)}, "modules": ["a"], "distro": "Debian 12"},
-            "mltk.distro",
-            "expected",
+            "images.img.mltk.distro",
+            " = 'Debian 12': expected a name such as 'debian-12' or 'ubuntu-22.04'",
         ),
-        ({"source": {"path": str(FIXTURE)}, "modules": ["a"], "colour": 1}, "mltk.colour", "unknown key"),
+        (
+            {"source": {"path": str(FIXTURE)}, "modules": ["a"], "colour": 1},
+            "images.img.mltk.colour",
+            " = 1: unknown key",
+        ),
     ]
-    for mltk, key, problem in cases:
-        with pytest.raises(ConfigError) as caught:
+    for mltk, key, rest in cases:
+        expected = f"{tmp_path / 'stage4.toml'}: {key}{rest}"
+        with pytest.raises(ConfigError, match="^" + re.escape(expected) + "$") as caught:
             mltk_config(tmp_path, mltk)
-        assert key in caught.value.key and problem in str(caught.value), (mltk, str(caught.value))
+        assert caught.value.key == key, (mltk, str(caught.value))
         assert "\n" not in str(caught.value)
 
 

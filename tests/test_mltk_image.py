@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -102,7 +103,11 @@ def test_fixture_modules_land_in_prod(fixture_image) -> None:
 def test_unknown_module_stops_before_the_layer(base_image: BuiltImage, tmp_path: Path) -> None:
     modules = ["stage4-greeter", "nosuch"]
     cfg = mltk_image(base_image, tmp_path, {"source": {"path": str(FIXTURE)}, "modules": modules})
-    with pytest.raises(ConfigError) as caught:
+    expected = (
+        f"{cfg.source}: images.{NAME}.mltk.modules = {modules!r}: no module 'nosuch' in the mltk checkout "
+        "(looked in core/modules, core/targets/stage4)"
+    )
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)) as caught:
         api.build(cfg, [NAME])
     message = str(caught.value)
     assert "images.debian-12.mltk.modules" in message and "no module 'nosuch'" in message, message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -139,7 +140,14 @@ def test_tag_and_commit_refs(tmp_path: Path, upstream: Path) -> None:
 
 def test_without_cache_and_network_one_line_names_the_import_command(tmp_path: Path) -> None:
     runner, _, _ = capturing_runner(tmp_path)
-    with pytest.raises(StepFailed) as failed:
+    expected = (
+        re.escape(f"fetch demo failed: cannot fetch {OFFLINE_URL} (")
+        + ".*"
+        + re.escape(f") and stage4's source cache ({tmp_path / 'cache' / 'sources'}) has no copy of 'v2'; ")
+        + ".*"
+        + re.escape(f"`stage4 sources import {OFFLINE_URL} --ref v2 DIR`")
+    )
+    with pytest.raises(StepFailed, match="^" + expected) as failed:
         sources.fetch(
             "demo",
             SourceConfig(git=OFFLINE_URL, ref="v2"),
@@ -197,7 +205,12 @@ def test_tarball_import_verify_and_offline_use(tmp_path: Path) -> None:
     # A cached copy that no longer matches is dropped, never used; offline that ends the fetch.
     kept = SourceCache(cache).tarball_path(digest)
     kept.write_bytes(kept.read_bytes() + b"\0")
-    with pytest.raises(StepFailed) as failed:
+    expected = (
+        re.escape(f"fetch demo failed: cannot fetch {OFFLINE_TARBALL}: ")
+        + ".*"
+        + re.escape(f"`stage4 sources import {OFFLINE_TARBALL} --sha256 {digest} FILE`")
+    )
+    with pytest.raises(StepFailed, match="^" + expected) as failed:
         sources.fetch("demo", source, tmp_path / "work", runner, "fetch demo", cache)
     assert f"`stage4 sources import {OFFLINE_TARBALL} --sha256 {digest} FILE`" in str(failed.value)
     assert not kept.exists()
