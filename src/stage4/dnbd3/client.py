@@ -204,11 +204,15 @@ class Client:
         unavailable = f"image {name!r}" + (f" revision {rid}" if rid else "")
         try:
             reply = self._reply(ImageUnavailable)
-        except ImageUnavailable:
-            raise ImageUnavailable(
-                f"{self.where}: {unavailable} is not available (the server closed the "
-                "connection without a reply)"
-            ) from None
+        except ImageUnavailable as exc:
+            # A server closes without a reply when it lacks the image; a silent one is named as such.
+            closed = "closed the connection" in str(exc)
+            why = (
+                "the server closed the connection without a reply"
+                if closed
+                else str(exc)[len(self.where) + 2 :]
+            )
+            raise ImageUnavailable(f"{self.where}: {unavailable} is not available ({why})") from None
         if reply.cmd != p.CMD_SELECT_IMAGE:
             raise self._malformed(f"expected a SELECT_IMAGE reply, got {p.command_name(reply.cmd)}")
         if not p.MIN_SELECT_REPLY <= reply.size <= p.MAX_PAYLOAD:
