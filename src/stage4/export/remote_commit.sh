@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # stage4 export, the store host's side of a remote export (run as `sh -s -- ACTION ARGS...` over ssh).
 # Needs a POSIX sh, flock(1) and GNU coreutils. The same transaction as a local export: every file was
 # uploaded under a hidden temporary name; under the store lock the revision is picked, its files are
@@ -35,6 +36,7 @@ prepare)
         [ -w "$d" ] || fail $E_READ_ONLY "directory $d: not writable (read-only file system?)"
     done
     tools=
+    # shellcheck disable=SC2043  # a list of optional tools, with one entry so far
     for tool in rsync; do
         if command -v "$tool" >/dev/null 2>&1; then tools="$tools $tool"; fi
     done
@@ -70,6 +72,7 @@ commit)
         r=${r%.crc}
         r=${r%.json}
         case $r in ''|*[!0-9]*) continue ;; esac
+        # shellcheck disable=SC2003  # expr, not $((r)): sh arithmetic reads a leading 0 as octal (r08)
         r=$(expr "$r" + 0)
         taken="$taken$r "
         if [ "$r" -gt "$max" ]; then max=$r; fi

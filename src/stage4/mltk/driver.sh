@@ -106,10 +106,11 @@ download_untar() {
 
 # -- reading the module --------------------------------------------------------------------------------
 for name in ${!REQUIRED_*}; do unset "$name"; done
-# shellcheck disable=SC1091
+# shellcheck source=/dev/null  # the module's own files, known only at run time
 . "$MODULE_DIR/module.conf" || perror "sourcing module.conf failed"
 for version in $SYS_VERSIONS; do
     if [ -e "$MODULE_DIR/module.conf.$version" ]; then
+        # shellcheck source=/dev/null  # the module's own files, known only at run time
         . "$MODULE_DIR/module.conf.$version" || perror "sourcing module.conf.$version failed"
         break
     fi
@@ -118,6 +119,7 @@ fetch_source() { :; }
 build() { :; }
 post_copy() { :; }
 pre_exec() { :; }
+# shellcheck source=/dev/null  # the module's own files, known only at run time
 . "$MODULE_DIR/module.build" || perror "sourcing module.build failed"
 
 run() {

@@ -2,6 +2,7 @@
 # systemd generator: on a Stage4 client boot, /sysroot is /dev/mapper/root, mounted read-write (the
 # copy-on-write layer takes the writes; no fsck of a snapshot of a cleanly closed image), and the wait
 # for it has no time limit: dnbd3root ends the boot itself, with one line, if it cannot make it.
+# shellcheck source=/dev/null  # dracut's library, only in the initramfs
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 
 getarg slxsrv= > /dev/null || getarg SLX_DNBD3_IMAGE= > /dev/null || exit 0

@@ -8,7 +8,9 @@
 # systemd's fsck/remount logic and stage-4 tools (resize2fs, dmsetup) see what they expect; the RAM
 # holds only the changed 4 KiB chunks, compressed. An overlayfs root would turn / into a file-system
 # union that the image's PARTLABEL fstab entry and block-level tools cannot describe.
+# shellcheck source=/dev/null  # dracut's library, only in the initramfs
 command -v getarg > /dev/null || . /lib/dracut-lib.sh
+# shellcheck source-path=SCRIPTDIR source=stage4-lib.sh  # installed as /lib/stage4-lib.sh
 . /lib/stage4-lib.sh
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin
@@ -92,7 +94,7 @@ fi
 info "dnbd3-rootfs: $image revision $rid attached as /dev/dnbd0 from $server"
 
 # xloop: the qcow2 as a block device with its partitions.
-modprobe xloop && modprobe xloop_file_fmt_qcow || stop_boot "$(slx_fail_line "the xloop kernel modules did not load")"
+{ modprobe xloop && modprobe xloop_file_fmt_qcow; } || stop_boot "$(slx_fail_line "the xloop kernel modules did not load")"
 if ! loopdev=$(xlosetup -f --show -P -r -t QCOW /dev/dnbd0 2> "$STATE/xlosetup.log"); then
     why=$(last_line "$STATE/xlosetup.log")
     kernel=$(dmesg | grep -i xloop | tail -n 1 | sed 's/^\[[^]]*\] *//')
@@ -106,7 +108,7 @@ done
 part=$(slx_pick_partition "$loopdev" "$identifier") || stop_boot "$part"
 
 # The writable layer: a snapshot of the root partition whose changes live in a zram disk.
-modprobe zram num_devices=1 && modprobe dm-snapshot || stop_boot "$(slx_fail_line "the zram or dm-snapshot kernel module did not load")"
+{ modprobe zram num_devices=1 && modprobe dm-snapshot; } || stop_boot "$(slx_fail_line "the zram or dm-snapshot kernel module did not load")"
 mem_kb=0
 while read -r key value _; do
     [ "$key" = MemTotal: ] && mem_kb=$value

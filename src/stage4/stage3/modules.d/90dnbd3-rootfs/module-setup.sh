@@ -18,9 +18,10 @@ depends() {
 installkernel() {
     instmods dnbd3 xloop xloop_file_fmt_qcow xloop_file_fmt_raw dm-snapshot zram
     # Any wired NIC a lab PC or a VM may have.
-    hostonly='' instmods =drivers/net/ethernet virtio_net e1000 e1000e r8169 igb
+    hostonly='' instmods '=drivers/net/ethernet' virtio_net e1000 e1000e r8169 igb
 }
 
+# shellcheck disable=SC2154  # moddir, initdir, systemdutildir: set by dracut, which sources this file
 install() {
     inst_multiple dnbd3-client xlosetup dmsetup busybox blkid ip timeout head tail od tr sort seq grep sed cat \
         sleep dmesg modprobe udevadm

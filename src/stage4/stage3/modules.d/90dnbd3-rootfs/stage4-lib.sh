@@ -180,11 +180,11 @@ _slx_handshake() {
     len=$((2 + ${#image} + 1 + 2 + 1))
     { exec 3<>"/dev/tcp/$host/$port"; } 2> /dev/null || return 1
     {
-        printf "\\x73\\x72\\x02\\x00$(_slx_le16 "$len")\\x00\\x00"
+        printf '\x73\x72\x02\x00%b\x00\x00' "$(_slx_le16 "$len")"
         printf '\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00'
         printf "\\x03\\x00"
         printf '%s' "$image"
-        printf "\\x00$(_slx_le16 "$rid")\\x00"
+        printf '\x00%b\x00' "$(_slx_le16 "$rid")"
     } >&3
     reply=$(head -c 4 <&3 | od -An -tx1 | tr -d ' \n')
     exec 3>&-

@@ -1,5 +1,6 @@
 #!/bin/sh
 # busybox udhcpc event script: configure the interface with the lease (address, default route, DNS).
+# shellcheck disable=SC2154  # interface, ip, router, dns: the lease, set by udhcpc in the environment
 case "$1" in
     deconfig)
         ip addr flush dev "$interface"
