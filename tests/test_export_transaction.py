@@ -425,3 +425,24 @@ def test_remote_store_script_is_one_transaction_too(tmp_path, mounts, image, boo
     assert "nothing published" in one_line(str(info.value))
     assert everything(store) == before and everything(boot_dir) == []
     assert publish(image, f"host:{store}", NAME, transport=LocalShellTransport(runner), **kwargs).rid == 2
+
+
+def test_remote_store_numbers_past_zero_and_zero_padded_revision_files(tmp_path, image, boot):
+    # A store host's script reads every revision number it finds; `expr 0 + 0` exits 1, which once
+    # ended the commit without a word under `set -e`.
+    store = tmp_path / "remote"
+    (store / "sub/dir").mkdir(parents=True)
+    for stray in ("img.qcow2.r0", "img.qcow2.r007"):
+        (store / "sub/dir" / stray).write_bytes(b"")
+    runner = Runner()
+    published = publish(
+        image,
+        f"host:{store}",
+        NAME,
+        transport=LocalShellTransport(runner),
+        runner=runner,
+        check_image=False,
+        kernel=boot[0],
+        initrd=boot[1],
+    )
+    assert published.rid == 8

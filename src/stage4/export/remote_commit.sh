@@ -72,8 +72,8 @@ commit)
         r=${r%.crc}
         r=${r%.json}
         case $r in ''|*[!0-9]*) continue ;; esac
-        # shellcheck disable=SC2003  # expr, not $((r)): sh arithmetic reads a leading 0 as octal (r08)
-        r=$(expr "$r" + 0)
+        # Leading zeros off by hand: sh arithmetic reads them as octal (r08), and `expr 0 + 0` exits 1.
+        while [ "$r" != 0 ] && [ "${r#0}" != "$r" ]; do r=${r#0}; done
         taken="$taken$r "
         if [ "$r" -gt "$max" ]; then max=$r; fi
     done
