@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,4 +231,66 @@ def test_netboot_active_refuses_what_a_client_could_not_boot(tmp_path: Path) -> 
     with pytest.raises(
         InputError, match=re.escape(f"the active revision 2 ({boot}/config) is not in the store")
     ):
+        netboot.find_active(root, NAME, None)
+
+
+def test_the_entry_is_replaced_before_the_config(tmp_path: Path) -> None:
+    """SIGKILL (from outside, a real crash) just before `config` is renamed: the new entry is in place, the
+    config is still the old one. So a client that fetched the new entry fetches the new config after it; the
+    pair a crash exactly there leaves is what `netboot --active` names in one line."""
+    root = tmp_path / "store"
+    root.mkdir()
+    boot = root / ".stage4" / NAME
+    image, kernel, initrd = files(tmp_path, "1")
+    options = {"kernel": kernel, "initrd": initrd, "boot_files": True, "activate": True, "check_image": False}
+    assert publish(image, root, NAME, **options).rid == 1
+    script = f"""
+import os, signal
+from pathlib import Path
+from stage4.export import tempfiles
+from stage4.export.publish import publish
+
+real = tempfiles.TempFile.replace
+
+def crash_before_config(self, target):
+    if target.name == "config":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, target)
+
+tempfiles.TempFile.replace = crash_before_config
+publish(Path({str(image)!r}), {str(root)!r}, {NAME!r}, kernel=Path({str(kernel)!r}),
+        initrd=Path({str(initrd)!r}), boot_files=True, activate=True, check_image=False)
+"""
+    child = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    assert entry_of(boot).kernel_url.endswith("/kernel.r2")
+    assert "SLX_DNBD3_RID='1'" in (boot / "config").read_text()
+    with pytest.raises(InputError, match=re.escape(f"boots kernel.r2, but {boot}/config names revision 1")):
+        netboot.find_active(root, NAME, None)
+
+
+def test_the_remote_script_replaces_the_entry_before_the_config(tmp_path: Path, monkeypatch) -> None:
+    """The same order in remote_commit.sh: the store host's shell is killed (SIGKILL) by the `mv` that
+    would rename `config` into place (an `mv` first on PATH that kills its shell for that one call)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    boot = root / ".stage4" / NAME
+    image, kernel, initrd = files(tmp_path, "1")
+    runner = Runner()
+    options = {"kernel": kernel, "initrd": initrd, "boot_files": True, "activate": True, "check_image": False}
+    where = f"host:{root}"
+    assert publish(image, where, NAME, transport=LocalShellTransport(runner), **options).rid == 1
+    crash = tmp_path / "bin"
+    crash.mkdir()
+    (crash / "mv").write_text(
+        "#!/bin/sh\nfor last; do :; done\n"
+        'case $last in */config) kill -KILL "$PPID"; exit 1 ;; esac\nexec /bin/mv "$@"\n'
+    )
+    (crash / "mv").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{crash}:{os.environ['PATH']}")
+    with pytest.raises(Stage4Error, match="nothing published"):
+        publish(image, where, NAME, transport=LocalShellTransport(runner), **options)
+    assert entry_of(boot).kernel_url.endswith("/kernel.r2")
+    assert "SLX_DNBD3_RID='1'" in (boot / "config").read_text()
+    with pytest.raises(InputError, match=re.escape(f"boots kernel.r2, but {boot}/config names revision 1")):
         netboot.find_active(root, NAME, None)
