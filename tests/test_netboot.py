@@ -355,3 +355,35 @@ def test_a_desktop_revision_netboots_to_its_greeter(base_image: BuiltImage, tmp_
     log = Path(result.stdout.split("serial log: ")[-1].strip()).read_text(errors="replace")
     assert "STAGE4-DISPLAY-MANAGER lightdm.service active" in log
     check_screenshot(shot)
+
+
+@pytest.mark.slow
+def test_activation_moves_clients_of_the_active_entry(published: dict) -> None:
+    """Clients that boot from the active entry `<boot-dir>/ipxe` follow `--activate`: the active entry
+    boots the activated revision (not the newest), and the next activation moves the next boot to the new
+    revision. Its own store (the revisions of `published` stay as the other tests expect them); the same
+    prod image exported again each time."""
+    work = published["work"]
+    store, image = work / "active-store", work / "output" / "debian-12" / "prod.qcow2"
+    store.mkdir()
+    boot = store / ".stage4" / NAME
+
+    def export(*options: str) -> None:
+        stage4(published["project"], "export", image, "--store", store, "--name", NAME, *options)
+
+    def netboot_active() -> tuple[str, str]:
+        result = stage4(published["project"], "netboot", store, NAME, "--active", "--timeout", "1200")
+        log = Path(result.stdout.split("serial log: ")[-1].strip()).read_text(errors="replace")
+        command_line = next(line for line in log.splitlines() if "Command line:" in line)
+        return result.stdout, command_line
+
+    export("--server", "192.0.2.10", "--activate")  # r1, active
+    export("--server", "192.0.2.10")  # r2, newest but not active
+    out, command_line = netboot_active()
+    assert f"/dev/dnbd0 = {NAME}:1@10.0.2.101:5003" in out, out
+    assert "SLX_DNBD3_RID" not in command_line and "initrd=initrd.r1 " in command_line, command_line
+    export("--server", "192.0.2.10", "--activate")  # r3, active: the clients of the entry move
+    assert "SLX_DNBD3_RID='3'" in (boot / "config").read_text()
+    out, command_line = netboot_active()
+    assert f"/dev/dnbd0 = {NAME}:3@10.0.2.101:5003" in out, out
+    assert "SLX_DNBD3_RID" not in command_line and "initrd=initrd.r3 " in command_line, command_line

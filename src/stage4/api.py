@@ -280,16 +280,17 @@ def netboot(
     serial_log: Path | None = None,
     debug: bool = False,
     screenshot: Path | None = None,
+    active: bool = False,
 ) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
     files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
     with the userspace marker and / checked to be the copy-on-write device over xloop over /dev/dnbd0.
 
     `servers` are DNBD3 servers on this machine (HOST:PORT, in the order the client tries them);
-    none: a development server for `store` on a free loopback port.
+    none: a development server for `store` on a free loopback port. `active`: through `<boot-dir>/ipxe`.
     """
     check_screenshot_path(screenshot)
-    revision = netboot_mod.find_revision(store, name, rid, boot_dir)
+    revision = netboot_mod.find(store, name, rid, boot_dir, active=active)
     targets = [netboot_mod.loopback_server(server) for server in servers]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     leaf = name.rsplit("/", 1)[-1]

@@ -6,6 +6,9 @@ over DNBD3. Both are served on 127.0.0.1 and reached only through qemu user-netw
 (`guestfwd ... cmd:`: a tiny bridge process per guest connection, into a counting relay in this
 process), so no packet leaves qemu. The published config names the site's real servers; the guest gets
 a copy whose SLX_DNBD3_SERVERS are the forwarded guest addresses, one per server, in order.
+
+`find_active` is the client that boots from the active entry `<boot-dir>/ipxe` instead: the kernel and
+initramfs that entry names, `<boot-dir>/config` as the config, and the revision that config names.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from stage4.dnbd3.protocol import DEFAULT_PORT, parse_address
 from stage4.dnbd3.server import DevServer
 from stage4.dnbd3.store import META_DIR, Store, validate_name
 from stage4.errors import InputError, StepFailed
+from stage4.export.records import ACTIVE_CONFIG, ACTIVE_IPXE, active_rid
 from stage4.machine import accel
 from stage4.runner import Runner
 
@@ -52,6 +56,11 @@ class BootableRevision:
     config: Path
     ipxe: Path
 
+    @property
+    def active(self) -> bool:
+        """Booted through the active entry (`ipxe`, `config`), not through the revision's own files."""
+        return self.ipxe.name == ACTIVE_IPXE
+
 
 def find_revision(store: Path, name: str, rid: int | None, boot_dir: Path | None) -> BootableRevision:
     """The revision `rid` of `name` (default: the newest) and its boot files; bad input is one line."""
@@ -76,6 +85,59 @@ def find_revision(store: Path, name: str, rid: int | None, boot_dir: Path | None
                 f"{path}: missing (the {kind} of {name}:{rid}; give --boot-dir if it was exported elsewhere)"
             )
     return BootableRevision(store, name, rid, store / f"{name}.r{rid}", boot_dir, **files)
+
+
+def find(store: Path, name: str, rid: int | None, boot_dir: Path | None, *, active: bool) -> BootableRevision:
+    """What to boot: revision `rid` (default: the newest), or with `active` as the active entry boots it."""
+    if active and rid is not None:
+        raise InputError(
+            "--active boots the revision <boot-dir>/config names; it cannot be combined with --rid"
+        )
+    return find_active(store, name, boot_dir) if active else find_revision(store, name, rid, boot_dir)
+
+
+def find_active(store: Path, name: str, boot_dir: Path | None) -> BootableRevision:
+    """The active revision of `name` as the active entry `<boot-dir>/ipxe` boots it: its kernel and
+    initramfs, `<boot-dir>/config` and the revision that config names; bad input is one line."""
+    validate_name(name)
+    if not store.is_dir():
+        raise InputError(f"store {store}: not a directory")
+    boot_dir = boot_dir or store / META_DIR / name
+    config, ipxe = boot_dir / ACTIVE_CONFIG, boot_dir / ACTIVE_IPXE
+    rid = active_rid(boot_dir, name)
+    if rid is None:
+        why = "no such file" if not config.is_file() else f"it names no revision of {name}"
+        raise InputError(
+            f"{name}: no active revision ({config}: {why}; `stage4 export --activate` makes one; "
+            "give --boot-dir if it was exported elsewhere)"
+        )
+    if not ipxe.is_file():
+        raise InputError(
+            f"{ipxe}: missing (the active entry, written by `stage4 export --activate` with {config}; "
+            "activate a revision again)"
+        )
+    entry = parse_ipxe(ipxe.read_text(encoding="utf-8", errors="replace"), str(ipxe))
+    if "SLX_DNBD3_RID" in " ".join(entry.kernel_args):
+        raise InputError(f"{ipxe}: pins SLX_DNBD3_RID on the kernel command line; it is not an active entry")
+    files = {}
+    prefix = "http://${slxsrv}/${slxbase}/"
+    for kind, url in (("kernel", entry.kernel_url), ("initrd", entry.initrd_url)):
+        leaf = url.removeprefix(prefix)
+        if not url.startswith(prefix) or "/" in leaf:
+            raise InputError(f"{ipxe}: the {kind} {url} is not in the boot directory (${{slxbase}})")
+        if leaf != f"{kind}.r{rid}":
+            raise InputError(
+                f"{ipxe}: boots {leaf}, but {config} names revision {rid} (an inconsistent activation; "
+                "activate a revision again)"
+            )
+        files[kind] = boot_dir / leaf
+        if not files[kind].is_file():
+            raise InputError(f"{files[kind]}: missing (the {kind} the active entry {ipxe} boots)")
+    if rid not in {r.rid for r in Store(store).revisions(name)}:
+        raise InputError(f"{name}: the active revision {rid} ({config}) is not in the store {store}")
+    return BootableRevision(
+        store, name, rid, store / f"{name}.r{rid}", boot_dir, config=config, ipxe=ipxe, **files
+    )
 
 
 @dataclass
@@ -186,8 +248,8 @@ def forwards(revision: BootableRevision, servers: list[tuple[str, int]], work: P
     )
     files: dict[str, bytes | Path] = {
         f"/{SLXBASE}/config": guest.encode(),
-        f"/{SLXBASE}/kernel.r{revision.rid}": revision.kernel,
-        f"/{SLXBASE}/initrd.r{revision.rid}": revision.initrd,
+        f"/{SLXBASE}/{revision.kernel.name}": revision.kernel,
+        f"/{SLXBASE}/{revision.initrd.name}": revision.initrd,
     }
     bridge = work / "bridge.py"
     bridge.write_text(BRIDGE, encoding="utf-8")
@@ -293,7 +355,10 @@ def netboot(
             screenshot=screenshot,
         )
         display.info(f"serial log: {serial_log}")
-        with display.step(f"netboot {revision.name}:{revision.rid} on {accelerator}, waiting for userspace"):
+        via = f" through the active entry {revision.ipxe}" if revision.active else ""
+        with display.step(
+            f"netboot {revision.name}:{revision.rid}{via} on {accelerator}, waiting for userspace"
+        ):
             try:
                 booted = qemu.boot(spec, runner)
             except StepFailed:

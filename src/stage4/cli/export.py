@@ -68,7 +68,12 @@ if TYPE_CHECKING:
     help="directory for kernel.r<RID>, initrd.r<RID>, config.r<RID>, ipxe.r<RID> (e.g. the HTTP "
     "boot dir, outside the store or hidden in it; default: <store>/.stage4/<name>)",
 )
-@click.option("--activate", is_flag=True, help="also replace <boot-dir>/config with this revision's config")
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="also make this revision the active one: replace <boot-dir>/config with its config and "
+    "<boot-dir>/ipxe with an entry that boots its kernel and initrd and takes the revision from config",
+)
 @click.option(
     "--manifest",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -147,6 +152,11 @@ def export(
         if publication.ipxe:
             click.echo(f"  ipxe:   {publication.ipxe}")
         click.echo(f"  config: {publication.config}\n  record: {publication.record}")
+        if publication.activated:
+            click.echo(
+                f"  active: {Path(publication.config).parent}/config"
+                + (f" and {publication.active_ipxe}" if publication.active_ipxe else "")
+            )
         changes = api.revision_changes(store, name, publication.rid)
         if changes:
             click.echo(f"changes against the previous revision:\n{changes}")

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 @click.argument("name")
 @click.option("--rid", default=None, help="revision to boot (default: the newest)")
 @click.option(
+    "--active",
+    is_flag=True,
+    help="boot as a client of the active entry <boot-dir>/ipxe does: its kernel and initrd, "
+    "<boot-dir>/config, and the revision that config names (not with --rid)",
+)
+@click.option(
     "--server",
     "servers",
     multiple=True,
@@ -52,6 +58,7 @@ def netboot(
     store: Path,
     name: str,
     rid: str | None,
+    active: bool,
     servers: tuple[str, ...],
     timeout: int,
     boot_dir: Path | None,
@@ -63,7 +70,8 @@ def netboot(
     Kernel and initramfs with the command line of the revision's iPXE entry, its config over HTTP (with
     the servers replaced by the forwarded ones) and the image over DNBD3, all on 127.0.0.1 and reached
     only through qemu's user network. Exits 0 only when userspace came up with / on the copy-on-write
-    device over xloop over /dev/dnbd0.
+    device over xloop over /dev/dnbd0. With --active: the active entry <boot-dir>/ipxe (written by
+    `stage4 export --activate`) and <boot-dir>/config, so the revision booted is the one activated last.
     """
     from stage4 import api
 
@@ -78,6 +86,7 @@ def netboot(
         serial_log=serial_log,
         debug=obj.debug,
         screenshot=screenshot,
+        active=active,
     )
     share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
     click.echo(
@@ -86,6 +95,8 @@ def netboot(
         f"({share:.1f} % of the {result.image_size}-byte image)"
     )
     click.echo(f"  {result.root}")
+    if active:
+        click.echo("  the active revision, booted through <boot-dir>/ipxe with <boot-dir>/config")
     if result.display_manager:
         click.echo(f"  display manager: {result.display_manager} active")
     if screenshot is not None:

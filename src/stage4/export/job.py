@@ -40,6 +40,7 @@ class Publication:
     record: str
     ipxe: str | None = None
     activated: bool = False
+    active_ipxe: str | None = None  # with activation: the entry that follows the active revision
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
@@ -87,7 +88,8 @@ class Job:
         }
 
     def texts(self, rid: int | str, digest: Digest, boot_dir: str) -> dict[str, str]:
-        """The text files of revision `rid`: config fragment, iPXE entry (with kernel and initrd), record."""
+        """The text files of revision `rid`: config fragment, iPXE entry (with kernel and initrd), record;
+        with activation and an iPXE entry also the active entry `<boot-dir>/ipxe`."""
         note = records.comment(self.name, rid, digest.sha256, self.source_identity)
         source: records.RecordSource = {
             "image": str(self.image.resolve()),
@@ -116,6 +118,8 @@ class Job:
         }
         if self.has_ipxe:
             texts["ipxe"] = records.ipxe_entry(rid, note)
+            if self.activate:
+                texts["active-ipxe"] = records.active_ipxe_entry(self.name, rid, note)
         return texts
 
     def publication(
@@ -139,5 +143,6 @@ class Job:
             record=f"{meta}/publication.r{rid}.json",
             ipxe=f"{boot}/ipxe.r{rid}" if self.has_ipxe else None,
             activated=self.activate,
+            active_ipxe=f"{boot}/{records.ACTIVE_IPXE}" if self.activate and self.has_ipxe else None,
             warnings=[] if self.servers else [NO_SERVER_WARNING],
         )

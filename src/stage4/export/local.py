@@ -4,8 +4,11 @@ The image, its `.crc`, kernel and initramfs are copied to hidden temporaries fir
 dot-files; docs/dnbd3-store.md, "Publishing recipe"). Then, under the store lock: the revision is
 picked, the config fragment, iPXE entry and record are written as temporaries too, and everything is
 linked into place, the image `.r<RID>` LAST, so that a revision is visible only once all of its files
-are. What can fail after that (replacing `<boot-dir>/config` for --activate, the SIGHUP) withdraws the
-revision: the same locked links, reversed, image first. Every write failure (no space, no inodes, a
+are. What can fail after that (activation, the SIGHUP) withdraws the revision: the same locked links,
+reversed, image first. Activation replaces `<boot-dir>/ipxe` (the entry that follows the active revision;
+removed for a revision without kernel and initramfs) and then `<boot-dir>/config`, each by a rename, the
+entry first: a client that fetched the new entry fetches the new config after it. Withdrawing puts both
+back from hidden hard links, in the same order. Every write failure (no space, no inodes, a
 read-only file system) is a one-line error and leaves only what was there before (no empty directory
 either).
 """
@@ -22,7 +25,7 @@ from stage4.dnbd3.store import Store, fsync_dir
 from stage4.errors import InputError, Stage4Error
 from stage4.export import revisions
 from stage4.export.job import Job, Publication, amended
-from stage4.export.records import ACTIVE_CONFIG, recorded_boot_dir
+from stage4.export.records import ACTIVE_CONFIG, ACTIVE_IPXE, recorded_boot_dir
 from stage4.export.reload import reload_server
 from stage4.export.tempfiles import CreatedDirs, TempFile, write_error
 
@@ -39,8 +42,10 @@ class LocalExport:
         self.temps: list[TempFile] = []
         self.dirs = CreatedDirs()
         self.linked: list[Path] = []  # final names made so far, in order (the image last)
-        self.previous: Path | None = None  # hard link to the active config this export replaces
-        self.activated = False
+        # The active files this export replaces (the entry first, then the config): hidden hard links to
+        # what they were, None where there was none; and those replaced so far.
+        self.previous: dict[str, Path | None] = {}
+        self.activated: list[str] = []
 
     def temp(
         self, directory: Path, stem: str, kind: str = "", *, what: str, locked: bool = False
@@ -101,17 +106,28 @@ class LocalExport:
                     directory, "publication" if kind == "record" else kind, what=f"the {kind}", locked=True
                 )
                 written[kind].write(texts[kind].encode())
-        active = None
+        active: dict[str, TempFile | None] = {}
         if job.activate:
-            active = self.temp(self.boot, ACTIVE_CONFIG, ".new", what="the active config", locked=True)
-            active.write(texts["config"].encode())
-            if (self.boot / ACTIVE_CONFIG).is_file():  # a hidden hard link to it (no space needed): rollback
-                previous = self.boot / f".{ACTIVE_CONFIG}.stage4-{self.token}.old.part"
-                try:
-                    os.link(self.boot / ACTIVE_CONFIG, previous)
-                except OSError as exc:
-                    raise write_error("a copy of the active config", self.boot, exc) from None
-                self.previous = previous
+            for file, kind, what in (
+                (ACTIVE_IPXE, "active-ipxe", "entry"),
+                (ACTIVE_CONFIG, "config", "config"),
+            ):
+                if kind in texts:
+                    temp = self.temp(self.boot, file, ".new", what=f"the active {what}", locked=True)
+                    temp.write(texts[kind].encode())
+                    active[file] = temp
+                elif os.path.lexists(self.boot / file):
+                    active[file] = None  # an entry for another kernel: removed with this activation
+                else:
+                    continue
+                self.previous[file] = None
+                if (self.boot / file).is_file():  # a hidden hard link to it (no space needed): rollback
+                    old = self.boot / f".{file}.stage4-{self.token}.old.part"
+                    try:
+                        os.link(self.boot / file, old)
+                    except OSError as exc:
+                        raise write_error(f"a copy of the active {what}", self.boot, exc) from None
+                    self.previous[file] = old
         # The record first (it names the boot directory, so `revisions --check` finds a crash's leftovers),
         # the image last.
         order = [(written["record"], self.meta / f"publication.r{rid}.json", "a publication record")]
@@ -133,34 +149,43 @@ class LocalExport:
         self._sync()
         # The revision is visible now; whatever fails from here on withdraws it.
         try:
-            if active is not None:
-                active.replace(self.boot / ACTIVE_CONFIG)
-                self.activated = True
+            for file, new in active.items():  # the entry first
+                self.activated.append(file)
+                if new is not None:
+                    new.replace(self.boot / file)
+                else:
+                    try:
+                        os.unlink(self.boot / file)
+                    except OSError as exc:
+                        raise write_error(f"the active {file} (removing it)", self.boot, exc) from None
             if job.reload_pidfile is not None:
                 reload_server(job.reload_pidfile)
         except Stage4Error as exc:
             self.withdraw()
             raise amended(exc, f"revision {rid} of {job.name} withdrawn") from None
-        if self.previous is not None:
-            self.previous.unlink()
-            self.previous = None
+        for previous in self.previous.values():
+            if previous is not None:
+                previous.unlink()
+        self.previous.clear()
         return rid
 
     def withdraw(self) -> None:
-        """Remove the final names made so far, the image first, and put the previous active config back.
-        Call under the store lock."""
+        """Remove the final names made so far, the image first, and put the previous active entry and config
+        back. Call under the store lock."""
         for path in reversed(self.linked):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        if self.activated:
-            if self.previous is not None:
-                os.replace(self.previous, self.boot / ACTIVE_CONFIG)
+        for file, previous in self.previous.items():  # the entry first
+            if file not in self.activated:
+                if previous is not None:
+                    previous.unlink()
+            elif previous is not None:
+                os.replace(previous, self.boot / file)
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.boot / ACTIVE_CONFIG)
-        elif self.previous is not None:
-            self.previous.unlink()
-        self.previous, self.activated = None, False
+                    os.unlink(self.boot / file)
+        self.previous.clear()
+        self.activated.clear()
         if self.linked:
             self._sync()
         self.linked.clear()

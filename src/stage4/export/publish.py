@@ -9,6 +9,7 @@ revision withdrawn again if anything after that fails. No `.map` or `.meta` is e
 Kernel, initramfs, the stage-3 `config.r<RID>` and the iPXE entry `ipxe.r<RID>` go to a boot directory, by
 default the hidden `<store>/.stage4/<name>/`: dnbd3-server scans basePath recursively and would load a
 visible `kernel.r<RID>` as an image called `kernel`. The record goes to `<store>/.stage4/<name>/`.
+Activation replaces `<boot-dir>/ipxe` (the entry that follows the active revision) and `<boot-dir>/config`.
 
 An image built in layers has a manifest beside it (`prod.qcow2` -> `prod.json`) naming the kernel and the
 initramfs the dev run built, the root partition identifier and the configured dracut modules: exactly

@@ -2,7 +2,10 @@
 
 `config.r<RID>` (docs/client-boot.md) pins image and revision for stage 3; `<boot-dir>/config` is the
 one a client fetches, so the revision it names is the active one. `ipxe.r<RID>` is the entry deployers put
-in their boot menu (`slxsrv` and `slxbase` are set by that menu). `publication.r<RID>.json` in
+in their boot menu (`slxsrv` and `slxbase` are set by that menu); it pins its revision on the kernel command
+line. `<boot-dir>/ipxe`, written with `<boot-dir>/config` at activation, is the entry that follows the
+active revision: the active revision's kernel and initramfs, and no revision on the command line, so
+stage 3 takes it from `config`. `publication.r<RID>.json` in
 `<store>/.stage4/<name>/` records what was published (sha256, sizes, build identity, boot directory).
 """
 
@@ -22,6 +25,8 @@ from stage4.errors import InputError
 
 RECORD_FORMAT = "stage4-publication/1"
 ACTIVE_CONFIG = "config"
+ACTIVE_IPXE = "ipxe"
+_ENTRY_KERNEL = re.compile(r"^kernel \S*/kernel\.r([0-9]+) ", re.MULTILINE)
 _CONFIG_LINE = re.compile(r"^(SLX_DNBD3_IMAGE|SLX_DNBD3_RID)='([^']*)'\s*$", re.MULTILINE)
 
 
@@ -91,6 +96,19 @@ def ipxe_entry(rid: int | str, comment: str) -> str:
         f"#!ipxe\n# {comment}\n"
         f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}} "
         f"SLX_DNBD3_RID={rid}\n"
+        f"initrd {base}/initrd.r{rid}\n"
+        "boot\n"
+    )
+
+
+def active_ipxe_entry(name: str, rid: int | str, comment: str) -> str:
+    """`<boot-dir>/ipxe`: the active revision's kernel and initramfs (immutable, revision-numbered files, so
+    the two always belong together), the revision left to `<boot-dir>/config`."""
+    base = "http://${slxsrv}/${slxbase}"
+    return (
+        f"#!ipxe\n# stage4 active entry of {name}: kernel and initramfs of revision {rid}, the revision "
+        f"from the config beside this entry (both replaced by the next activation); {comment}\n"
+        f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}}\n"
         f"initrd {base}/initrd.r{rid}\n"
         "boot\n"
     )
@@ -190,3 +208,15 @@ def active_rid(boot_dir: Path, name: str) -> int | None:
     values = dict(_CONFIG_LINE.findall(text))
     rid = values.get("SLX_DNBD3_RID", "")
     return int(rid) if values.get("SLX_DNBD3_IMAGE") == name and rid.isdigit() else None
+
+
+def active_entry_rid(boot_dir: Path, name: str) -> int | None:
+    """The revision whose kernel `<boot-dir>/ipxe` boots, if that entry is `name`'s active entry."""
+    try:
+        text = (Path(boot_dir) / ACTIVE_IPXE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    if f"# stage4 active entry of {name}:" not in text:
+        return None
+    found = _ENTRY_KERNEL.search(text)
+    return int(found[1]) if found else None

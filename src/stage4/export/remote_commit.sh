@@ -3,7 +3,9 @@
 # Needs a POSIX sh, flock(1) and GNU coreutils. The same transaction as a local export: every file was
 # uploaded under a hidden temporary name; under the store lock the revision is picked, its files are
 # linked into place (the record first, the image .r<RID> LAST), and what fails after that (activation,
-# SIGHUP) withdraws it again, image first. Errors: exit code and one line `ERROR=...` on stdout.
+# SIGHUP) withdraws it again, image first. Activation renames the active entry `$boot/ipxe` (removed for a
+# revision without one) and then `$boot/config` into place, the entry first; a withdrawal puts both back
+# from hidden hard links in the same order. Errors: exit code and one line `ERROR=...` on stdout.
 #
 #   prepare STORE DIR BOOT META PIDFILE            checks, directories, `TOOLS=...`
 #   commit  STORE DIR LEAF TOKEN RID PADDED BOOT META ACTIVATE PIDFILE   `RID=<n>`
@@ -84,27 +86,44 @@ commit)
         case $taken in *" $rid "*) fail $E_TAKEN "revision $rid exists" ;; esac
     fi
     # The text files get their revision number now.
-    for t in "$boot/.config.stage4-$token" "$boot/.ipxe.stage4-$token" "$meta/.publication.stage4-$token"; do
+    for t in "$boot/.config.stage4-$token" "$boot/.ipxe.stage4-$token" "$boot/.active-ipxe.stage4-$token" \
+             "$meta/.publication.stage4-$token"; do
         [ -e "$t.part" ] || continue
         sed "s/@RID@/$rid/g" "$t.part" > "$t.rid.part" 2>/dev/null || fail $E_WRITE "cannot write ${t%/*}"
         chmod 644 -- "$t.rid.part"
     done
+    # The active files, the entry first: `new` (a new one), `gone` (removed: an entry for another kernel).
+    active=
     if [ "$activate" = 1 ]; then
         cp -- "$boot/.config.stage4-$token.rid.part" "$boot/.config.stage4-$token.new.part" 2>/dev/null \
             || fail $E_WRITE "cannot write the active config to $boot"
-        if [ -f "$boot/config" ]; then ln -- "$boot/config" "$boot/.config.stage4-$token.old.part"; fi
+        if [ -e "$boot/.active-ipxe.stage4-$token.rid.part" ]; then
+            mv -f -- "$boot/.active-ipxe.stage4-$token.rid.part" "$boot/.ipxe.stage4-$token.new.part"
+            active="ipxe:new"
+        elif [ -e "$boot/ipxe" ] || [ -L "$boot/ipxe" ]; then
+            active="ipxe:gone"
+        fi
+        active="$active config:new"
+        for a in $active; do
+            f=${a%%:*}
+            if [ -f "$boot/$f" ]; then
+                ln -- "$boot/$f" "$boot/.$f.stage4-$token.old.part" 2>/dev/null \
+                    || fail $E_WRITE "cannot write a copy of the active $f to $boot"
+            fi
+        done
     fi
     sync
     linked=
+    activated=
     withdraw() {
         for f in $linked; do rm -f -- "$f"; done  # newest first: the image first
-        if [ "${activated:-0}" = 1 ]; then
-            if [ -e "$boot/.config.stage4-$token.old.part" ]; then
-                mv -f -- "$boot/.config.stage4-$token.old.part" "$boot/config"
+        for f in $activated; do  # the entry first
+            if [ -e "$boot/.$f.stage4-$token.old.part" ]; then
+                mv -f -- "$boot/.$f.stage4-$token.old.part" "$boot/$f"
             else
-                rm -f -- "$boot/config"
+                rm -f -- "$boot/$f"
             fi
-        fi
+        done
         sync
     }
     link() {
@@ -126,16 +145,21 @@ commit)
     link "$tmp" "$leaf.r$rid"
     sync
     # The revision is visible now; whatever fails from here on withdraws it.
-    if [ "$activate" = 1 ]; then
-        mv -f -- "$boot/.config.stage4-$token.new.part" "$boot/config" \
-            || { withdraw; fail $E_WITHDRAWN "cannot replace $boot/config"; }
-        activated=1
-    fi
+    for a in $active; do
+        f=${a%%:*}
+        activated="$activated $f"
+        if [ "${a#*:}" = new ]; then
+            mv -f -- "$boot/.$f.stage4-$token.new.part" "$boot/$f" \
+                || { withdraw; fail $E_WITHDRAWN "cannot replace $boot/$f"; }
+        else
+            rm -f -- "$boot/$f" || { withdraw; fail $E_WITHDRAWN "cannot remove $boot/$f"; }
+        fi
+    done
     if [ -n "$pidfile" ]; then
         pid=$(cat -- "$pidfile" 2>/dev/null) || pid=
         kill -HUP "$pid" 2>/dev/null || { withdraw; fail $E_WITHDRAWN "server reload: no process '$pid' (from $pidfile)"; }
     fi
-    rm -f -- "$boot/.config.stage4-$token.old.part"
+    rm -f -- "$boot/.config.stage4-$token.old.part" "$boot/.ipxe.stage4-$token.old.part"
     for d in . "$boot" "$meta"; do
         find "$d" -maxdepth 1 -name ".*.stage4-$token*.part" -exec rm -f -- {} + 2>/dev/null || true
     done

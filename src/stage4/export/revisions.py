@@ -4,7 +4,8 @@ A revision is complete when its image `.r<RID>`, its `.crc`, its record and ever
 record names (kernel, initrd, config fragment, iPXE entry) exist. An export links the record first and the
 image last, so a crashed export leaves an incomplete revision whose record (in the name's own `.stage4/`
 directory) still says where its boot files are; `check` reports those and `repair` withdraws them.
-The revision `<boot-dir>/config` points clients at is active and never pruned.
+The revision `<boot-dir>/config` points clients at is active and never pruned, nor is the one whose kernel
+and initramfs the active entry `<boot-dir>/ipxe` boots.
 """
 
 from __future__ import annotations
@@ -158,9 +159,13 @@ def repair(store: Store, name: str, *, pidfile: Path | None = None) -> list[int]
 
 
 def active_rids(store: Store, name: str, revisions: Sequence[RevisionState]) -> set[int]:
-    """The revisions a `<boot-dir>/config` points clients at."""
+    """The revisions a `<boot-dir>/config` points clients at, and those whose kernel a `<boot-dir>/ipxe`
+    boots."""
     boot_dirs = {store.meta_dir(name), *(state.boot_dir for state in revisions)}
-    return {rid for rid in (records.active_rid(d, name) for d in boot_dirs) if rid is not None}
+    found = [records.active_rid(d, name) for d in boot_dirs] + [
+        records.active_entry_rid(d, name) for d in boot_dirs
+    ]
+    return {rid for rid in found if rid is not None}
 
 
 def prune(
