@@ -8,6 +8,7 @@
 #   install  (prod layer) copies data/ and the collected files into / and runs post_copy
 #
 # Set by the role: MODULE, MODULE_DIR, MODULE_WORK_DIR, MODULE_BUILD_DIR, ROOT_DIR, SYS_VERSIONS,
+# SYS_DISTRIBUTION, SYS_VERSION, SYS_CODENAME (the image's release, as mltk's lsb_release gives them),
 # STAGE4_MLTK_GIT (build: the host-fetched REQUIRED_GIT trees), STAGE4_MLTK_OUT (build), KVER.
 # No `set -u` or `set -e`: module files are written for mltk's plain bash. mltk's own rule: a module
 # fails by calling perror (a function's return status is only reported).
@@ -19,6 +20,26 @@ export TOOL_STR="[$MODULE]"
 export TARGET_KERNEL_LONG="${KVER:-}" KERNEL_CURRENT_VERSION="${KVER:-}"
 export KERNEL_HEADERS_DIR="/lib/modules/${KVER:-}/build"
 export MLTK_INSTALL=1 DEBIAN_FRONTEND=noninteractive
+# What mltk derives from the release and the running system (its distribution.inc, system.inc, paths.inc).
+export SYS_DISTRIBUTION="${SYS_DISTRIBUTION:-}" SYS_VERSION="${SYS_VERSION:-}" SYS_CODENAME="${SYS_CODENAME:-}"
+export SYS_VERSIONS="${SYS_VERSIONS:-}"
+case $SYS_DISTRIBUTION in
+debian | ubuntu) export PACKET_MANAGER=apt PACKET_HANDLER=dpkg LIB64=lib ;;
+opensuse) export PACKET_MANAGER=zypper PACKET_HANDLER=rpm LIB64=lib64 ;;
+*) export PACKET_MANAGER=yum PACKET_HANDLER=rpm LIB64=lib64 ;;
+esac
+export X86_64_I386=x86_64 PLATFORM_DPKG=amd64 ARCHREGEX='(amd64|x86[_-]64)'
+export ARCH_LIB_DIR=/lib64 ARCH_TRIPLET=
+for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
+    if [ -e "$dir/libc.so.6" ]; then
+        export ARCH_LIB_DIR=${dir#/usr} ARCH_TRIPLET=x86_64-linux-gnu
+        break
+    fi
+done
+if [ -L /bin ] && [ -L /lib ]; then export USR_SPLIT=no; else export USR_SPLIT=yes; fi
+export CPU_CORES
+CPU_CORES=$(nproc 2>/dev/null || echo 1)
+export MAKEFLAGS="-j$CPU_CORES"
 STAGE4_FUNCTION=setup
 log=$(mktemp)
 exec 3>&1 4>&2 >"$log" 2>&1
