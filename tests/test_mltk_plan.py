@@ -176,7 +176,6 @@ def reasons_tree(tmp_path: Path) -> Path:
 REASONS = {
     "uses-frobnicate": "module.build calls frobnicate, which stage4's mltk driver lacks",
     "has-init": "module.build defines module_init, a hook stage4's mltk driver does not run",
-    "system-files": "REQUIRED_SYSTEM_FILES is set, which stage4's mltk driver does not collect",
     "downloads": "module.build downloads inside the layer (download); stage4 fetches only REQUIRED_GIT, "
     "on the host",
     "lacks-package": "debian-12 has no package no-such-package (checked against 2 package indexes of "
@@ -186,7 +185,15 @@ REASONS = {
     "file:///nonexistent/stage4-missing.git --ref HEAD DIR`",
     "needs-missing": "it requires module git-missing, which is not ready",
 }
-READY = ["uses-tarcopy", "virtual-package", "git-reachable", "git-cached", "stage4-hello", "stage4-greeter"]
+READY = [
+    "uses-tarcopy",
+    "system-files",
+    "virtual-package",
+    "git-reachable",
+    "git-cached",
+    "stage4-hello",
+    "stage4-greeter",
+]
 
 
 def test_plan_names_each_module_with_its_one_reason(tmp_path: Path) -> None:

@@ -396,6 +396,19 @@ collect() {
         done) | tar -xpf - -C "$dest" || perror "copying the collected files failed"
         pinfo "collected $(sort -u "$list" | wc -l) entries"
     fi
+    # REQUIRED_SYSTEM_FILES: taken from this system (the dev layer) as mltk does, each with the links it
+    # leads through, folders with what they hold.
+    : >"$list"
+    for entry in ${REQUIRED_SYSTEM_FILES:-}; do
+        [[ $entry == /* ]] || perror "REQUIRED_SYSTEM_FILES: $entry does not start with '/'"
+        [ -e "$entry" ] || [ -L "$entry" ] || perror "REQUIRED_SYSTEM_FILES: $entry is not on this system"
+        get_link_chain "$entry" >>"$list"
+    done
+    if [ -s "$list" ]; then
+        (cd / && sort -u "$list" | sed 's|^/||' | tar -cpf - -T -) | tar -xpf - -C "$dest" \
+            || perror "copying REQUIRED_SYSTEM_FILES failed"
+        pinfo "collected $(sort -u "$list" | wc -l) system files"
+    fi
     rm -f "$list"
 }
 

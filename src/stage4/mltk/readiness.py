@@ -1,8 +1,8 @@
 """Whether each mltk module can run here, decided on the host before any layer (`stage4 mltk plan`).
 
 A module is not ready, with one reason (the first of these that applies), when it needs:
-- a helper function mltk defines (core/includes, core/bin/setup_target) that stage4's driver lacks, the
-  `module_init` hook, or REQUIRED_SYSTEM_FILES, which the driver does not run;
+- a helper function mltk defines (core/includes, core/bin/setup_target) that stage4's driver lacks, or
+  the `module_init` hook, which the driver does not run;
 - a download inside the layer (module.build calling download, download_untar, wget, curl or git clone):
   stage4 fetches on the host only, and through its source cache;
 - a package the image's distribution lacks, by the distribution's package index (see PackageIndex);
@@ -157,8 +157,6 @@ class Checker:
             return f"module.build calls {', '.join(used)}, which stage4's mltk driver lacks"
         if "module_init" in own:
             return "module.build defines module_init, a hook stage4's mltk driver does not run"
-        if module.words("REQUIRED_SYSTEM_FILES"):
-            return "REQUIRED_SYSTEM_FILES is set, which stage4's mltk driver does not collect"
         if in_layer:
             return (
                 f"module.build downloads inside the layer ({', '.join(in_layer)}); "
