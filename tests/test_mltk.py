@@ -254,13 +254,19 @@ def test_driver_gives_the_release_and_system_variables(tmp_path: Path) -> None:
             assert f'SYS_{key.upper()}: "{{{{ stage4_mltk.sys.{key} }}}}"' in text, task
 
 
-def test_driver_collects_required_system_files_with_their_links(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "conf",
+    [
+        'REQUIRED_SYSTEM_FILES="/etc/os-release /etc/apt/apt.conf.d"\n',
+        # mltk's install mode: what is on the system, in no build tree and no content package.
+        'REQUIRED_FILES="/etc/os-release"\nREQUIRED_DIRECTORIES="/etc/apt/apt.conf.d"\n',
+    ],
+)
+def test_driver_collects_system_files_with_their_links(tmp_path: Path, conf: str) -> None:
     if not Path("/etc/os-release").is_symlink():
         pytest.skip("needs /etc/os-release to be a link (as on Debian and Ubuntu)")
     target = Path("/etc/os-release").resolve()
-    module = write_module(
-        tmp_path / "tree", "sysfiles", 'REQUIRED_SYSTEM_FILES="/etc/os-release /etc/apt/apt.conf.d"\n'
-    )
+    module = write_module(tmp_path / "tree", "sysfiles", conf)
     done = run_driver(module, tmp_path)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out/sysfiles.tar") as archive:
@@ -268,7 +274,20 @@ def test_driver_collects_required_system_files_with_their_links(tmp_path: Path) 
         assert archive.getmember("files/etc/os-release").issym()
     assert "files" + str(target) in names
     assert {f"files/etc/apt/apt.conf.d/{p.name}" for p in Path("/etc/apt/apt.conf.d").iterdir()} <= names
-    missing = write_module(tmp_path / "tree", "nosys", 'REQUIRED_SYSTEM_FILES="/etc/stage4-nowhere"\n')
-    failed = run_driver(missing, tmp_path)
-    assert "mltk module nosys: collect failed" in failed.stderr
-    assert "REQUIRED_SYSTEM_FILES: /etc/stage4-nowhere is not on this system" in failed.stderr
+    for key, entry, message in (
+        ("REQUIRED_SYSTEM_FILES", "/etc/stage4-nowhere", "is not on this system"),
+        (
+            "REQUIRED_FILES",
+            "/etc/stage4-nowhere",
+            "is neither in the build tree, in REQUIRED_CONTENT_PACKAGES nor",
+        ),
+        (
+            "REQUIRED_DIRECTORIES",
+            "/etc/stage4-nowhere",
+            "is neither in the build tree, in REQUIRED_CONTENT_PACKAGES",
+        ),
+    ):
+        missing = write_module(tmp_path / "tree", f"no-{key.lower()}", f'{key}="{entry}"\n')
+        failed = run_driver(missing, tmp_path)
+        assert f"mltk module no-{key.lower()}: collect failed" in failed.stderr
+        assert f"{key}: {entry} {message}" in failed.stderr, failed.stderr

@@ -21,8 +21,8 @@ export TARGET_KERNEL_LONG="${KVER:-}" KERNEL_CURRENT_VERSION="${KVER:-}"
 export KERNEL_HEADERS_DIR="/lib/modules/${KVER:-}/build"
 export MLTK_INSTALL=1 DEBIAN_FRONTEND=noninteractive
 # What mltk derives from the release and the running system (its distribution.inc, system.inc, paths.inc).
-export SYS_DISTRIBUTION="${SYS_DISTRIBUTION:-}" SYS_VERSION="${SYS_VERSION:-}" SYS_CODENAME="${SYS_CODENAME:-}"
-export SYS_VERSIONS="${SYS_VERSIONS:-}"
+export SYS_DISTRIBUTION="${SYS_DISTRIBUTION:-}" SYS_VERSION="${SYS_VERSION:-}" SYS_CODENAME="${SYS_CODENAME:-}" \
+    SYS_VERSIONS="${SYS_VERSIONS:-}"
 case $SYS_DISTRIBUTION in
 debian | ubuntu) export PACKET_MANAGER=apt PACKET_HANDLER=dpkg LIB64=lib ;;
 opensuse) export PACKET_MANAGER=zypper PACKET_HANDLER=rpm LIB64=lib64 ;;
@@ -30,16 +30,12 @@ opensuse) export PACKET_MANAGER=zypper PACKET_HANDLER=rpm LIB64=lib64 ;;
 esac
 export X86_64_I386=x86_64 PLATFORM_DPKG=amd64 ARCHREGEX='(amd64|x86[_-]64)'
 export ARCH_LIB_DIR=/lib64 ARCH_TRIPLET=
-for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
-    if [ -e "$dir/libc.so.6" ]; then
-        export ARCH_LIB_DIR=${dir#/usr} ARCH_TRIPLET=x86_64-linux-gnu
-        break
-    fi
+for dir in /usr/lib/x86_64-linux-gnu /lib/x86_64-linux-gnu; do
+    [ -e "$dir/libc.so.6" ] && export ARCH_LIB_DIR=${dir#/usr} ARCH_TRIPLET=x86_64-linux-gnu
 done
 if [ -L /bin ] && [ -L /lib ]; then export USR_SPLIT=no; else export USR_SPLIT=yes; fi
-export CPU_CORES
 CPU_CORES=$(nproc 2>/dev/null || echo 1)
-export MAKEFLAGS="-j$CPU_CORES"
+export CPU_CORES MAKEFLAGS="-j$CPU_CORES"
 STAGE4_FUNCTION=setup
 log=$(mktemp)
 exec 3>&1 4>&2 >"$log" 2>&1
@@ -128,10 +124,8 @@ download_untar() {
 escape_search() { sed -e 's/[]\/()$*.^|[]/\\&/g'; }
 # Escapes what sed's replacement gives a meaning: '/', '&' (as mltk) and '\' (which mltk leaves as is).
 escape_replace() { sed -e 's/[\/&\\]/\\&/g'; }
-
 # nfs_cache_avail: mltk's shared build cache over NFS; stage4 has none (mltk answers 1 without one too).
 nfs_cache_avail() { return 1; }
-
 # add_key_value FILE KEY VALUE: append KEY='VALUE' to FILE (below TARGET_BUILD_DIR); nothing when KEY is
 # there with this value, quoted or not; perror when it is there with another one.
 add_key_value() {
@@ -200,7 +194,6 @@ getuid() { _id_of "$1" /etc/passwd; }
 getgid() { _id_of "$1" /etc/group; }
 # getusergroup NAME|ID: the primary group id of the user.
 getusergroup() { awk -F: -v want="$1" '($1 == want || $3 == want) && g == "" { g = $4 } END { if (g != "") print g }' /etc/passwd; }
-
 # usr_setpw USER PASSWORD: an empty password locks the account ('*'), a crypt hash ($id$...) is taken
 # as it is, anything else is hashed (SHA-512).
 usr_setpw() {
@@ -288,7 +281,6 @@ groupadd() {
     fi
     command groupadd "${args[@]}" || perror "groupadd ${args[*]} failed"
 }
-
 # add_to_group USER GROUP: USER becomes a member of GROUP (nothing when it is one).
 add_to_group() {
     local tmp
@@ -342,9 +334,10 @@ package_files() {
 
 # Collect into $1 (a tree like /) what the REQUIRED_* variables name, from $MODULE_BUILD_DIR.
 collect() {
-    local dest=$1 entry optional found file list
+    local dest=$1 entry optional found file list system
     STAGE4_FUNCTION=collect
     list=$(mktemp)
+    system=$(mktemp)
     provided=$(package_files)
     mkdir -p "$dest" "$MODULE_BUILD_DIR"
     cde "$MODULE_BUILD_DIR"
@@ -371,7 +364,9 @@ collect() {
         if [ -d ".$entry" ]; then
             echo ".$entry" >>"$list"
         elif ! grep -qx "$entry" <<<"$provided"; then
-            perror "REQUIRED_DIRECTORIES: $entry is neither in the build tree nor in REQUIRED_CONTENT_PACKAGES"
+            [ -d "$entry" ] || perror "REQUIRED_DIRECTORIES: $entry is neither in the build tree, in" \
+                "REQUIRED_CONTENT_PACKAGES nor on this system"
+            echo "$entry" >>"$system"
         fi
     done
     for entry in ${REQUIRED_FILES:-}; do
@@ -380,8 +375,11 @@ collect() {
         entry=${entry#/}
         if [ -e "./$entry" ] || [ -L "./$entry" ]; then
             echo "./$entry" >>"$list"
+        elif [ -e "/$entry" ] && ! grep -qx "/$entry" <<<"$provided"; then
+            echo "/$entry" >>"$system"
         elif ! grep -qx "/$entry" <<<"$provided" && [ "$optional" != "@" ]; then
-            perror "REQUIRED_FILES: /$entry is neither in the build tree nor in REQUIRED_CONTENT_PACKAGES"
+            perror "REQUIRED_FILES: /$entry is neither in the build tree, in REQUIRED_CONTENT_PACKAGES nor on" \
+                "this system"
         fi
     done
     # A symlink is taken with its target (when the target is in the build tree as well).
@@ -396,14 +394,17 @@ collect() {
         done) | tar -xpf - -C "$dest" || perror "copying the collected files failed"
         pinfo "collected $(sort -u "$list" | wc -l) entries"
     fi
-    # REQUIRED_SYSTEM_FILES: taken from this system (the dev layer) as mltk does, each with the links it
-    # leads through, folders with what they hold.
+    # From this system (the dev layer), each with the links it leads through, folders with what they
+    # hold: REQUIRED_SYSTEM_FILES as mltk takes them, and REQUIRED_FILES and _DIRECTORIES found neither in
+    # the build tree nor in a content package (mltk's install mode accepts them there, on its target).
     : >"$list"
     for entry in ${REQUIRED_SYSTEM_FILES:-}; do
         [[ $entry == /* ]] || perror "REQUIRED_SYSTEM_FILES: $entry does not start with '/'"
         [ -e "$entry" ] || [ -L "$entry" ] || perror "REQUIRED_SYSTEM_FILES: $entry is not on this system"
-        get_link_chain "$entry" >>"$list"
+        echo "$entry" >>"$system"
     done
+    while IFS= read -r entry; do get_link_chain "$entry" >>"$list"; done <"$system"
+    rm -f "$system"
     if [ -s "$list" ]; then
         (cd / && sort -u "$list" | sed 's|^/||' | tar -cpf - -T -) | tar -xpf - -C "$dest" \
             || perror "copying REQUIRED_SYSTEM_FILES failed"
