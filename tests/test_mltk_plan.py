@@ -169,6 +169,9 @@ def reasons_tree(tmp_path: Path) -> Path:
     module("git-missing", 'REQUIRED_GIT="file:///nonexistent/stage4-missing.git"\n')
     module("git-reachable", f'REQUIRED_GIT="file://{reachable}"\n')
     module("git-cached", 'REQUIRED_GIT="https://example.invalid/cached.git"\n')
+    commit = subprocess.run(["git", "-C", str(cached), "rev-parse", "HEAD"], capture_output=True, text=True)
+    # A commit id: in the cache through any ref of the URL (the build takes it the same way).
+    module("git-commit", f'REQUIRED_GIT="https://example.invalid/cached.git||{commit.stdout.strip()}"\n')
     module("needs-missing", 'REQUIRED_MODULES="git-missing"\n')
     return tree
 
@@ -191,6 +194,7 @@ READY = [
     "virtual-package",
     "git-reachable",
     "git-cached",
+    "git-commit",
     "stage4-hello",
     "stage4-greeter",
 ]

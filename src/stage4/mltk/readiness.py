@@ -19,7 +19,7 @@ from pathlib import Path
 from stage4.errors import StepFailed
 from stage4.mltk.modules import Module
 from stage4.mltk.packages import PackageIndex
-from stage4.provisioning.source_cache import GIT_ENV, PROBE_TIMEOUT, SourceCache
+from stage4.provisioning.source_cache import FULL_COMMIT, GIT_ENV, PROBE_TIMEOUT, SourceCache
 from stage4.runner import Runner
 
 FUNCTION_RE = re.compile(r"^\s*(?:function\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*\(\)", re.MULTILINE)
@@ -99,6 +99,8 @@ class Checker:
         """In stage4's source cache, or reachable now (a build then fetches and caches it)."""
         if self.cache.git_entry(url, ref):
             return True
+        if FULL_COMMIT.match(ref) and self.cache.has_commit(url, ref, self.runner, f"look up {url}"):
+            return True  # a commit id is taken from any cached fetch of the URL, as a build does
         if url not in self.reachable:
             try:
                 self.runner.run(
