@@ -109,7 +109,7 @@ def test_sys_variables_come_from_the_distribution() -> None:
 
 
 def plan_config(
-    tmp_path: Path, tree: Path, names: list[str], distribution: str = "debian-12"
+    tmp_path: Path, tree: Path, names: list[str], distribution: str = "debian-12", **mltk: str
 ) -> config.Config:
     return config.from_dict(
         {
@@ -118,7 +118,7 @@ def plan_config(
                 "img": {
                     "distribution": distribution,
                     "components": {},
-                    "mltk": {"source": {"path": str(tree)}, "modules": names},
+                    "mltk": {"source": {"path": str(tree)}, "modules": names, **mltk},
                 }
             },
         },
@@ -217,6 +217,15 @@ def test_plan_names_each_module_with_its_one_reason(tmp_path: Path) -> None:
     assert found["lacks-package"].packages == ["no-such-package", "tree"]
     assert found["git-cached"].downloads == ["https://example.invalid/cached.git (REQUIRED_GIT)"]
     assert found["downloads"].downloads == ["module.build runs download in the layer"]
+
+
+def test_plan_checks_the_packages_of_the_images_distribution(tmp_path: Path) -> None:
+    # [images.NAME.mltk] distro picks module.conf files; the packages still come from the image's release.
+    tree = reasons_tree(tmp_path)
+    package_index(tmp_path)
+    (report,) = api.mltk_plan(plan_config(tmp_path, tree, ["lacks-package"], distro="ubuntu-22.04"))
+    assert report.distro == "debian-12"
+    assert (report.modules[0].reason or "").startswith("debian-12 has no package no-such-package (")
 
 
 def test_package_index_from_the_hosts_apt_lists(tmp_path: Path) -> None:

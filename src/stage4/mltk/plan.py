@@ -128,7 +128,8 @@ def read_modules(
 def check(
     name: str, order: list[Module], distro: str, tree: Path, cache_dir: Path, runner: Runner
 ) -> Readiness:
-    """Whether each module can run here (readiness.py), before any layer."""
+    """Whether each module can run here (readiness.py), before any layer; `distro` is the image's own
+    distribution (its packages), which an [images.NAME.mltk] distro does not change."""
     checker = Checker(tree, DRIVER, PackageIndex.load(distro, cache_dir), cache_dir, runner)
     return checker.check(name, order, distro)
 
@@ -142,7 +143,7 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
     tarball, tree = checkout(ctx.name, mltk, sources_dir, runner, step, ctx.cache_dir)
     distro = mltk.distro or ctx.image.distribution
     order, versions, variables = read_modules(ctx.source, ctx.name, mltk, distro, tree, runner, step)
-    refused = check(ctx.name, order, distro, tree, ctx.cache_dir, runner).not_ready
+    refused = check(ctx.name, order, ctx.image.distribution, tree, ctx.cache_dir, runner).not_ready
     if refused:
         more = (
             f" (and {len(refused) - 1} more: `stage4 mltk plan {ctx.name}` lists them)" if refused[1:] else ""

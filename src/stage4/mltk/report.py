@@ -33,5 +33,5 @@ def mltk_plan(config: Config, images: list[str] | None = None, debug: bool = Fal
             order, _versions, _variables = plan.read_modules(
                 config.source, name, image.mltk, distro, tree, runner, step
             )
-            found.append(plan.check(name, order, distro, tree, config.build.cache_dir, runner))
+            found.append(plan.check(name, order, image.distribution, tree, config.build.cache_dir, runner))
     return found
