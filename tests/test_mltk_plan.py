@@ -17,7 +17,7 @@ import pytest
 
 from stage4 import api, config
 from stage4.context import Context
-from stage4.errors import ConfigError
+from stage4.errors import ConfigError, InputError
 from stage4.layers import dev
 from stage4.mltk import modules
 from stage4.mltk.packages import PackageIndex
@@ -249,6 +249,12 @@ def test_package_index_from_the_hosts_apt_lists(tmp_path: Path) -> None:
         index.description
         == f"checked against 1 package indexes of debian-12 in the host's apt lists ({lists})"
     )
+    # A broken index is one line naming it.
+    broken = tmp_path / "cache/apt-lists/debian-13/main_Packages.gz"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("not gzip")
+    with pytest.raises(InputError, match=f"^{re.escape(str(broken))}: cannot read this package index \\("):
+        PackageIndex.load("debian-13", tmp_path / "cache", host_lists=lists)
     none = PackageIndex.load("rocky-9", tmp_path / "cache", host_lists=lists)
     assert none.names is None and none.missing(["anything"]) == []
     assert none.description.startswith("packages not checked: no package index of rocky-9 in ")
