@@ -215,7 +215,10 @@ def test_plan_names_each_module_with_its_one_reason(tmp_path: Path) -> None:
     assert [m.module.name for m in report.modules if not m.reason] == READY
     assert report.summary == f"{len(READY)} of {len(found)} modules ready"
     assert found["lacks-package"].packages == ["no-such-package", "tree"]
-    assert found["git-cached"].downloads == ["https://example.invalid/cached.git (REQUIRED_GIT)"]
+    assert found["git-cached"].downloads == [
+        "https://example.invalid/cached.git (REQUIRED_GIT, in the source cache)"
+    ]
+    assert found["git-reachable"].downloads == [f"file://{tmp_path / 'reachable'} (REQUIRED_GIT, reachable)"]
     assert found["downloads"].downloads == ["module.build runs download in the layer"]
 
 
@@ -288,7 +291,10 @@ def test_plan_command_prints_the_plan_and_exits_1_when_a_module_cannot_run(tmp_p
     lines = done.stdout.splitlines()
     assert lines[-1] == "4 of 5 modules ready"
     assert "   1  git-missing  (core/modules/git-missing)" in lines
-    assert "        download: file:///nonexistent/stage4-missing.git (REQUIRED_GIT)" in lines
+    missing = (
+        "file:///nonexistent/stage4-missing.git (REQUIRED_GIT, neither in the source cache nor reachable)"
+    )
+    assert f"        download: {missing}" in lines
     assert "        packages: gcc libc6-dev" in lines  # z-last: core/modules/stage4-hello on debian
     assert sum(line.strip().startswith("mltk module ") for line in lines) == 1
     assert lines.count("        ready") == 4

@@ -26,6 +26,7 @@ FUNCTION_RE = re.compile(r"^\s*(?:function\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*\(\)",
 HOOKS = {"fetch_source", "build", "post_copy", "pre_exec", "module_init"}
 IN_LAYER_DOWNLOADS = re.compile(r"(?<![\w-])(download_untar|download|wget|curl|git\s+clone)(?![\w-])")
 URL_RE = re.compile(r"^(https?|ftp|git)://")
+NOWHERE = "neither in the source cache nor reachable"
 
 
 def _functions(text: str) -> set[str]:
@@ -95,12 +96,13 @@ class Checker:
         self.cache = SourceCache(cache_dir)
         self.reachable: dict[str, bool] = {}
 
-    def available(self, url: str, ref: str) -> bool:
-        """In stage4's source cache, or reachable now (a build then fetches and caches it)."""
+    def where(self, url: str, ref: str) -> str | None:
+        """'in the source cache', or 'reachable' (a build then fetches and caches it), or None."""
         if self.cache.git_entry(url, ref):
-            return True
+            return "in the source cache"
+        # A commit id is taken from any cached fetch of the URL, as a build does.
         if FULL_COMMIT.match(ref) and self.cache.has_commit(url, ref, self.runner, f"look up {url}"):
-            return True  # a commit id is taken from any cached fetch of the URL, as a build does
+            return "in the source cache"
         if url not in self.reachable:
             try:
                 self.runner.run(
@@ -113,7 +115,7 @@ class Checker:
                 self.reachable[url] = True
             except StepFailed:
                 self.reachable[url] = False
-        return self.reachable[url]
+        return "reachable" if self.reachable[url] else None
 
     def check(self, image: str, order: list[Module], distro: str) -> Readiness:
         result = Readiness(image, distro, self.index.description)
@@ -128,7 +130,9 @@ class Checker:
             build = _code(self.tree / module.path / "module.build")
             in_layer = sorted(set(" ".join(m.split()) for m in IN_LAYER_DOWNLOADS.findall(build)))
             gits = module.words("REQUIRED_GIT")
-            downloads = [f"{entry} (REQUIRED_GIT)" for entry in gits]
+            downloads = [
+                f"{entry} (REQUIRED_GIT, {self.where(*git_ref(entry)) or NOWHERE})" for entry in gits
+            ]
             downloads += [
                 f"{value} ({key})"
                 for key, values in sorted(module.required.items())
@@ -169,7 +173,7 @@ class Checker:
             return f"{self.index.distro} has no package {', '.join(missing)} ({self.index.description})"
         for entry in gits:
             url, ref = git_ref(entry)
-            if not self.available(url, ref):
+            if self.where(url, ref) is None:
                 return (
                     f"download {url} ({ref}, REQUIRED_GIT) is not in stage4's source cache and cannot be "
                     f"reached; seed it with `stage4 sources import {url} --ref {ref} DIR`"
