@@ -16,7 +16,7 @@ from stage4 import config
 from stage4.errors import ConfigError
 from stage4.layers import identities
 from stage4.mltk import modules
-from stage4.mltk.plan import DRIVER, git_source
+from stage4.mltk.plan import DRIVER, git_source, install_vars
 from stage4.runner import Runner
 
 FIXTURE = Path(__file__).parent / "fixtures/mltk"
@@ -147,9 +147,12 @@ def test_config_bad_input_is_one_line(tmp_path: Path) -> None:
         assert "\n" not in str(caught.value)
 
 
-def run_driver(module_dir: Path, work: Path, action: str = "build") -> subprocess.CompletedProcess:
+def run_driver(
+    module_dir: Path, work: Path, action: str = "build", **extra: str
+) -> subprocess.CompletedProcess:
     name = module_dir.name
     env = {
+        **extra,
         **os.environ,
         "MODULE": name,
         "MODULE_DIR": str(module_dir),
@@ -228,3 +231,63 @@ def test_identities_follow_the_mltk_config_and_content(tmp_path: Path) -> None:
     assert changed != first
     prod = [identities.prod_identity(config.ImageConfig(prod={}), "base-id", dev) for dev in (first, changed)]
     assert prod[0] != prod[1]
+
+
+def test_driver_gives_the_release_and_system_variables(tmp_path: Path) -> None:
+    shown = "$SYS_DISTRIBUTION $SYS_VERSION $SYS_CODENAME $PACKET_MANAGER $PACKET_HANDLER $ARCH_LIB_DIR"
+    module = write_module(tmp_path / "tree", "release", "", f'build() {{\n\techo "release: {shown}"\n}}\n')
+    env = {"SYS_DISTRIBUTION": "debian", "SYS_VERSION": "12", "SYS_CODENAME": "bookworm"}
+    done = run_driver(module, tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    libc = next(
+        d for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu") if Path(d, "libc.so.6").exists()
+    )
+    assert f"release: debian 12 bookworm apt dpkg {libc.removeprefix('/usr')}" in done.stdout.splitlines()
+    # The prod role gets the dev run's release facts; the roles pass them to the driver in both layers.
+    facts = {"distribution": "debian", "version": "12", "codename": "bookworm"}
+    results = {"modules": ["m"], "content_packages": [], "sys_versions": "debian", "sys": facts, "files": []}
+    assert install_vars(results, tmp_path)["sys"] == facts  # type: ignore[arg-type]
+    roles = Path(DRIVER).parent.parent / "provisioning/ansible/roles"
+    for task in ("stage4_mltk_build/tasks/build.yml", "stage4_mltk_install/tasks/install.yml"):
+        text = (roles / task).read_text()
+        for key in ("distribution", "version", "codename"):
+            assert f'SYS_{key.upper()}: "{{{{ stage4_mltk.sys.{key} }}}}"' in text, task
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        'REQUIRED_SYSTEM_FILES="/etc/os-release /etc/apt/apt.conf.d"\n',
+        # mltk's install mode: what is on the system, in no build tree and no content package.
+        'REQUIRED_FILES="/etc/os-release"\nREQUIRED_DIRECTORIES="/etc/apt/apt.conf.d"\n',
+    ],
+)
+def test_driver_collects_system_files_with_their_links(tmp_path: Path, conf: str) -> None:
+    if not Path("/etc/os-release").is_symlink():
+        pytest.skip("needs /etc/os-release to be a link (as on Debian and Ubuntu)")
+    target = Path("/etc/os-release").resolve()
+    module = write_module(tmp_path / "tree", "sysfiles", conf)
+    done = run_driver(module, tmp_path)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "out/sysfiles.tar") as archive:
+        names = set(archive.getnames())
+        assert archive.getmember("files/etc/os-release").issym()
+    assert "files" + str(target) in names
+    assert {f"files/etc/apt/apt.conf.d/{p.name}" for p in Path("/etc/apt/apt.conf.d").iterdir()} <= names
+    for key, entry, message in (
+        ("REQUIRED_SYSTEM_FILES", "/etc/stage4-nowhere", "is not on this system"),
+        (
+            "REQUIRED_FILES",
+            "/etc/stage4-nowhere",
+            "is neither in the build tree, in REQUIRED_CONTENT_PACKAGES nor",
+        ),
+        (
+            "REQUIRED_DIRECTORIES",
+            "/etc/stage4-nowhere",
+            "is neither in the build tree, in REQUIRED_CONTENT_PACKAGES",
+        ),
+    ):
+        missing = write_module(tmp_path / "tree", f"no-{key.lower()}", f'{key}="{entry}"\n')
+        failed = run_driver(missing, tmp_path)
+        assert f"mltk module no-{key.lower()}: collect failed" in failed.stderr
+        assert f"{key}: {entry} {message}" in failed.stderr, failed.stderr

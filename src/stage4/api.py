@@ -37,6 +37,7 @@ from stage4.image.inspect import InspectReport, detect_identifier, inspect_image
 from stage4.image.partitions import partitions, raw_view
 from stage4.machine import accel
 from stage4.manifest import LAYERS
+from stage4.mltk.report import mltk_plan as mltk_plan
 from stage4.pipeline import ImageResult, LayerStatus, build_image, status
 from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner

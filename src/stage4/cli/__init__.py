@@ -243,9 +243,9 @@ def list_distributions() -> None:
 
 def _register() -> None:
     """Each command group lives in its own module of this package and lists its commands in COMMANDS."""
-    from stage4.cli import clean, diff, dnbd3, export, netboot, render, sources
+    from stage4.cli import clean, diff, dnbd3, export, mltk, netboot, render, sources
 
-    for module in (export, dnbd3, render, sources, clean, netboot, diff):
+    for module in (export, dnbd3, render, sources, clean, netboot, diff, mltk):
         for command in module.COMMANDS:
             cli.add_command(command)
 

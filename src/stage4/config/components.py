@@ -198,8 +198,9 @@ class MltkConfig(Strict):
         description="the mltk checkout (e.g. git = 'https://github.com/bwLehrpool/mltk.git')"
     )
     modules: tuple[str, ...] = Field(
-        description="modules to run (core/modules/NAME or core/targets/stage4/NAME); their REQUIRED_MODULES "
-        "come along, each before the modules that require it"
+        description="modules to run (core/modules/NAME or core/targets/stage4/NAME) or targets, whose linked "
+        "modules and sub-targets come in (core/targets/NAME, e.g. 'stage4'); their REQUIRED_MODULES come "
+        "along, each before the modules that require it"
     )
     distro: str | None = Field(
         None,

@@ -8,6 +8,7 @@
 #   install  (prod layer) copies data/ and the collected files into / and runs post_copy
 #
 # Set by the role: MODULE, MODULE_DIR, MODULE_WORK_DIR, MODULE_BUILD_DIR, ROOT_DIR, SYS_VERSIONS,
+# SYS_DISTRIBUTION, SYS_VERSION, SYS_CODENAME (the image's release, as mltk's lsb_release gives them),
 # STAGE4_MLTK_GIT (build: the host-fetched REQUIRED_GIT trees), STAGE4_MLTK_OUT (build), KVER.
 # No `set -u` or `set -e`: module files are written for mltk's plain bash. mltk's own rule: a module
 # fails by calling perror (a function's return status is only reported).
@@ -19,6 +20,22 @@ export TOOL_STR="[$MODULE]"
 export TARGET_KERNEL_LONG="${KVER:-}" KERNEL_CURRENT_VERSION="${KVER:-}"
 export KERNEL_HEADERS_DIR="/lib/modules/${KVER:-}/build"
 export MLTK_INSTALL=1 DEBIAN_FRONTEND=noninteractive
+# What mltk derives from the release and the running system (its distribution.inc, system.inc, paths.inc).
+export SYS_DISTRIBUTION="${SYS_DISTRIBUTION:-}" SYS_VERSION="${SYS_VERSION:-}" SYS_CODENAME="${SYS_CODENAME:-}" \
+    SYS_VERSIONS="${SYS_VERSIONS:-}"
+case $SYS_DISTRIBUTION in
+debian | ubuntu) export PACKET_MANAGER=apt PACKET_HANDLER=dpkg LIB64=lib ;;
+opensuse) export PACKET_MANAGER=zypper PACKET_HANDLER=rpm LIB64=lib64 ;;
+*) export PACKET_MANAGER=yum PACKET_HANDLER=rpm LIB64=lib64 ;;
+esac
+export X86_64_I386=x86_64 PLATFORM_DPKG=amd64 ARCHREGEX='(amd64|x86[_-]64)'
+export ARCH_LIB_DIR=/lib64 ARCH_TRIPLET=
+for dir in /usr/lib/x86_64-linux-gnu /lib/x86_64-linux-gnu; do
+    [ -e "$dir/libc.so.6" ] && export ARCH_LIB_DIR=${dir#/usr} ARCH_TRIPLET=x86_64-linux-gnu
+done
+if [ -L /bin ] && [ -L /lib ]; then export USR_SPLIT=no; else export USR_SPLIT=yes; fi
+CPU_CORES=$(nproc 2>/dev/null || echo 1)
+export CPU_CORES MAKEFLAGS="-j$CPU_CORES"
 STAGE4_FUNCTION=setup
 log=$(mktemp)
 exec 3>&1 4>&2 >"$log" 2>&1
@@ -104,6 +121,180 @@ download_untar() {
     rm -f "$tmp"
 }
 
+escape_search() { sed -e 's/[]\/()$*.^|[]/\\&/g'; }
+# Escapes what sed's replacement gives a meaning: '/', '&' (as mltk) and '\' (which mltk leaves as is).
+escape_replace() { sed -e 's/[\/&\\]/\\&/g'; }
+# nfs_cache_avail: mltk's shared build cache over NFS; stage4 has none (mltk answers 1 without one too).
+nfs_cache_avail() { return 1; }
+# add_key_value FILE KEY VALUE: append KEY='VALUE' to FILE (below TARGET_BUILD_DIR); nothing when KEY is
+# there with this value, quoted or not; perror when it is there with another one.
+add_key_value() {
+    [ $# -eq 3 ] || perror "add_key_value needs FILE KEY VALUE, got $# arguments"
+    [ -n "$2" ] || perror "add_key_value: empty key"
+    local file="${TARGET_BUILD_DIR%/}/${1#/}" quoted current
+    quoted="'${3//\'/\'\\\'\'}'"
+    if [ -s "$file" ]; then
+        current=$(sed -n -E "s/^[[:space:]]*$2=(.*)\$/\\1/p" "$file" | tail -n 1 | itrim)
+        if [ -n "$current" ]; then
+            [ "$current" = "$quoted" ] || [ "$current" = "$3" ] \
+                || perror "Cannot set $2 to '$3' in $1 as it is already set to $current"
+            return 0
+        fi
+    fi
+    mkdir -p "$(dirname "$file")" || perror "Could not create the folder of $file"
+    echo "$2=$quoted" >>"$file" || perror "Could not write to $file"
+}
+# add_env KEY VALUE: the variable for every session, in /etc/environment.
+add_env() {
+    [ $# -eq 2 ] || perror "add_env needs KEY VALUE, got $# arguments"
+    add_key_value /etc/environment "$1" "$2"
+}
+
+# get_link_chain PATH [PREFIX]: PATH (absolute; its folder canonical) and each link it leads through,
+# one a line, at most 10 hops; with PREFIX (a folder) the paths below it are printed as ./relative.
+get_link_chain() {
+    [[ $1 == /* ]] || perror "get_link_chain needs an absolute path, got '$1'"
+    [ -e "$1" ] || [ -L "$1" ] || perror "get_link_chain: '$1' does not exist"
+    local prefix="" link next hops=0
+    if [ $# -ge 2 ]; then
+        [ -d "$2" ] || perror "get_link_chain: '$2' is not a folder"
+        prefix="$(cd -P -- "$2" && pwd -P)" || perror "get_link_chain: cannot resolve '$2'"
+        prefix=${prefix%/}/
+    fi
+    link="$(cd -P -- "$(dirname -- "$1")" && pwd -P)/$(basename -- "$1")"
+    _chain_line "$link" "$prefix"
+    while [ -L "$link" ] && [ "$hops" -lt 10 ]; do
+        hops=$((hops + 1))
+        next=$(readlink -- "$link")
+        { [ -n "$next" ] && [ "$next" != "$link" ]; } || break
+        [[ $next == /* ]] || next="$(dirname -- "$link")/$next"
+        if [ -d "$(dirname -- "$next")" ]; then
+            next="$(cd -P -- "$(dirname -- "$next")" && pwd -P)/$(basename -- "$next")"
+        fi
+        link=$next
+        _chain_line "$link" "$prefix"
+    done
+}
+_chain_line() {
+    if [ -n "$2" ] && [[ $1 == "$2"* ]]; then
+        echo "./${1#"$2"}"
+    elif [ -n "$2" ] && [ ! -e "$1" ]; then
+        # An absolute link meant inside PREFIX's tree (mltk's build folder).
+        if [ -e "$2${1#/}" ] || [ -L "$2${1#/}" ]; then echo "./${1#/}"; fi
+    else
+        echo "$1"
+    fi
+}
+
+# -- users and groups: mltk's wrappers of useradd and groupadd (its install mode: this system's files) ----
+# getuid NAME|ID, getgid NAME|ID: the id of the user (group) of that name, else ID when one has it.
+_id_of() { awk -F: -v want="$1" '$1 == want { n = $3 } $3 == want && id == "" { id = $3 }
+    END { if (n != "") print n; else if (id != "") print id }' "$2"; }
+getuid() { _id_of "$1" /etc/passwd; }
+getgid() { _id_of "$1" /etc/group; }
+# getusergroup NAME|ID: the primary group id of the user.
+getusergroup() { awk -F: -v want="$1" '($1 == want || $3 == want) && g == "" { g = $4 } END { if (g != "") print g }' /etc/passwd; }
+# usr_setpw USER PASSWORD: an empty password locks the account ('*'), a crypt hash ($id$...) is taken
+# as it is, anything else is hashed (SHA-512).
+usr_setpw() {
+    local hash=$2 shadow=/etc/shadow tmp
+    if [ -z "$hash" ]; then
+        hash='*'
+    elif ! [[ $hash =~ ^\$[0-9a-z]+\$ ]]; then
+        hash=$(openssl passwd -6 "$2" 2>/dev/null || mkpasswd -m sha-512 "$2" 2>/dev/null)
+        [ -n "$hash" ] || perror "Could not hash the password of $1 (no openssl or mkpasswd)"
+    fi
+    grep -q "^$1:" "$shadow" || perror "usr_setpw: no user $1 in $shadow"
+    tmp=$(mktemp) || perror "usr_setpw: no temporary file"
+    if ! awk -F: -v OFS=: -v u="$1" -v h="$hash" '$1 == u { $2 = h } { print }' "$shadow" >"$tmp" \
+        || ! cat "$tmp" >"$shadow"; then
+        perror "Could not set the password of $1"
+    fi
+    rm -f "$tmp"
+}
+
+# useradd [OPTIONS] NAME: the system's useradd, unless the user exists as asked (then only the password
+# is set, if given); a user that exists otherwise (another uid, system vs normal, another group), a
+# taken uid or a missing group is an error. --password "" locks the account ('*') instead of leaving
+# it without a password.
+useradd() {
+    local name=${!#} system=0 uid="" gid="" usergroup=0 password="" setpw=0 existing group="" owner
+    local args=("$@")
+    while [ $# -gt 0 ]; do
+        case $1 in
+        -R | --root | -P | --prefix) perror "useradd: $1 is not allowed in a module" ;;
+        -r | --system) system=1 ;;
+        -U | --user-group) usergroup=1 ;;
+        -u | --uid) uid=$2; shift ;;
+        -g | --gid) gid=$2; shift ;;
+        -p | --password) password=$2; setpw=1; shift ;;
+        esac
+        shift
+    done
+    existing=$(getuid "$name")
+    if [ "$usergroup" = 1 ]; then
+        [ -z "$gid" ] || perror "useradd $name: -U and -g together"
+        group=$(getgid "$name")
+    elif [ -n "$gid" ]; then
+        group=$(getgid "$gid")
+        [ -n "$group" ] || perror "useradd $name: no group $gid"
+    fi
+    if [ -n "$uid" ]; then
+        owner=$(awk -F: -v u="$uid" '$3 == u { print $1; exit }' /etc/passwd)
+        [ -z "$owner" ] || [ "$owner" = "$name" ] || perror "useradd $name: uid $uid is taken by $owner"
+        [ -z "$existing" ] || [ "$existing" = "$uid" ] || perror "useradd $name: exists with uid $existing"
+    elif [ -n "$existing" ] && [ "$system" = 1 ] && [ "$existing" -ge 1000 ]; then
+        perror "useradd $name: asked for a system user, exists with uid $existing"
+    elif [ -n "$existing" ] && [ "$system" = 0 ] && [ "$existing" -lt 1000 ]; then
+        perror "useradd $name: asked for a normal user, exists with system uid $existing"
+    fi
+    if [ -n "$existing" ]; then
+        [ -z "$group" ] || [ "$(getusergroup "$name")" = "$group" ] || perror "useradd $name: exists with another group"
+    else
+        command useradd "${args[@]}" || perror "useradd ${args[*]} failed"
+    fi
+    if [ "$setpw" = 1 ]; then usr_setpw "$name" "$password"; fi
+    return 0
+}
+
+# groupadd [OPTIONS] NAME: the system's groupadd, unless the group exists as asked; a taken gid or a
+# group that exists otherwise (system vs normal) is an error.
+groupadd() {
+    local name=${!#} system=0 gid="" existing
+    local args=("$@")
+    while [ $# -gt 0 ]; do
+        case $1 in
+        -R | --root | -P | --prefix) perror "groupadd: $1 is not allowed in a module" ;;
+        -r | --system) system=1 ;;
+        -g | --gid) gid=$2; shift ;;
+        esac
+        shift
+    done
+    existing=$(getgid "$name")
+    if [ -n "$gid" ] && [ -n "$(awk -F: -v g="$gid" '$3 == g' /etc/group)" ]; then
+        [ "$existing" = "$gid" ] && return 0
+        perror "groupadd $name: gid $gid is taken"
+    elif [ -z "$gid" ] && [ -n "$existing" ]; then
+        [ "$system" = 1 ] && [ "$existing" -ge 1000 ] && perror "groupadd $name: exists with the normal gid $existing"
+        [ "$system" = 0 ] && [ "$existing" -lt 1000 ] && perror "groupadd $name: exists with the system gid $existing"
+        return 0
+    fi
+    command groupadd "${args[@]}" || perror "groupadd ${args[*]} failed"
+}
+# add_to_group USER GROUP: USER becomes a member of GROUP (nothing when it is one).
+add_to_group() {
+    local tmp
+    grep -q "^$2:" /etc/group || perror "Cannot add '$1' to '$2': no such group"
+    awk -F: -v g="$2" -v u="$1" '$1 == g { n = split($4, m, ","); for (i = 1; i <= n; i++) if (m[i] == u) found = 1 }
+        END { exit !found }' /etc/group && return 0
+    tmp=$(mktemp) || perror "add_to_group: no temporary file"
+    if ! awk -F: -v OFS=: -v g="$2" -v u="$1" '$1 == g { $4 = ($4 == "" ? u : $4 "," u) } { print }' \
+        /etc/group >"$tmp" || ! cat "$tmp" >/etc/group; then
+        perror "Could not add '$1' to '$2'"
+    fi
+    rm -f "$tmp"
+}
+
 # -- reading the module --------------------------------------------------------------------------------
 for name in ${!REQUIRED_*}; do unset "$name"; done
 # shellcheck source=/dev/null  # the module's own files, known only at run time
@@ -143,9 +334,10 @@ package_files() {
 
 # Collect into $1 (a tree like /) what the REQUIRED_* variables name, from $MODULE_BUILD_DIR.
 collect() {
-    local dest=$1 entry optional found file list
+    local dest=$1 entry optional found file list system
     STAGE4_FUNCTION=collect
     list=$(mktemp)
+    system=$(mktemp)
     provided=$(package_files)
     mkdir -p "$dest" "$MODULE_BUILD_DIR"
     cde "$MODULE_BUILD_DIR"
@@ -172,7 +364,9 @@ collect() {
         if [ -d ".$entry" ]; then
             echo ".$entry" >>"$list"
         elif ! grep -qx "$entry" <<<"$provided"; then
-            perror "REQUIRED_DIRECTORIES: $entry is neither in the build tree nor in REQUIRED_CONTENT_PACKAGES"
+            [ -d "$entry" ] || perror "REQUIRED_DIRECTORIES: $entry is neither in the build tree, in" \
+                "REQUIRED_CONTENT_PACKAGES nor on this system"
+            echo "$entry" >>"$system"
         fi
     done
     for entry in ${REQUIRED_FILES:-}; do
@@ -181,8 +375,11 @@ collect() {
         entry=${entry#/}
         if [ -e "./$entry" ] || [ -L "./$entry" ]; then
             echo "./$entry" >>"$list"
+        elif [ -e "/$entry" ] && ! grep -qx "/$entry" <<<"$provided"; then
+            echo "/$entry" >>"$system"
         elif ! grep -qx "/$entry" <<<"$provided" && [ "$optional" != "@" ]; then
-            perror "REQUIRED_FILES: /$entry is neither in the build tree nor in REQUIRED_CONTENT_PACKAGES"
+            perror "REQUIRED_FILES: /$entry is neither in the build tree, in REQUIRED_CONTENT_PACKAGES nor on" \
+                "this system"
         fi
     done
     # A symlink is taken with its target (when the target is in the build tree as well).
@@ -196,6 +393,22 @@ collect() {
             if [ -d "$f" ] && [ ! -L "$f" ]; then find "$f"; else echo "$f"; fi
         done) | tar -xpf - -C "$dest" || perror "copying the collected files failed"
         pinfo "collected $(sort -u "$list" | wc -l) entries"
+    fi
+    # From this system (the dev layer), each with the links it leads through, folders with what they
+    # hold: REQUIRED_SYSTEM_FILES as mltk takes them, and REQUIRED_FILES and _DIRECTORIES found neither in
+    # the build tree nor in a content package (mltk's install mode accepts them there, on its target).
+    : >"$list"
+    for entry in ${REQUIRED_SYSTEM_FILES:-}; do
+        [[ $entry == /* ]] || perror "REQUIRED_SYSTEM_FILES: $entry does not start with '/'"
+        [ -e "$entry" ] || [ -L "$entry" ] || perror "REQUIRED_SYSTEM_FILES: $entry is not on this system"
+        echo "$entry" >>"$system"
+    done
+    while IFS= read -r entry; do get_link_chain "$entry" >>"$list"; done <"$system"
+    rm -f "$system"
+    if [ -s "$list" ]; then
+        (cd / && sort -u "$list" | sed 's|^/||' | tar -cpf - -T -) | tar -xpf - -C "$dest" \
+            || perror "copying REQUIRED_SYSTEM_FILES failed"
+        pinfo "collected $(sort -u "$list" | wc -l) system files"
     fi
     rm -f "$list"
 }

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stage4.mltk.targets import TARGETS, Expansion, TargetProblem, is_target, scan
 from stage4.runner import Runner
 
 # Where a module is looked for in an mltk checkout: the module folders, then the Stage4 target's links.
@@ -17,9 +18,15 @@ MODULE_PLACES = ("core/modules", "core/targets/stage4")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 
 # Sources module.conf and the first module.conf.<version> that exists; prints NAME\0VALUE\0 per variable.
+# The SYS_* variables (targets.sys_variables) come as NAME=VALUE arguments before `--`.
 READ_CONF = r"""
 set -e
 conf=$1
+shift
+while [ "$1" != -- ]; do
+    declare -x "$1"
+    shift
+done
 shift
 . "$conf"
 for version in "$@"; do
@@ -69,24 +76,65 @@ def sys_versions(distro: str) -> list[str]:
     return names
 
 
-def find(tree: Path, name: str) -> Path:
-    """The folder of module `name` in the checkout at `tree`."""
+def find(tree: Path, name: str, links: dict[str, Path] | None = None) -> Path:
+    """The folder of module `name` in the checkout at `tree`: the one a configured target links under
+    that name (`links`, which take precedence), else core/modules/NAME or the stage4 target's link."""
     top = tree.resolve()
+    if links and name in links:
+        return links[name]
     for place in MODULE_PLACES:
         candidate = (tree / place / name).resolve()
         if candidate.is_dir() and candidate.is_relative_to(top):
             if not (candidate / "module.conf").is_file():
+                if place == MODULE_PLACES[1] and candidate.is_relative_to((tree / TARGETS).resolve()):
+                    continue  # a sub-target linked by the stage4 target
                 raise ModuleProblem(f"module {name!r} ({candidate.relative_to(top)}) has no module.conf")
             return candidate
     raise ModuleProblem(f"no module {name!r} in the mltk checkout (looked in {', '.join(MODULE_PLACES)})")
 
 
-def read(tree: Path, name: str, versions: list[str], runner: Runner, step: str) -> Module:
-    folder = find(tree, name)
+def expand(tree: Path, names: list[str]) -> Expansion:
+    """The configured names with each target (core/targets/NAME) replaced by the modules it links."""
+    expansion = Expansion()
+    for name in names:
+        try:
+            find(tree, name)
+        except ModuleProblem:
+            if not is_target(tree, name):
+                raise
+            try:
+                scan(tree, name, expansion)
+            except TargetProblem as exc:
+                raise ModuleProblem(f"target {name!r}: {exc}") from None
+            continue
+        if name not in expansion.names:
+            expansion.names.append(name)
+    return expansion
+
+
+def read(
+    tree: Path,
+    name: str,
+    versions: list[str],
+    runner: Runner,
+    step: str,
+    links: dict[str, Path] | None = None,
+    variables: dict[str, str] | None = None,
+) -> Module:
+    folder = find(tree, name, links)
     if not (folder / "module.build").is_file():
         raise ModuleProblem(f"module {name!r} has no module.build")
     out = runner.run(
-        ["bash", "-c", READ_CONF, "read-conf", folder / "module.conf", *versions],
+        [
+            "bash",
+            "-c",
+            READ_CONF,
+            "read-conf",
+            folder / "module.conf",
+            *[f"{key}={value}" for key, value in (variables or {}).items()],
+            "--",
+            *versions,
+        ],
         step=f"{step} (module.conf of {name})",
         capture=True,
         cwd=folder,
@@ -102,8 +150,16 @@ def read(tree: Path, name: str, versions: list[str], runner: Runner, step: str) 
     )
 
 
-def ordered(tree: Path, names: list[str], versions: list[str], runner: Runner, step: str) -> list[Module]:
-    """The named modules and their REQUIRED_MODULES, each after what it requires."""
+def ordered(
+    tree: Path,
+    names: list[str],
+    versions: list[str],
+    runner: Runner,
+    step: str,
+    variables: dict[str, str] | None = None,
+) -> list[Module]:
+    """The named modules (targets expanded) and their REQUIRED_MODULES, each after what it requires."""
+    expansion = expand(tree, names)
     done: dict[str, Module] = {}
     visiting: list[str] = []
 
@@ -114,7 +170,7 @@ def ordered(tree: Path, names: list[str], versions: list[str], runner: Runner, s
             cycle = " -> ".join([*visiting[visiting.index(name) :], name])
             raise ModuleProblem(f"dependency cycle: {cycle}")
         try:
-            module = read(tree, name, versions, runner, step)
+            module = read(tree, name, versions, runner, step, expansion.links, variables)
         except ModuleProblem as exc:
             raise ModuleProblem(
                 f"{exc} (required by module {wanted_by!r})" if wanted_by else str(exc)
@@ -125,6 +181,6 @@ def ordered(tree: Path, names: list[str], versions: list[str], runner: Runner, s
         visiting.pop()
         done[name] = module
 
-    for name in names:
+    for name in expansion.names:
         visit(name, None)
     return list(done.values())

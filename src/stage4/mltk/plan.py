@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from stage4.config import SourceConfig
+from stage4.config.components import MltkConfig
 from stage4.errors import ConfigError, StepFailed
 from stage4.mltk.modules import Module, ModuleProblem, ordered, sys_versions
+from stage4.mltk.packages import PackageIndex
+from stage4.mltk.readiness import Checker, Readiness
+from stage4.mltk.targets import sys_variables
 from stage4.provisioning import sources
 
 if TYPE_CHECKING:
     from stage4.context import Context
+    from stage4.runner import Runner
 
 DRIVER = Path(__file__).parent / "driver.sh"
 RESULTS = "mltk"  # below the layer's output folder and the image's artifacts folder
@@ -40,12 +45,21 @@ class GitTarball(TypedDict):
     tarball: str
 
 
+class SysFacts(TypedDict):
+    """What the driver exports as SYS_DISTRIBUTION, SYS_VERSION and SYS_CODENAME (mltk's lsb_release)."""
+
+    distribution: str
+    version: str
+    codename: str
+
+
 class BuildPlan(TypedDict):
     """The dev role's `stage4_mltk` variable."""
 
     tarball: str  # the mltk checkout
     driver: str
     sys_versions: str  # space-separated
+    sys: SysFacts
     modules: list[ModuleFolder]  # in dependency order
     build_packages: list[str]
     content_packages: list[str]
@@ -58,6 +72,7 @@ class Results(TypedDict):
     modules: list[str]
     content_packages: list[str]
     sys_versions: str
+    sys: SysFacts
     files: list[str]  # relative to the artifacts folder
 
 
@@ -71,6 +86,7 @@ class InstallVars(TypedDict):
 
     driver: NotRequired[str]
     sys_versions: NotRequired[str]
+    sys: NotRequired[SysFacts]
     modules: list[InstalledModule]
 
 
@@ -81,26 +97,60 @@ def git_source(entry: str) -> tuple[str, SourceConfig]:
     return url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git"), SourceConfig(git=url, ref=ref)
 
 
-def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
-    """Fetch the checkout and the modules' git sources; the dev role's `stage4_mltk` variable."""
-    mltk, runner = ctx.image.mltk, ctx.runner
-    if mltk is None:
-        raise ValueError(f"image {ctx.name} has no mltk modules to prepare")
-    tarball = sources.fetch("stage4-mltk", mltk.source, sources_dir, runner, f"{step} (mltk)", ctx.cache_dir)
+def checkout(
+    name: str, mltk: MltkConfig, sources_dir: Path, runner: Runner, step: str, cache_dir: Path
+) -> tuple[Path, Path]:
+    """The mltk checkout fetched (its tarball for the layer) and unpacked on the host to be read."""
+    tarball = sources.fetch("stage4-mltk", mltk.source, sources_dir, runner, f"{step} (mltk)", cache_dir)
     tree = sources_dir / "stage4-mltk-read"
     shutil.rmtree(tree, ignore_errors=True)
     with tarfile.open(tarball) as archive:
         archive.extractall(tree, filter="tar")
-    versions = sys_versions(mltk.distro or ctx.image.distribution)
+    return tarball, tree
+
+
+def read_modules(
+    source: str, name: str, mltk: MltkConfig, distro: str, tree: Path, runner: Runner, step: str
+) -> tuple[list[Module], list[str], dict[str, str]]:
+    """The configured modules (targets expanded) in order, the module.conf suffixes and the SYS_*
+    variables; a bad name, target or cycle is a ConfigError on images.NAME.mltk.modules."""
+    versions = sys_versions(distro)
+    variables = sys_variables(distro, versions)
     try:
-        order = ordered(tree, list(mltk.modules), versions, runner, step)
+        order = ordered(tree, list(mltk.modules), versions, runner, step, variables)
     except ModuleProblem as exc:
         raise ConfigError(
-            ctx.source,
-            f"images.{ctx.name}.mltk.modules",
-            list(mltk.modules),
-            f"{exc} ({mltk.source.describe()})",
+            source, f"images.{name}.mltk.modules", list(mltk.modules), f"{exc} ({mltk.source.describe()})"
         ) from None
+    return order, versions, variables
+
+
+def check(
+    name: str, order: list[Module], distro: str, tree: Path, cache_dir: Path, runner: Runner
+) -> Readiness:
+    """Whether each module can run here (readiness.py), before any layer; `distro` is the image's own
+    distribution (its packages), which an [images.NAME.mltk] distro does not change."""
+    checker = Checker(tree, DRIVER, PackageIndex.load(distro, cache_dir), cache_dir, runner)
+    return checker.check(name, order, distro)
+
+
+def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
+    """Fetch the checkout and the modules' git sources; the dev role's `stage4_mltk` variable. A module
+    that cannot run here stops the build, with the line `stage4 mltk plan` prints for it."""
+    mltk, runner = ctx.image.mltk, ctx.runner
+    if mltk is None:
+        raise ValueError(f"image {ctx.name} has no mltk modules to prepare")
+    tarball, tree = checkout(ctx.name, mltk, sources_dir, runner, step, ctx.cache_dir)
+    distro = mltk.distro or ctx.image.distribution
+    order, versions, variables = read_modules(ctx.source, ctx.name, mltk, distro, tree, runner, step)
+    refused = check(ctx.name, order, ctx.image.distribution, tree, ctx.cache_dir, runner).not_ready
+    if refused:
+        more = (
+            f" (and {len(refused) - 1} more: `stage4 mltk plan {ctx.name}` lists them)" if refused[1:] else ""
+        )
+        raise ConfigError(
+            ctx.source, f"images.{ctx.name}.mltk.modules", list(mltk.modules), refused[0].line + more
+        )
     git: list[GitTarball] = []
     for module in order:
         for entry in module.words("REQUIRED_GIT"):
@@ -118,10 +168,19 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
         "tarball": str(tarball),
         "driver": str(DRIVER),
         "sys_versions": " ".join(versions),
+        "sys": _sys(variables),
         "modules": [{"name": m.name, "path": m.path} for m in order],
         "build_packages": _packages(order, "REQUIRED_INSTALLED_PACKAGES", "REQUIRED_CONTENT_PACKAGES"),
         "content_packages": _packages(order, "REQUIRED_CONTENT_PACKAGES"),
         "git": git,
+    }
+
+
+def _sys(variables: dict[str, str]) -> SysFacts:
+    return {
+        "distribution": variables["SYS_DISTRIBUTION"],
+        "version": variables["SYS_VERSION"],
+        "codename": variables["SYS_CODENAME"],
     }
 
 
@@ -143,6 +202,7 @@ def extract(out_dir: Path, staging: Path, plan: BuildPlan, step: str, log: Path 
         "modules": [m["name"] for m in plan["modules"]],
         "content_packages": plan["content_packages"],
         "sys_versions": plan["sys_versions"],
+        "sys": plan["sys"],
         "files": files,
     }
 
@@ -154,6 +214,7 @@ def install_vars(mltk: Results | None, artifacts_dir: Path) -> InstallVars:
     return {
         "driver": str(DRIVER),
         "sys_versions": mltk["sys_versions"],
+        "sys": mltk["sys"],
         "modules": [
             {"name": name, "tarball": str(artifacts_dir / RESULTS / f"{name}.tar")}
             for name in mltk["modules"]
