@@ -97,8 +97,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(session.config, "workerinput"):
         return  # a worker: the controller removes the run's cache once every worker has finished
     prefix = _cache_prefix()
-    for cache in prefix.parent.glob(f"{prefix.name}*"):
-        subprocess.run(["rm", "-rf", "--one-file-system", str(cache)], check=False)
+    # This run's caches only: `-1817*` would also match the caches of a run 18170 still building.
+    for pattern in (prefix.name, f"{prefix.name}-*", f"{prefix.name}.*"):
+        for cache in prefix.parent.glob(pattern):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(cache)], check=False)
 
 
 def run_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
