@@ -1,0 +1,210 @@
+"""Stage 3 (dnbd3-rootfs) network functions on the host: the boot interface by BOOTIF, the static ip=
+fallback, IPv6 literals in slxsrv, and the config download over several servers in random order for a
+few rounds, against real HTTP servers on 127.0.0.1 (and ::1)."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MODULE = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs"
+
+
+def bash(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    prefix = "".join(f"{key}={value}\n" for key, value in (env or {}).items())
+    return subprocess.run(
+        ["bash", "-c", f". {MODULE / 'stage4-lib.sh'}\n. {MODULE / 'stage4-net.sh'}\n{prefix}{script}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_bootif_names_the_mac_in_any_case_and_form() -> None:
+    for bootif in ("01-52-54-00-AB-cd-EF", "01-52-54-00-ab-cd-ef", "52:54:00:AB:CD:EF", "52-54-00-ab-cd-ef"):
+        result = bash(f"slx_bootif_mac '{bootif}'")
+        assert (result.returncode, result.stdout) == (0, "52:54:00:ab:cd:ef\n"), bootif
+    for bad in ("02-52-54-00-ab-cd-ef", "01-52-54-00-ab", "52:54:00:ab:cd:eg", "", "01-52-54-00-ab-cd-ef-00"):
+        assert bash(f"slx_bootif_mac '{bad}'").returncode == 1, bad
+
+
+def test_bootif_picks_the_interface_with_that_address(tmp_path: Path) -> None:
+    """A sysfs-like directory (as /sys/class/net shows it), then this machine's real interfaces."""
+    for dev, address in (
+        ("lo", "00:00:00:00:00:00"),
+        ("eth0", "52:54:00:12:34:56"),
+        ("ens4", "52:54:00:AB:CD:EF"),
+    ):
+        (tmp_path / dev).mkdir()
+        (tmp_path / dev / "address").write_text(address + "\n")
+    assert bash(f"slx_iface_by_mac 52:54:00:ab:cd:ef {tmp_path}").stdout == "ens4\n"
+    assert bash(f"slx_iface_by_mac 52:54:00:12:34:56 {tmp_path}").stdout == "eth0\n"
+    assert bash(f"slx_iface_by_mac 00:00:00:00:00:00 {tmp_path}").returncode == 1  # never lo
+    assert bash(f"slx_iface_by_mac 52:54:00:00:00:01 {tmp_path}").returncode == 1
+    real = [
+        (dev.name, (dev / "address").read_text().strip())
+        for dev in Path("/sys/class/net").iterdir()
+        if dev.name != "lo" and (dev / "address").is_file()
+    ]
+    owners = {}
+    for name, address in real:
+        owners.setdefault(address, []).append(name)
+    unique = [(name, address) for name, address in real if len(owners[address]) == 1]
+    if not unique:
+        pytest.skip("no network interface with an address of its own on this machine")
+    name, address = unique[0]
+    bootif = "01-" + address.upper().replace(":", "-")
+    assert bash(f'slx_iface_by_mac "$(slx_bootif_mac {bootif})"').stdout == f"{name}\n"
+
+
+def test_static_ip_argument() -> None:
+    cases = {
+        "10.0.2.15::10.0.2.2:255.255.255.0:client:eth0:none": "10.0.2.15/24 10.0.2.2 eth0",
+        "192.168.1.9:192.168.1.1::255.255.0.0:::off": "192.168.1.9/16 - -",
+        "10.1.2.3::10.1.0.1:22::ens3:": "10.1.2.3/22 10.1.0.1 ens3",
+        "10.1.2.3": "10.1.2.3/24 - -",
+    }
+    for arg, expected in cases.items():
+        result = bash(f"slx_parse_ip_arg '{arg}'")
+        assert (result.returncode, result.stdout) == (0, expected + "\n"), arg
+    refused = {
+        "dhcp": "no IPv4 client address",
+        "10.0.2.15::10.0.2.2:255.255.255.0:client:eth0:dhcp": "not a static address",
+        "10.0.2.15::10.0.2.2:255.0.255.0::eth0:none": "bad netmask 255.0.255.0",
+        "10.0.2.15::gateway:255.255.255.0::eth0:none": "the gateway is not an IPv4 address",
+    }
+    for arg, reason in refused.items():
+        result = bash(f"slx_parse_ip_arg '{arg}'")
+        assert result.returncode == 1, arg
+        assert result.stderr == f"ip={arg}: {reason}\n"
+
+
+def test_ipv6_literals_in_slxsrv() -> None:
+    hosts = {
+        "[2001:db8::1]:80": "2001:db8::1 80",
+        "[2001:db8::1]": "2001:db8::1 80",
+        "[::1]:8080": "::1 8080",
+        "2001:db8::2": "2001:db8::2 80",
+        "boot.example:81": "boot.example 81",
+        "10.0.2.100": "10.0.2.100 80",
+    }
+    for hostport, expected in hosts.items():
+        assert bash(f"slx_host_port '{hostport}' 80").stdout == expected + "\n", hostport
+    urls = bash("slx_server_urls http '10.0.2.100,[2001:db8::1]:80 [2001:db8::1] 2001:db8::2' /boot/ config")
+    assert urls.stdout.split() == [
+        "http://10.0.2.100/boot/config",
+        "http://[2001:db8::1]:80/boot/config",
+        "http://[2001:db8::1]/boot/config",
+        "http://[2001:db8::2]/boot/config",
+    ]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        server = self.server
+        assert isinstance(server, _Server)
+        with server.lock:
+            server.requests.append(self.path)
+            status = server.statuses.pop(0) if server.statuses else server.default
+        self.send_response(status)
+        self.end_headers()
+        if status == 200:
+            self.wfile.write(b"SLX_DNBD3_RID='7'\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """Answers with `statuses` in order, then with `default`; records every request path."""
+
+    def __init__(self, host: str, statuses: list[int], default: int):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, 0), _Handler)
+        self.statuses, self.default = list(statuses), default
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server_address[1]}/boot/config"
+
+
+@pytest.fixture
+def http_servers() -> Iterator[list[_Server]]:
+    made: list[_Server] = []
+    yield made
+    for server in made:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/boot/config"
+
+
+FAST = {"STAGE4_FETCH_WAIT": "0", "STAGE4_HTTP_TIMEOUT": "5"}
+
+
+def test_download_tries_every_server_in_each_round_then_gives_up(
+    tmp_path: Path, http_servers: list[_Server]
+) -> None:
+    broken = _Server("127.0.0.1", [], 503)
+    http_servers.append(broken)
+    down = _closed_url()
+    out = tmp_path / "config"
+    result = bash(f"slx_fetch_any {out} {broken.url} {down}", {**FAST, "STAGE4_FETCH_ROUNDS": "3"})
+    assert result.returncode == 1
+    tries = result.stderr.splitlines()
+    assert len(tries) == 6, tries  # 3 rounds x 2 servers
+    for round_tries in (tries[0:2], tries[2:4], tries[4:6]):
+        assert sorted(t.split(": ")[0] for t in round_tries) == sorted([broken.url, down])
+    assert f"{broken.url}: HTTP/1.0 503 Service Unavailable" in tries
+    assert f"{down}: no connection to 127.0.0.1:{down.rsplit(':', 1)[1].split('/')[0]}" in tries
+    assert len(broken.requests) == 3
+    assert not out.exists() and not Path(f"{out}.part").exists()
+
+
+def test_download_goes_on_until_a_server_answers(tmp_path: Path, http_servers: list[_Server]) -> None:
+    """A server that fails twice and then answers: found in a later round, not given up after one."""
+    late = _Server("127.0.0.1", [404, 500], 200)
+    http_servers.append(late)
+    out = tmp_path / "config"
+    result = bash(f"slx_fetch_any {out} {_closed_url()} {late.url}", FAST)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == "SLX_DNBD3_RID='7'\n"
+    assert result.stderr.splitlines()[-1] == f"{late.url}: ok"
+    assert len(late.requests) == 3 and late.requests[0] == "/boot/config"
+    assert len(result.stderr.splitlines()) <= 6  # at most three rounds of two
+
+
+def test_download_order_is_random() -> None:
+    orders = {bash("slx_shuffle a b c").stdout for _ in range(30)}
+    assert all(sorted(order.split()) == ["a", "b", "c"] for order in orders)
+    assert len(orders) > 1, orders  # 30 times the same order: (1/6)^29
+    assert bash("slx_shuffle").stdout == ""
+
+
+def test_download_from_an_ipv6_literal(tmp_path: Path, http_servers: list[_Server]) -> None:
+    try:
+        server = _Server("::1", [], 200)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    http_servers.append(server)
+    out = tmp_path / "config"
+    result = bash(f"slx_fetch_any {out} {server.url}", FAST)
+    assert result.returncode == 0, result.stderr
+    assert server.url.startswith("http://[::1]:")
+    assert out.read_text() == "SLX_DNBD3_RID='7'\n"
