@@ -134,6 +134,15 @@ def guest_config(published: str, servers: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def config_tarball(published: str, boot_dir: Path) -> Path | None:
+    """The config.tgz the config names (SLX_CONFIG_NAME, a file of the boot directory), if it is there."""
+    match = re.search(
+        r"^\s*(?:export\s+)?SLX_CONFIG_NAME=(['\"]?)([A-Za-z0-9._-]+)\1\s*$", published, re.MULTILINE
+    )
+    path = boot_dir / match[2] if match else None
+    return path if path and path.is_file() else None
+
+
 def guest_servers(count: int) -> list[str]:
     """The guest addresses of the forwarded DNBD3 servers (default port, so written without it)."""
     return [f"{GUEST_NET}.{FIRST_SERVER_GUEST + i}" for i in range(count)]
@@ -181,14 +190,16 @@ class Forwards:
 @contextlib.contextmanager
 def forwards(revision: BootableRevision, servers: list[tuple[str, int]], work: Path) -> Iterator[Forwards]:
     """HTTP boot files and relays to `servers`, running until the context ends."""
-    guest = guest_config(
-        revision.config.read_text(encoding="utf-8", errors="replace"), guest_servers(len(servers))
-    )
+    published = revision.config.read_text(encoding="utf-8", errors="replace")
+    guest = guest_config(published, guest_servers(len(servers)))
     files: dict[str, bytes | Path] = {
         f"/{SLXBASE}/config": guest.encode(),
         f"/{SLXBASE}/kernel.r{revision.rid}": revision.kernel,
         f"/{SLXBASE}/initrd.r{revision.rid}": revision.initrd,
     }
+    tarball = config_tarball(published, revision.boot_dir)
+    if tarball:
+        files[f"/{SLXBASE}/{tarball.name}"] = tarball
     bridge = work / "bridge.py"
     bridge.write_text(BRIDGE, encoding="utf-8")
     with contextlib.ExitStack() as stack:

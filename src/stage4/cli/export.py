@@ -68,6 +68,13 @@ if TYPE_CHECKING:
     help="directory for kernel.r<RID>, initrd.r<RID>, config.r<RID>, ipxe.r<RID> (e.g. the HTTP "
     "boot dir, outside the store or hidden in it; default: <store>/.stage4/<name>)",
 )
+@click.option(
+    "--config-tgz",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="the site's config.tgz (a gzip'ed tar, unpacked into / of each client): published as "
+    "config.tgz.r<RID> in the boot directory and named by SLX_CONFIG_NAME in the revision's config",
+)
 @click.option("--activate", is_flag=True, help="also replace <boot-dir>/config with this revision's config")
 @click.option(
     "--manifest",
@@ -98,6 +105,7 @@ def export(
     initrd: Path | None,
     no_boot_files: bool,
     boot_dir: str | None,
+    config_tgz: Path | None,
     activate: bool,
     manifest: Path | None,
     source_identity: str | None,
@@ -133,6 +141,7 @@ def export(
         activate=activate,
         boot_files=not no_boot_files,
         ssh_options=ssh_options,
+        config_tgz=config_tgz,
     )
     if as_json:
         click.echo(json.dumps(publication.to_dict(), indent=2))
@@ -146,6 +155,8 @@ def export(
             click.echo(f"  kernel: {publication.kernel}\n  initrd: {publication.initrd}")
         if publication.ipxe:
             click.echo(f"  ipxe:   {publication.ipxe}")
+        if publication.config_tgz:
+            click.echo(f"  config.tgz: {publication.config_tgz}")
         click.echo(f"  config: {publication.config}\n  record: {publication.record}")
         changes = api.revision_changes(store, name, publication.rid)
         if changes:

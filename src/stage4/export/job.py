@@ -10,6 +10,7 @@ from stage4.dnbd3.crc import Digest
 from stage4.errors import Stage4Error
 from stage4.export import records
 
+CONFIG_TGZ = "config.tgz"  # the boot-directory file kind of a site's config tarball
 NO_SERVER_WARNING = "no --server given: SLX_DNBD3_SERVERS in the config fragment is empty"
 
 
@@ -39,6 +40,7 @@ class Publication:
     config: str
     record: str
     ipxe: str | None = None
+    config_tgz: str | None = None
     activated: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -63,6 +65,7 @@ class Job:
     manifest: Path | None = None
     dracut_modules: tuple[str, ...] = ()
     origins: dict[str, str] = field(default_factory=dict)
+    config_tgz: Path | None = None  # the site's config.tgz, published as config.tgz.r<RID>
 
     @property
     def leaf(self) -> str:
@@ -70,7 +73,8 @@ class Job:
 
     @property
     def boot_sources(self) -> dict[str, Path]:
-        return {kind: Path(path) for kind, path in (("kernel", self.kernel), ("initrd", self.initrd)) if path}
+        sources = (("kernel", self.kernel), ("initrd", self.initrd), (CONFIG_TGZ, self.config_tgz))
+        return {kind: Path(path) for kind, path in sources if path}
 
     @property
     def has_ipxe(self) -> bool:
@@ -111,7 +115,14 @@ class Job:
             build=json.loads(self.manifest.read_text(encoding="utf-8")) if self.manifest else None,
         )
         texts = {
-            "config": records.config_fragment(self.servers, self.name, rid, self.identifier, note),
+            "config": records.config_fragment(
+                self.servers,
+                self.name,
+                rid,
+                self.identifier,
+                note,
+                f"{CONFIG_TGZ}.r{rid}" if self.config_tgz else None,
+            ),
             "record": json.dumps(record, indent=2) + "\n",
         }
         if self.has_ipxe:
@@ -138,6 +149,7 @@ class Job:
             config=f"{boot}/config.r{rid}",
             record=f"{meta}/publication.r{rid}.json",
             ipxe=f"{boot}/ipxe.r{rid}" if self.has_ipxe else None,
+            config_tgz=f"{boot}/{CONFIG_TGZ}.r{rid}" if self.config_tgz else None,
             activated=self.activate,
             warnings=[] if self.servers else [NO_SERVER_WARNING],
         )

@@ -69,13 +69,22 @@ class PublicationRecord(TypedDict):
     build: dict[str, Any] | None  # the build manifest (JSON)
 
 
-def config_fragment(servers: list[str], name: str, rid: int | str, identifier: str, comment: str) -> str:
+def config_fragment(
+    servers: list[str],
+    name: str,
+    rid: int | str,
+    identifier: str,
+    comment: str,
+    config_name: str | None = None,
+) -> str:
     values = {
         "SLX_DNBD3_SERVERS": " ".join(servers),
         "SLX_DNBD3_IMAGE": name,
         "SLX_DNBD3_RID": str(rid),
         "SLX_SYSTEM_PARTITION_IDENTIFIER": identifier,
     }
+    if config_name:
+        values["SLX_CONFIG_NAME"] = config_name  # stage 3 unpacks <slxbase>/<this> into the new root
     lines = [f"# {comment}"]
     for key, value in values.items():
         if "'" in value:
