@@ -94,12 +94,13 @@ def config_fragment(
 
 
 def ipxe_entry(rid: int | str, comment: str) -> str:
-    """The boot-menu entry of a revision: kernel and initramfs over HTTP from ${slxsrv}/${slxbase}."""
+    """The boot-menu entry of a revision: kernel and initramfs over HTTP from ${slxsrv}/${slxbase}; BOOTIF
+    names the NIC iPXE booted from (stage 3 brings up that one)."""
     base = "http://${slxsrv}/${slxbase}"
     return (
         f"#!ipxe\n# {comment}\n"
         f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}} "
-        f"SLX_DNBD3_RID={rid}\n"
+        f"BOOTIF=01-${{mac:hexhyp}} SLX_DNBD3_RID={rid}\n"
         f"initrd {base}/initrd.r{rid}\n"
         "boot\n"
     )
