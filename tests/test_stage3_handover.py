@@ -184,3 +184,31 @@ def test_handover_unpacks_config_tgz_and_writes_the_config(tmp_path: Path, busyb
     )
     assert again.returncode == 0
     assert not (root / "opt/openslx/config").exists()
+
+
+def _stop_boot(tmp_path: Path, setup: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """slx_stop_boot with dracut's functions and the machine's reboot replaced by ones that say what
+    they were asked (the host must not reboot), the console a file."""
+    console = tmp_path / "console"
+    stand_ins = (
+        'getargbool() { [ "$2" = rd.shell ] && [ "$RD_SHELL" = 1 ]; }\n'
+        'emergency_shell() { echo "emergency_shell $*"; }\n'
+        'systemctl() { echo "systemctl $*"; }\n'
+        'sleep() { echo "sleep $*"; }\n'
+        f"STAGE4_CONSOLE={console}\n"
+    )
+    result = bash(stand_ins + setup + '\nslx_stop_boot "stage4: it broke"\necho not reached')
+    return result, console.read_text()
+
+
+def test_a_failure_reboots_after_the_timeout_or_opens_the_shell(tmp_path: Path) -> None:
+    result, console = _stop_boot(tmp_path, "")
+    assert (result.returncode, console) == (1, "stage4: it broke\n")
+    assert result.stdout == "sleep 60\nsystemctl --no-block reboot\n"  # default 60 s, then reboot
+    result, _ = _stop_boot(tmp_path, "SLX_REBOOT_TIMEOUT=5")
+    assert result.stdout == "sleep 5\nsystemctl --no-block reboot\n"
+    result, _ = _stop_boot(tmp_path, "SLX_REBOOT_TIMEOUT='5; touch x'")
+    assert result.stdout == "sleep 60\nsystemctl --no-block reboot\n"  # not a number: the default
+    result, console = _stop_boot(tmp_path, "RD_SHELL=1")
+    assert (result.returncode, console) == (1, "stage4: it broke\n")
+    assert result.stdout == "emergency_shell -n stage4 stage4: it broke\n"  # no reboot

@@ -24,7 +24,7 @@ slx_fail_line() {
 # SLX_REBOOT_TIMEOUT seconds (default 60), a reboot: a lab PC tries again instead of waiting for someone.
 # Only in the initramfs (dracut's getargbool and emergency_shell).
 slx_stop_boot() {
-    printf '%s\n' "$1" > /dev/console
+    printf '%s\n' "$1" > "${STAGE4_CONSOLE:-/dev/console}"
     if getargbool 0 rd.shell; then
         emergency_shell -n stage4 "$1"
     else
