@@ -5,6 +5,8 @@ few rounds, against real HTTP servers on 127.0.0.1 (and ::1)."""
 from __future__ import annotations
 
 import http.server
+import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -208,3 +210,67 @@ def test_download_from_an_ipv6_literal(tmp_path: Path, http_servers: list[_Serve
     assert result.returncode == 0, result.stderr
     assert server.url.startswith("http://[::1]:")
     assert out.read_text() == "SLX_DNBD3_RID='7'\n"
+
+
+def _in_private_network(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """`script` (with the module's functions) in a network namespace of its own, with /etc/resolv.conf a
+    file of `tmp_path` (the lease script writes it): veth pair vA/vB with busybox udhcpd on vA
+    (192.168.77.1), and dA/dB where nobody answers."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("busybox"):
+        pytest.skip("needs root, unshare and busybox (a network namespace with a DHCP server)")
+    (tmp_path / "udhcpd.conf").write_text(
+        "start 192.168.77.10\nend 192.168.77.20\ninterface vA\n"
+        f"lease_file {tmp_path}/leases\noption subnet 255.255.255.0\noption router 192.168.77.1\n"
+        "option dns 192.168.77.1\n"
+    )
+    (tmp_path / "leases").touch()
+    (tmp_path / "resolv.conf").touch()
+    setup = f"""
+        set -e
+        mount --bind {tmp_path}/resolv.conf /etc/resolv.conf
+        ip link set lo up
+        ip link add vA type veth peer name vB
+        ip link add dA type veth peer name dB
+        ip addr add 192.168.77.1/24 dev vA
+        ip link set vA up
+        ip link set dA up
+        busybox udhcpd -f {tmp_path}/udhcpd.conf > /dev/null 2>&1 &
+        trap 'kill $!' EXIT
+        set +e
+        . {MODULE / "stage4-lib.sh"}
+        . {MODULE / "stage4-net.sh"}
+        STAGE4_UDHCPC_SCRIPT={MODULE / "udhcpc-script.sh"}
+        start=$SECONDS
+    """
+    return subprocess.run(
+        ["unshare", "--net", "--mount", "bash", "-c", setup + script],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
+
+
+def test_dhcp_goes_on_to_the_interface_that_gets_a_lease(tmp_path: Path) -> None:
+    result = _in_private_network(
+        tmp_path,
+        'dev=$(slx_dhcp dB vB 2> dhcp.log); echo "rc=$? dev=$dev after=$((SECONDS - start))"\n'
+        "ip -4 -o addr show dev vB; ip route show default",
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("rc=0 dev=vB after="), result.stdout + result.stderr
+    assert int(lines[0].split("after=")[1]) >= 5  # a round of 3 x 2 s on dB first
+    assert "inet 192.168.77." in lines[1] and lines[2].startswith("default via 192.168.77.1 dev vB")
+    assert (tmp_path / "resolv.conf").read_text() == "nameserver 192.168.77.1\n"
+
+
+def test_dhcp_rounds_grow_until_the_time_is_up(tmp_path: Path) -> None:
+    """Nobody answers: rounds of 3 tries, 2 s then 3 s apart (6 s, then 9 s), until 10 s have passed."""
+    result = _in_private_network(
+        tmp_path,
+        f'STAGE4_DHCP_TIMEOUT=10 slx_dhcp dB 2> {tmp_path}/dhcp.log; echo "rc=$? after=$((SECONDS - start))"',
+    )
+    rc, after = result.stdout.split()
+    assert rc == "rc=1", result.stdout + result.stderr
+    assert 15 <= int(after.split("=")[1]) <= 60  # 6 + 1 + 9: the second round waited longer
+    assert (tmp_path / "dhcp.log").read_text().count("broadcasting discover") == 6

@@ -86,7 +86,8 @@ slx_dhcp() {
         [ "$wait" -le 8 ] || wait=8
         for dev in "$@"; do
             ip link set "$dev" up
-            if busybox udhcpc -f -q -n -t 3 -T "$wait" -i "$dev" -s /lib/stage4-udhcpc.sh >&2; then
+            if busybox udhcpc -f -q -n -t 3 -T "$wait" -i "$dev" -s "${STAGE4_UDHCPC_SCRIPT:-/lib/stage4-udhcpc.sh}" >&2
+            then
                 printf '%s\n' "$dev"
                 return 0
             fi
