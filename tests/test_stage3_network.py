@@ -228,6 +228,7 @@ def _in_private_network(tmp_path: Path, script: str) -> subprocess.CompletedProc
     setup = f"""
         set -e
         mount --bind {tmp_path}/resolv.conf /etc/resolv.conf
+        mount -t sysfs sysfs /sys  # this namespace's /sys/class/net
         ip link set lo up
         ip link add vA type veth peer name vB
         ip link add dA type veth peer name dB
@@ -254,7 +255,7 @@ def _in_private_network(tmp_path: Path, script: str) -> subprocess.CompletedProc
 def test_dhcp_goes_on_to_the_interface_that_gets_a_lease(tmp_path: Path) -> None:
     result = _in_private_network(
         tmp_path,
-        'dev=$(slx_dhcp dB vB 2> dhcp.log); echo "rc=$? dev=$dev after=$((SECONDS - start))"\n'
+        f'dev=$(slx_dhcp dB vB 2> {tmp_path}/dhcp.log); echo "rc=$? dev=$dev after=$((SECONDS - start))"\n'
         "ip -4 -o addr show dev vB; ip route show default",
     )
     lines = result.stdout.splitlines()
@@ -274,3 +275,29 @@ def test_dhcp_rounds_grow_until_the_time_is_up(tmp_path: Path) -> None:
     assert rc == "rc=1", result.stdout + result.stderr
     assert 15 <= int(after.split("=")[1]) <= 60  # 6 + 1 + 9: the second round waited longer
     assert (tmp_path / "dhcp.log").read_text().count("broadcasting discover") == 6
+
+
+def test_static_ip_is_set_on_its_interface(tmp_path: Path) -> None:
+    """The ip= fallback for real: address, link and default route; no device in ip=: the default one."""
+    result = _in_private_network(
+        tmp_path,
+        "slx_static_ip 192.168.78.5::192.168.78.1:255.255.255.0:client:dB:none vB; echo rc=$?\n"
+        "slx_static_ip 192.168.79.5:::24 dA; echo rc=$?\n"
+        "slx_static_ip 192.168.79.6:::24::eth9:none dA; echo rc=$?\n"
+        "ip -4 -o addr show dev dB; ip -4 -o addr show dev dA; ip route show default",
+    )
+    out = result.stdout.splitlines()
+    assert out[:7] == [
+        "dB",
+        "Address=192.168.78.5/24",
+        "Gateway=192.168.78.1",
+        "rc=0",
+        "dA",
+        "Address=192.168.79.5/24",
+        "rc=0",
+    ], result.stdout + result.stderr
+    assert (
+        out[7] == "rc=1" and result.stderr == "ip=192.168.79.6:::24::eth9:none: no network interface eth9\n"
+    )
+    assert "inet 192.168.78.5/24" in out[8] and "inet 192.168.79.5/24" in out[9]
+    assert out[10].startswith("default via 192.168.78.1 dev dB")

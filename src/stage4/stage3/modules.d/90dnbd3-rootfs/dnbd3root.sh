@@ -66,19 +66,10 @@ network="DHCP=ipv4"
 if ! netif=$(slx_dhcp "${interfaces[@]}" 2> "$STATE/dhcp.log"); then
     static=$(slx_cmdline_get ip "$cmdline") \
         || stop_boot "$(slx_fail_line "no DHCP lease on ${interfaces[*]} within ${STAGE4_DHCP_TIMEOUT:-60} s and no ip= on the command line")"
-    parsed=$(slx_parse_ip_arg "$static" 2>&1) \
-        || stop_boot "$(slx_fail_line "no DHCP lease on ${interfaces[*]} within ${STAGE4_DHCP_TIMEOUT:-60} s; $parsed")"
-    read -r address gateway netif <<< "$parsed"
-    [ "$netif" != - ] || netif=${interfaces[0]}
-    [ -e "/sys/class/net/$netif" ] || stop_boot "$(slx_fail_line "ip=$static: no network interface $netif")"
-    { ip link set "$netif" up && ip addr add "$address" dev "$netif"; } > "$STATE/ip.log" 2>&1 \
-        || stop_boot "$(slx_fail_line "ip=$static: could not set $address on $netif: $(last_line "$STATE/ip.log")")"
-    network="Address=$address"
-    if [ "$gateway" != - ]; then
-        ip route replace default via "$gateway" dev "$netif" > "$STATE/ip.log" 2>&1 \
-            || stop_boot "$(slx_fail_line "ip=$static: could not route via $gateway: $(last_line "$STATE/ip.log")")"
-        network="$network"$'\n'"Gateway=$gateway"
-    fi
+    configured=$(slx_static_ip "$static" "${interfaces[0]}" 2> "$STATE/ip.log") \
+        || stop_boot "$(slx_fail_line "no DHCP lease on ${interfaces[*]} within ${STAGE4_DHCP_TIMEOUT:-60} s; $(last_line "$STATE/ip.log")")"
+    netif=${configured%%$'\n'*}
+    network=${configured#*$'\n'}
 fi
 # The root file system comes over this interface: systemd-networkd in stage 4 (which /run is handed to)
 # must keep its address and routes, else the root stalls and networkd with it. Sorted before the image's

@@ -76,6 +76,31 @@ slx_parse_ip_arg() {
     printf '%s/%s %s %s\n' "$client" "$prefix" "${gateway:--}" "${device:--}"
 }
 
+# Set the static ip= ARG (see slx_parse_ip_arg) on its device, else on DEFAULT: link up, the address, the
+# default route. Prints the device, then the [Network] lines for systemd-networkd; status 1 with the
+# reason on stderr.
+slx_static_ip() {
+    local parsed address gateway dev why
+    parsed=$(slx_parse_ip_arg "$1") || return 1
+    read -r address gateway dev <<< "$parsed"
+    [ "$dev" != - ] || dev=$2
+    if [ ! -e "/sys/class/net/$dev" ]; then
+        printf 'ip=%s: no network interface %s\n' "$1" "$dev" >&2
+        return 1
+    fi
+    if ! why=$({ ip link set "$dev" up && ip addr add "$address" dev "$dev"; } 2>&1); then
+        printf 'ip=%s: could not set %s on %s: %s\n' "$1" "$address" "$dev" "${why##*$'\n'}" >&2
+        return 1
+    fi
+    printf '%s\nAddress=%s\n' "$dev" "$address"
+    [ "$gateway" != - ] || return 0
+    if ! why=$(ip route replace default via "$gateway" dev "$dev" 2>&1); then
+        printf 'ip=%s: could not route via %s: %s\n' "$1" "$gateway" "${why##*$'\n'}" >&2
+        return 1
+    fi
+    printf 'Gateway=%s\n' "$gateway"
+}
+
 # DHCP on the interfaces given until one gets a lease: rounds of udhcpc with growing waits, the links
 # cycled between rounds, until STAGE4_DHCP_TIMEOUT seconds (default 60) have passed. Prints the
 # interface; udhcpc's output goes to stderr.
