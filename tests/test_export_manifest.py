@@ -147,7 +147,7 @@ def test_the_dev_runs_kernel_and_initramfs_are_published(tmp_path, built):
         (
             "kernel http://${slxsrv}/${slxbase}/kernel.r1 initrd=initrd.r1 "
             "slxsrv=${slxsrv} slxbase=${slxbase} "
-            "SLX_DNBD3_RID=1"
+            "BOOTIF=01-${mac:hexhyp} SLX_DNBD3_RID=1"
         ),
         "initrd http://${slxsrv}/${slxbase}/initrd.r1",
         "boot",

@@ -4,13 +4,15 @@ a layered build with the real dnbd3 and xloop, exported, booted in qemu over HTT
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from stage4.boot import guest_network, netboot
+from stage4.boot import guest_network, netboot, qemu
 from stage4.dnbd3.client import Client
 from stage4.dnbd3.server import DevServer
 from stage4.errors import InputError, StepFailed
@@ -41,11 +43,33 @@ def test_kernel_command_line_from_the_ipxe_entry() -> None:
     )
 
 
+def test_bootif_names_the_boot_nic_as_stage_3_reads_it() -> None:
+    """The exported entry's BOOTIF=01-${mac:hexhyp} (and a menu's 01-${mac}) becomes the MAC of the NIC
+    with the user network; the other NIC, before it, gets no DHCP and only a listener on 127.0.0.1."""
+    for form in ("${mac:hexhyp}", "${mac}"):
+        entry = netboot.parse_ipxe(IPXE.replace("SLX_DNBD3_RID=3", f"BOOTIF=01-{form}"))
+        bootif = netboot.kernel_command_line(entry, "10.0.2.100", "boot").split("BOOTIF=")[1].split()[0]
+        read = subprocess.run(
+            ["bash", "-c", f'. {MODULE_LIB}; . {MODULE_LIB.parent / "stage4-net.sh"}; slx_bootif_mac "$1"']
+            + ["_", bootif],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert read == netboot.BOOT_MAC + "\n", form
+    spec = qemu.BootSpec(
+        None, "tcg", 1, 512, Path("log"), nic="user,mac=x", other_nics=("socket,listen=127.0.0.1:9",)
+    )
+    argv = qemu.build_argv(spec, "nonce")
+    nics = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-nic"]
+    assert nics == ["socket,listen=127.0.0.1:9", "user,mac=x"]
+
+
 def test_ipxe_entry_errors_are_one_line() -> None:
     with pytest.raises(InputError, match="needs a 'kernel URL ARGS...' and an 'initrd URL' line"):
         netboot.parse_ipxe("#!ipxe\nboot\n", "ipxe.r3")
-    entry = netboot.parse_ipxe(IPXE.replace("SLX_DNBD3_RID=3", "x=${mac}"))
-    with pytest.raises(InputError, match=r"\$\{mac\}"):
+    entry = netboot.parse_ipxe(IPXE.replace("SLX_DNBD3_RID=3", "x=${serial}"))
+    with pytest.raises(InputError, match=r"\$\{serial\}"):
         netboot.kernel_command_line(entry, "10.0.2.100", "boot")
 
 
@@ -171,11 +195,19 @@ def publish(work: Path, base: BuiltImage, name: str, extra: str = "") -> dict:
     assert f"{image}: base {base.manifest['identity'][:16]} is up to date, reusing it" in built.stderr
     store = work / "store"
     store.mkdir()
+    # A site config.tgz: the guest's marker script reports the file it unpacks (site=...).
+    site = work / "site.tgz"
+    with tarfile.open(site, "w:gz") as archive:
+        info = tarfile.TarInfo("etc/stage4-site")
+        info.size = len(b"netboot-e2e\n")
+        archive.addfile(info, io.BytesIO(b"netboot-e2e\n"))
     # The config names the site's servers: netboot must never contact them.
     stage4(
         project,
         "export",
         work / "output" / image / "prod.qcow2",
+        "--config-tgz",
+        site,
         "--store",
         store,
         "--name",
@@ -234,6 +266,9 @@ def test_initramfs_holds_the_module_and_the_tools(published: dict) -> None:
     for path in (
         "sbin/dnbd3root",
         "lib/stage4-lib.sh",
+        "lib/stage4-net.sh",
+        "sbin/stage4-handover",
+        "pre-pivot/50-stage4-pre-pivot.sh",
         "dnbd3-client",
         "xlosetup",
         "dmsetup",
@@ -334,6 +369,13 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
     log = Path(own.split("serial log: ")[-1].strip())
     text = log.read_text(errors="replace")
     assert "STAGE4-ROOT source=/dev/mapper/root dm=root" in text
+    # what stage 3 handed over, as stage 4 sees it: /opt/openslx/config (sourced by sh), the site's
+    # config.tgz unpacked, the boot NIC named by BOOTIF (the NIC before it gets no DHCP)
+    for log_text in (text, Path(fallback.split("serial log: ")[-1].strip()).read_text(errors="replace")):
+        facts = netboot.root_facts_of(log_text)
+        assert facts.get("openslx_rid") == "1", facts
+        assert facts.get("site") == "netboot-e2e", facts
+        assert facts.get("netroot") == netboot.BOOT_MAC, facts
     assert "192.0.2." not in text.split("STAGE4-ROOT")[-1]  # the site's servers were never used
     assert "@10.0.2.101:5003" in own
     assert "@10.0.2.102:5003" in fallback  # the guest's address of the second server

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import re
 import shlex
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ from stage4.runner import Runner
 GUEST_NET = "10.0.2"
 HTTP_GUEST = f"{GUEST_NET}.100"  # slirp's DHCP hands out .15 and up; .2 host, .3 DNS
 FIRST_SERVER_GUEST = 101
+# The boot NIC (user network, DHCP) and, before it, a second one that gets no DHCP answer (a socket backend
+# on 127.0.0.1 that nothing connects to), as on a lab PC with two ports: stage 3 must take the one BOOTIF
+# names.
+BOOT_MAC = "52:54:00:5e:a4:01"
+OTHER_MAC = "52:54:00:5e:a4:02"
 SLXBASE = "boot"
 # What the guest's stage 3 prints when it stops (the dnbd3-rootfs module): one line, "stage4: ...".
 MODULE_FAILURE = re.compile(r"^stage4: \S")
@@ -174,9 +180,10 @@ def substitute(text: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{([A-Za-z0-9_.:-]+)\}", value, text)
 
 
-def kernel_command_line(entry: IpxeEntry, slxsrv: str, slxbase: str) -> str:
+def kernel_command_line(entry: IpxeEntry, slxsrv: str, slxbase: str, mac: str = BOOT_MAC) -> str:
     """The kernel arguments of the entry as the client gets them, plus the serial console."""
-    args = [substitute(arg, {"slxsrv": slxsrv, "slxbase": slxbase}) for arg in entry.kernel_args]
+    settings = {"slxsrv": slxsrv, "slxbase": slxbase, "mac": mac, "mac:hexhyp": mac.replace(":", "-")}
+    args = [substitute(arg, settings) for arg in entry.kernel_args]
     return " ".join([*args, "console=ttyS0,115200n8"])
 
 
@@ -194,6 +201,15 @@ def guest_config(published: str, servers: list[str]) -> str:
     if not replaced:
         out.insert(0, line)
     return "\n".join(out) + "\n"
+
+
+def config_tarball(published: str, boot_dir: Path) -> Path | None:
+    """The config.tgz the config names (SLX_CONFIG_NAME, a file of the boot directory), if it is there."""
+    match = re.search(
+        r"^\s*(?:export\s+)?SLX_CONFIG_NAME=(['\"]?)([A-Za-z0-9._-]+)\1\s*$", published, re.MULTILINE
+    )
+    path = boot_dir / match[2] if match else None
+    return path if path and path.is_file() else None
 
 
 def guest_servers(count: int) -> list[str]:
@@ -228,7 +244,7 @@ class Forwards:
                 command = command.replace(",", ",,")  # qemu's option syntax
             return f"guestfwd=tcp:{address}:{port}-cmd:{command}"
 
-        parts = ["user,model=virtio-net-pci,restrict=off", forward(HTTP_GUEST, 80, self.http)]
+        parts = [f"user,model=virtio-net-pci,mac={BOOT_MAC},restrict=off", forward(HTTP_GUEST, 80, self.http)]
         parts += [
             forward(address, DEFAULT_PORT, relay)
             for address, relay in zip(guest_servers(len(self.dnbd3)), self.dnbd3, strict=True)
@@ -243,14 +259,16 @@ class Forwards:
 @contextlib.contextmanager
 def forwards(revision: BootableRevision, servers: list[tuple[str, int]], work: Path) -> Iterator[Forwards]:
     """HTTP boot files and relays to `servers`, running until the context ends."""
-    guest = guest_config(
-        revision.config.read_text(encoding="utf-8", errors="replace"), guest_servers(len(servers))
-    )
+    published = revision.config.read_text(encoding="utf-8", errors="replace")
+    guest = guest_config(published, guest_servers(len(servers)))
     files: dict[str, bytes | Path] = {
         f"/{SLXBASE}/config": guest.encode(),
         f"/{SLXBASE}/{revision.kernel.name}": revision.kernel,
         f"/{SLXBASE}/{revision.initrd.name}": revision.initrd,
     }
+    tarball = config_tarball(published, revision.boot_dir)
+    if tarball:
+        files[f"/{SLXBASE}/{tarball.name}"] = tarball
     bridge = work / "bridge.py"
     bridge.write_text(BRIDGE, encoding="utf-8")
     with contextlib.ExitStack() as stack:
@@ -266,8 +284,12 @@ def forwards(revision: BootableRevision, servers: list[tuple[str, int]], work: P
 
 def root_facts(serial_log: Path) -> dict[str, str]:
     """The STAGE4-ROOT line of the image's marker script: what / is made of, read in the guest."""
+    return root_facts_of(serial_log.read_text(encoding="utf-8", errors="replace"))
+
+
+def root_facts_of(text: str) -> dict[str, str]:
     facts: dict[str, str] = {}
-    for line in serial_log.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         match = ROOT_FACTS.search(line)
         if match:
             facts = dict(word.split("=", 1) for word in match["facts"].split() if "=" in word)
@@ -350,6 +372,7 @@ def netboot(
             append=kernel_command_line(entry, HTTP_GUEST, SLXBASE),
             timeout=timeout,
             nic=fwd.nic(),
+            other_nics=(f"socket,listen=127.0.0.1:{_free_port()},model=virtio-net-pci,mac={OTHER_MAC}",),
             fail_on=MODULE_FAILURE,
             on_marker=lambda: at_marker.append(fwd.dnbd3_bytes),
             screenshot=screenshot,
@@ -380,6 +403,13 @@ def netboot(
         described,
         booted.display_manager,
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _module_line(serial_log: Path) -> str | None:

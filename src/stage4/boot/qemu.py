@@ -46,6 +46,9 @@ class BootSpec:
     timeout: float = 600
     firmware: str = "bios"
     nic: str = "user,model=virtio-net-pci"  # the -nic option (a network boot adds its forwards)
+    other_nics: tuple[
+        str, ...
+    ] = ()  # -nic options of NICs before that one (a network boot: one without DHCP)
     # a console line that ends the boot as failed (e.g. the initramfs's)
     fail_on: re.Pattern[str] | None = None
     on_marker: Callable[[], None] | None = None  # called the moment the marker is seen
@@ -73,6 +76,8 @@ def build_argv(spec: BootSpec, nonce: str, qmp_socket: Path | None = None) -> li
     if spec.image is not None:
         snapshot = "off" if spec.writable else "on"
         argv += ["-drive", f"file={spec.image},if=virtio,format={_format(spec.image)},snapshot={snapshot}"]
+    for nic in spec.other_nics:
+        argv += ["-nic", nic]
     argv += [
         "-nic",
         spec.nic,

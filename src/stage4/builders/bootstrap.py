@@ -56,6 +56,12 @@ done
 net=/sys/block/dnbd0/net
 [ -r $net/image_name ] \
     && facts="$facts dnbd0=$(cat $net/image_name):$(cat $net/rid)@$(cat $net/cur_server_addr)"
+# what stage 3 handed over: its config (sourced, as stage-4 scripts do), a site config.tgz, the boot NIC
+[ -r /opt/openslx/config ] \
+    && facts="$facts openslx_rid=$(. /opt/openslx/config; echo "${SLX_DNBD3_RID:-unset}")"
+[ -r /etc/stage4-site ] && facts="$facts site=$(head -n 1 /etc/stage4-site | tr -cd 'A-Za-z0-9_.-')"
+netroot=/run/systemd/network/10-stage4-netroot.network
+[ -r $netroot ] && facts="$facts netroot=$(sed -n 's/^MACAddress=//p' $netroot)"
 echo "<2>STAGE4-ROOT $facts" > /dev/kmsg
 echo "<2>STAGE4-USERSPACE-UP $(cat $fw/marker/raw)" > /dev/kmsg
 test ! -e $fw/poweroff/raw || systemctl poweroff --no-block

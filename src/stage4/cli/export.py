@@ -69,6 +69,13 @@ if TYPE_CHECKING:
     "boot dir, outside the store or hidden in it; default: <store>/.stage4/<name>)",
 )
 @click.option(
+    "--config-tgz",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="the site's config.tgz (a gzip'ed tar, unpacked into / of each client): published as "
+    "config.tgz.r<RID> in the boot directory and named by SLX_CONFIG_NAME in the revision's config",
+)
+@click.option(
     "--activate",
     is_flag=True,
     help="also make this revision the active one: replace <boot-dir>/config with its config and "
@@ -103,6 +110,7 @@ def export(
     initrd: Path | None,
     no_boot_files: bool,
     boot_dir: str | None,
+    config_tgz: Path | None,
     activate: bool,
     manifest: Path | None,
     source_identity: str | None,
@@ -138,6 +146,7 @@ def export(
         activate=activate,
         boot_files=not no_boot_files,
         ssh_options=ssh_options,
+        config_tgz=config_tgz,
     )
     if as_json:
         click.echo(json.dumps(publication.to_dict(), indent=2))
@@ -151,6 +160,8 @@ def export(
             click.echo(f"  kernel: {publication.kernel}\n  initrd: {publication.initrd}")
         if publication.ipxe:
             click.echo(f"  ipxe:   {publication.ipxe}")
+        if publication.config_tgz:
+            click.echo(f"  config.tgz: {publication.config_tgz}")
         click.echo(f"  config: {publication.config}\n  record: {publication.record}")
         if publication.activated:
             click.echo(

@@ -10,6 +10,7 @@ from stage4.dnbd3.crc import Digest
 from stage4.errors import Stage4Error
 from stage4.export import records
 
+CONFIG_TGZ = "config.tgz"  # the boot-directory file kind of a site's config tarball
 NO_SERVER_WARNING = "no --server given: SLX_DNBD3_SERVERS in the config fragment is empty"
 
 
@@ -39,6 +40,7 @@ class Publication:
     config: str
     record: str
     ipxe: str | None = None
+    config_tgz: str | None = None
     activated: bool = False
     active_ipxe: str | None = None  # with activation: the entry that follows the active revision
     warnings: list[str] = field(default_factory=list)
@@ -64,6 +66,7 @@ class Job:
     manifest: Path | None = None
     dracut_modules: tuple[str, ...] = ()
     origins: dict[str, str] = field(default_factory=dict)
+    config_tgz: Path | None = None  # the site's config.tgz, published as config.tgz.r<RID>
 
     @property
     def leaf(self) -> str:
@@ -71,7 +74,8 @@ class Job:
 
     @property
     def boot_sources(self) -> dict[str, Path]:
-        return {kind: Path(path) for kind, path in (("kernel", self.kernel), ("initrd", self.initrd)) if path}
+        sources = (("kernel", self.kernel), ("initrd", self.initrd), (CONFIG_TGZ, self.config_tgz))
+        return {kind: Path(path) for kind, path in sources if path}
 
     @property
     def has_ipxe(self) -> bool:
@@ -113,7 +117,14 @@ class Job:
             build=json.loads(self.manifest.read_text(encoding="utf-8")) if self.manifest else None,
         )
         texts = {
-            "config": records.config_fragment(self.servers, self.name, rid, self.identifier, note),
+            "config": records.config_fragment(
+                self.servers,
+                self.name,
+                rid,
+                self.identifier,
+                note,
+                f"{CONFIG_TGZ}.r{rid}" if self.config_tgz else None,
+            ),
             "record": json.dumps(record, indent=2) + "\n",
         }
         if self.has_ipxe:
@@ -142,6 +153,7 @@ class Job:
             config=f"{boot}/config.r{rid}",
             record=f"{meta}/publication.r{rid}.json",
             ipxe=f"{boot}/ipxe.r{rid}" if self.has_ipxe else None,
+            config_tgz=f"{boot}/{CONFIG_TGZ}.r{rid}" if self.config_tgz else None,
             activated=self.activate,
             active_ipxe=f"{boot}/{records.ACTIVE_IPXE}" if self.activate and self.has_ipxe else None,
             warnings=[] if self.servers else [NO_SERVER_WARNING],

@@ -24,7 +24,7 @@ from stage4.dnbd3.crc import Digest, digest_and_copy
 from stage4.dnbd3.store import Store, fsync_dir
 from stage4.errors import InputError, Stage4Error
 from stage4.export import revisions
-from stage4.export.job import Job, Publication, amended
+from stage4.export.job import CONFIG_TGZ, Job, Publication, amended
 from stage4.export.records import ACTIVE_CONFIG, ACTIVE_IPXE, recorded_boot_dir
 from stage4.export.reload import reload_server
 from stage4.export.tempfiles import CreatedDirs, TempFile, write_error
@@ -133,7 +133,7 @@ class LocalExport:
         order = [(written["record"], self.meta / f"publication.r{rid}.json", "a publication record")]
         order += [
             (boot[k], self.boot / f"{k}.r{rid}", f"a published {k}")
-            for k in ("kernel", "initrd")
+            for k in ("kernel", "initrd", CONFIG_TGZ)
             if k in boot
         ]
         order += [(written["config"], self.boot / f"config.r{rid}", "a published config")]

@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import struct
+import tarfile
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -115,6 +116,22 @@ def check_image_file(image: Path) -> None:
         )
 
 
+def check_config_tgz(path: Path) -> Path:
+    """--config-tgz: a gzip'ed tar whose members all stay below the root they are unpacked in (what stage 3
+    checks again before it unpacks it into a client's /)."""
+    if not path.is_file():
+        raise InputError(f"--config-tgz {path}: no such file")
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            names = archive.getnames()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise InputError(f"--config-tgz {path}: not a gzip'ed tar archive ({exc})") from None
+    for member in names:
+        if member.startswith("/") or ".." in member.split("/"):
+            raise InputError(f"--config-tgz {path}: member {member!r} is outside the root it is unpacked in")
+    return path
+
+
 def check_writable(path: Path, what: str) -> None:
     """`path`, or the directory it will be created in, must be writable."""
     existing = Path(path)
@@ -195,6 +212,7 @@ def prepare(
     check_image: bool = True,
     transport: RemoteTransport | None = None,
     ssh_options: Sequence[str] = (),
+    config_tgz: Path | None = None,
 ) -> Export:
     """Check everything about an export that can be checked without writing; InputError (one line) if
     something is wrong. See `publish` for the arguments."""
@@ -217,6 +235,8 @@ def prepare(
     for path, what in ((kernel, "kernel"), (initrd, "initrd")):
         if path is not None and not Path(path).is_file():
             raise InputError(f"{what} {path}: no such file")
+    if config_tgz is not None:
+        config_tgz = check_config_tgz(Path(config_tgz))
     image = Path(image)
     check_image_file(image)
     if remote:
@@ -259,6 +279,7 @@ def prepare(
         Path(reload_pidfile) if reload_pidfile else None,
         build.path if build else None,
         dracut_modules,
+        config_tgz=config_tgz,
     )
     extract = boot_files and (kernel is None or initrd is None)
     return Export(job, store, boot_dir, extract, runner, transport, ssh_options)
@@ -281,6 +302,7 @@ class PrepareOptions(TypedDict, total=False):
     check_image: bool
     transport: RemoteTransport | None
     ssh_options: Sequence[str]
+    config_tgz: Path | None
 
 
 def publish(
@@ -292,6 +314,7 @@ def publish(
     the .json beside the image), reload_pidfile, boot_dir, activate, boot_files, runner, check_image
     (False skips `stage4 inspect`, only for tests of the store mechanics; a qcow2 with a backing file is
     refused either way), transport, ssh_options ('Key=Value' for a host:/path store, given to ssh, scp and
-    rsync as `-o` options).
+    rsync as `-o` options), config_tgz (the site's config.tgz: published as config.tgz.r<RID>, named by
+    SLX_CONFIG_NAME in the revision's config).
     """
     return prepare(image, store, name, runner=runner, **options).run()

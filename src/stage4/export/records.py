@@ -74,13 +74,22 @@ class PublicationRecord(TypedDict):
     build: dict[str, Any] | None  # the build manifest (JSON)
 
 
-def config_fragment(servers: list[str], name: str, rid: int | str, identifier: str, comment: str) -> str:
+def config_fragment(
+    servers: list[str],
+    name: str,
+    rid: int | str,
+    identifier: str,
+    comment: str,
+    config_name: str | None = None,
+) -> str:
     values = {
         "SLX_DNBD3_SERVERS": " ".join(servers),
         "SLX_DNBD3_IMAGE": name,
         "SLX_DNBD3_RID": str(rid),
         "SLX_SYSTEM_PARTITION_IDENTIFIER": identifier,
     }
+    if config_name:
+        values["SLX_CONFIG_NAME"] = config_name  # stage 3 unpacks <slxbase>/<this> into the new root
     lines = [f"# {comment}"]
     for key, value in values.items():
         if "'" in value:
@@ -90,12 +99,13 @@ def config_fragment(servers: list[str], name: str, rid: int | str, identifier: s
 
 
 def ipxe_entry(rid: int | str, comment: str) -> str:
-    """The boot-menu entry of a revision: kernel and initramfs over HTTP from ${slxsrv}/${slxbase}."""
+    """The boot-menu entry of a revision: kernel and initramfs over HTTP from ${slxsrv}/${slxbase}; BOOTIF
+    names the NIC iPXE booted from (stage 3 brings up that one)."""
     base = "http://${slxsrv}/${slxbase}"
     return (
         f"#!ipxe\n# {comment}\n"
         f"kernel {base}/kernel.r{rid} initrd=initrd.r{rid} slxsrv=${{slxsrv}} slxbase=${{slxbase}} "
-        f"SLX_DNBD3_RID={rid}\n"
+        f"BOOTIF=01-${{mac:hexhyp}} SLX_DNBD3_RID={rid}\n"
         f"initrd {base}/initrd.r{rid}\n"
         "boot\n"
     )

@@ -54,7 +54,7 @@ commit)
     crctmp=".$leaf.stage4-$token.crc.part"
     truncate -s "$padded" -- "$tmp" 2>/dev/null || fail $E_WRITE "cannot pad the image in $store/$dir"
     [ "$(stat -c %s -- "$tmp")" = "$padded" ] || fail $E_SIZE "uploaded image has the wrong size"
-    for kind in kernel initrd; do
+    for kind in kernel initrd config.tgz; do
         if [ -e "$boot/.$kind.stage4-$token.part" ]; then chmod 644 -- "$boot/.$kind.stage4-$token.part"; fi
     done
     chmod 644 -- "$tmp" "$crctmp"
@@ -67,7 +67,7 @@ commit)
     done
     # Every trace of a revision takes its number: images, .crc files, records, boot files.
     taken=" " max=0
-    for f in ./"$leaf".r* "$boot"/kernel.r* "$boot"/initrd.r* "$boot"/config.r* "$boot"/ipxe.r* \
+    for f in ./"$leaf".r* "$boot"/kernel.r* "$boot"/initrd.r* "$boot"/config.r* "$boot"/config.tgz.r* "$boot"/ipxe.r* \
              "$meta"/publication.r*.json "$meta"/kernel.r* "$meta"/initrd.r* "$meta"/config.r* "$meta"/ipxe.r*; do
         [ -e "$f" ] || continue
         r=${f##*.r}
@@ -135,7 +135,7 @@ commit)
         linked="$2 $linked"
     }
     link "$meta/.publication.stage4-$token.rid.part" "$meta/publication.r$rid.json"
-    for kind in kernel initrd; do
+    for kind in kernel initrd config.tgz; do
         t="$boot/.$kind.stage4-$token.part"
         if [ -e "$t" ]; then link "$t" "$boot/$kind.r$rid"; fi
     done

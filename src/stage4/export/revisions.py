@@ -25,7 +25,7 @@ from stage4.errors import InputError, Stage4Error
 from stage4.export import records
 from stage4.export.reload import reload_server
 
-BOOT_FILE = re.compile(r"^(?:kernel|initrd|config|ipxe)\.r([0-9]+)$")
+BOOT_FILE = re.compile(r"^(?:kernel|initrd|config|config\.tgz|ipxe)\.r([0-9]+)$")
 RECORD_FILE = re.compile(r"^publication\.r([0-9]+)\.json$")
 
 
@@ -117,7 +117,7 @@ def states(store: Store, name: str) -> list[RevisionState]:
         # leftovers in the name's own directory that the record does not name (or there is no record)
         expected += [
             meta / f"{kind}.r{rid}"
-            for kind in ("kernel", "initrd", "config", "ipxe")
+            for kind in ("kernel", "initrd", "config", "config.tgz", "ipxe")
             if meta / f"{kind}.r{rid}" not in expected and (meta / f"{kind}.r{rid}").exists()
         ]
         size = image.stat().st_size if image.is_file() else None

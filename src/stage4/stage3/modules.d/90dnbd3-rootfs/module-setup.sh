@@ -1,7 +1,8 @@
 #!/bin/bash
 # dnbd3-rootfs: the root file system of a Stage4 client from a DNBD3 server (docs/client-boot.md).
 # Network by DHCP (busybox udhcpc), config over HTTP (bash), /dev/dnbd0 (dnbd3-client),
-# xloop (QCOW, read-only, partition scan), a device-mapper snapshot in RAM as /dev/mapper/root.
+# xloop (QCOW, read-only, partition scan), a device-mapper snapshot in RAM as /dev/mapper/root; before
+# the switch to it, /opt/openslx/config and the site's config.tgz in the new root.
 
 # stage4 installs the dnbd3 and xloop tools to /usr/local/sbin, which dracut's PATH may lack.
 case ":$PATH:" in *:/usr/local/sbin:*) ;; *) PATH="$PATH:/usr/local/sbin" ;; esac
@@ -24,9 +25,12 @@ installkernel() {
 # shellcheck disable=SC2154  # moddir, initdir, systemdutildir: set by dracut, which sources this file
 install() {
     inst_multiple dnbd3-client xlosetup dmsetup busybox blkid ip timeout head tail od tr sort seq grep sed cat \
-        sleep dmesg modprobe udevadm
+        sleep dmesg modprobe udevadm mkdir mv rm chmod
     inst_libdir_file 'libnss_dns*' 'libnss_files*'
     inst_simple "$moddir/stage4-lib.sh" /lib/stage4-lib.sh
+    inst_simple "$moddir/stage4-net.sh" /lib/stage4-net.sh
+    inst_script "$moddir/stage4-handover.sh" /sbin/stage4-handover
+    inst_hook pre-pivot 50 "$moddir/stage4-pre-pivot.sh"
     inst_script "$moddir/dnbd3root.sh" /sbin/dnbd3root
     inst_script "$moddir/udhcpc-script.sh" /lib/stage4-udhcpc.sh
     inst_hook cmdline 90 "$moddir/parse-dnbd3root.sh"

@@ -8,12 +8,32 @@
 # space-separated, port 5003) that serves it, on /dev/dnbd0; xloop opens the qcow2 read-only with a
 # partition scan; the root partition is the one whose GPT name, else whose filesystem label, is
 # SLX_SYSTEM_PARTITION_IDENTIFIER.
+#
+# The module's own settings (STAGE4_*: timeouts, rounds, from rd.stage4.* kernel arguments) stay out of
+# the SLX_ namespace, which belongs to the site's config.
 
-SLX_DEFAULT_PORT=5003
+STAGE4_DNBD3_PORT=5003
+_slx_keys=""  # the SLX_* keys set by slx_parse_config and slx_apply_cmdline, in order
 
 # One console line for the operator, with a fixed prefix (stage4 netboot reports it verbatim).
 slx_fail_line() {
     printf 'stage4: %s\n' "$*"
+}
+
+# Stop the boot: the one line on the console, then the emergency shell (rd.shell) or, after
+# SLX_REBOOT_TIMEOUT seconds (default 60), a reboot: a lab PC tries again instead of waiting for someone.
+# Only in the initramfs (dracut's getargbool and emergency_shell).
+slx_stop_boot() {
+    printf '%s\n' "$1" > "${STAGE4_CONSOLE:-/dev/console}"
+    if getargbool 0 rd.shell; then
+        emergency_shell -n stage4 "$1"
+    else
+        local wait=${SLX_REBOOT_TIMEOUT:-60}
+        case $wait in '' | *[!0-9]*) wait=60 ;; esac
+        sleep "$wait"
+        systemctl --no-block reboot 2> /dev/null || reboot -f
+    fi
+    exit 1
 }
 
 # Undo the quoting of one shell value: 'single' (with '\'' inside), "double" (with \" \\ \$ \`), or bare.
@@ -73,6 +93,7 @@ slx_parse_config() {
         case $key in *[!A-Za-z0-9_]*) continue ;; esac
         value=$(slx_unquote "${line#*=}") || continue
         printf -v "$key" '%s' "$value"
+        _slx_key "$key"
     done
 }
 
@@ -112,7 +133,59 @@ slx_apply_cmdline() {
         key=${word%%=*}
         case $key in *[!A-Za-z0-9_]*) continue ;; esac
         printf -v "$key" '%s' "${word#*=}"
+        _slx_key "$key"
     done <<< "$(slx_cmdline_words "$1")"
+}
+
+_slx_key() {
+    case " $_slx_keys " in *" $1 "*) ;; *) _slx_keys="${_slx_keys:+$_slx_keys }$1" ;; esac
+}
+
+# SLX_DNBD3_RID as dnbd3-client reads it: decimal 0-65535 (0: the latest), no sign, no leading zero
+# (010 would be octal 8 to the shell's arithmetic and 10 to dnbd3-client). Otherwise one line, status 1.
+slx_check_rid() {
+    case $1 in
+        0 | [1-9] | [1-9][0-9] | [1-9][0-9][0-9] | [1-9][0-9][0-9][0-9]) return 0 ;;
+        [1-9][0-9][0-9][0-9][0-9]) [ "$1" -le 65535 ] && return 0 ;;
+    esac
+    slx_fail_line "SLX_DNBD3_RID '$1' is not a revision (a decimal number 0-65535 without leading zeros; 0 = the latest)"
+    return 1
+}
+
+# The effective SLX_* keys (config file, then command line) as KEY='value' lines for stage 4's
+# /opt/openslx/config: sourcing it in any POSIX shell only assigns (single quotes, ' as '\'').
+slx_write_config() {
+    local key value q="'\\''"
+    for key in $_slx_keys; do
+        value=${!key}
+        printf "%s='%s'\n" "$key" "${value//\'/$q}"
+    done
+}
+
+# A config.tgz as it may be unpacked into the new root: a gzip'ed tar whose members all stay below the
+# directory it is unpacked in (no absolute name, no .. component). Otherwise one line, status 1.
+slx_check_archive() {
+    local file=$1 name listing warnings
+    if ! listing=$(busybox tar -tzf "$file" 2> "$file.why"); then
+        slx_fail_line "$2 is not a gzip'ed tar archive ($(tail -n 1 "$file.why"))"
+        return 1
+    fi
+    # busybox tar strips a leading / or ../ (and says so): such a member was meant for outside the root
+    warnings=$(grep -i 'removing leading' "$file.why" | head -n 1)
+    rm -f "$file.why"
+    if [ -n "$warnings" ]; then
+        slx_fail_line "$2 has a member outside the root (${warnings#tar: }); nothing unpacked"
+        return 1
+    fi
+    while IFS= read -r name; do
+        [ -n "$name" ] || continue
+        case /$name/ in
+            //* | */../*)
+                slx_fail_line "$2 has a member outside the root ($name); nothing unpacked"
+                return 1
+                ;;
+        esac
+    done <<< "$listing"
 }
 
 # SLX_DNBD3_SERVERS as HOST:PORT lines, in order (commas tolerated, IPv6 as [ADDR]:PORT).
@@ -121,24 +194,34 @@ slx_server_list() {
     for server in ${1//,/ }; do
         case $server in
             \[*\]:*) printf '%s\n' "$server" ;;
-            \[*\]) printf '%s:%s\n' "$server" "$SLX_DEFAULT_PORT" ;;
-            *:*:*) printf '[%s]:%s\n' "$server" "$SLX_DEFAULT_PORT" ;;
+            \[*\]) printf '%s:%s\n' "$server" "$STAGE4_DNBD3_PORT" ;;
+            *:*:*) printf '[%s]:%s\n' "$server" "$STAGE4_DNBD3_PORT" ;;
             *:*) printf '%s\n' "$server" ;;
-            *) printf '%s:%s\n' "$server" "$SLX_DEFAULT_PORT" ;;
+            *) printf '%s:%s\n' "$server" "$STAGE4_DNBD3_PORT" ;;
         esac
     done
 }
 
-# HTTP/1.0 GET of http://HOST[:PORT]/PATH with bash's /dev/tcp: the body on stdout, status 0 only for
+# HOST[:PORT] or [IPv6][:PORT] of a URL as "HOST PORT" (the address without brackets; DEFAULT if no port).
+slx_host_port() {
+    local hostport=$1 host
+    case $hostport in
+        \[*\]:*) host=${hostport%]:*}; printf '%s %s\n' "${host#[}" "${hostport##*]:}" ;;
+        \[*\]) host=${hostport%]}; printf '%s %s\n' "${host#[}" "$2" ;;
+        *:*:*) printf '%s %s\n' "$hostport" "$2" ;;
+        *:*) printf '%s %s\n' "${hostport%:*}" "${hostport##*:}" ;;
+        *) printf '%s %s\n' "$hostport" "$2" ;;
+    esac
+}
+
+# HTTP/1.0 GET of http://HOST[:PORT]/PATH (HOST may be [IPv6]) with bash's /dev/tcp: the body on stdout, status 0 only for
 # a 200 reply (a status line other than 200 goes to stderr).
 _slx_http_get() {
     local rest=${1#http://} hostport path host port status line
     hostport=${rest%%/*}
     path=/${rest#"$hostport"}
     path=/${path#//}
-    host=${hostport%:*}
-    port=${hostport##*:}
-    [ "$host" = "$hostport" ] && port=80
+    read -r host port <<< "$(slx_host_port "$hostport" 80)"
     if ! { exec 3<>"/dev/tcp/$host/$port"; } 2> /dev/null; then
         printf 'no connection to %s\n' "$hostport" >&2
         return 1
@@ -161,9 +244,9 @@ slx_http_get() {
         http://*) ;;
         *) printf 'only http:// is supported\n' >&2; return 1 ;;
     esac
-    timeout "${SLX_HTTP_TIMEOUT:-20}" bash -c "$(declare -f _slx_http_get); _slx_http_get \"\$1\"" _ "$1"
+    timeout "${STAGE4_HTTP_TIMEOUT:-20}" bash -c "$(declare -f slx_host_port _slx_http_get); _slx_http_get \"\$1\"" _ "$1"
     local status=$?
-    [ "$status" = 124 ] && printf 'no reply within %s s\n' "${SLX_HTTP_TIMEOUT:-20}" >&2
+    [ "$status" = 124 ] && printf 'no reply within %s s\n' "${STAGE4_HTTP_TIMEOUT:-20}" >&2
     return $status
 }
 
@@ -192,7 +275,7 @@ _slx_handshake() {
 }
 
 slx_probe() {
-    timeout "${SLX_PROBE_TIMEOUT:-5}" bash -c "$(declare -f _slx_le16 _slx_handshake); _slx_handshake \"\$@\"" \
+    timeout "${STAGE4_PROBE_TIMEOUT:-5}" bash -c "$(declare -f _slx_le16 _slx_handshake); _slx_handshake \"\$@\"" \
         _ "$@" 2>/dev/null
 }
 
