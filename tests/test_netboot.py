@@ -242,8 +242,12 @@ def test_initramfs_holds_the_module_and_the_tools(published: dict) -> None:
         "extra/xloop.ko",
         "extra/xloop_file_fmt_qcow.ko",
         "dm-snapshot.ko",
+        "dm-thin-pool.ko",
         "zram.ko",
         "virtio_net.ko",
+        "virtio_blk.ko",
+        "lib/stage4-writable.sh",
+        "lib/stage4-writable-stage4.sh",
     ):
         assert path in listing, path
 
@@ -330,6 +334,9 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
         assert "/ = /dev/mapper/root (dm root: xloop0p3 + zram0), xloop0 over /dev/dnbd0" in out
         read = int(out.split("read ")[1].split(" bytes")[0])
         assert 0 < read < (published["store"] / f"{NAME}.r1").stat().st_size
+        # no local disk, no identifier configured: the RAM layer, and stage 3 said why
+        assert "  writable layer: RAM (/dev/zram0), snapshot, " in out
+        assert "; no SLX_WRITABLE_DEVICE_IDENTIFIER set; / " in out
     (own, _), (fallback, _) = outputs
     log = Path(own.split("serial log: ")[-1].strip())
     text = log.read_text(errors="replace")
@@ -355,3 +362,26 @@ def test_a_desktop_revision_netboots_to_its_greeter(base_image: BuiltImage, tmp_
     log = Path(result.stdout.split("serial log: ")[-1].strip()).read_text(errors="replace")
     assert "STAGE4-DISPLAY-MANAGER lightdm.service active" in log
     check_screenshot(shot)
+
+
+@pytest.mark.slow
+def test_a_local_disk_holds_the_writable_layer(published: dict) -> None:
+    """One client with a new 4 GiB local disk (GPT partition OPENSLX_SYS): / is a thin snapshot of the
+    xloop root partition in a thin pool on /dev/vda1, larger than the image's root, and stage 4 grew the
+    file system into it."""
+    result = stage4(
+        published["project"], "netboot", published["store"], NAME, "--local-disk", "4G", "--timeout", "1200"
+    )
+    out = result.stdout
+    assert "/ = /dev/mapper/root (dm root: " in out and "xloop0 over /dev/dnbd0" in out
+    layer = next(line for line in out.splitlines() if "writable layer:" in line)
+    assert layer.startswith("  writable layer: /dev/vda1, thin-snapshot, "), layer
+    size = float(layer.split("thin-snapshot, ")[1].split(" GiB")[0])
+    assert 3.9 <= size <= 4.0  # the partition less the record and the pool metadata (printed rounded)
+    grown = layer.split("; / ")[1]
+    fs_after, fs_before = (float(x.split(" GiB")[0]) for x in grown.split(", grown from "))
+    assert fs_before < 3 < 3.8 < fs_after, layer  # the image's root (3G disk) grown to the layer
+    log = Path(out.split("serial log: ")[-1].strip()).read_text(errors="replace")
+    assert "stage4-writable: /dev/mapper/root = thin-snapshot of /dev/xloop0p3 on /dev/vda1 (" in log
+    facts = next(line for line in log.splitlines() if "STAGE4-WRITABLE " in line)
+    assert "leaves=vda1,xloop0p3" in facts, facts

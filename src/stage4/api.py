@@ -17,6 +17,7 @@ from stage4 import manifest as manifests
 from stage4 import workdirs
 from stage4.boot import netboot as netboot_mod
 from stage4.boot import qemu
+from stage4.boot.local_disk import DiskRequest
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders import packer
 from stage4.builders.base_image import check_disk_fits
@@ -280,6 +281,8 @@ def netboot(
     serial_log: Path | None = None,
     debug: bool = False,
     screenshot: Path | None = None,
+    disk: DiskRequest | None = None,
+    boots: int = 1,
 ) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
     files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
@@ -312,6 +315,8 @@ def netboot(
             Path(tmp),
             runner,
             screenshot=screenshot,
+            disk_request=disk,
+            boots=boots,
         )
 
 

@@ -46,6 +46,17 @@ if TYPE_CHECKING:
     default=None,
     help="a desktop image: wait for its display manager's greeter, save the screen as this PNG",
 )
+@click.option(
+    "--local-disk",
+    metavar="SIZE|FILE",
+    default=None,
+    help="give the client a local disk for its writable layer: a new sparse one of SIZE (e.g. 8G) with a "
+    "GPT partition named like SLX_WRITABLE_DEVICE_IDENTIFIER (default OPENSLX_SYS), or a raw disk image FILE",
+)
+@click.option("--persistent", is_flag=True, help="keep the writable layer across boots of this revision")
+@click.option(
+    "--boots", type=click.IntRange(1, 10), default=1, show_default=True, help="boot the client N times"
+)
 @click.pass_obj
 def netboot(
     obj: CliSettings,
@@ -57,15 +68,23 @@ def netboot(
     boot_dir: Path | None,
     serial_log: Path | None,
     screenshot: Path | None,
+    local_disk: str | None,
+    persistent: bool,
+    boots: int,
 ) -> None:
     """Boot revision RID of NAME from STORE in qemu exactly as a Stage4 client does.
 
     Kernel and initramfs with the command line of the revision's iPXE entry, its config over HTTP (with
     the servers replaced by the forwarded ones) and the image over DNBD3, all on 127.0.0.1 and reached
     only through qemu's user network. Exits 0 only when userspace came up with / on the copy-on-write
-    device over xloop over /dev/dnbd0.
+    device over xloop over /dev/dnbd0: on the local disk with --local-disk, else in RAM.
     """
     from stage4 import api
+    from stage4.boot.local_disk import DiskRequest
+    from stage4.errors import InputError
+
+    if persistent and local_disk is None:
+        raise InputError("--persistent needs --local-disk (the layer is kept on the client's local disk)")
 
     result = api.netboot(
         obj.config(),
@@ -78,6 +97,8 @@ def netboot(
         serial_log=serial_log,
         debug=obj.debug,
         screenshot=screenshot,
+        disk=DiskRequest(local_disk, persistent) if local_disk is not None else None,
+        boots=boots,
     )
     share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
     click.echo(
@@ -86,6 +107,8 @@ def netboot(
         f"({share:.1f} % of the {result.image_size}-byte image)"
     )
     click.echo(f"  {result.root}")
+    for layer in result.layers:
+        click.echo(f"  {layer}")
     if result.display_manager:
         click.echo(f"  display manager: {result.display_manager} active")
     if screenshot is not None:
