@@ -385,3 +385,32 @@ def test_a_local_disk_holds_the_writable_layer(published: dict) -> None:
     assert "stage4-writable: /dev/mapper/root = thin-snapshot of /dev/xloop0p3 on /dev/vda1 (" in log
     facts = next(line for line in log.splitlines() if "STAGE4-WRITABLE " in line)
     assert "leaves=vda1,xloop0p3" in facts, facts
+
+
+@pytest.mark.slow
+@full_matrix
+def test_a_persistent_layer_survives_the_next_boot(published: dict) -> None:
+    """--persistent --boots 2 (two boots: in the full matrix only): the second boot finds the first one's
+    thin pool (stage 3 says kept, and would stop if thin volume 1 were missing) and the file system as the
+    first boot grew it, not the image's smaller one."""
+    result = stage4(
+        published["project"],
+        "netboot",
+        published["store"],
+        NAME,
+        "--local-disk",
+        "4G",
+        "--persistent",
+        "--boots",
+        "2",
+        "--timeout",
+        "1200",
+    )
+    first, second = (line for line in result.stdout.splitlines() if "writable layer:" in line)
+    assert first.startswith("  boot 1: writable layer: /dev/vda1, thin-snapshot, ") and ", fresh; / " in first
+    assert ", grown from " in first
+    assert (
+        second.startswith("  boot 2: writable layer: /dev/vda1, thin-snapshot, ") and ", kept; / " in second
+    )
+    assert ", grown from " not in second  # already as large as the layer when the second boot began
+    assert first.split("; / ")[1].split(",")[0] == second.split("; / ")[1]
