@@ -277,8 +277,12 @@ def test_initramfs_holds_the_module_and_the_tools(published: dict) -> None:
         "extra/xloop.ko",
         "extra/xloop_file_fmt_qcow.ko",
         "dm-snapshot.ko",
+        "dm-thin-pool.ko",
         "zram.ko",
         "virtio_net.ko",
+        "virtio_blk.ko",
+        "lib/stage4-writable.sh",
+        "lib/stage4-writable-stage4.sh",
     ):
         assert path in listing, path
 
@@ -365,6 +369,9 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
         assert "/ = /dev/mapper/root (dm root: xloop0p3 + zram0), xloop0 over /dev/dnbd0" in out
         read = int(out.split("read ")[1].split(" bytes")[0])
         assert 0 < read < (published["store"] / f"{NAME}.r1").stat().st_size
+        # no local disk, no identifier configured: the RAM layer, and stage 3 said why
+        assert "  writable layer: RAM (/dev/zram0), snapshot, " in out
+        assert "; no SLX_WRITABLE_DEVICE_IDENTIFIER set; / " in out
     (own, _), (fallback, _) = outputs
     log = Path(own.split("serial log: ")[-1].strip())
     text = log.read_text(errors="replace")
@@ -429,3 +436,55 @@ def test_activation_moves_clients_of_the_active_entry(published: dict) -> None:
     out, command_line = netboot_active()
     assert f"/dev/dnbd0 = {NAME}:3@10.0.2.101:5003" in out, out
     assert "SLX_DNBD3_RID" not in command_line and "initrd=initrd.r3 " in command_line, command_line
+
+
+@pytest.mark.slow
+def test_a_local_disk_holds_the_writable_layer(published: dict) -> None:
+    """One client with a new 4 GiB local disk (GPT partition OPENSLX_SYS): / is a thin snapshot of the
+    xloop root partition in a thin pool on /dev/vda1, larger than the image's root, and stage 4 grew the
+    file system into it."""
+    result = stage4(
+        published["project"], "netboot", published["store"], NAME, "--local-disk", "4G", "--timeout", "1200"
+    )
+    out = result.stdout
+    assert "/ = /dev/mapper/root (dm root: " in out and "xloop0 over /dev/dnbd0" in out
+    layer = next(line for line in out.splitlines() if "writable layer:" in line)
+    assert layer.startswith("  writable layer: /dev/vda1, thin-snapshot, "), layer
+    size = float(layer.split("thin-snapshot, ")[1].split(" GiB")[0])
+    assert 3.9 <= size <= 4.0  # the partition less the record and the pool metadata (printed rounded)
+    grown = layer.split("; / ")[1]
+    fs_after, fs_before = (float(x.split(" GiB")[0]) for x in grown.split(", grown from "))
+    assert fs_before < 3 < 3.8 < fs_after, layer  # the image's root (3G disk) grown to the layer
+    log = Path(out.split("serial log: ")[-1].strip()).read_text(errors="replace")
+    assert "stage4-writable: /dev/mapper/root = thin-snapshot of /dev/xloop0p3 on /dev/vda1 (" in log
+    facts = next(line for line in log.splitlines() if "STAGE4-WRITABLE " in line)
+    assert "leaves=vda1,xloop0p3" in facts, facts
+
+
+@pytest.mark.slow
+@full_matrix
+def test_a_persistent_layer_survives_the_next_boot(published: dict) -> None:
+    """--persistent --boots 2 (two boots: in the full matrix only): the second boot finds the first one's
+    thin pool (stage 3 says kept, and would stop if thin volume 1 were missing) and the file system as the
+    first boot grew it, not the image's smaller one."""
+    result = stage4(
+        published["project"],
+        "netboot",
+        published["store"],
+        NAME,
+        "--local-disk",
+        "4G",
+        "--persistent",
+        "--boots",
+        "2",
+        "--timeout",
+        "1200",
+    )
+    first, second = (line for line in result.stdout.splitlines() if "writable layer:" in line)
+    assert first.startswith("  boot 1: writable layer: /dev/vda1, thin-snapshot, ") and ", fresh; / " in first
+    assert ", grown from " in first
+    assert (
+        second.startswith("  boot 2: writable layer: /dev/vda1, thin-snapshot, ") and ", kept; / " in second
+    )
+    assert ", grown from " not in second  # already as large as the layer when the second boot began
+    assert first.split("; / ")[1].split(",")[0] == second.split("; / ")[1]

@@ -266,7 +266,12 @@ def test_scripts_parse() -> None:
         assert subprocess.run(["bash", "-n", script], capture_output=True, check=False).returncode == 0, (
             script
         )
-    for script in ("parse-dnbd3root.sh", "dnbd3-generator.sh", "udhcpc-script.sh"):
+    for script in (
+        "parse-dnbd3root.sh",
+        "dnbd3-generator.sh",
+        "udhcpc-script.sh",
+        "stage4-writable-stage4.sh",
+    ):
         assert (
             subprocess.run(["sh", "-n", MODULE / script], capture_output=True, check=False).returncode == 0
         ), script

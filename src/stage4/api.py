@@ -17,6 +17,7 @@ from stage4 import manifest as manifests
 from stage4 import workdirs
 from stage4.boot import netboot as netboot_mod
 from stage4.boot import qemu
+from stage4.boot.local_disk import DiskRequest
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders import packer
 from stage4.builders.base_image import check_disk_fits
@@ -282,6 +283,8 @@ def netboot(
     debug: bool = False,
     screenshot: Path | None = None,
     active: bool = False,
+    disk: DiskRequest | None = None,
+    boots: int = 1,
 ) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
     files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
@@ -295,11 +298,8 @@ def netboot(
     targets = [netboot_mod.loopback_server(server) for server in servers]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     leaf = name.rsplit("/", 1)[-1]
-    serial_log = serial_log or (
-        config.build.output_dir.absolute()
-        / "netboot"
-        / f"{leaf}.r{revision.rid}-{stamp}-{os.getpid()}.serial.log"
-    )
+    logs = config.build.output_dir.absolute() / "netboot"
+    serial_log = serial_log or logs / f"{leaf}.r{revision.rid}-{stamp}-{os.getpid()}.serial.log"
     with (
         _runner(serial_log.with_suffix("").with_suffix(".stage4.log"), debug) as runner,
         tempfile.TemporaryDirectory(prefix="stage4-netboot-") as tmp,
@@ -314,6 +314,8 @@ def netboot(
             Path(tmp),
             runner,
             screenshot=screenshot,
+            disk_request=disk,
+            boots=boots,
         )
 
 

@@ -20,10 +20,10 @@ import shlex
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from stage4.boot import qemu
+from stage4.boot import local_disk, qemu
 from stage4.boot.guest_network import BRIDGE, BootFiles, Relay
 from stage4.config import MachineConfig
 from stage4.dnbd3.protocol import DEFAULT_PORT, parse_address
@@ -187,19 +187,23 @@ def kernel_command_line(entry: IpxeEntry, slxsrv: str, slxbase: str, mac: str = 
     return " ".join([*args, "console=ttyS0,115200n8"])
 
 
-def guest_config(published: str, servers: list[str]) -> str:
-    """The published stage-3 config with SLX_DNBD3_SERVERS replaced: every other line stays as it is."""
-    line = f"SLX_DNBD3_SERVERS={shlex.quote(' '.join(servers))}"
-    out, replaced = [], False
-    for text in published.splitlines():
-        if re.match(r"^\s*(export\s+)?SLX_DNBD3_SERVERS=", text):
-            if not replaced:
-                out.append(line)
-            replaced = True
-        else:
-            out.append(text)
-    if not replaced:
-        out.insert(0, line)
+def guest_config(published: str, servers: list[str], keys: dict[str, str] | None = None) -> str:
+    """The published stage-3 config with SLX_DNBD3_SERVERS (first if missing) and `keys` (last if missing)
+    replaced: every other line stays as it is."""
+    out = published.splitlines()
+    for key, value in {"SLX_DNBD3_SERVERS": " ".join(servers), **(keys or {})}.items():
+        line = f"{key}={shlex.quote(value)}"
+        kept, replaced = [], False
+        for text in out:
+            if re.match(rf"^\s*(export\s+)?{key}=", text):
+                if not replaced:
+                    kept.append(line)
+                replaced = True
+            else:
+                kept.append(text)
+        if not replaced:
+            kept.insert(0 if key == "SLX_DNBD3_SERVERS" else len(kept), line)
+        out = kept
     return "\n".join(out) + "\n"
 
 
@@ -257,10 +261,12 @@ class Forwards:
 
 
 @contextlib.contextmanager
-def forwards(revision: BootableRevision, servers: list[tuple[str, int]], work: Path) -> Iterator[Forwards]:
-    """HTTP boot files and relays to `servers`, running until the context ends."""
+def forwards(
+    revision: BootableRevision, servers: list[tuple[str, int]], work: Path, keys: dict[str, str] | None = None
+) -> Iterator[Forwards]:
+    """HTTP boot files and relays to `servers` until the context ends; `keys`: more config for the guest."""
     published = revision.config.read_text(encoding="utf-8", errors="replace")
-    guest = guest_config(published, guest_servers(len(servers)))
+    guest = guest_config(published, guest_servers(len(servers)), keys)
     files: dict[str, bytes | Path] = {
         f"/{SLXBASE}/config": guest.encode(),
         f"/{SLXBASE}/{revision.kernel.name}": revision.kernel,
@@ -301,7 +307,8 @@ def check_root(facts: dict[str, str], name: str, rid: int) -> str:
     source = facts.get("source", "?")
     slaves = [s for s in facts.get("slaves", "").split(",") if s]
     origin = next((s for s in slaves if re.match(r"^xloop\d+p\d+$", s)), None)
-    ram = next((s for s in slaves if re.match(r"^(zram|ram)\d+$", s)), None)
+    # the RAM disk, or the thin pool (a dm device) of a layer on a local disk
+    ram = next((s for s in slaves if re.match(r"^(zram|ram|dm-)\d+$", s)), None)
     loop = re.sub(r"p\d+$", "", origin) if origin else ""  # only looked at when there is an origin
     problems = []
     if not facts:
@@ -310,7 +317,7 @@ def check_root(facts: dict[str, str], name: str, rid: int) -> str:
         problems.append(f"/ is {source}, not a device-mapper device")
     elif not (origin and ram):
         problems.append(
-            f"/ ({source}, dm {facts['dm']}) is not over an xloop partition and a RAM disk "
+            f"/ ({source}, dm {facts['dm']}) is not over an xloop partition and a RAM disk or thin pool "
             f"(slaves: {','.join(slaves) or 'none'})"
         )
     elif facts.get(loop) != "/dev/dnbd0":
@@ -334,6 +341,7 @@ class NetbootResult:
     root: str  # what / is, as the guest reported it
     servers: list[str]  # the loopback servers, in the guest's order
     display_manager: str | None = None  # a desktop image's active display manager
+    layers: list[str] = field(default_factory=list)  # the writable layer of each boot
 
 
 def netboot(
@@ -346,9 +354,18 @@ def netboot(
     work: Path,
     runner: Runner,
     screenshot: Path | None = None,
+    disk_request: local_disk.DiskRequest | None = None,
+    boots: int = 1,
 ) -> NetbootResult:
-    """Boot `revision` from `servers` (none: a development server for its store) and check the result."""
+    """Boot `revision` from `servers` (none: a development server for its store) `boots` times, with
+    the requested local disk, and check the result."""
     display = runner.display
+    disk = None
+    if disk_request is not None:
+        config_text = revision.config.read_text(encoding="utf-8", errors="replace")
+        identifier = local_disk.configured_identifier(config_text)
+        with display.step(f"local disk {disk_request.spec} with a GPT partition named {identifier}"):
+            disk = local_disk.prepare(disk_request.spec, identifier, disk_request.persistent, work, runner)
     with contextlib.ExitStack() as stack:
         if not servers:
             with display.step(f"start a development DNBD3 server for {revision.store}"):
@@ -358,43 +375,51 @@ def netboot(
         described = [f"{host}:{port}" for host, port in servers]
         entry = parse_ipxe(revision.ipxe.read_text(encoding="utf-8", errors="replace"), str(revision.ipxe))
         with display.step(f"serve {revision.boot_dir} over HTTP and relay DNBD3 to {' '.join(described)}"):
-            fwd = stack.enter_context(forwards(revision, servers, work))
+            keys = local_disk.guest_keys(disk) if disk else None
+            fwd = stack.enter_context(forwards(revision, servers, work, keys))
         accelerator = accel.choose(machine.accelerator.value, revision.kernel, runner, cache_dir)
         at_marker: list[int] = []
-        spec = qemu.BootSpec(
-            None,
-            accelerator,
-            machine.cpus,
-            machine.memory >> 20,
-            serial_log,
-            kernel=revision.kernel,
-            initrd=revision.initrd,
-            append=kernel_command_line(entry, HTTP_GUEST, SLXBASE),
-            timeout=timeout,
-            nic=fwd.nic(),
-            other_nics=(f"socket,listen=127.0.0.1:{_free_port()},model=virtio-net-pci,mac={OTHER_MAC}",),
-            fail_on=MODULE_FAILURE,
-            on_marker=lambda: at_marker.append(fwd.dnbd3_bytes),
-            screenshot=screenshot,
-        )
-        display.info(f"serial log: {serial_log}")
-        via = f" through the active entry {revision.ipxe}" if revision.active else ""
-        with display.step(
-            f"netboot {revision.name}:{revision.rid}{via} on {accelerator}, waiting for userspace"
-        ):
-            try:
-                booted = qemu.boot(spec, runner)
-            except StepFailed:
-                line = _module_line(serial_log)
-                if line:
-                    raise StepFailed("netboot", line, serial_log) from None
-                raise
-        with display.step("check that / is the copy-on-write device over xloop over /dev/dnbd0"):
-            root = check_root(root_facts(serial_log), revision.name, revision.rid)
+        layers: list[str] = []
+        for boot in range(1, boots + 1):
+            log = serial_log if boot == 1 else serial_log.with_name(f"boot{boot}-{serial_log.name}")
+            spec = qemu.BootSpec(
+                None,
+                accelerator,
+                machine.cpus,
+                machine.memory >> 20,
+                log,
+                kernel=revision.kernel,
+                initrd=revision.initrd,
+                append=kernel_command_line(entry, HTTP_GUEST, SLXBASE),
+                timeout=timeout,
+                nic=fwd.nic(),
+                fail_on=MODULE_FAILURE,
+                on_marker=lambda: at_marker.append(fwd.dnbd3_bytes),
+                other_nics=(f"socket,listen=127.0.0.1:{_free_port()},model=virtio-net-pci,mac={OTHER_MAC}",),
+                screenshot=screenshot,
+                disk=disk.path if disk else None,
+            )
+            display.info(f"serial log: {log}")
+            what = f"{revision.name}:{revision.rid}" + (f" (boot {boot} of {boots})" if boots > 1 else "")
+            what += f" through the active entry {revision.ipxe}" if revision.active else ""
+            with display.step(f"netboot {what} on {accelerator}, waiting for userspace"):
+                try:
+                    booted = qemu.boot(spec, runner)
+                except StepFailed:
+                    line = _module_line(log)
+                    if line:
+                        raise StepFailed("netboot", line, log) from None
+                    raise
+            with display.step("check that / is the copy-on-write device over xloop over /dev/dnbd0"):
+                root = check_root(root_facts(log), revision.name, revision.rid)
+                layer = local_disk.check_writable(local_disk.writable_facts(log), disk, boot)
+                layers.append(f"boot {boot}: {layer}" if boots > 1 else layer)
+            if boot == 1:
+                seconds = booted.seconds
     return NetbootResult(
         revision.name,
         revision.rid,
-        booted.seconds,
+        seconds,
         at_marker[0] if at_marker else fwd.dnbd3_bytes,
         revision.image.stat().st_size,
         accelerator,
@@ -402,6 +427,7 @@ def netboot(
         root,
         described,
         booted.display_manager,
+        layers,
     )
 
 

@@ -53,6 +53,7 @@ class BootSpec:
     fail_on: re.Pattern[str] | None = None
     on_marker: Callable[[], None] | None = None  # called the moment the marker is seen
     screenshot: Path | None = None  # a PNG of the display manager's screen, taken instead of the poweroff
+    disk: Path | None = None  # a raw disk the guest may write to (a netboot client's local disk)
 
 
 @dataclass
@@ -78,6 +79,8 @@ def build_argv(spec: BootSpec, nonce: str, qmp_socket: Path | None = None) -> li
         argv += ["-drive", f"file={spec.image},if=virtio,format={_format(spec.image)},snapshot={snapshot}"]
     for nic in spec.other_nics:
         argv += ["-nic", nic]
+    if spec.disk is not None:
+        argv += ["-drive", f"file={str(spec.disk).replace(',', ',,')},if=virtio,format=raw,snapshot=off"]
     argv += [
         "-nic",
         spec.nic,

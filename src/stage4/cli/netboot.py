@@ -52,6 +52,17 @@ if TYPE_CHECKING:
     default=None,
     help="a desktop image: wait for its display manager's greeter, save the screen as this PNG",
 )
+@click.option(
+    "--local-disk",
+    metavar="SIZE|FILE",
+    default=None,
+    help="give the client a local disk for its writable layer: a new sparse one of SIZE (e.g. 8G) with a "
+    "GPT partition named like SLX_WRITABLE_DEVICE_IDENTIFIER (default OPENSLX_SYS), or a raw disk image FILE",
+)
+@click.option("--persistent", is_flag=True, help="keep the writable layer across boots of this revision")
+@click.option(
+    "--boots", type=click.IntRange(1, 10), default=1, show_default=True, help="boot the client N times"
+)
 @click.pass_obj
 def netboot(
     obj: CliSettings,
@@ -64,6 +75,9 @@ def netboot(
     boot_dir: Path | None,
     serial_log: Path | None,
     screenshot: Path | None,
+    local_disk: str | None,
+    persistent: bool,
+    boots: int,
 ) -> None:
     """Boot revision RID of NAME from STORE in qemu exactly as a Stage4 client does.
 
@@ -72,8 +86,14 @@ def netboot(
     only through qemu's user network. Exits 0 only when userspace came up with / on the copy-on-write
     device over xloop over /dev/dnbd0. With --active: the active entry <boot-dir>/ipxe (written by
     `stage4 export --activate`) and <boot-dir>/config, so the revision booted is the one activated last.
+    The copy-on-write layer is on the local disk with --local-disk, else in RAM.
     """
     from stage4 import api
+    from stage4.boot.local_disk import DiskRequest
+    from stage4.errors import InputError
+
+    if persistent and local_disk is None:
+        raise InputError("--persistent needs --local-disk (the layer is kept on the client's local disk)")
 
     result = api.netboot(
         obj.config(),
@@ -87,6 +107,8 @@ def netboot(
         debug=obj.debug,
         screenshot=screenshot,
         active=active,
+        disk=DiskRequest(local_disk, persistent) if local_disk is not None else None,
+        boots=boots,
     )
     share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
     click.echo(
@@ -97,6 +119,8 @@ def netboot(
     click.echo(f"  {result.root}")
     if active:
         click.echo("  the active revision, booted through <boot-dir>/ipxe with <boot-dir>/config")
+    for layer in result.layers:
+        click.echo(f"  {layer}")
     if result.display_manager:
         click.echo(f"  display manager: {result.display_manager} active")
     if screenshot is not None:

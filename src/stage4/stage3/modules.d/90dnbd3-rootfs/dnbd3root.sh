@@ -5,8 +5,9 @@
 # What stage 4 gets from here (/opt/openslx/config, config.tgz) is put into the new root by the
 # pre-pivot hook stage4-handover.
 #
-# Writable layer: a device-mapper snapshot (non-persistent) of the root partition over a zram RAM disk,
-# as OpenSLX clients have it: / is a plain block device, /dev/mapper/root, so the image's own fstab,
+# Writable layer (stage4-writable.sh): device-mapper over a local partition (a thin snapshot by default)
+# or, without one, a non-persistent snapshot of the root partition over a zram RAM disk, as OpenSLX
+# clients have it: / is a plain block device, /dev/mapper/root, so the image's own fstab,
 # systemd's fsck/remount logic and stage-4 tools (resize2fs, dmsetup) see what they expect; the RAM
 # holds only the changed 4 KiB chunks, compressed. An overlayfs root would turn / into a file-system
 # union that the image's PARTLABEL fstab entry and block-level tools cannot describe.
@@ -16,6 +17,8 @@ command -v getarg > /dev/null || . /lib/dracut-lib.sh
 . /lib/stage4-lib.sh
 # shellcheck source-path=SCRIPTDIR source=stage4-net.sh  # installed as /lib/stage4-net.sh
 . /lib/stage4-net.sh
+# shellcheck source-path=SCRIPTDIR source=stage4-writable.sh  # installed as /lib/stage4-writable.sh
+. /lib/stage4-writable.sh
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin
 STATE=/run/stage4
@@ -139,18 +142,9 @@ for _ in $(seq 1 50); do
 done
 part=$(slx_pick_partition "$loopdev" "$identifier") || stop_boot "$part"
 
-# The writable layer: a snapshot of the root partition whose changes live in a zram disk.
-{ modprobe zram num_devices=1 && modprobe dm-snapshot; } || stop_boot "$(slx_fail_line "the zram or dm-snapshot kernel module did not load")"
-mem_kb=0
-while read -r key value _; do
-    [ "$key" = MemTotal: ] && mem_kb=$value
-done < /proc/meminfo
-echo $((mem_kb * 1024)) > /sys/block/zram0/disksize \
-    || stop_boot "$(slx_fail_line "could not size the RAM disk /dev/zram0 for the writable layer")"
-sectors=$(cat "/sys/class/block/${part#/dev/}/size")
-if ! dmsetup create root --table "0 $sectors snapshot $part /dev/zram0 N 8" > "$STATE/dmsetup.log" 2>&1; then
-    stop_boot "$(slx_fail_line "device-mapper refused the snapshot of $part: $(last_line "$STATE/dmsetup.log")")"
-fi
+# The writable layer (stage4-writable.sh): on the local partition SLX_WRITABLE_DEVICE_IDENTIFIER, else in RAM.
+layer=$(SLX_WRITABLE_LOG="$STATE/dmsetup.log" slx_writable_layer "$part" "$image" "$rid") || stop_boot "$layer"
+printf '%s\n' "$layer" > /dev/console
 udevadm settle --timeout=30
-info "dnbd3-rootfs: /dev/mapper/root = snapshot of $part ($loopdev over /dev/dnbd0) in RAM"
+info "dnbd3-rootfs: /dev/mapper/root over $part ($loopdev over /dev/dnbd0)"
 exit 0

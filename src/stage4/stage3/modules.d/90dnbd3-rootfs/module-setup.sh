@@ -1,8 +1,9 @@
 #!/bin/bash
 # dnbd3-rootfs: the root file system of a Stage4 client from a DNBD3 server (docs/client-boot.md).
 # Network by DHCP (busybox udhcpc), config over HTTP (bash), /dev/dnbd0 (dnbd3-client),
-# xloop (QCOW, read-only, partition scan), a device-mapper snapshot in RAM as /dev/mapper/root; before
-# the switch to it, /opt/openslx/config and the site's config.tgz in the new root.
+# xloop (QCOW, read-only, partition scan), /dev/mapper/root: a thin snapshot on a local partition or a
+# device-mapper snapshot in RAM (stage4-writable.sh); before the switch to it, /opt/openslx/config and
+# the site's config.tgz in the new root.
 
 # stage4 installs the dnbd3 and xloop tools to /usr/local/sbin, which dracut's PATH may lack.
 case ":$PATH:" in *:/usr/local/sbin:*) ;; *) PATH="$PATH:/usr/local/sbin" ;; esac
@@ -17,7 +18,9 @@ depends() {
 }
 
 installkernel() {
-    instmods dnbd3 xloop xloop_file_fmt_qcow xloop_file_fmt_raw dm-snapshot zram
+    instmods dnbd3 xloop xloop_file_fmt_qcow xloop_file_fmt_raw dm-snapshot dm-thin-pool zram
+    # The local disk of the writable layer.
+    hostonly='' instmods virtio_blk virtio_scsi sd_mod ahci nvme
     # Any wired NIC a lab PC or a VM may have.
     hostonly='' instmods '=drivers/net/ethernet' virtio_net e1000 e1000e r8169 igb
 }
@@ -25,10 +28,12 @@ installkernel() {
 # shellcheck disable=SC2154  # moddir, initdir, systemdutildir: set by dracut, which sources this file
 install() {
     inst_multiple dnbd3-client xlosetup dmsetup busybox blkid ip timeout head tail od tr sort seq grep sed cat \
-        sleep dmesg modprobe udevadm mkdir mv rm chmod
+        sleep dmesg modprobe udevadm mkdir mv rm chmod dd cksum cut cp ln
     inst_libdir_file 'libnss_dns*' 'libnss_files*'
     inst_simple "$moddir/stage4-lib.sh" /lib/stage4-lib.sh
     inst_simple "$moddir/stage4-net.sh" /lib/stage4-net.sh
+    inst_simple "$moddir/stage4-writable.sh" /lib/stage4-writable.sh
+    inst_simple "$moddir/stage4-writable-stage4.sh" /lib/stage4-writable-stage4.sh
     inst_script "$moddir/stage4-handover.sh" /sbin/stage4-handover
     inst_hook pre-pivot 50 "$moddir/stage4-pre-pivot.sh"
     inst_script "$moddir/dnbd3root.sh" /sbin/dnbd3root
