@@ -283,7 +283,8 @@ def netboot(
     debug: bool = False,
     screenshot: Path | None = None,
     active: bool = False,
-    disk: DiskRequest | None = None,
+    local_disk: str | None = None,
+    persistent: bool = False,
     boots: int = 1,
 ) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
@@ -292,6 +293,7 @@ def netboot(
 
     `servers` are DNBD3 servers on this machine (HOST:PORT, in the order the client tries them);
     none: a development server for `store` on a free loopback port. `active`: through `<boot-dir>/ipxe`.
+    `local_disk` (SIZE or FILE; `persistent`: kept across boots) holds the writable layer, else RAM.
     """
     check_screenshot_path(screenshot)
     revision = netboot_mod.find(store, name, rid, boot_dir, active=active)
@@ -314,7 +316,7 @@ def netboot(
             Path(tmp),
             runner,
             screenshot=screenshot,
-            disk_request=disk,
+            disk_request=DiskRequest(local_disk, persistent) if local_disk is not None else None,
             boots=boots,
         )
 

@@ -89,7 +89,6 @@ def netboot(
     The copy-on-write layer is on the local disk with --local-disk, else in RAM.
     """
     from stage4 import api
-    from stage4.boot.local_disk import DiskRequest
     from stage4.errors import InputError
 
     if persistent and local_disk is None:
@@ -107,7 +106,8 @@ def netboot(
         debug=obj.debug,
         screenshot=screenshot,
         active=active,
-        disk=DiskRequest(local_disk, persistent) if local_disk is not None else None,
+        local_disk=local_disk,
+        persistent=persistent,
         boots=boots,
     )
     share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
