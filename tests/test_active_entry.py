@@ -20,7 +20,7 @@ from stage4.errors import InputError, Stage4Error
 from stage4.export.publish import prepare, publish
 from stage4.export.revisions import prune
 from stage4.runner import Runner
-from tests.transports import LocalShellTransport
+from tests.transports import DyingServerTransport, LocalShellTransport
 
 NAME = "sub/img.qcow2"
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,21 +33,6 @@ def digests(directory: Path) -> dict[str, tuple[int, str]]:
         for p in sorted(directory.iterdir())
         if p.is_file() and not p.name.startswith(".")
     }
-
-
-class DyingServerTransport(LocalShellTransport):
-    """The store host's script run locally; the server dies while the files are uploaded (after the
-    script's own check of the pid file)."""
-
-    def __init__(self, runner: Runner, server: subprocess.Popen):
-        super().__init__(runner)
-        self.server = server
-
-    def upload(self, local: Path, remote: str, *, step: str) -> None:
-        if self.server.poll() is None:
-            self.server.kill()
-            self.server.wait()
-        super().upload(local, remote, step=step)
 
 
 @pytest.fixture(params=["local", "remote"])

@@ -21,19 +21,11 @@ from stage4.dnbd3.store import Store
 from stage4.export.publish import publish
 from stage4.export.revisions import prune, states
 from stage4.runner import Runner
+from tests.archives import tgz
 from tests.transports import LocalShellTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
-
-
-def _tgz(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture
@@ -45,7 +37,7 @@ def image(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def site_tgz(tmp_path: Path) -> Path:
-    return _tgz(tmp_path / "site.tgz", {"etc/stage4-site": b"site\n", "opt/openslx/x": b""})
+    return tgz(tmp_path / "site.tgz", {"etc/stage4-site": b"site\n", "opt/openslx/x": b""})
 
 
 def _slx(config: str, key: str) -> str:
@@ -113,8 +105,8 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "text": (text, "not a gzip'ed tar archive"),
         "gzip, not tar": (gzipped_text, "not a gzip'ed tar archive"),
         "tar, not gzip": (plain_tar, "not a gzip'ed tar archive"),
-        "absolute": (_tgz(tmp_path / "abs.tgz", {"/etc/passwd": b""}), "member '/etc/passwd' is outside"),
-        "dot-dot": (_tgz(tmp_path / "up.tgz", {"etc/../../x": b""}), "member 'etc/../../x' is outside"),
+        "absolute": (tgz(tmp_path / "abs.tgz", {"/etc/passwd": b""}), "member '/etc/passwd' is outside"),
+        "dot-dot": (tgz(tmp_path / "up.tgz", {"etc/../../x": b""}), "member 'etc/../../x' is outside"),
     }
 
 

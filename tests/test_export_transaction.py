@@ -23,7 +23,7 @@ from stage4.errors import InputError, Stage4Error
 from stage4.export.publish import prepare, publish
 from stage4.export.revisions import prune
 from stage4.runner import Runner
-from tests.transports import LocalShellTransport
+from tests.transports import DyingServerTransport, LocalShellTransport
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,20 +352,6 @@ def test_boot_dir_inside_the_store_must_be_hidden(tmp_path, image, boot):
     assert (hidden / "kernel.r1").is_file() and listed(store) == [1]
     outside = tmp_path / "http"
     assert export(image, store, kernel=boot[0], initrd=boot[1], boot_files=True, boot_dir=outside).rid == 2
-
-
-class DyingServerTransport(LocalShellTransport):
-    """The store host's script run locally; the server dies while the files are uploaded."""
-
-    def __init__(self, runner: Runner, server: subprocess.Popen):
-        super().__init__(runner)
-        self.server = server
-
-    def upload(self, local: Path, remote: str, *, step: str) -> None:
-        if self.server.poll() is None:
-            self.server.kill()
-            self.server.wait()
-        super().upload(local, remote, step=step)
 
 
 def test_remote_store_script_is_one_transaction_too(tmp_path, mounts, image, boot):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.archives import tgz
+
 MODULE = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs"
 LIB = MODULE / "stage4-lib.sh"
 
@@ -112,15 +114,6 @@ def test_openslx_config_only_assigns_in_every_shell(tmp_path: Path) -> None:
         assert list(marker.iterdir()) == [], f"{shell} ran a command from the config"
 
 
-def _tgz(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
-
-
 @pytest.fixture
 def busybox() -> None:
     if not shutil.which("busybox"):
@@ -128,14 +121,14 @@ def busybox() -> None:
 
 
 def test_config_tgz_members_stay_inside_the_root(tmp_path: Path, busybox: None) -> None:
-    good = _tgz(tmp_path / "good.tgz", {"etc/motd": b"hi\n", "./opt/openslx/x": b"", "a/..b": b""})
+    good = tgz(tmp_path / "good.tgz", {"etc/motd": b"hi\n", "./opt/openslx/x": b"", "a/..b": b""})
     assert bash(f"slx_check_archive {good} config.tgz.r3").returncode == 0
     # busybox tar strips these (and says so) ...
     stripped = {"/etc/passwd": "'/'", "../x": "'../'", "etc/../../x": "'etc/../../'"}
     # ... and keeps these as they are
     kept = {"a/..": "a/..", "..": ".."}
     for i, (bad, named) in enumerate({**stripped, **kept}.items()):
-        archive = _tgz(tmp_path / f"bad{i}.tgz", {"etc/ok": b"", bad: b""})
+        archive = tgz(tmp_path / f"bad{i}.tgz", {"etc/ok": b"", bad: b""})
         result = bash(f"slx_check_archive {archive} config.tgz.r3")
         assert result.returncode == 1, bad
         assert result.stdout.startswith("stage4: config.tgz.r3 has a member outside the root ("), bad
@@ -157,7 +150,7 @@ def test_handover_unpacks_config_tgz_and_writes_the_config(tmp_path: Path, busyb
     state.mkdir()
     root.mkdir()
     (state / "config").write_text("SLX_DNBD3_RID='3'\nSLX_CONFIG_NAME='config.tgz.r3'\n")
-    _tgz(state / "config.tgz", {"etc/stage4-site": b"site\n", "opt/openslx/config": b"SLX_OLD='1'\n"})
+    tgz(state / "config.tgz", {"etc/stage4-site": b"site\n", "opt/openslx/config": b"SLX_OLD='1'\n"})
     dracut = "getarg() { return 1; }; getargbool() { return 1; }"
     result = subprocess.run(
         ["bash", "-c", f'{dracut}; . "$0" "$1"', str(MODULE / "stage4-handover.sh"), str(root)],

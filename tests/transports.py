@@ -3,6 +3,7 @@ by the local /bin/sh, and uploads are copies."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from stage4.export.remote import RemoteTransport
@@ -24,3 +25,18 @@ class LocalShellTransport(RemoteTransport):
 
     def upload(self, local: Path, remote: str, *, step: str) -> None:
         self.runner.run(["cp", "--", local, remote], step=step)
+
+
+class DyingServerTransport(LocalShellTransport):
+    """The store host's script run locally; the server dies while the files are uploaded (after the
+    script's own check of the pid file)."""
+
+    def __init__(self, runner: Runner, server: subprocess.Popen):
+        super().__init__(runner)
+        self.server = server
+
+    def upload(self, local: Path, remote: str, *, step: str) -> None:
+        if self.server.poll() is None:
+            self.server.kill()
+            self.server.wait()
+        super().upload(local, remote, step=step)
