@@ -464,22 +464,40 @@ def test_a_local_disk_holds_the_writable_layer(published: dict) -> None:
 @pytest.mark.slow
 @full_matrix
 def test_a_persistent_layer_survives_the_next_boot(published: dict) -> None:
-    """--persistent --boots 2 (two boots: in the full matrix only): the second boot finds the first one's
-    thin pool (stage 3 says kept, and would stop if thin volume 1 were missing) and the file system as the
-    first boot grew it, not the image's smaller one."""
-    result = stage4(
-        published["project"],
-        "netboot",
-        published["store"],
-        NAME,
-        "--local-disk",
-        "4G",
-        "--persistent",
-        "--boots",
-        "2",
-        "--timeout",
-        "1200",
-    )
+    """--persistent on one local disk file (in the full matrix only: three boots): the second boot of the
+    same revision finds the first one's thin pool (stage 3 says kept, and would stop if thin volume 1 were
+    missing) and the file system as the first boot grew it; a boot of another revision refuses that layer
+    with its console line and starts a fresh one. Its own store (r1, r2 of the same prod image), so the
+    revisions of `published` stay as the other tests expect them."""
+    from stage4.boot import local_disk
+    from stage4.runner import Runner
+
+    work = published["work"]
+    store, image = work / "persist-store", work / "output" / "debian-12" / "prod.qcow2"
+    store.mkdir()
+    for _ in range(2):
+        stage4(
+            published["project"], "export", image, "--store", store, "--name", NAME, "--server", "192.0.2.10"
+        )
+    disk = local_disk.prepare("4G", local_disk.DEFAULT_IDENTIFIER, True, work / "persist-disk", Runner()).path
+
+    def boot(rid: int, *options: str) -> subprocess.CompletedProcess:
+        return stage4(
+            published["project"],
+            "netboot",
+            store,
+            NAME,
+            "--rid",
+            str(rid),
+            "--local-disk",
+            disk,
+            "--persistent",
+            *options,
+            "--timeout",
+            "1200",
+        )
+
+    result = boot(1, "--boots", "2")
     first, second = (line for line in result.stdout.splitlines() if "writable layer:" in line)
     assert first.startswith("  boot 1: writable layer: /dev/vda1, thin-snapshot, ") and ", fresh; / " in first
     assert ", grown from " in first
@@ -488,3 +506,9 @@ def test_a_persistent_layer_survives_the_next_boot(published: dict) -> None:
     )
     assert ", grown from " not in second  # already as large as the layer when the second boot began
     assert first.split("; / ")[1].split(",")[0] == second.split("; / ")[1]
+    other = boot(2).stdout
+    layer = next(line for line in other.splitlines() if "writable layer:" in line)
+    assert ", fresh; / " in layer and ", grown from " in layer, layer
+    log = Path(other.split("serial log: ")[-1].strip()).read_text(errors="replace")
+    assert f"stage4-writable: /dev/vda1 held another layer (image={NAME} rid=1 table=" in log
+    assert "): starting a fresh one" in log
