@@ -246,9 +246,10 @@ def test_driver_gives_the_release_and_system_variables(tmp_path: Path) -> None:
     # The prod role gets the dev run's release facts; the roles pass them to the driver in both layers.
     facts = {"distribution": "debian", "version": "12", "codename": "bookworm"}
     results = {"modules": ["m"], "content_packages": [], "sys_versions": "debian", "sys": facts, "files": []}
+    results |= {"ash": False, "units": []}
     assert install_vars(results, tmp_path)["sys"] == facts  # type: ignore[arg-type]
     roles = Path(DRIVER).parent.parent / "provisioning/ansible/roles"
-    for task in ("stage4_mltk_build/tasks/build.yml", "stage4_mltk_install/tasks/install.yml"):
+    for task in ("stage4_mltk_build/tasks/run.yml", "stage4_mltk_install/tasks/install.yml"):
         text = (roles / task).read_text()
         for key in ("distribution", "version", "codename"):
             assert f'SYS_{key.upper()}: "{{{{ stage4_mltk.sys.{key} }}}}"' in text, task
