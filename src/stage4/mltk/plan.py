@@ -35,7 +35,7 @@ RESULTS = "mltk"  # below the layer's output folder and the image's artifacts fo
 SHIPPED = ("module/data/", "files/")
 # An enabling link (systemctl enable's, or one a module keeps in data/): the unit it enables.
 ENABLED_UNIT = re.compile(r"(?:^|/)(?:etc|lib|usr/lib)/systemd/system/[^/]+\.(?:wants|requires)/([^/]+)$")
-ASH_SHEBANG = re.compile(rb"^#![ \t]*/(?:usr/)?bin/ash(?:[ \t]|$)")
+ASH_SHEBANG = re.compile(rb"^#![ \t]*/(?:usr/)?bin/ash(?:\s|$)")
 # busybox provides ash (the scripts of several modules start with #!/bin/ash); the package is named so on
 # Debian, Ubuntu and the rpm distributions.
 ASH_PACKAGE = "busybox"
