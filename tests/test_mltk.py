@@ -3,6 +3,7 @@ driver that runs a module's functions, run for real on the host (the image build
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from stage4 import config
 from stage4.errors import ConfigError
 from stage4.layers import identities
-from stage4.mltk import modules
+from stage4.mltk import modules, plan
 from stage4.mltk.plan import DRIVER, git_source, install_vars
 from stage4.runner import Runner
 
@@ -246,9 +247,10 @@ def test_driver_gives_the_release_and_system_variables(tmp_path: Path) -> None:
     # The prod role gets the dev run's release facts; the roles pass them to the driver in both layers.
     facts = {"distribution": "debian", "version": "12", "codename": "bookworm"}
     results = {"modules": ["m"], "content_packages": [], "sys_versions": "debian", "sys": facts, "files": []}
+    results |= {"ash": False, "units": []}
     assert install_vars(results, tmp_path)["sys"] == facts  # type: ignore[arg-type]
     roles = Path(DRIVER).parent.parent / "provisioning/ansible/roles"
-    for task in ("stage4_mltk_build/tasks/build.yml", "stage4_mltk_install/tasks/install.yml"):
+    for task in ("stage4_mltk_build/tasks/run.yml", "stage4_mltk_install/tasks/install.yml"):
         text = (roles / task).read_text()
         for key in ("distribution", "version", "codename"):
             assert f'SYS_{key.upper()}: "{{{{ stage4_mltk.sys.{key} }}}}"' in text, task
@@ -291,3 +293,41 @@ def test_driver_collects_system_files_with_their_links(tmp_path: Path, conf: str
         failed = run_driver(missing, tmp_path)
         assert f"mltk module no-{key.lower()}: collect failed" in failed.stderr
         assert f"{key}: {entry} {message}" in failed.stderr, failed.stderr
+
+
+def test_result_shows_ash_scripts_and_enabled_units(tmp_path: Path) -> None:
+    def result(name: str, members: dict[str, bytes | str]) -> Path:
+        """A module's result: files (bytes) and symlinks (str: the target) at the given names."""
+        path = tmp_path / f"{name}.tar"
+        with tarfile.open(path, "w") as archive:
+            for member, content in members.items():
+                info = tarfile.TarInfo(member)
+                if isinstance(content, str):
+                    info.type, info.linkname = tarfile.SYMTYPE, content
+                    archive.addfile(info)
+                else:
+                    info.size = len(content)
+                    archive.addfile(info, io.BytesIO(content))
+        return path
+
+    wants = "etc/systemd/system/sysinit.target.wants/zram-swap.service"
+    shipped = result(
+        "zram",
+        {
+            f"module/data/{wants}": "../zram-swap.service",
+            "module/data/opt/openslx/scripts/systemd-zram_swap": b"#!/bin/ash\necho hi\n",
+            "files/usr/lib/systemd/system/multi-user.target.wants/tool.service": "../tool.service",
+        },
+    )
+    assert plan.shipped(shipped) == ({"zram-swap.service", "tool.service"}, True)
+    # Only what lands in /: not the module's own files (module.build), not other shells.
+    other = result(
+        "other",
+        {
+            "module/module.build": b"#!/bin/ash\n",
+            "module/data/usr/bin/a": b"#!/bin/bash\n",
+            "files/usr/bin/b": b"#!/bin/ashes\n",
+            "module/etc/systemd/system/x.target.wants/not-shipped.service": "../x",
+        },
+    )
+    assert plan.shipped(other) == (set(), False)

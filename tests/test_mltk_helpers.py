@@ -1,14 +1,17 @@
 """The helpers stage4's mltk driver gives modules after mltk's behaviour (add_env, the useradd/groupadd
-wrappers, add_to_group, getuid/getgid, get_link_chain, escape_*), run for real by the driver's install
-action on the fixture module stage4-helpers and on small failing modules. Users, groups and
-/etc/environment land in the test's own copy of /etc, bound over /etc in a private mount namespace (the
-system's useradd and groupadd run unchanged and change only that copy)."""
+wrappers, add_to_group, getuid/getgid, get_link_chain, escape_*, copy_kernel, chroot_run) and its
+module_init hook, run for real by the driver on the fixture module stage4-helpers and on small failing
+modules. Users, groups and /etc/environment land in the test's own copy of /etc, and copy_kernel finds
+the test's own kernel in /boot, both bound there in a private mount namespace (the system's useradd and
+groupadd run unchanged and change only that copy)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -30,11 +33,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def install(module_dir: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """The driver's install action for `module_dir`, with /etc being a fresh copy (returned) of it."""
-    etc = tmp_path / "etc"
+KERNEL = "6.1.0-stage4-test"
+
+
+def install(
+    module_dir: Path, tmp_path: Path, action: str = "install"
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The driver's install action (or another one) for `module_dir`, with /etc being a fresh copy
+    (returned) of it and /boot holding only the kernel KERNEL (readable by root only, as Ubuntu has it)
+    and its config."""
+    etc, boot = tmp_path / "etc", tmp_path / "boot"
     if not etc.exists():
         subprocess.run(["cp", "-a", "/etc", str(etc)], check=True)
+        boot.mkdir()
+        (boot / f"vmlinuz-{KERNEL}").write_bytes(b"stage4 test kernel")
+        (boot / f"vmlinuz-{KERNEL}").chmod(0o600)
+        (boot / f"config-{KERNEL}").write_text("CONFIG_STAGE4=y\n")
     work = tmp_path / "work" / module_dir.name
     env = {
         **os.environ,
@@ -45,10 +59,15 @@ def install(module_dir: Path, tmp_path: Path) -> tuple[subprocess.CompletedProce
         "ROOT_DIR": str(tmp_path),
         "SYS_VERSIONS": "debian.12 debian",
         "SYS_DISTRIBUTION": "debian",
+        "KVER": KERNEL,
+        "STAGE4_MLTK_OUT": str(tmp_path / "out"),
     }
-    script = 'mount --bind "$1" /etc && exec bash "$2" install'
+    script = 'mount --bind "$1" /etc && mount --bind "$2" /boot && exec bash "$3" "$4"'
     done = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(etc), str(DRIVER)],
+        [
+            *("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"),
+            *(str(etc), str(boot), str(DRIVER), action),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -104,6 +123,9 @@ def test_helpers_on_the_fixture_module(tmp_path: Path) -> None:
     assert "replaced: a/b&c\\d" in out
     assert "searched: X abc" in out
     assert "no nfs cache" in out
+    # copy_kernel: the target kernel (KVER) and its config where mltk's modules expect them, readable.
+    kernel = hashlib.sha256(b"stage4 test kernel").hexdigest()
+    assert f"kernel: {kernel} 644 CONFIG_STAGE4=y" in out
     # The system's own files are untouched.
     assert "stage4-fixture-user" not in Path("/etc/passwd").read_text()
 
@@ -127,6 +149,12 @@ def test_helpers_on_the_fixture_module(tmp_path: Path) -> None:
         ("groupadd --system nogroup", "groupadd nogroup: exists with the normal gid 65534"),
         ("add_to_group root stage4-no-group", "Cannot add 'root' to 'stage4-no-group': no such group"),
         ("get_link_chain relative/path", "get_link_chain needs an absolute path, got 'relative/path'"),
+        ("KVER=6.1.0-nowhere copy_kernel", "copy_kernel: no kernel '6.1.0-nowhere' in /boot"),
+        ("chroot_run", "chroot_run needs exactly 1 parameter (the build folder), got 0"),
+        (
+            'chroot_run "$MODULE_WORK_DIR/t" <<< "touch /stage4-made; exit 3"',
+            "chroot_run: the script in the chroot failed (exit 3)",
+        ),
     ],
 )
 def test_helpers_refuse_what_mltk_refuses(tmp_path: Path, call: str, message: str) -> None:
@@ -143,3 +171,26 @@ def test_helpers_refuse_what_mltk_refuses(tmp_path: Path, call: str, message: st
     assert f"[error]   [stage4-refused] {message}" in done.stderr, done.stderr
     assert "went on" not in done.stdout
     assert "stage4-new" not in (etc / "passwd").read_text() + (etc / "group").read_text()
+
+
+def test_module_init_then_build_with_chroot_run(tmp_path: Path) -> None:
+    module = FIXTURE / "core/modules/stage4-helpers"
+    init, _ = install(module, tmp_path, "init")
+    assert init.returncode == 0, init.stderr + init.stdout
+    # module_init alone (no build, no post_copy), with the general module.conf only, as mltk runs it.
+    work = tmp_path / "work/stage4-helpers"
+    tree = shutil.which("tree") or "none"
+    assert (work / "init").read_text() == f"module_init: tree={tree} conf=[]\n"
+    assert "## build" not in init.stdout and "## post_copy" not in init.stdout
+    done, _ = install(module, tmp_path, "build")
+    assert done.returncode == 0, done.stderr + done.stdout
+    # chroot_run: the script saw the build folder's file over this system and wrote into the build
+    # folder; the file it removed is listed, and still on this system.
+    share = work / "files/usr/local/share/stage4-helpers"
+    assert (share / "chroot").read_text() == f"chroot: module_init: tree={tree} conf=[]\n"
+    assert (work / "files/overlay.whiteout.list").read_text() == "/etc/os-release\n"
+    assert not os.path.lexists(work / "files/etc/os-release") and os.path.lexists("/etc/os-release")
+    with tarfile.open(tmp_path / "out/stage4-helpers.tar") as archive:
+        assert {f"files/usr/local/share/stage4-helpers/{name}" for name in ("init", "chroot")} <= set(
+            archive.getnames()
+        )

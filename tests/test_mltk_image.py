@@ -1,9 +1,13 @@
 """mltk modules built in dev and installed in prod, on the real Debian 12 base.
 
 One image from the fixture tree (tests/fixtures/mltk: stage4-greeter requires stage4-hello, which compiles
-a C program; the greeter has data/ with a systemd unit and a content package), checked in the flattened
-prod image with debugfs on a raw copy (a tool stage4 did not write). Where a checkout of the public mltk
-is available, a second image runs its haveged, zram-swap and system-uuid modules.
+a C program; the greeter has data/ with a systemd unit and a content package; stage4-helpers calls the
+driver's helpers, module_init and chroot_run in dev, copy_kernel in prod) and, where stage4's source cache
+holds the public mltk, its modules haveged, zram-swap (an ash script) and demo-user (the useradd wrapper)
+copied beside them: checked in the flattened prod image with debugfs on a raw copy (a tool stage4 did not
+write), then booted once: the units the modules enabled must be active, or have exited with success, as
+the guest's systemd reports them through the boot marker. With STAGE4_TEST_FULL, a second image runs the
+public mltk's system-uuid (dmidecode from its REQUIRED_GIT).
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from stage4 import api
 from stage4.errors import ConfigError
+from stage4.provisioning.source_cache import SourceCache
+from stage4.runner import Runner
 from tests.conftest import FIXTURES, BuiltImage, full_matrix, session_cache, variant
 from tests.readback import Debugfs, dpkg_stanza
 from tests.upstream import require_git
@@ -26,6 +34,8 @@ FIXTURE = FIXTURES / "mltk"
 MLTK_GIT = "https://github.com/bwLehrpool/mltk.git"
 DMIDECODE_GIT = "https://git.savannah.nongnu.org/git/dmidecode.git"  # system-uuid -> dmidecode's REQUIRED_GIT
 NAME = "debian-12"
+UPSTREAM_MODULES = ["haveged", "zram-swap", "demo-user"]
+UNITS = re.compile(r"STAGE4-MLTK-UNITS(?P<units>( \S+=\S+)*)\s*$")
 pytestmark = pytest.mark.slow
 
 
@@ -47,6 +57,28 @@ def build(cfg) -> tuple[Path, dict, dict]:
     )
 
 
+def public_mltk(folder: Path) -> Path | None:
+    """A checkout of the public mltk from this run's source cache (filled from the shared one, or
+    fetched), or None where neither has it nor the network."""
+    try:
+        require_git(session_cache(), MLTK_GIT)
+    except pytest.skip.Exception:
+        return None
+    cache, runner = SourceCache(session_cache()), Runner()
+    entry = cache.git_entry(MLTK_GIT, "master")
+    commit = entry.commit if entry else cache.fetch_from_network(MLTK_GIT, "master", runner, "fetch mltk")
+    cache.checkout(MLTK_GIT, commit, folder, runner, "check out mltk")
+    return folder
+
+
+def unit_states(serial_log: Path) -> dict[str, str]:
+    """The marker's report: each unit the modules enabled with its ActiveState/Result."""
+    found = [UNITS.search(line) for line in serial_log.read_text(errors="replace").splitlines()]
+    reports = [match["units"] for match in found if match]
+    assert reports, f"no STAGE4-MLTK-UNITS line in {serial_log}"
+    return dict(word.split("=", 1) for word in reports[-1].split())
+
+
 def link_target(fs: Debugfs, path: str) -> str:
     out = fs.run(f"stat {path}")
     return out.split('Fast link dest: "', 1)[1].split('"', 1)[0]
@@ -54,20 +86,26 @@ def link_target(fs: Debugfs, path: str) -> str:
 
 @pytest.fixture(scope="module")
 def fixture_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory):
+    tree = tmp_path_factory.mktemp("mltk-tree") / "mltk"
+    shutil.copytree(FIXTURE, tree, symlinks=True)
+    upstream = public_mltk(tmp_path_factory.mktemp("mltk-public") / "mltk")
+    for module in UPSTREAM_MODULES if upstream else []:
+        shutil.copytree(upstream / "core/modules" / module, tree / "core/modules" / module, symlinks=True)
+    modules = ["stage4-greeter", "stage4-helpers", *(UPSTREAM_MODULES if upstream else [])]
     folder = tmp_path_factory.mktemp("mltk")
-    image, dev, prod = build(
-        mltk_image(base_image, folder, {"source": {"path": str(FIXTURE)}, "modules": ["stage4-greeter"]})
-    )
+    cfg = mltk_image(base_image, folder, {"source": {"path": str(tree)}, "modules": modules})
+    image, dev, prod = build(cfg)
     fs = Debugfs(image, tmp_path_factory.mktemp("mltk-raw"))
-    yield fs, dev, prod
+    yield fs, dev, prod, (cfg, image), bool(upstream)
     os.unlink(fs.raw)
 
 
 def test_fixture_modules_land_in_prod(fixture_image) -> None:
-    fs, dev, prod = fixture_image
+    fs, dev, prod, _, upstream = fixture_image
     mltk = dev["artifacts"]["mltk"]
-    assert mltk["modules"] == ["stage4-hello", "stage4-greeter"]  # the dependency first
-    assert mltk["content_packages"] == ["tree"]
+    # the dependency first
+    assert mltk["modules"][:3] == ["stage4-hello", "stage4-greeter", "stage4-helpers"]
+    assert mltk["content_packages"] == (["haveged", "tree"] if upstream else ["tree"])
     # The compiled binary (collected from the build tree) and the REQUIRED_FILES entry; nothing else of it.
     assert fs.stat("/usr/local/bin/stage4-mltk-hello")["mode"] == "0755"
     program = fs.raw.with_name("stage4-mltk-hello")
@@ -98,6 +136,62 @@ def test_fixture_modules_land_in_prod(fixture_image) -> None:
     assert fs.stat("/usr/bin/gcc") is None
     assert fs.stat("/bin")["type"] == "symlink"
     assert fs.stat("/var/lib/stage4") is None
+    # module_init ran in dev before the build packages (tree came after it), with the general module.conf
+    # only; chroot_run's script saw the build folder and wrote into it; copy_kernel found the image's
+    # kernel in prod (post_copy went on to the users and groups).
+    helpers = "/usr/local/share/stage4-helpers"
+    assert fs.cat(f"{helpers}/init").strip() == "module_init: tree=none conf=[]"
+    assert fs.cat(f"{helpers}/chroot").strip() == "chroot: module_init: tree=none conf=[]"
+    assert "stage4-fixture-user:" in fs.cat("/etc/passwd")
+    # stage 3 writes over this one at netboot; mltk's scripts read it.
+    assert fs.stat("/opt/openslx/config")["type"] == "regular" and fs.cat("/opt/openslx/config") == ""
+
+
+def test_public_modules_runtime(fixture_image) -> None:
+    fs, dev, prod, _, upstream = fixture_image
+    if not upstream:
+        require_git(session_cache(), MLTK_GIT)  # skips, saying how to seed the source cache
+    mltk = dev["artifacts"]["mltk"]
+    assert mltk["modules"][3:] == UPSTREAM_MODULES
+    assert mltk["units"] == ["haveged.service", "stage4-greeter.service", "zram-swap.service"]
+    # zram-swap's script is an ash script: busybox's ash, recorded by dev, provided by prod.
+    assert mltk["ash"] is True
+    assert fs.cat("/opt/openslx/scripts/systemd-zram_swap").startswith("#!/bin/ash")
+    assert "ExecStart=/opt/openslx/scripts/systemd-zram_swap" in fs.cat(
+        "/etc/systemd/system/zram-swap.service"
+    )
+    link = "/etc/systemd/system/sysinit.target.wants/zram-swap.service"
+    assert link_target(fs, link) == "../zram-swap.service"
+    assert "busybox" in prod["packages"]
+    assert link_target(fs, "/usr/bin/ash").endswith("/busybox")  # /bin/ash, through /bin -> usr/bin
+    # haveged: its content package installed as a package, its unit and enabling link from data/.
+    assert fs.stat("/usr/sbin/haveged")["type"] == "regular"
+    assert "haveged" in prod["packages"]
+    assert "ExecStart=/usr/sbin/haveged" in fs.cat("/etc/systemd/system/haveged.service")
+    link = "/etc/systemd/system/default.target.wants/haveged.service"
+    assert link_target(fs, link) == "../haveged.service"
+    # demo-user: a system user with its own group and home, its account locked.
+    demo = [line for line in fs.cat("/etc/passwd").splitlines() if line.startswith("demo:")]
+    assert len(demo) == 1 and int(demo[0].split(":")[2]) < 1000, demo
+    assert fs.stat("/home/demo")["type"] == "directory"
+    assert [
+        line.split(":")[1] for line in fs.cat("/etc/shadow").splitlines() if line.startswith("demo:")
+    ] == ["*"]
+
+
+def test_module_units_run_at_boot(fixture_image) -> None:
+    _, dev, _, (cfg, image), upstream = fixture_image
+    started = time.monotonic()
+    booted = api.boot(cfg, image, via="kernel", timeout=600)
+    print(f"boot to the marker: {time.monotonic() - started:.1f} s")
+    states = unit_states(booted.serial_log)
+    assert list(states) == dev["artifacts"]["mltk"]["units"]
+    # The greeter is a oneshot that exits; haveged runs on; zram-swap's oneshot remains after exit.
+    assert states.pop("stage4-greeter.service") == "inactive/success", states
+    running = {"haveged.service": "active/success", "zram-swap.service": "active/success"}
+    assert states == (running if upstream else {})
+    log = booted.serial_log.read_text(errors="replace")
+    assert f"STAGE4-USERSPACE-UP {booted.marker}" in log
 
 
 def test_unknown_module_stops_before_the_layer(base_image: BuiltImage, tmp_path: Path) -> None:
@@ -117,9 +211,8 @@ def test_unknown_module_stops_before_the_layer(base_image: BuiltImage, tmp_path:
 def upstream_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory):
     require_git(session_cache(), MLTK_GIT)
     require_git(session_cache(), DMIDECODE_GIT, "HEAD")
-    modules = ["haveged", "zram-swap", "system-uuid"]
     cfg = mltk_image(
-        base_image, tmp_path_factory.mktemp("mltk"), {"source": {"git": MLTK_GIT}, "modules": modules}
+        base_image, tmp_path_factory.mktemp("mltk"), {"source": {"git": MLTK_GIT}, "modules": ["system-uuid"]}
     )
     image, dev, prod = build(cfg)
     fs = Debugfs(image, tmp_path_factory.mktemp("mltk-upstream-raw"))
@@ -130,22 +223,7 @@ def upstream_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFact
 @full_matrix
 def test_upstream_mltk_modules(upstream_image) -> None:
     fs, dev, prod = upstream_image
-    assert dev["artifacts"]["mltk"]["modules"] == ["haveged", "zram-swap", "dmidecode", "system-uuid"]
-    # haveged: its content package installed as a package, its unit and enabling link from data/.
-    assert fs.stat("/usr/sbin/haveged")["type"] == "regular"
-    assert "haveged" in prod["packages"]
-    assert "ExecStart=/usr/sbin/haveged" in fs.cat("/etc/systemd/system/haveged.service")
-    link = "/etc/systemd/system/default.target.wants/haveged.service"
-    assert link_target(fs, link) == "../haveged.service"
-    # zram-swap: unit, enabling link and its script.
-    assert "ExecStart=/opt/openslx/scripts/systemd-zram_swap" in fs.cat(
-        "/etc/systemd/system/zram-swap.service"
-    )
-    assert (
-        link_target(fs, "/etc/systemd/system/sysinit.target.wants/zram-swap.service")
-        == "../zram-swap.service"
-    )
-    assert fs.stat("/opt/openslx/scripts/systemd-zram_swap")["type"] == "regular"
+    assert dev["artifacts"]["mltk"]["modules"] == ["dmidecode", "system-uuid"]
     # system-uuid: its script (data/bin, through the image's /bin -> usr/bin) and dmidecode built from git.
     assert "dmidecode -q -s system-uuid" in fs.cat("/usr/bin/get-uuid")
     assert fs.stat("/opt/openslx/bad-uuid.d/00-default")["type"] == "regular"

@@ -178,7 +178,6 @@ def reasons_tree(tmp_path: Path) -> Path:
 
 REASONS = {
     "uses-frobnicate": "module.build calls frobnicate, which stage4's mltk driver lacks",
-    "has-init": "module.build defines module_init, a hook stage4's mltk driver does not run",
     "downloads": "module.build downloads inside the layer (download); stage4 fetches only REQUIRED_GIT, "
     "on the host",
     "lacks-package": "debian-12 has no package no-such-package (checked against 2 package indexes of "
@@ -190,6 +189,7 @@ REASONS = {
 }
 READY = [
     "uses-tarcopy",
+    "has-init",
     "system-files",
     "virtual-package",
     "git-reachable",
@@ -314,14 +314,14 @@ def test_plan_command_prints_the_plan_and_exits_1_when_a_module_cannot_run(tmp_p
 def test_build_refuses_a_module_that_cannot_run_before_the_dev_layer(tmp_path: Path) -> None:
     tree = reasons_tree(tmp_path)
     package_index(tmp_path)
-    cfg = plan_config(tmp_path, tree, ["stage4-greeter", "git-missing", "has-init"])
+    cfg = plan_config(tmp_path, tree, ["stage4-greeter", "git-missing", "downloads"])
     (report,) = api.mltk_plan(cfg)
     first = report.not_ready[0].line
     ctx = Context(
         "img", cfg.images["img"], cfg.machine, cfg.source, tmp_path / "output", tmp_path / "cache", Runner()
     )
     base = {"kernel_versions": ["6.1.0-1-amd64"], "image": {"file": "no-base.qcow2"}}
-    names = "['stage4-greeter', 'git-missing', 'has-init']"
+    names = "['stage4-greeter', 'git-missing', 'downloads']"
     expected = (
         f"{tmp_path / 'stage4.toml'}: images.img.mltk.modules = {names}: "
         f"{first} (and 1 more: `stage4 mltk plan img` lists them)"

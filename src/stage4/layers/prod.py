@@ -71,9 +71,10 @@ class ProdRun(LayerRun):
             f"{self.artifacts_dir}/",
         )
         runtime = {p for c in ctx.image.components.values() for p in c.runtime_packages}
-        # mltk's REQUIRED_CONTENT_PACKAGES: real packages here (the image is a real distribution).
+        # mltk's REQUIRED_CONTENT_PACKAGES: real packages here (the image is a real distribution), and
+        # busybox when the modules' scripts need its ash.
         mltk = artifacts.get("mltk")
-        runtime |= set(mltk["content_packages"] if mltk else ())
+        runtime |= set([*mltk["content_packages"], *mltk_plan.runtime_packages(mltk)] if mltk else ())
         self.packages_requested = sorted({*layer.packages, *runtime})
         variables = {
             **layer.vars,

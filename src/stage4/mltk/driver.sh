@@ -1,7 +1,9 @@
 #!/bin/bash
-# driver.sh build|install: run one mltk module's functions inside a stage4 layer, the way mltk's
+# driver.sh init|build|install: run one mltk module's functions inside a stage4 layer, the way mltk's
 # setup_target runs them, with the variables and helper functions module.build files use.
 #
+#   init     (dev layer)  module_init, for every module before the build packages are installed (as
+#                         mltk: with the general module.conf only)
 #   build    (dev layer)  fetch_source, build, then collect what REQUIRED_BINARIES, _LIBRARIES,
 #                         _DIRECTORIES and _FILES name from $MODULE_BUILD_DIR; packs the collected
 #                         files and the module folder (module.*, data/) into $STAGE4_MLTK_OUT/$MODULE.tar
@@ -19,6 +21,10 @@ export TARGET_BUILD_DIR=/
 export TOOL_STR="[$MODULE]"
 export TARGET_KERNEL_LONG="${KVER:-}" KERNEL_CURRENT_VERSION="${KVER:-}"
 export KERNEL_HEADERS_DIR="/lib/modules/${KVER:-}/build"
+# The image's own kernel is the target kernel (as with mltk's kernel-system module): its files are below /.
+KERNEL_BASE_DIR=
+if [ -n "${KVER:-}" ] && [ -e "/boot/vmlinuz-$KVER" ]; then KERNEL_BASE_DIR=/; fi
+export KERNEL_BASE_DIR
 export MLTK_INSTALL=1 DEBIAN_FRONTEND=noninteractive
 # What mltk derives from the release and the running system (its distribution.inc, system.inc, paths.inc).
 export SYS_DISTRIBUTION="${SYS_DISTRIBUTION:-}" SYS_VERSION="${SYS_VERSION:-}" SYS_CODENAME="${SYS_CODENAME:-}" \
@@ -186,6 +192,58 @@ _chain_line() {
     fi
 }
 
+# copy_kernel: the target kernel and its config to $ROOT_DIR/var/builds/kernel (kernel, config), where
+# mltk's modules expect it. stage4 exports that same kernel with the image.
+copy_kernel() {
+    [ -e "/boot/vmlinuz-$KVER" ] || perror "copy_kernel: no kernel '$KVER' in /boot"
+    local dir="$ROOT_DIR/var/builds/kernel"
+    mkdir -p "$dir" || perror "copy_kernel: could not create $dir"
+    cp "/boot/vmlinuz-$KVER" "$dir/kernel" || perror "copy_kernel: could not copy /boot/vmlinuz-$KVER to $dir"
+    # As mltk: the config is copied if there is one.
+    cp "/boot/config-$KVER" "$dir/config" 2>/dev/null
+    chmod +r "$dir/kernel"
+}
+
+# chroot_run DIR < SCRIPT: SCRIPT run by bash as root in a chroot of / whose changes land in DIR: the
+# chroot is an overlay (upper: a copy of DIR, on a tmpfs) over this system's root file system, with
+# /dev, /proc, /sys and /run bound in; mounts live in a mount namespace of their own. Afterwards DIR holds
+# what the script wrote, and each file it removed is listed in DIR/overlay.whiteout.list. A failing
+# script is an error; DIR then stays as it was.
+chroot_run() {
+    [ $# -eq 1 ] || perror "chroot_run needs exactly 1 parameter (the build folder), got $#"
+    local dir=$1 tmp status
+    mkdir -p "$dir" || perror "chroot_run: could not create $dir"
+    grep -qw overlay /proc/filesystems || modprobe overlay || perror "chroot_run: no overlayfs"
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/stage4-chroot.XXXXXX") || perror "chroot_run: no temporary folder"
+    cat >"$tmp/script" || perror "chroot_run: could not read the script"
+    # shellcheck disable=SC2016  # "$@" is the inner bash's
+    unshare -m --propagation private bash -c "$(declare -f _chroot_in_namespace)"'; _chroot_in_namespace "$@"' \
+        chroot-run "$tmp" "$(cd "$dir" && pwd -P)"
+    status=$?
+    rm -rf "$tmp"
+    [ "$status" -ne 125 ] || perror "chroot_run: could not set up or take the changes out of the chroot"
+    [ "$status" -eq 0 ] || perror "chroot_run: the script in the chroot failed (exit $status)"
+}
+# The mounts (in chroot_run's own mount namespace), the chroot, and the changes moved to the build folder.
+_chroot_in_namespace() {
+    local tmp=$1 dir=$2 fs=$1/fs status bound node
+    { mkdir "$fs" && mount -t tmpfs stage4-chroot "$fs" && mkdir "$fs/upper" "$fs/work" "$fs/root"; } || return 125
+    cp -a "$dir/." "$fs/upper/" || return 125
+    mount -t overlay overlay -o "lowerdir=/,upperdir=$fs/upper,workdir=$fs/work" "$fs/root" || return 125
+    for bound in /dev /proc /sys /run; do mount --bind "$bound" "$fs/root$bound" || return 125; done
+    chroot "$fs/root" /bin/bash <"$tmp/script"
+    status=$?
+    [ "$status" -eq 0 ] || return "$status"
+    umount "$fs/root/dev" "$fs/root/proc" "$fs/root/sys" "$fs/root/run" "$fs/root" || return 125
+    rm -f "$fs/upper/overlay.whiteout.list"
+    # A removed file is a 0/0 character device in the upper folder.
+    find "$fs/upper" -type c | while IFS= read -r node; do
+        if [ "$(stat -c %t:%T "$node")" = 0:0 ]; then echo "${node#"$fs/upper"}"; rm -f "$node"; fi
+    done >"$tmp/whiteouts"
+    if [ -s "$tmp/whiteouts" ]; then cp "$tmp/whiteouts" "$fs/upper/overlay.whiteout.list"; fi
+    cp -a "$fs/upper/." "$dir/" || return 125
+}
+
 # -- users and groups: mltk's wrappers of useradd and groupadd (its install mode: this system's files) ----
 # getuid NAME|ID, getgid NAME|ID: the id of the user (group) of that name, else ID when one has it.
 _id_of() { awk -F: -v want="$1" '$1 == want { n = $3 } $3 == want && id == "" { id = $3 }
@@ -299,7 +357,7 @@ add_to_group() {
 for name in ${!REQUIRED_*}; do unset "$name"; done
 # shellcheck source=/dev/null  # the module's own files, known only at run time
 . "$MODULE_DIR/module.conf" || perror "sourcing module.conf failed"
-for version in $SYS_VERSIONS; do
+[ "$action" = init ] || for version in $SYS_VERSIONS; do
     if [ -e "$MODULE_DIR/module.conf.$version" ]; then
         # shellcheck source=/dev/null  # the module's own files, known only at run time
         . "$MODULE_DIR/module.conf.$version" || perror "sourcing module.conf.$version failed"
@@ -310,6 +368,7 @@ fetch_source() { :; }
 build() { :; }
 post_copy() { :; }
 pre_exec() { :; }
+module_init() { :; }
 # shellcheck source=/dev/null  # the module's own files, known only at run time
 . "$MODULE_DIR/module.build" || perror "sourcing module.build failed"
 
@@ -421,6 +480,10 @@ copy_tree() {
 }
 
 case $action in
+init)
+    cde "$MODULE_DIR"
+    run module_init
+    ;;
 build)
     mkdir -p "$MODULE_WORK_DIR" "$MODULE_BUILD_DIR"
     cde "$MODULE_DIR"
@@ -445,6 +508,6 @@ install)
     run post_copy
     ;;
 *)
-    perror "unknown action $action (build or install)"
+    perror "unknown action $action (init, build or install)"
     ;;
 esac

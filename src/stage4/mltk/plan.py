@@ -10,6 +10,7 @@ with the other artifacts. Prod installs from those files only.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from stage4.config.components import MltkConfig
 from stage4.errors import ConfigError, StepFailed
 from stage4.mltk.modules import Module, ModuleProblem, ordered, sys_versions
 from stage4.mltk.packages import PackageIndex
-from stage4.mltk.readiness import Checker, Readiness
+from stage4.mltk.readiness import Checker, Readiness, defined_functions
 from stage4.mltk.targets import sys_variables
 from stage4.provisioning import sources
 
@@ -30,11 +31,20 @@ if TYPE_CHECKING:
 
 DRIVER = Path(__file__).parent / "driver.sh"
 RESULTS = "mltk"  # below the layer's output folder and the image's artifacts folder
+# What a module's result ships into /: its data/ folder and the files the dev run collected.
+SHIPPED = ("module/data/", "files/")
+# An enabling link (systemctl enable's, or one a module keeps in data/): the unit it enables.
+ENABLED_UNIT = re.compile(r"(?:^|/)(?:etc|lib|usr/lib)/systemd/system/[^/]+\.(?:wants|requires)/([^/]+)$")
+ASH_SHEBANG = re.compile(rb"^#![ \t]*/(?:usr/)?bin/ash(?:\s|$)")
+# busybox provides ash (the scripts of several modules start with #!/bin/ash); the package is named so on
+# Debian, Ubuntu and the rpm distributions.
+ASH_PACKAGE = "busybox"
 
 
 class ModuleFolder(TypedDict):
     name: str
     path: str  # relative to the checkout's top
+    init: bool  # module.build defines module_init
 
 
 class GitTarball(TypedDict):
@@ -74,6 +84,8 @@ class Results(TypedDict):
     sys_versions: str
     sys: SysFacts
     files: list[str]  # relative to the artifacts folder
+    ash: bool  # a shipped file starts with #!/bin/ash: prod installs busybox and provides /bin/ash
+    units: list[str]  # the systemd units the modules' enabling links enable (stage4's boots report them)
 
 
 class InstalledModule(TypedDict):
@@ -87,6 +99,8 @@ class InstallVars(TypedDict):
     driver: NotRequired[str]
     sys_versions: NotRequired[str]
     sys: NotRequired[SysFacts]
+    ash: NotRequired[bool]
+    units: NotRequired[list[str]]
     modules: list[InstalledModule]
 
 
@@ -169,7 +183,14 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
         "driver": str(DRIVER),
         "sys_versions": " ".join(versions),
         "sys": _sys(variables),
-        "modules": [{"name": m.name, "path": m.path} for m in order],
+        "modules": [
+            {
+                "name": m.name,
+                "path": m.path,
+                "init": "module_init" in defined_functions(tree / m.path / "module.build"),
+            }
+            for m in order
+        ],
         "build_packages": _packages(order, "REQUIRED_INSTALLED_PACKAGES", "REQUIRED_CONTENT_PACKAGES"),
         "content_packages": _packages(order, "REQUIRED_CONTENT_PACKAGES"),
         "git": git,
@@ -191,20 +212,48 @@ def _packages(order: list[Module], *keys: str) -> list[str]:
 def extract(out_dir: Path, staging: Path, plan: BuildPlan, step: str, log: Path | None) -> Results:
     """Copy each module's result out of the dev layer's output folder; the dev manifest's `mltk` entry."""
     (staging / RESULTS).mkdir(parents=True, exist_ok=True)
-    files = []
+    files, units, ash = [], set(), False
     for module in plan["modules"]:
         relative = f"{RESULTS}/{module['name']}.tar"
         if not (out_dir / relative).is_file():
             raise StepFailed(step, f"mltk module {module['name']} left no result ({relative})", log)
         shutil.copyfile(out_dir / relative, staging / relative)
         files.append(relative)
+        module_units, module_ash = shipped(staging / relative)
+        units |= module_units
+        ash = ash or module_ash
     return {
         "modules": [m["name"] for m in plan["modules"]],
         "content_packages": plan["content_packages"],
         "sys_versions": plan["sys_versions"],
         "sys": plan["sys"],
         "files": files,
+        "ash": ash,
+        "units": sorted(units),
     }
+
+
+def shipped(result: Path) -> tuple[set[str], bool]:
+    """What one module's result ships into /: the units its enabling links enable, and whether a file
+    starts with #!/bin/ash (decided here, from the files, so that prod need not guess)."""
+    units, ash = set(), False
+    with tarfile.open(result) as archive:
+        for member in archive:
+            name = member.name.removeprefix("./")
+            if not name.startswith(SHIPPED):
+                continue
+            if found := ENABLED_UNIT.search(name):
+                units.add(found[1])
+            elif member.isfile() and not ash:
+                handle = archive.extractfile(member)
+                ash = handle is not None and bool(ASH_SHEBANG.match(handle.read(64)))
+    return units, ash
+
+
+def runtime_packages(mltk: Results) -> list[str]:
+    """The packages prod installs for what the modules' files need at boot, besides their content
+    packages."""
+    return [ASH_PACKAGE] if mltk["ash"] else []
 
 
 def install_vars(mltk: Results | None, artifacts_dir: Path) -> InstallVars:
@@ -215,6 +264,8 @@ def install_vars(mltk: Results | None, artifacts_dir: Path) -> InstallVars:
         "driver": str(DRIVER),
         "sys_versions": mltk["sys_versions"],
         "sys": mltk["sys"],
+        "ash": mltk["ash"],
+        "units": mltk["units"],
         "modules": [
             {"name": name, "tarball": str(artifacts_dir / RESULTS / f"{name}.tar")}
             for name in mltk["modules"]

@@ -1,8 +1,7 @@
 """Whether each mltk module can run here, decided on the host before any layer (`stage4 mltk plan`).
 
 A module is not ready, with one reason (the first of these that applies), when it needs:
-- a helper function mltk defines (core/includes, core/bin/setup_target) that stage4's driver lacks, or
-  the `module_init` hook, which the driver does not run;
+- a helper function mltk defines (core/includes, core/bin/setup_target) that stage4's driver lacks;
 - a download inside the layer (module.build calling download, download_untar, wget, curl or git clone):
   stage4 fetches on the host only, and through its source cache;
 - a package the image's distribution lacks, by the distribution's package index (see PackageIndex);
@@ -40,6 +39,11 @@ def _code(path: Path) -> str:
     return "\n".join(
         line for line in path.read_text(errors="replace").splitlines() if not line.lstrip().startswith("#")
     )
+
+
+def defined_functions(build: Path) -> set[str]:
+    """The functions a module.build defines (hooks and its own)."""
+    return _functions(_code(build))
 
 
 def lacking_helpers(tree: Path, driver: Path) -> set[str]:
@@ -161,8 +165,6 @@ class Checker:
         )
         if used:
             return f"module.build calls {', '.join(used)}, which stage4's mltk driver lacks"
-        if "module_init" in own:
-            return "module.build defines module_init, a hook stage4's mltk driver does not run"
         if in_layer:
             return (
                 f"module.build downloads inside the layer ({', '.join(in_layer)}); "
