@@ -26,7 +26,7 @@ import pytest
 from stage4 import config
 from stage4.fsutil import exclusive_lock
 from stage4.provisioning.source_cache import SourceCache
-from stage4.runner import Runner
+from stage4.runner import Runner, _die_with_parent
 from tests.conftest import session_cache
 from tests.upstream import require_upstream
 
@@ -115,6 +115,7 @@ def running(
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent(),  # and when pytest is killed, not only when a test fails
             )
         try:
             if _ready(process, server):
