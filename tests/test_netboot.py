@@ -16,7 +16,6 @@ from stage4.boot import guest_network, netboot, qemu
 from stage4.dnbd3.client import Client
 from stage4.dnbd3.server import DevServer
 from stage4.errors import InputError, StepFailed
-from stage4.fsutil import sha256_file
 from tests.conftest import BuiltImage, full_matrix, seed_steps, session_cache
 
 MODULE_LIB = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
@@ -339,6 +338,7 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
     for it and copies every block in the background: its copy must equal the published file."""
     import sys
 
+    from stage4.fsutil import sha256_file
     from tests.dnbd3_servers import reference_crc, replica, running, server_binary
 
     binary = server_binary()
