@@ -24,6 +24,7 @@ APT_PACKAGES=(
     binutils                   # as, ld: a test's tiny kernel that prints GRUB-style escape codes
     gcc libc6-dev              # the mltk driver test compiles its fixture module's C program on the host
     busybox                    # stage-3 tests run the client's sh, tar, udhcpc and udhcpd on the host
+    cmake make libjansson-dev  # tests build the real dnbd3-server from the cached dnbd3 source
     shellcheck                 # .ci/shellcheck: lints every shipped shell script
     python3-venv               # the Python environment below
 )

@@ -254,10 +254,6 @@ def _boot_dir_variant(published: dict, name: str, ipxe=None, config=None) -> Pat
     return variant
 
 
-def _dnbd3_server(store: Path):
-    return DevServer(store, "127.0.0.1", 0)
-
-
 @pytest.mark.slow
 def test_initramfs_holds_the_module_and_the_tools(published: dict) -> None:
     listing = subprocess.run(
@@ -333,17 +329,28 @@ def test_wrong_identifier_stops_with_its_console_line(published: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: dict) -> None:
+def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: dict, tmp_path: Path) -> None:
     """Two clients boot the revision at the same time (each boot is minutes under TCG, so one pair serves
-    every check): one from the development server `stage4 netboot` starts for the store, the other from
-    a server list whose first entry is down, so it must fall back to the second."""
+    every check): one from the development server `stage4 netboot` starts for the store; the other from
+    a server list whose first entry is down, so it must fall back to the second: a real dnbd3-server
+    acting as a replicating proxy (`isProxy=true`) of a real primary dnbd3-server whose basePath is the
+    store (tests/dnbd3_servers.py). The proxy clones the revision from the primary when the client asks
+    for it and copies every block in the background: its copy must equal the published file."""
     import sys
 
+    from stage4.fsutil import sha256_file
+    from tests.dnbd3_servers import reference_crc, replica, running, server_binary
+
+    binary = server_binary()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         down = probe.getsockname()[1]
     base = [sys.executable, "-m", "stage4", "-c", str(published["project"]), "netboot"]
-    with _dnbd3_server(published["store"]) as server:
+    (tmp_path / "proxy-store").mkdir()
+    with (
+        running(binary, tmp_path / "primary", published["store"]) as primary,
+        running(binary, tmp_path / "proxy", tmp_path / "proxy-store", uplink=primary) as proxy,
+    ):
         argvs = [
             [*base, str(published["store"]), NAME, "--timeout", "1200"],
             [
@@ -353,7 +360,7 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
                 "--server",
                 f"127.0.0.1:{down}",
                 "--server",
-                f"127.0.0.1:{server.address[1]}",
+                proxy.address,
                 "--timeout",
                 "1200",
             ],
@@ -363,8 +370,21 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
             for argv in argvs
         ]
         outputs = [client.communicate(timeout=1500) for client in clients]
-    for client, (out, err) in zip(clients, outputs, strict=True):
-        assert client.returncode == 0, err[-2000:]
+        for client, (_, err) in zip(clients, outputs, strict=True):
+            assert client.returncode == 0, err[-2000:]
+        # the guest's second server (10.0.2.102, asserted below) is the proxy
+        assert f" from 127.0.0.1:{down} {proxy.address}: " in outputs[1][0]
+        copy = replica(proxy, NAME, 1, timeout=300)
+        published_file = published["store"] / f"{NAME}.r1"
+        assert sha256_file(copy) == sha256_file(published_file)
+        # The export's .crc: what dnbd3-server's own generator writes, served by the primary (the proxy
+        # stores the list it got with GET_CRC32), and no block failed its check on either server.
+        crc = published_file.with_name(published_file.name + ".crc").read_bytes()
+        assert reference_crc(binary, published_file, tmp_path / "crc") == crc
+        assert copy.with_name(copy.name + ".crc").read_bytes() == crc
+        for server in (primary, proxy):
+            assert "Hash check for block" not in server.log_text(), server.log
+    for out, _ in outputs:
         assert "netbooted stage4/netboot-e2e.qcow2:1" in out
         assert "/ = /dev/mapper/root (dm root: xloop0p3 + zram0), xloop0 over /dev/dnbd0" in out
         read = int(out.split("read ")[1].split(" bytes")[0])
