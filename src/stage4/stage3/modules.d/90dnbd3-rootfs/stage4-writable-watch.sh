@@ -96,12 +96,10 @@ slx_watch_check() {
 # Sourced by the host tests for the functions above: no loop.
 [ -n "${STAGE4_WATCH_FUNCTIONS_ONLY:-}" ] && return 0
 
-kmsg() {
-    echo "$1" > /dev/kmsg
-}
+kmsg=${STAGE4_KMSG:-/dev/kmsg}  # (a file in the host tests)
 
 if ! command -v dmsetup > /dev/null; then
-    kmsg "<3>stage4-writable: no dmsetup in this system (package dmsetup or device-mapper): the writable layer is not watched, no warning before it is full"
+    echo "<3>stage4-writable: no dmsetup in this system (package dmsetup or device-mapper): the writable layer is not watched, no warning before it is full" > "$kmsg"
     exit 0
 fi
 interval=${STAGE4_WATCH_INTERVAL:-5}
@@ -124,7 +122,7 @@ done < /run/openslx/dmsetup.state
 [ -n "$in_pool" ] && devices="${devices}stage4-pool $in_pool
 "
 if [ -z "$devices" ]; then
-    kmsg "<3>stage4-writable: no snapshot or thin pool in /run/openslx/dmsetup.state: the writable layer is not watched"
+    echo "<3>stage4-writable: no snapshot or thin pool in /run/openslx/dmsetup.state: the writable layer is not watched" > "$kmsg"
     exit 0
 fi
 
@@ -138,7 +136,7 @@ while :; do
             [ "${pair%=*}" = "$name" ] && previous=${pair##*=}
         done
         slx_watch_check "$name" "$previous" "$(dmsetup status "$name" 2> /dev/null)" "$what_fails" \
-            > /dev/kmsg
+            > "$kmsg"
         next="$next $name=$SLX_WATCH_LEVEL"
     done << EOF
 $devices
