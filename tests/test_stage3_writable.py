@@ -210,6 +210,7 @@ def usage(status: str) -> str:
         (THIN_POOL.format(1536, 49088), f"100 {1536 * 4096} {1536 * 4096} thin-pool metadata\n"),
         # overflowed or failed: writes already fail
         ("0 5908480 snapshot Invalid", "failed snapshot Invalid\n"),
+        ("0 5908480 snapshot Overflow", "failed snapshot Overflow\n"),
         ("0 12566528 thin-pool Fail", "failed thin-pool Fail\n"),
         # nothing to measure: zero totals, other targets and states, no status at all
         ("0 5908480 snapshot 0/0 0", ""),

@@ -24,7 +24,8 @@ slx_usage() {
     case $w_target in
         snapshot)
             case $1 in
-                Invalid) echo "failed snapshot Invalid" ;;
+                # Invalid: full (our N and P stores) or failed; Overflow: full, a PO/NO store
+                Invalid | Overflow) echo "failed snapshot $1" ;;
                 */*) _slx_usage_of "$1" 512 "snapshot COW" ;;
             esac
             ;;
