@@ -4,10 +4,9 @@ a layered build with the real dnbd3 and xloop, exported, booted in qemu over HTT
 
 from __future__ import annotations
 
-import io
+import re
 import socket
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,11 @@ from stage4.boot import guest_network, netboot, qemu
 from stage4.dnbd3.client import Client
 from stage4.dnbd3.server import DevServer
 from stage4.errors import InputError, StepFailed
+from tests.archives import tgz
 from tests.conftest import BuiltImage, full_matrix, seed_steps, session_cache
 
 MODULE_LIB = Path(__file__).resolve().parents[1] / "src/stage4/stage3/modules.d/90dnbd3-rootfs/stage4-lib.sh"
+FILL = Path(__file__).resolve().parent / "fixtures/writable-fill"
 
 IPXE = """#!ipxe
 kernel http://${slxsrv}/${slxbase}/kernel.r3 initrd=initrd.r3 \
@@ -195,12 +196,17 @@ def publish(work: Path, base: BuiltImage, name: str, extra: str = "") -> dict:
     assert f"{image}: base {base.manifest['identity'][:16]} is up to date, reusing it" in built.stderr
     store = work / "store"
     store.mkdir()
-    # A site config.tgz: the guest's marker script reports the file it unpacks (site=...).
-    site = work / "site.tgz"
-    with tarfile.open(site, "w:gz") as archive:
-        info = tarfile.TarInfo("etc/stage4-site")
-        info.size = len(b"netboot-e2e\n")
-        archive.addfile(info, io.BytesIO(b"netboot-e2e\n"))
+    # A site config.tgz: the guest's marker script reports the file it unpacks (site=...), and the test
+    # unit that fills the writable layer before the marker (tests/fixtures/writable-fill).
+    site = tgz(
+        work / "site.tgz",
+        {
+            "etc/stage4-site": b"netboot-e2e\n",
+            "etc/systemd/system/stage4-fill.service": (FILL / "stage4-fill.service").read_bytes(),
+            "usr/local/lib/stage4-fill.sh": (FILL / "stage4-fill.sh").read_bytes(),
+        },
+        {"etc/systemd/system/multi-user.target.wants/stage4-fill.service": "../stage4-fill.service"},
+    )
     # The config names the site's servers: netboot must never contact them.
     stage4(
         project,
@@ -241,6 +247,16 @@ def stage4(project: Path, *args, check: bool = True, timeout: float = 3600) -> s
     return result
 
 
+def fill_report(serial_log: str) -> dict[str, str]:
+    """The STAGE4-FILL line of the site's fill unit (tests/fixtures/writable-fill): its KEY=value words
+    and its result ("ok" or "failed (why)")."""
+    lines = [line for line in serial_log.splitlines() if "STAGE4-FILL " in line]
+    assert lines, "the fill unit printed no STAGE4-FILL line"
+    line = lines[-1]
+    words, result = line.split("STAGE4-FILL ")[1].split(" result=")
+    return {**dict(word.split("=", 1) for word in words.split()), "result": result.strip()}
+
+
 def _boot_dir_variant(published: dict, name: str, ipxe=None, config=None) -> Path:
     """A copy of the revision's boot files with one of them changed (what a misconfigured site serves)."""
     import shutil
@@ -279,6 +295,7 @@ def test_initramfs_holds_the_module_and_the_tools(published: dict) -> None:
         "virtio_blk.ko",
         "lib/stage4-writable.sh",
         "lib/stage4-writable-stage4.sh",
+        "lib/stage4-writable-watch.sh",
     ):
         assert path in listing, path
 
@@ -406,6 +423,22 @@ def test_two_clients_at_once_reach_userspace_on_dnbd3_one_falls_back(published: 
     assert "192.0.2." not in text.split("STAGE4-ROOT")[-1]  # the site's servers were never used
     assert "@10.0.2.101:5003" in own
     assert "@10.0.2.102:5003" in fallback  # the guest's address of the second server
+    # The site's fill unit took the RAM layer's COW to 85 %: the watcher warned once, at 80 %, not at 95 %.
+    fill = fill_report(text)
+    assert fill["layer"] == "ram" and fill["warned"] == "yes" and fill["result"] == "ok", fill
+    allocated, total = map(int, fill["cow"].split("/"))
+    assert 0.8 <= allocated / total < 0.95, fill
+    warnings = {
+        line.split("stage4-writable: warning: ")[1]
+        for line in text.splitlines()
+        if "writable: warning: " in line
+    }
+    assert len(warnings) == 1, warnings
+    assert re.fullmatch(
+        r"the writable layer /dev/mapper/root \(snapshot COW\) is 8\d % full, over 80 %: \d+ of "
+        rf"{total * 512} bytes used; at 100 % writes to / fail",
+        warnings.pop().strip(),
+    )
 
 
 @pytest.mark.slow
@@ -460,25 +493,31 @@ def test_activation_moves_clients_of_the_active_entry(published: dict) -> None:
 
 @pytest.mark.slow
 def test_a_local_disk_holds_the_writable_layer(published: dict) -> None:
-    """One client with a new 4 GiB local disk (GPT partition OPENSLX_SYS): / is a thin snapshot of the
+    """One client with a new 6 GiB local disk (GPT partition OPENSLX_SYS): / is a thin snapshot of the
     xloop root partition in a thin pool on /dev/vda1, larger than the image's root, and stage 4 grew the
-    file system into it."""
+    file system into it: the site's fill unit wrote a file of 1.5 times the image's free space."""
     result = stage4(
-        published["project"], "netboot", published["store"], NAME, "--local-disk", "4G", "--timeout", "1200"
+        published["project"], "netboot", published["store"], NAME, "--local-disk", "6G", "--timeout", "1200"
     )
     out = result.stdout
     assert "/ = /dev/mapper/root (dm root: " in out and "xloop0 over /dev/dnbd0" in out
     layer = next(line for line in out.splitlines() if "writable layer:" in line)
     assert layer.startswith("  writable layer: /dev/vda1, thin-snapshot, "), layer
     size = float(layer.split("thin-snapshot, ")[1].split(" GiB")[0])
-    assert 3.9 <= size <= 4.0  # the partition less the record and the pool metadata (printed rounded)
+    assert 5.9 <= size <= 6.0  # the partition less the record and the pool metadata (printed rounded)
     grown = layer.split("; / ")[1]
     fs_after, fs_before = (float(x.split(" GiB")[0]) for x in grown.split(", grown from "))
-    assert fs_before < 3 < 3.8 < fs_after, layer  # the image's root (3G disk) grown to the layer
+    assert fs_before < 3 < 5.7 < fs_after, layer  # the image's root (3G disk) grown to the layer
     log = Path(out.split("serial log: ")[-1].strip()).read_text(errors="replace")
     assert "stage4-writable: /dev/mapper/root = thin-snapshot of /dev/xloop0p3 on /dev/vda1 (" in log
     facts = next(line for line in log.splitlines() if "STAGE4-WRITABLE " in line)
     assert "leaves=vda1,xloop0p3" in facts, facts
+    fill = fill_report(log)
+    assert fill["layer"] == "disk" and fill["result"] == "ok", fill
+    assert f"fs_before={fill['fs_before']} " in facts, facts
+    image_free = int(fill["fs_before"]) - int(fill["used_before"])
+    assert 1.49 * image_free < int(fill["wrote"]) <= 1.5 * image_free, fill
+    assert "writable: warning: " not in log  # the 6 GiB pool is far from 80 %
 
 
 @pytest.mark.slow

@@ -271,6 +271,7 @@ def test_scripts_parse() -> None:
         "dnbd3-generator.sh",
         "udhcpc-script.sh",
         "stage4-writable-stage4.sh",
+        "stage4-writable-watch.sh",
     ):
         assert (
             subprocess.run(["sh", "-n", MODULE / script], capture_output=True, check=False).returncode == 0

@@ -168,3 +168,138 @@ def test_the_layer_checks_the_table_before_looking_for_a_disk() -> None:
     assert (
         result.stdout == "stage4: SLX_WRITABLE_DEVICE_IDENTIFIER_TIMEOUT_IN_SECONDS 'ten' is not a number\n"
     )
+
+
+# --- the watcher of stage 4 (stage4-writable-watch.sh): `dmsetup status` lines recorded in guests ------
+
+WATCH = MODULE / "stage4-writable-watch.sh"
+# The RAM layer of a 2 GiB guest: the 2.8 GiB root partition over a zram disk of 2060677120 bytes.
+RAM_SNAPSHOT = "0 5908480 snapshot {}/4024760 {}"
+# The default table on a 6 GiB disk: 6 MiB of pool metadata (1536 blocks of 4 KiB), 64 KiB data blocks.
+THIN_POOL = "0 12566528 thin-pool 1 {}/1536 {}/98176 - rw discard_passdown queue_if_no_space - 1024"
+
+
+def watch(script: str, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`script` after the watcher's functions, in dash (the watcher is POSIX sh, run by /bin/sh)."""
+    return subprocess.run(
+        ["dash", "-c", f"STAGE4_WATCH_FUNCTIONS_ONLY=1 . {WATCH}\n{script}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=env,
+    )
+
+
+def usage(status: str) -> str:
+    result = watch(f"slx_usage {shlex.quote(status)}")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        # a fresh RAM layer, then one at 85 %: sectors of 512 bytes
+        (RAM_SNAPSHOT.format(17424, 64), f"0 {17424 * 512} 2060677120 snapshot COW\n"),
+        (RAM_SNAPSHOT.format(3421064, 13376), f"85 {3421064 * 512} 2060677120 snapshot COW\n"),
+        # a thin pool: data blocks of 12566528 / 98176 = 128 sectors, metadata blocks of 4 KiB
+        (THIN_POOL.format(301, 49088), f"50 {49088 * 65536} {98176 * 65536} thin-pool data\n"),
+        # the metadata fuller than the data: that is what fills the pool first
+        (THIN_POOL.format(1383, 49088), f"90 {1383 * 4096} {1536 * 4096} thin-pool metadata\n"),
+        (THIN_POOL.format(1536, 49088), f"100 {1536 * 4096} {1536 * 4096} thin-pool metadata\n"),
+        # overflowed or failed: writes already fail
+        ("0 5908480 snapshot Invalid", "failed snapshot Invalid\n"),
+        ("0 5908480 snapshot Overflow", "failed snapshot Overflow\n"),
+        ("0 12566528 thin-pool Fail", "failed thin-pool Fail\n"),
+        # nothing to measure: zero totals, other targets and states, no status at all
+        ("0 5908480 snapshot 0/0 0", ""),
+        ("0 0 thin-pool 0 0/0 0/0 - rw discard_passdown queue_if_no_space - 0", ""),
+        ("0 5908480 snapshot Merge failed", ""),
+        ("0 5908480 thin 1048576 5908479", ""),
+        ("0 2048 linear", ""),
+        ("", ""),
+    ],
+)
+def test_usage_of_recorded_status_lines(status: str, expected: str) -> None:
+    assert usage(status) == expected
+
+
+def rounds(name: str, statuses: list[str], fails: str = "/") -> list[list[str]]:
+    """The lines slx_watch_check prints in each round (one status per round), the level carried over."""
+    script = "level=0\n" + "".join(
+        f'slx_watch_check {name} "$level" {shlex.quote(status)} {shlex.quote(fails)}; '
+        'level=$SLX_WATCH_LEVEL; echo "-- $level"\n'
+        for status in statuses
+    )
+    result = watch(script)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    out, current = [], []
+    for line in result.stdout.splitlines():
+        if line.startswith("-- "):
+            out.append(current)
+            current = []
+        else:
+            current.append(line)
+    return out
+
+
+def test_each_mark_once_per_crossing() -> None:
+    """80 % and 95 % each print one line when crossed upwards, not again while the layer stays above the
+    mark, and again after it went below it (a thin pool that got space back)."""
+    percents = [10, 79, 81, 85, 90, 96, 99, 50, 83, 83, 100]
+    lines = rounds(
+        "stage4-pool", [THIN_POOL.format(100, p * 98176 // 100) for p in percents], "/ and /dev/mapper/tank"
+    )
+    marks = [[line.split(", over ")[1].split(" %")[0] for line in round_lines] for round_lines in lines]
+    assert marks == [[], [], ["80"], [], [], ["95"], [], [], ["80"], [], ["95"]]
+    assert lines[2] == [
+        f"<3>stage4-writable: warning: the writable layer /dev/mapper/stage4-pool (thin-pool data) is 80 % "
+        f"full, over 80 %: {81 * 98176 // 100 * 65536} of {98176 * 65536} bytes used; at 100 % writes to / "
+        "and /dev/mapper/tank fail"
+    ]
+    assert lines[5][0].startswith("<2>stage4-writable: warning: ")  # 95 %: critical
+    # A jump past both marks in one interval: both lines, in order.
+    jump = rounds("root", [RAM_SNAPSHOT.format(40000, 64), RAM_SNAPSHOT.format(3900000, 15000)])
+    assert [line[:3] for line in jump[1]] == ["<3>", "<2>"]
+    assert "(snapshot COW) is 96 % full, over 95 %" in jump[1][1] and "writes to / fail" in jump[1][1]
+
+
+def test_an_invalid_snapshot_once_and_zero_totals_change_nothing() -> None:
+    lines = rounds(
+        "root",
+        [
+            RAM_SNAPSHOT.format(3500000, 13000),
+            "0 5908480 snapshot Invalid",
+            "0 5908480 snapshot Invalid",
+        ],
+    )
+    assert [len(round_lines) for round_lines in lines] == [1, 1, 0]
+    assert lines[1] == [
+        "<2>stage4-writable: the writable layer /dev/mapper/root is full or failed (snapshot Invalid): "
+        "writes to / fail"
+    ]
+    # A status without totals keeps the level it had: no line, and none again when the usage is back.
+    result = watch(
+        f'slx_watch_check root 80 {shlex.quote("0 5908480 snapshot 0/0 0")} /; echo "$SLX_WATCH_LEVEL"\n'
+        f"slx_watch_check root 80 {shlex.quote(RAM_SNAPSHOT.format(3421064, 13376))} /; "
+        'echo "$SLX_WATCH_LEVEL"'
+    )
+    assert result.stdout == "80\n80\n"
+
+
+def test_without_dmsetup_the_watcher_says_so_in_one_line(tmp_path: Path) -> None:
+    kmsg = tmp_path / "kmsg"
+    result = subprocess.run(
+        ["/bin/sh", WATCH],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={"PATH": str(tmp_path), "STAGE4_KMSG": str(kmsg)},
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert kmsg.read_text() == (
+        "<3>stage4-writable: no dmsetup in this system (package dmsetup or device-mapper): the writable "
+        "layer is not watched, no warning before it is full\n"
+    )

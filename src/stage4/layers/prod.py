@@ -1,9 +1,10 @@
 """The prod step: a fresh qcow2 overlay on the base with what the dev run built, flattened for export.
 
 Nothing of the dev layer goes in but its artifacts: first the kernel packages are held (the dev run built
-the initramfs and the modules for that kernel), then the components' runtime packages, the artifacts
-(modules with depmod, files at their destinations), the desktop and the mltk modules if configured, the
-user's prod playbooks, then the shipped cleanup role. A layer whose kernels are not exactly the dev run's
+the initramfs and the modules for that kernel), then the components' runtime packages and what the
+dracut modules need in the booted system (dnbd3-rootfs: dmsetup), the artifacts (modules with depmod,
+files at their destinations), the desktop and the mltk modules if configured, the user's prod playbooks,
+then the shipped cleanup role. A layer whose kernels are not exactly the dev run's
 fails (kernel_guard.py); else the overlay is flattened into one standalone zstd qcow2 (what xloop reads).
 """
 
@@ -81,6 +82,8 @@ class ProdRun(LayerRun):
             "stage4_way": layer.way.value,
             "stage4_kernel_version": self.kernel,
             "stage4_packages": self.packages_requested,
+            # what the initramfs's modules need in the booted system (the stage4_packages role's map)
+            "stage4_dracut_modules": list(ctx.image.initramfs.dracut_modules),
             "stage4_artifacts": self.to_install,
             "stage4_mltk": mltk_plan.install_vars(mltk, self.artifacts_dir),
         }

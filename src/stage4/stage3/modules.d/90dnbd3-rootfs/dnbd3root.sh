@@ -48,6 +48,7 @@ setting fetch_rounds STAGE4_FETCH_ROUNDS
 setting fetch_wait STAGE4_FETCH_WAIT
 setting http_timeout STAGE4_HTTP_TIMEOUT
 setting probe_timeout STAGE4_PROBE_TIMEOUT
+setting watch_interval STAGE4_WATCH_INTERVAL  # stage 4's writable-layer watcher (stage4-writable.sh)
 # SLX_* keys of the command line count from the start (SLX_REBOOT_TIMEOUT for a failure before the
 # config is in); they are applied again after the config file, which they override.
 slx_apply_cmdline "$cmdline"

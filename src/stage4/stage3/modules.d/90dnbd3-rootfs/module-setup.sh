@@ -34,6 +34,7 @@ install() {
     inst_simple "$moddir/stage4-net.sh" /lib/stage4-net.sh
     inst_simple "$moddir/stage4-writable.sh" /lib/stage4-writable.sh
     inst_simple "$moddir/stage4-writable-stage4.sh" /lib/stage4-writable-stage4.sh
+    inst_simple "$moddir/stage4-writable-watch.sh" /lib/stage4-writable-watch.sh
     inst_script "$moddir/stage4-handover.sh" /sbin/stage4-handover
     inst_hook pre-pivot 50 "$moddir/stage4-pre-pivot.sh"
     inst_script "$moddir/dnbd3root.sh" /sbin/dnbd3root

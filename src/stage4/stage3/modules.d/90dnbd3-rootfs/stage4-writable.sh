@@ -262,11 +262,13 @@ slx_writable_ram() {
     printf '%s\n' $((mem_kb * 1024))
 }
 
-# Stage 4 gets a runtime unit (in /run, which switch_root carries over) that grows / when it is larger
-# than the file system and prints what the layer is (stage4-writable-stage4.sh).
+# Stage 4 gets two runtime units (in /run, which switch_root carries over): one grows / when it is
+# larger than the file system and prints what the layer is (stage4-writable-stage4.sh), the other warns
+# before the layer is full (stage4-writable-watch.sh, every STAGE4_WATCH_INTERVAL seconds).
 _slx_writable_unit() {
     mkdir -p /run/systemd/system/multi-user.target.wants
     cp /lib/stage4-writable-stage4.sh /run/openslx/writable-stage4.sh
+    cp /lib/stage4-writable-watch.sh /run/openslx/writable-watch.sh
     cat > /run/systemd/system/stage4-writable.service << 'EOF'
 [Unit]
 Description=stage4: grow / into the writable layer and report it
@@ -281,7 +283,22 @@ Type=oneshot
 RemainAfterExit=yes
 ExecStart=/bin/sh /run/openslx/writable-stage4.sh
 EOF
+    cat > /run/systemd/system/stage4-writable-watch.service << EOF
+[Unit]
+Description=stage4: warn before the writable layer is full
+DefaultDependencies=no
+ConditionPathExists=!/etc/initrd-release
+After=stage4-writable.service
+Before=shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Environment=STAGE4_WATCH_INTERVAL=${STAGE4_WATCH_INTERVAL:-5}
+ExecStart=/bin/sh /run/openslx/writable-watch.sh
+EOF
     ln -sf ../stage4-writable.service /run/systemd/system/multi-user.target.wants/stage4-writable.service
+    ln -sf ../stage4-writable-watch.service \
+        /run/systemd/system/multi-user.target.wants/stage4-writable-watch.service
 }
 
 # /dev/mapper/root over ORIGIN for revision IMAGE:RID, on the local partition if there is one, else in
