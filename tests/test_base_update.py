@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from stage4 import api, config
 from stage4.builders import base_image, bootstrap
 from stage4.context import Context
 from stage4.runner import Runner
-from tests.conftest import BuiltImage, make_config, run_dir, session_cache
+from tests.conftest import BuiltImage, full_matrix, make_config, run_dir, session_cache
 
 # What may differ between the updated tree and a bootstrap from scratch: state that records how the tree
 # came to be (dpkg's and debconf's backups of their databases), never what is installed.
@@ -129,36 +128,65 @@ def _copy_cache(source: Path, target: Path) -> None:
     subprocess.run(["cp", "-a", str(source / "initramfs"), str(target)], check=True)
 
 
+def _unexpected(found: dict) -> dict:
+    files = found["files"]
+    return {
+        "added": [p for p in files["added"] if p not in ALLOWED_FILE_DIFFERENCES],
+        "removed": [p for p in files["removed"] if p not in ALLOWED_FILE_DIFFERENCES],
+        "changed": {p: k for p, k in files["changed"].items() if p not in ALLOWED_FILE_DIFFERENCES},
+    }
+
+
+NO_DIFFERENCE = {"added": [], "removed": [], "changed": {}}
+
+
+def _update(folder: Path, cache: Path, packages: list[str], previous: str) -> tuple[config.Config, dict]:
+    cfg = make_config(folder, {"debian-12": {"distribution": "debian-12", "packages": packages}}, cache)
+    (built,) = api.build(cfg, ["debian-12"])
+    manifest = json.loads((built.image.parent / "base.json").read_text())
+    assert manifest["from"] == previous  # the fast path was taken
+    assert "update" in manifest["timings_seconds"] and "bootstrap" not in manifest["timings_seconds"]
+    report = api.inspect(built.image)
+    assert report.passed, report.problems()
+    return cfg, manifest
+
+
+@pytest.mark.slow
+def test_one_more_package_then_one_less_updates_the_kept_tree(
+    base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """CI's check: +tree from the fixture's kept tree, then -tree again, which must equal the fixture's
+    base (a bootstrap from scratch) file by file: the removal takes what only `tree` pulled in along."""
+    folder = run_dir(tmp_path_factory, "plus-minus-one")
+    cache = folder / "cache"
+    _copy_cache(session_cache(), cache)
+    _, plus = _update(folder, cache, ["tree"], base_image.manifest["identity"])
+    assert plus["packages"] == {**base_image.manifest["packages"], "tree": plus["packages"]["tree"]}
+    cfg, back = _update(folder, cache, [], plus["identity"])
+    assert back["identity"] == base_image.manifest["identity"]  # the identity is that of the inputs
+    found = api.diff(base_image.path, folder / "output" / "debian-12" / "base.qcow2", files=True)
+    assert found.get("packages") in (None, {"added": {}, "removed": {}, "changed": {}}), found.get("packages")
+    print(f"allowed differences: {found['files']}")
+    assert _unexpected(found) == NO_DIFFERENCE
+
+
+@full_matrix
 @pytest.mark.slow
 def test_one_more_package_equals_a_bootstrap_from_scratch(
     base_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """+tree from the kept tree against +tree bootstrapped from scratch (`--rebuild base`)."""
     folder = run_dir(tmp_path_factory, "plus-one")
     cache = folder / "cache"
     _copy_cache(session_cache(), cache)
-    cfg = make_config(folder, {"debian-12": {"distribution": "debian-12", "packages": ["tree"]}}, cache)
-    start = time.monotonic()
-    (updated,) = api.build(cfg, ["debian-12"])
-    update_seconds = time.monotonic() - start
-    manifest = json.loads((updated.image.parent / "base.json").read_text())
-    assert manifest["from"] == base_image.manifest["identity"]  # the fast path was taken
-    assert "update" in manifest["timings_seconds"] and "bootstrap" not in manifest["timings_seconds"]
+    cfg, manifest = _update(folder, cache, ["tree"], base_image.manifest["identity"])
     assert "tree" in manifest["packages"]
-    report = api.inspect(updated.image)
-    assert report.passed, report.problems()
-    shutil.copytree(updated.image.parent, folder / "updated")  # the rebuild below replaces it
-
+    shutil.copytree(folder / "output" / "debian-12", folder / "updated")  # the rebuild below replaces it
     (fresh,) = api.build(cfg, ["debian-12"], rebuild={"base"})
     fresh_manifest = json.loads((fresh.image.parent / "base.json").read_text())
     assert "from" not in fresh_manifest and "bootstrap" in fresh_manifest["timings_seconds"]
     assert fresh_manifest["identity"] == manifest["identity"]  # the identity is that of the inputs
     found = api.diff(folder / "updated" / "base.json", fresh.image.parent / "base.json", files=True)
     assert found.get("packages") in (None, {"added": {}, "removed": {}, "changed": {}}), found.get("packages")
-    files = found["files"]
-    unexpected = {
-        "added": [p for p in files["added"] if p not in ALLOWED_FILE_DIFFERENCES],
-        "removed": [p for p in files["removed"] if p not in ALLOWED_FILE_DIFFERENCES],
-        "changed": {p: k for p, k in files["changed"].items() if p not in ALLOWED_FILE_DIFFERENCES},
-    }
-    print(f"update {update_seconds:.1f} s; allowed differences: {files}")
-    assert unexpected == {"added": [], "removed": [], "changed": {}}, unexpected
+    print(f"allowed differences: {found['files']}")
+    assert _unexpected(found) == NO_DIFFERENCE

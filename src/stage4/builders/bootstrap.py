@@ -199,6 +199,22 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
     ]
     with runner.recording(work):  # for the cleanup after a killed build (stage4/workdirs.py)
         runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
+    settle_apt_dirs(rootfs)
+
+
+def settle_apt_dirs(rootfs: Path) -> None:
+    """apt's (empty) download folder for package lists belongs to _apt or to root depending on which apt
+    run touched it last (a bootstrap with a cold package cache left _apt, a warm one root); the same
+    owner whichever way the tree was made: _apt, as apt itself sets it."""
+    partial = rootfs / "var/lib/apt/lists/partial"
+    passwd = rootfs / "etc/passwd"
+    if not partial.is_dir() or not passwd.is_file():
+        return
+    for line in passwd.read_text(encoding="utf-8").splitlines():
+        fields = line.split(":")
+        if len(fields) > 3 and fields[0] == "_apt":
+            os.chown(partial, int(fields[2]), 0)
+            partial.chmod(0o700)
 
 
 # Apt as mmdebstrap runs it (its 00mmdebstrap and our --aptopt), for the update of a kept tree.
@@ -303,6 +319,7 @@ def update_tree(
                 runner.run(
                     ["umount", "--lazy", str(target)], step="update the kept tree (unmount)", check=False
                 )
+    settle_apt_dirs(rootfs)
     return added, removed
 
 
