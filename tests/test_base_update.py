@@ -69,18 +69,18 @@ def _path_taken(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> tuple[str, lis
 
     def scratch(*_args: object) -> None:
         seen.append(("scratch", None))
-        raise _Took
+        raise _Took("path taken")
 
     def update(plan, rootfs, work, cache_dir, runner, previous) -> None:
         assert rootfs.is_dir() and (rootfs / "etc").is_dir()  # the kept tree, moved into the work dir
         seen.append(("update", previous))
-        raise _Took
+        raise _Took("path taken")
 
     monkeypatch.setattr(bootstrap, "run_mmdebstrap", scratch)
     monkeypatch.setattr(bootstrap, "update_tree", update)
     work = ctx.cache_dir / "work" / "x-0123456789abcdef"
     work.mkdir(parents=True, exist_ok=True)
-    with pytest.raises(_Took):
+    with pytest.raises(_Took, match="path taken"):
         base_image._bootstrap_base(ctx, "b" * 64, work, {})
     return seen[0]
 
