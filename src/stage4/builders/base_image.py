@@ -250,9 +250,17 @@ def _bootstrap_base(
                 ),
                 timed(timings, "update"),
             ):
-                bootstrap.update_tree(plan, rootfs, work, ctx.cache_dir, ctx.runner, previous_packages)
-            (work / TREE_FROM).write_text(previous_id)
-        else:
+                updated = bootstrap.update_tree(
+                    plan, rootfs, work, ctx.cache_dir, ctx.runner, previous_packages
+                )
+            if updated is None:
+                display.info(f"{ctx.name}: the mirror has newer packages than the kept tree: bootstrap")
+                unmount_below(work)
+                remove_tree(rootfs)
+                kept = None
+            else:
+                (work / TREE_FROM).write_text(previous_id)
+        if kept is None:
             with (
                 display.step(f"{ctx.name}: bootstrap {plan.distribution.pretty_name}"),
                 timed(timings, "bootstrap"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stage4.distributions.apt import AptDistribution
+from stage4.errors import StepFailed
 from stage4.runner import Runner
 
 # Where the real dracut waits while packages install; /usr/bin/dracut missing makes the
@@ -225,6 +226,7 @@ UPDATE_APT_OPTIONS = (
     *(part for pattern in DPKG_EXCLUDES for part in ("-o", f"DPkg::Options::=--path-exclude={pattern}")),
     *(part for pattern in DPKG_INCLUDES for part in ("-o", f"DPkg::Options::=--path-include={pattern}")),
 )  # fmt: skip
+STALE = 75  # the update script's exit status when the mirror moved on since the kept tree was made
 # What mmdebstrap's cleanup/reproducible step removes (logs of this build, nothing of the system).
 BUILD_LOGS = (
     "/var/log/dpkg.log",
@@ -259,9 +261,12 @@ def update_script(added: list[str], removed: list[str]) -> str:
         chmod 0755 "$root/usr/sbin/policy-rc.d"
         in_root dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut
         apt update
+        # The mirror moved on since the tree was made (a new kernel, a security update): a fresh bootstrap
+        # would hold the new versions only; an upgrade of the kept tree could keep old ones (an old kernel
+        # beside the new). Give up; the caller bootstraps from scratch.
+        if in_root apt-get -s -q {options} upgrade | grep -q '^Inst '; then exit {STALE}; fi
         {"in_root apt-mark auto " + " ".join(map(shlex.quote, removed)) if removed else ":"}
         {"apt install " + " ".join(map(shlex.quote, added)) if added else ":"}
-        apt upgrade
         apt autoremove --purge
         apt -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=/dev/null update
         umount "$root/var/cache/apt/archives"
@@ -280,10 +285,11 @@ def update_tree(
     cache_dir: Path,
     runner: Runner,
     previous: list[str],
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str]] | None:
     """Bring the kept tree of an earlier bootstrap (same key, package list `previous`) in `rootfs` to this
     plan: the package difference, then the same files and customize script as a bootstrap from scratch.
-    Returns the packages added and removed."""
+    Returns the packages added and removed; None if the mirror has newer versions of the tree's packages
+    (then the tree is no base for this build: bootstrap from scratch)."""
     wanted = plan.packages()
     added = sorted(set(wanted) - set(previous))
     removed = sorted(set(previous) - set(wanted))
@@ -310,7 +316,15 @@ def update_tree(
                 runner.note("mount", target=str(target.resolve()))
                 runner.run(["mount", *args, str(target)], step="update the kept tree (mount)")
                 mounted.append(target)
-            runner.run(["sh", str(script), str(rootfs)], step="update the kept tree (apt)", env=env)
+            done = runner.run(
+                ["sh", str(script), str(rootfs)], step="update the kept tree (apt)", env=env, check=False
+            )
+            if done.returncode == STALE:
+                return None
+            if done.returncode != 0:
+                raise StepFailed(
+                    "update the kept tree (apt)", f"exit status {done.returncode}", runner.log_path
+                )
             mounted.remove(rootfs / "var/cache/apt/archives")  # the script unmounted it before apt-get clean
             runner.run(["cp", "-a", f"{staging}/.", f"{rootfs}/"], step="update the kept tree (files)")
             runner.run(["sh", str(customize), str(rootfs)], step="update the kept tree (customize)", env=env)
