@@ -101,6 +101,13 @@ def test_rebuild_base_bootstraps_from_scratch(tmp_path: Path, monkeypatch: pytes
     assert list((tmp_path / "cache" / "trees").glob("x-*/tree.json"))  # left for a later build
 
 
+def test_a_file_mirror_bootstraps_from_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = {"distribution": "debian-12", "mirror": f"file://{tmp_path}/mirror"}
+    _keep(_context(tmp_path, image), ["apt"])
+    ctx = _context(tmp_path, {**image, "packages": ["tree"]})
+    assert _path_taken(ctx, monkeypatch)[0] == "scratch"
+
+
 def test_another_tree_key_bootstraps_from_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _keep(_context(tmp_path, {"distribution": "debian-12"}), ["apt"])
     ctx = _context(tmp_path, {"distribution": "debian-12", "identifier": "system"})

@@ -239,7 +239,9 @@ def _bootstrap_base(
     if not (work / "rootfs.done").exists():
         remove_tree(rootfs)
         (work / TREE_FROM).unlink(missing_ok=True)
-        kept = None if "base" in ctx.rebuild else claim_kept_tree(ctx, plan, rootfs)
+        # A file:// mirror is visible to mmdebstrap's apt (outside the chroot), not to the chroot's.
+        local_mirror = any(" file:" in line for line in plan.sources())
+        kept = None if "base" in ctx.rebuild or local_mirror else claim_kept_tree(ctx, plan, rootfs)
         if kept is not None:
             previous_id, previous_packages = kept
             added, removed = _difference(plan.packages(), previous_packages)
