@@ -7,6 +7,7 @@ finished image, renamed into place after it was completely written.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from stage4.errors import MISSING, ConfigError, InputError, StepFailed
 from stage4.fsutil import (
     dir_size,
     file_facts,
+    mounts_below,
     place_atomically,
     remove_tree,
     temporary_sibling,
@@ -40,6 +42,7 @@ BASE_IMAGE = "base.qcow2"
 # Room for the filesystem's own metadata and for first-boot writes, on top of the files.
 ROOT_OVERHEAD = 1.15
 ROOT_SLACK = 128 << 20
+TREE_FROM = "rootfs.from"  # in the work directory: the base whose kept tree this one was updated from
 
 
 class PartitionFacts(TypedDict):
@@ -130,10 +133,14 @@ def build(ctx: Context, base_id: str) -> dict[str, object]:
             place_atomically(partial, target)
     finally:
         unmount_below(work)
+    updated_from = (work / TREE_FROM).read_text() if (work / TREE_FROM).exists() else None
+    if ctx.image.builder is BuilderKind.bootstrap:
+        keep_tree(ctx, bootstrap_plan(ctx), work / "rootfs", base_id)
     remove_tree(work)
     files = file_facts(ctx.image_dir, BASE_IMAGE)
     return {
         "inputs": identity_inputs(ctx),
+        **({"from": updated_from} if updated_from else {}),
         **facts,
         "image": {
             "file": BASE_IMAGE,
@@ -173,6 +180,56 @@ def _bootstrap_work_dir(ctx: Context) -> Path:
     return work
 
 
+def tree_key(plan: bootstrap.BootstrapPlan) -> str:
+    return identity_of(
+        "kept-tree", {**bootstrap.tree_key_inputs(plan), "recipe": source_digest(bootstrap, initramfs)}
+    )
+
+
+def _kept_tree_dir(ctx: Context, plan: bootstrap.BootstrapPlan) -> Path:
+    return ctx.cache_dir / "trees" / f"{ctx.name}-{tree_key(plan)[:16]}"
+
+
+def keep_tree(ctx: Context, plan: bootstrap.BootstrapPlan, rootfs: Path, base_id: str) -> None:
+    """Keep a finished base's root tree in the cache (moved, not copied), with the packages it was made
+    of: the next build of this image that differs only in its package list starts from it."""
+    if not rootfs.is_dir() or mounts_below(rootfs):
+        return
+    kept = _kept_tree_dir(ctx, plan)
+    _remove_stale_work(kept)  # one kept tree per image: those of older configs go
+    remove_tree(kept)
+    kept.mkdir(parents=True)
+    rootfs.rename(kept / "rootfs")
+    record = {"base": base_id, "packages": plan.packages()}
+    (kept / "tree.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def claim_kept_tree(
+    ctx: Context, plan: bootstrap.BootstrapPlan, rootfs: Path
+) -> tuple[str, list[str]] | None:
+    """Move the kept tree of this image's key (if any) to `rootfs`: its base identity and package list.
+    Claimed, not copied (this cache's file system has no reflinks): the build lock is per cache and image,
+    and a build that fails with it leaves no kept tree, so the next one bootstraps from scratch."""
+    kept = _kept_tree_dir(ctx, plan)
+    record_path = kept / "tree.json"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        base_id, packages = str(record["base"]), [str(p) for p in record["packages"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        record_path.unlink(missing_ok=True)  # claimed, or unreadable: either way no longer kept
+    if not (kept / "rootfs").is_dir():
+        return None
+    (kept / "rootfs").rename(rootfs)
+    remove_tree(kept)
+    return base_id, packages
+
+
+def _difference(wanted: list[str], previous: list[str]) -> tuple[list[str], list[str]]:
+    return sorted(set(wanted) - set(previous)), sorted(set(previous) - set(wanted))
+
+
 def _bootstrap_base(
     ctx: Context, base_id: str, work: Path, timings: dict[str, float]
 ) -> tuple[Path, DiskFacts]:
@@ -181,11 +238,36 @@ def _bootstrap_base(
     layout = disk.DiskLayout.plan(ctx.machine.disk_size, plan.identifier)
     if not (work / "rootfs.done").exists():
         remove_tree(rootfs)
-        with (
-            display.step(f"{ctx.name}: bootstrap {plan.distribution.pretty_name}"),
-            timed(timings, "bootstrap"),
-        ):
-            bootstrap.run_mmdebstrap(plan, rootfs, work, ctx.cache_dir, ctx.runner)
+        (work / TREE_FROM).unlink(missing_ok=True)
+        # A file:// mirror is visible to mmdebstrap's apt (outside the chroot), not to the chroot's.
+        local_mirror = any(" file:" in line for line in plan.sources())
+        kept = None if "base" in ctx.rebuild or local_mirror else claim_kept_tree(ctx, plan, rootfs)
+        if kept is not None:
+            previous_id, previous_packages = kept
+            added, removed = _difference(plan.packages(), previous_packages)
+            with (
+                display.step(
+                    f"{ctx.name}: update the kept tree of base {previous_id[:12]} "
+                    f"(packages: {' '.join([*('+' + p for p in added), *('-' + p for p in removed)])})"
+                ),
+                timed(timings, "update"),
+            ):
+                updated = bootstrap.update_tree(
+                    plan, rootfs, work, ctx.cache_dir, ctx.runner, previous_packages
+                )
+            if updated is None:
+                display.info(f"{ctx.name}: the mirror has newer packages than the kept tree: bootstrap")
+                unmount_below(work)
+                remove_tree(rootfs)
+                kept = None
+            else:
+                (work / TREE_FROM).write_text(previous_id)
+        if kept is None:
+            with (
+                display.step(f"{ctx.name}: bootstrap {plan.distribution.pretty_name}"),
+                timed(timings, "bootstrap"),
+            ):
+                bootstrap.run_mmdebstrap(plan, rootfs, work, ctx.cache_dir, ctx.runner)
         (work / "rootfs.done").touch()
     kernels = bootstrap.kernel_versions(rootfs)
     if not kernels:

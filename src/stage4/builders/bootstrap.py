@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stage4.distributions.apt import AptDistribution
+from stage4.errors import StepFailed
 from stage4.runner import Runner
 
 # Where the real dracut waits while packages install; /usr/bin/dracut missing makes the
@@ -199,6 +200,141 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
     ]
     with runner.recording(work):  # for the cleanup after a killed build (stage4/workdirs.py)
         runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
+    settle_apt_dirs(rootfs)
+
+
+def settle_apt_dirs(rootfs: Path) -> None:
+    """apt's (empty) download folder for package lists belongs to _apt or to root depending on which apt
+    run touched it last (a bootstrap with a cold package cache left _apt, a warm one root); the same
+    owner whichever way the tree was made: _apt, as apt itself sets it."""
+    partial = rootfs / "var/lib/apt/lists/partial"
+    passwd = rootfs / "etc/passwd"
+    if not partial.is_dir() or not passwd.is_file():
+        return
+    for line in passwd.read_text(encoding="utf-8").splitlines():
+        fields = line.split(":")
+        if len(fields) > 3 and fields[0] == "_apt":
+            os.chown(partial, int(fields[2]), 0)
+            partial.chmod(0o700)
+
+
+# Apt as mmdebstrap runs it (its 00mmdebstrap and our --aptopt), for the update of a kept tree.
+UPDATE_APT_OPTIONS = (
+    "-o", "Apt::Install-Recommends=false",
+    "-o", "Acquire::Languages=none",
+    "-o", "Acquire::Retries=3",
+    *(part for pattern in DPKG_EXCLUDES for part in ("-o", f"DPkg::Options::=--path-exclude={pattern}")),
+    *(part for pattern in DPKG_INCLUDES for part in ("-o", f"DPkg::Options::=--path-include={pattern}")),
+)  # fmt: skip
+STALE = 75  # the update script's exit status when the mirror moved on since the kept tree was made
+# What mmdebstrap's cleanup/reproducible step removes (logs of this build, nothing of the system).
+BUILD_LOGS = (
+    "/var/log/dpkg.log",
+    "/var/log/apt/history.log",
+    "/var/log/apt/term.log",
+    "/var/log/alternatives.log",
+    "/var/cache/ldconfig/aux-cache",
+    "/var/log/apt/eipp.log.xz",
+    "/var/lib/dbus/machine-id",
+)
+
+
+def tree_key_inputs(plan: BootstrapPlan) -> dict[str, object]:
+    """What a kept root tree depends on apart from its package list: a tree with the same key and another
+    package list is brought to the new list by installing and purging the difference."""
+    return {key: value for key, value in plan.tree_inputs().items() if key != "packages"}
+
+
+def update_script(added: list[str], removed: list[str]) -> str:
+    """Run with the tree as $1 (/proc, /sys, /dev and the package cache mounted): install `added`, let
+    `removed` go with what only they pulled in, leave no trace of the build host, as mmdebstrap does."""
+    options = " ".join(shlex.quote(option) for option in UPDATE_APT_OPTIONS)
+    return textwrap.dedent(f"""\
+        set -eu
+        root="$1"
+        export DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true
+        in_root() {{ chroot "$root" "$@"; }}
+        apt() {{ in_root apt-get -y -q {options} "$@"; }}
+        mv "$root/etc/resolv.conf" "$root/etc/resolv.conf.stage4-kept"
+        cat /etc/resolv.conf > "$root/etc/resolv.conf"
+        printf '#!/bin/sh\\nexit 101\\n' > "$root/usr/sbin/policy-rc.d"
+        chmod 0755 "$root/usr/sbin/policy-rc.d"
+        in_root dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut
+        apt update
+        # The mirror moved on since the tree was made (a new kernel, a security update): a fresh bootstrap
+        # would hold the new versions only; an upgrade of the kept tree could keep old ones (an old kernel
+        # beside the new). Give up; the caller bootstraps from scratch.
+        if in_root apt-get -s -q {options} upgrade | grep -q '^Inst '; then exit {STALE}; fi
+        {"in_root apt-mark auto " + " ".join(map(shlex.quote, removed)) if removed else ":"}
+        {"apt install " + " ".join(map(shlex.quote, added)) if added else ":"}
+        apt autoremove --purge
+        apt -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=/dev/null update
+        umount "$root/var/cache/apt/archives"
+        in_root apt-get clean
+        rm -rf "$root/var/lib/apt/lists/auxfiles"
+        for log in {" ".join(BUILD_LOGS)}; do rm -f "$root$log"; done
+        rm -f "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"
+        mv "$root/etc/resolv.conf.stage4-kept" "$root/etc/resolv.conf"
+        """)
+
+
+def update_tree(
+    plan: BootstrapPlan,
+    rootfs: Path,
+    work: Path,
+    cache_dir: Path,
+    runner: Runner,
+    previous: list[str],
+) -> tuple[list[str], list[str]] | None:
+    """Bring the kept tree of an earlier bootstrap (same key, package list `previous`) in `rootfs` to this
+    plan: the package difference, then the same files and customize script as a bootstrap from scratch.
+    Returns the packages added and removed; None if the mirror has newer versions of the tree's packages
+    (then the tree is no base for this build: bootstrap from scratch)."""
+    wanted = plan.packages()
+    added = sorted(set(wanted) - set(previous))
+    removed = sorted(set(previous) - set(wanted))
+    staging = work / "staging"
+    stage_files(plan, staging)
+    script, customize = work / "update.sh", work / "customize.sh"
+    script.write_text(update_script(added, removed), encoding="utf-8")
+    customize.write_text(customize_script(cache_dir / "initramfs"), encoding="utf-8")
+    apt_cache = cache_dir / "apt" / plan.distribution.name
+    apt_cache.mkdir(parents=True, exist_ok=True)
+    mounts = (
+        (["-t", "proc", "proc"], "proc"),
+        (["-t", "sysfs", "sysfs"], "sys"),
+        (["--bind", "/dev"], "dev"),
+        (["--bind", str(apt_cache)], "var/cache/apt/archives"),
+    )
+    env = {"LC_ALL": "C.UTF-8"}
+    with runner.recording(work):  # for the cleanup after a killed build (stage4/workdirs.py)
+        mounted: list[Path] = []
+        try:
+            for args, relative in mounts:
+                target = rootfs / relative
+                target.mkdir(parents=True, exist_ok=True)
+                runner.note("mount", target=str(target.resolve()))
+                runner.run(["mount", *args, str(target)], step="update the kept tree (mount)")
+                mounted.append(target)
+            done = runner.run(
+                ["sh", str(script), str(rootfs)], step="update the kept tree (apt)", env=env, check=False
+            )
+            if done.returncode == STALE:
+                return None
+            if done.returncode != 0:
+                raise StepFailed(
+                    "update the kept tree (apt)", f"exit status {done.returncode}", runner.log_path
+                )
+            mounted.remove(rootfs / "var/cache/apt/archives")  # the script unmounted it before apt-get clean
+            runner.run(["cp", "-a", f"{staging}/.", f"{rootfs}/"], step="update the kept tree (files)")
+            runner.run(["sh", str(customize), str(rootfs)], step="update the kept tree (customize)", env=env)
+        finally:
+            for target in reversed(mounted):
+                runner.run(
+                    ["umount", "--lazy", str(target)], step="update the kept tree (unmount)", check=False
+                )
+    settle_apt_dirs(rootfs)
+    return added, removed
 
 
 def kernel_versions(rootfs: Path) -> list[str]:
