@@ -201,6 +201,30 @@ def test_clean_removes_a_work_dir_kept_for_resuming(cache: Path) -> None:
     assert not work.exists()
 
 
+def test_clean_cache_removes_the_caches_kept_between_builds(cache: Path) -> None:
+    # The package cache and a base's kept root tree (what a package-list change starts from) go; the
+    # image's work lock stays.
+    kept = {"apt/debian-12/tree_2.1.0-1_amd64.deb": 1 << 20, "trees/debian-12-0123456789abcdef/tree.json": 10}
+    for relative, size in kept.items():
+        (cache / relative).parent.mkdir(parents=True, exist_ok=True)
+        (cache / relative).write_bytes(os.urandom(size))
+    (cache / "work").mkdir()
+    lock = workdirs.lock_file(cache, NAME)
+    lock.touch()
+    result = subprocess.run(
+        [STAGE4, "-c", str(project_file(cache.parent, cache)), "clean", "--cache", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    removed = {Path(r["path"]).name: r for r in json.loads(result.stdout)["removed"]}
+    assert set(removed) == {"apt", "trees"}, removed
+    assert removed["apt"]["bytes"] >= 1 << 20
+    assert not (cache / "apt").exists() and not (cache / "trees").exists() and lock.exists()
+
+
 @pytest.mark.parametrize("hold_lock", [True, False], ids=["holds-the-lock", "attached-elsewhere"])
 def test_clean_leaves_a_live_build_alone(cache: Path, hold_lock: bool) -> None:
     # The build lock is the first guard; a live owner's open scope the second (a build that holds no lock).

@@ -97,7 +97,7 @@ def clean(
     config: Config, images: list[str] | None = None, cache: bool = False, debug: bool = False
 ) -> workdirs.CleanReport:
     """Remove the work directories that no running build holds (releasing what a killed build left attached);
-    with `cache` also the caches kept between builds (packages, initramfs images, probe kernel)."""
+    with `cache` also the caches kept between builds (packages, initramfs images, probe kernel, trees)."""
     with _runner(None, debug) as runner:
         return workdirs.clean(config.build.cache_dir, images, runner, shared_caches=cache)
 

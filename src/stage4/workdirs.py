@@ -41,8 +41,9 @@ KILL_WAIT_SECONDS = 15
 _WORK_DIR = re.compile(r"^(?P<image>.+)-(?:layers-[0-9a-f]{12}|[0-9a-f]{16})$")
 # Partial files of temporary_sibling and the layers' artifact swap: .<name>.partial-<pid>, .<name>.old-<pid>.
 _PARTIAL = re.compile(r"^\..+\.(?:partial|old)-(?P<pid>[0-9]+)$")
-# The caches kept between builds, shared by all images (`stage4 clean --cache`).
-SHARED_CACHES = ("apt", "initramfs", "probe", "packer", "accelerator.json")
+# The caches kept between builds (`stage4 clean --cache`): shared by all images, and the bases' kept root
+# trees (one per image, builders/base_image.py).
+SHARED_CACHES = ("apt", "initramfs", "probe", "packer", "accelerator.json", "trees")
 
 
 # --- the image's owner record and build lock ------------------------------------------------------------

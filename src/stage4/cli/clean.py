@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     "--cache",
     is_flag=True,
     help="also remove the caches kept between builds, shared by all images (downloaded packages, "
-    "initramfs images, the accelerator probe)",
+    "initramfs images, the accelerator probe, the bases' kept root trees)",
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
