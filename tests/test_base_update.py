@@ -126,14 +126,16 @@ def test_removed_packages_go_with_what_only_they_pulled_in() -> None:
     assert 'rm -f "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"' in script
 
 
-def _copy_cache(source: Path, target: Path) -> None:
-    """The session cache's kept tree, packages and initramfs images, for a cache of this test's own
-    (another test of the session building debian-12 with another package list would claim the tree)."""
+def _copy_cache(source: Path, target: Path) -> str:
+    """The session cache's kept tree of debian-12 (not debian-12-xfs's), packages and initramfs images, for
+    a cache of this test's own; the identity of the base the tree was kept from (the fixture's, unless
+    another test of the session built debian-12 with another package list since)."""
     (target / "trees").mkdir(parents=True)
-    (kept,) = (source / "trees").glob("debian-12-*")
+    (kept,) = (source / "trees").glob("debian-12-" + "[0-9a-f]" * 16)
     subprocess.run(["cp", "-a", "--reflink=auto", str(kept), str(target / "trees")], check=True)
     subprocess.run(["cp", "-al", str(source / "apt"), str(target)], check=True)
     subprocess.run(["cp", "-a", str(source / "initramfs"), str(target)], check=True)
+    return json.loads((kept / "tree.json").read_text())["base"]
 
 
 def _unexpected(found: dict) -> dict:
@@ -167,8 +169,8 @@ def test_one_more_package_then_one_less_updates_the_kept_tree(
     base (a bootstrap from scratch) file by file: the removal takes what only `tree` pulled in along."""
     folder = run_dir(tmp_path_factory, "plus-minus-one")
     cache = folder / "cache"
-    _copy_cache(session_cache(), cache)
-    _, plus = _update(folder, cache, ["tree"], base_image.manifest["identity"])
+    kept_from = _copy_cache(session_cache(), cache)
+    _, plus = _update(folder, cache, ["tree"], kept_from)
     assert plus["packages"] == {**base_image.manifest["packages"], "tree": plus["packages"]["tree"]}
     cfg, back = _update(folder, cache, [], plus["identity"])
     assert back["identity"] == base_image.manifest["identity"]  # the identity is that of the inputs
@@ -186,8 +188,8 @@ def test_one_more_package_equals_a_bootstrap_from_scratch(
     """+tree from the kept tree against +tree bootstrapped from scratch (`--rebuild base`)."""
     folder = run_dir(tmp_path_factory, "plus-one")
     cache = folder / "cache"
-    _copy_cache(session_cache(), cache)
-    cfg, manifest = _update(folder, cache, ["tree"], base_image.manifest["identity"])
+    kept_from = _copy_cache(session_cache(), cache)
+    cfg, manifest = _update(folder, cache, ["tree"], kept_from)
     assert "tree" in manifest["packages"]
     shutil.copytree(folder / "output" / "debian-12", folder / "updated")  # the rebuild below replaces it
     (fresh,) = api.build(cfg, ["debian-12"], rebuild={"base"})
