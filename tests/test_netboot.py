@@ -538,6 +538,7 @@ def test_a_persistent_layer_survives_the_next_boot(published: dict) -> None:
         stage4(
             published["project"], "export", image, "--store", store, "--name", NAME, "--server", "192.0.2.10"
         )
+    (work / "persist-disk").mkdir()
     disk = local_disk.prepare("4G", local_disk.DEFAULT_IDENTIFIER, True, work / "persist-disk", Runner()).path
 
     def boot(rid: int, *options: str) -> subprocess.CompletedProcess:
