@@ -226,10 +226,6 @@ def claim_kept_tree(
     return base_id, packages
 
 
-def _difference(wanted: list[str], previous: list[str]) -> tuple[list[str], list[str]]:
-    return sorted(set(wanted) - set(previous)), sorted(set(previous) - set(wanted))
-
-
 def _bootstrap_base(
     ctx: Context, base_id: str, work: Path, timings: dict[str, float]
 ) -> tuple[Path, DiskFacts]:
@@ -244,7 +240,7 @@ def _bootstrap_base(
         kept = None if "base" in ctx.rebuild or local_mirror else claim_kept_tree(ctx, plan, rootfs)
         if kept is not None:
             previous_id, previous_packages = kept
-            added, removed = _difference(plan.packages(), previous_packages)
+            added, removed = bootstrap.package_difference(plan.packages(), previous_packages)
             with (
                 display.step(
                     f"{ctx.name}: update the kept tree of base {previous_id[:12]} "
@@ -255,7 +251,7 @@ def _bootstrap_base(
                 updated = bootstrap.update_tree(
                     plan, rootfs, work, ctx.cache_dir, ctx.runner, previous_packages
                 )
-            if updated is None:
+            if not updated:
                 display.info(f"{ctx.name}: the mirror has newer packages than the kept tree: bootstrap")
                 unmount_below(work)
                 remove_tree(rootfs)

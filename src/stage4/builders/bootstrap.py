@@ -278,6 +278,11 @@ def update_script(added: list[str], removed: list[str]) -> str:
         """)
 
 
+def package_difference(wanted: list[str], previous: list[str]) -> tuple[list[str], list[str]]:
+    """The packages to add and to remove to bring a tree of `previous` to `wanted`."""
+    return sorted(set(wanted) - set(previous)), sorted(set(previous) - set(wanted))
+
+
 def update_tree(
     plan: BootstrapPlan,
     rootfs: Path,
@@ -285,14 +290,12 @@ def update_tree(
     cache_dir: Path,
     runner: Runner,
     previous: list[str],
-) -> tuple[list[str], list[str]] | None:
+) -> bool:
     """Bring the kept tree of an earlier bootstrap (same key, package list `previous`) in `rootfs` to this
     plan: the package difference, then the same files and customize script as a bootstrap from scratch.
-    Returns the packages added and removed; None if the mirror has newer versions of the tree's packages
-    (then the tree is no base for this build: bootstrap from scratch)."""
-    wanted = plan.packages()
-    added = sorted(set(wanted) - set(previous))
-    removed = sorted(set(previous) - set(wanted))
+    False if the mirror has newer versions of the tree's packages (then the tree is no base for this
+    build: bootstrap from scratch)."""
+    added, removed = package_difference(plan.packages(), previous)
     staging = work / "staging"
     stage_files(plan, staging)
     script, customize = work / "update.sh", work / "customize.sh"
@@ -320,7 +323,7 @@ def update_tree(
                 ["sh", str(script), str(rootfs)], step="update the kept tree (apt)", env=env, check=False
             )
             if done.returncode == STALE:
-                return None
+                return False
             if done.returncode != 0:
                 raise StepFailed(
                     "update the kept tree (apt)", f"exit status {done.returncode}", runner.log_path
@@ -334,7 +337,7 @@ def update_tree(
                     ["umount", "--lazy", str(target)], step="update the kept tree (unmount)", check=False
                 )
     settle_apt_dirs(rootfs)
-    return added, removed
+    return True
 
 
 def kernel_versions(rootfs: Path) -> list[str]:
