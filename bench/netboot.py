@@ -9,7 +9,8 @@ on the same accelerator with the same kernel and initramfs:
 1. revision 1 as a client with the RAM layer (`stage4 netboot`: HTTP + DNBD3 through qemu's user network,
    xloop, dm snapshot in zram), with the local-disk layer (`--local-disk 4G`: a thin snapshot in a thin
    pool on a virtio disk), and from the local prod file (`stage4 boot --kernel --initrd`,
-   root=PARTLABEL on a virtio disk). Prints the times to the userspace marker and the ratios netboot/local
+   root=PARTLABEL on a virtio disk), each --rounds times in A-B-C, C-B-A order. Prints the median times
+   to the userspace marker (and every run's) and the ratios of the medians netboot/local
    (target <= 1.2) and disk layer/RAM layer (target <= 1.05), and the bytes the client read over DNBD3
    until the marker against the image size (target <= 30 %).
 2. revision 2 on the disk layer and on the RAM layer: the sequential write throughput in the guest
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -98,6 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", type=Path, default=Path("stage4.toml"), help="project file")
     parser.add_argument("image", help="a layered image of the project file")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="boots of each variant (TCG boot times vary by +-25 %%)"
+    )
     args = parser.parse_args()
     output = stage4(args.config, "build", args.image)
     prod = Path(output.split(": ", 1)[1].split(" (")[0])
@@ -115,24 +120,29 @@ def main() -> None:
         def netboot(rid: int, *options: object) -> str:
             return stage4(args.config, "netboot", store, NAME, "--rid", rid, *options)
 
-        ram, _ = timed("netboot, RAM layer (whole command)", lambda: netboot(1))
-        disk, _ = timed("netboot, local-disk layer (whole command)", lambda: netboot(1, "--local-disk", "4G"))
-        local, _ = timed(
-            "stage4 boot --kernel --initrd (whole command)",
-            lambda: stage4(
+        variants = {
+            "RAM layer": lambda: netboot(1),
+            "local-disk layer": lambda: netboot(1, "--local-disk", "4G"),
+            "local boot": lambda: stage4(
                 args.config, "boot", prod, "--kernel", boot / "kernel.r1", "--initrd", boot / "initrd.r1"
             ),
-        )
+        }
+        outputs: dict[str, list[str]] = {label: [] for label in variants}
+        for round_ in range(args.rounds):
+            # A-B-C then C-B-A: a drift of the machine's speed during the run hits every variant alike.
+            for label in list(variants) if round_ % 2 == 0 else reversed(variants):
+                output, _ = timed(f"round {round_ + 1}: {label} (whole command)", variants[label])
+                outputs[label].append(output)
         disk_write, _ = timed(
             "netboot r2 with the write, local-disk layer", lambda: netboot(2, "--local-disk", "4G")
         )
         ram_write, _ = timed("netboot r2 with the write, RAM layer", lambda: netboot(2))
-    ram_s, disk_s, local_s = marker_seconds(ram), marker_seconds(disk), marker_seconds(local)
-    read = int(re.search(r"read (\d+) bytes", ram)[1])
-    print(
-        f"time to the userspace marker: netboot {ram_s:.0f} s (RAM layer), {disk_s:.0f} s (local-disk "
-        f"layer), local boot {local_s:.0f} s"
-    )
+    seconds = {label: [marker_seconds(output) for output in runs] for label, runs in outputs.items()}
+    ram_s, disk_s, local_s = (statistics.median(seconds[label]) for label in variants)
+    read = statistics.median(int(re.search(r"read (\d+) bytes", out)[1]) for out in outputs["RAM layer"])
+    print(f"time to the userspace marker, median of {args.rounds} (all runs):")
+    for label, runs in seconds.items():
+        print(f"  {label}: {statistics.median(runs):.0f} s ({', '.join(f'{s:.0f}' for s in runs)})")
     print(f"  netboot (RAM layer) / local boot: {ram_s / local_s:.2f} (target <= 1.2)")
     print(f"  local-disk layer / RAM layer: {disk_s / ram_s:.2f} (target <= 1.05)")
     print(

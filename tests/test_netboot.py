@@ -111,6 +111,12 @@ def test_relay_counts_what_the_client_reads(tmp_path: Path) -> None:
             with Client.open(f"127.0.0.1:{relay.port}", "stage4/img.qcow2", 1, timeout=10) as client:
                 assert client.read(0, 4096)[:4] == b"QFI\xfb"
                 client.read(4096, 8192)
+                with relay._lock:
+                    relayed = list(relay._sockets)
+                # Both ends send without Nagle's delay: with it, the tail of each reply waited for a
+                # delayed ACK (40 ms per DNBD3 request in a netboot).
+                assert len(relayed) == 2
+                assert all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in relayed)
             # reply headers (16 bytes each) and payloads: handshake + 4096 + 8192
             assert relay.bytes_to_guest > 4096 + 8192
             assert relay.bytes_to_guest < 4096 + 8192 + 200
