@@ -66,6 +66,22 @@ def test_bootif_names_the_boot_nic_as_stage_3_reads_it() -> None:
     assert nics == ["socket,listen=127.0.0.1:9", "user,mac=x"]
 
 
+def test_guests_reach_only_their_forwards() -> None:
+    """restrict=on: neither a booted nor a netbooted guest has NAT to the host's networks (its DNS, NTP
+    or apt would leave the machine); a netbooted one reaches its forwards to 127.0.0.1 only."""
+    argv = qemu.build_argv(qemu.BootSpec(None, "tcg", 1, 512, Path("log")), "nonce")
+    assert [argv[i + 1] for i, arg in enumerate(argv) if arg == "-nic"] == [
+        "user,model=virtio-net-pci,restrict=on"
+    ]
+    relay = guest_network.Relay(("127.0.0.1", 9))
+    try:
+        nic = netboot.Forwards(relay, [relay], Path("bridge.py")).nic()
+    finally:
+        relay.close()
+    user, *forwards = nic.split(",guestfwd=")
+    assert user.endswith(",restrict=on") and len(forwards) == 2, nic
+
+
 def test_ipxe_entry_errors_are_one_line() -> None:
     with pytest.raises(InputError, match="needs a 'kernel URL ARGS...' and an 'initrd URL' line"):
         netboot.parse_ipxe("#!ipxe\nboot\n", "ipxe.r3")

@@ -248,7 +248,7 @@ class Forwards:
                 command = command.replace(",", ",,")  # qemu's option syntax
             return f"guestfwd=tcp:{address}:{port}-cmd:{command}"
 
-        parts = [f"user,model=virtio-net-pci,mac={BOOT_MAC},restrict=off", forward(HTTP_GUEST, 80, self.http)]
+        parts = [f"user,model=virtio-net-pci,mac={BOOT_MAC},restrict=on", forward(HTTP_GUEST, 80, self.http)]
         parts += [
             forward(address, DEFAULT_PORT, relay)
             for address, relay in zip(guest_servers(len(self.dnbd3)), self.dnbd3, strict=True)

@@ -45,7 +45,9 @@ class BootSpec:
     writable: bool = False
     timeout: float = 600
     firmware: str = "bios"
-    nic: str = "user,model=virtio-net-pci"  # the -nic option (a network boot adds its forwards)
+    # The -nic option (a network boot adds its forwards). restrict=on: the guest reaches nothing but the
+    # forwards (no NAT to the host's networks: a booted image's DNS, NTP or apt stays inside qemu).
+    nic: str = "user,model=virtio-net-pci,restrict=on"
     other_nics: tuple[
         str, ...
     ] = ()  # -nic options of NICs before that one (a network boot: one without DHCP)
