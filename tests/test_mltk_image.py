@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from stage4 import api
-from stage4.errors import ConfigError
+from stage4.boot import qemu
+from stage4.errors import ConfigError, StepFailed
 from stage4.provisioning.source_cache import SourceCache
 from stage4.runner import Runner
 from tests.conftest import FIXTURES, BuiltImage, full_matrix, session_cache, variant
@@ -179,12 +180,35 @@ def test_public_modules_runtime(fixture_image) -> None:
     ] == ["*"]
 
 
+def test_failed_module_units_fail_the_boot() -> None:
+    """What a boot makes of the marker's unit report (fast; the image test boots the real one)."""
+    spec = qemu.BootSpec(None, "tcg", 1, 512, Path("serial.log"))
+    report = (
+        "[   76.3] STAGE4-MLTK-UNITS haveged.service=active/success stage4-greeter.service=inactive/success"
+    )
+    assert qemu.check_module_units(["x", report], spec) == {
+        "haveged.service": "active/success",
+        "stage4-greeter.service": "inactive/success",
+    }
+    assert qemu.check_module_units(["no report"], spec) == {}
+    broken = (
+        "STAGE4-MLTK-UNITS haveged.service=active/success zram-swap.service=failed/exit-code "
+        "x.service=active/timeout"
+    )
+    with pytest.raises(
+        StepFailed,
+        match=r"units did not all start: zram-swap.service is failed/exit-code, x.service is active/timeout",
+    ):
+        qemu.check_module_units([broken], spec)
+
+
 def test_module_units_run_at_boot(fixture_image) -> None:
     _, dev, _, (cfg, image), upstream = fixture_image
     started = time.monotonic()
     booted = api.boot(cfg, image, via="kernel", timeout=600)
     print(f"boot to the marker: {time.monotonic() - started:.1f} s")
     states = unit_states(booted.serial_log)
+    assert booted.module_units == states
     assert list(states) == dev["artifacts"]["mltk"]["units"]
     # The greeter is a oneshot that exits; haveged runs on; zram-swap's oneshot remains after exit.
     assert states.pop("stage4-greeter.service") == "inactive/success", states

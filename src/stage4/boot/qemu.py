@@ -14,7 +14,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stage4.boot import screen
@@ -30,6 +30,8 @@ ESCAPES = re.compile(
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 # Printed by a desktop image's marker (the stage4_desktop role) before the marker line itself.
 DISPLAY_MANAGER = re.compile(r"STAGE4-DISPLAY-MANAGER (?P<unit>\S+) (?P<state>\S+)")
+# The marker's report on the units mltk modules enabled (NAME=ActiveState/Result ...), see mltk-units.sh.
+MODULE_UNITS = re.compile(r"STAGE4-MLTK-UNITS(?P<units>( \S+=\S+)*)\s*$")
 
 
 @dataclass
@@ -67,6 +69,7 @@ class BootResult:
     powered_off: bool
     display_manager: str | None = None  # the active display manager's unit, on desktop images
     screenshot_colours: int | None = None
+    module_units: dict[str, str] = field(default_factory=dict)  # mltk images: unit -> ActiveState/Result
 
 
 def _format(image: Path) -> str:
@@ -152,6 +155,7 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
             )
             raise StepFailed("boot", f"{why}; last console lines: {tail[-800:]}", spec.serial_log)
         display_manager = check_display_manager(list(process.lines), spec)
+        module_units = check_module_units(list(process.lines), spec)
         colours = None
         if spec.screenshot is not None:
             colours = screen.capture(Path(tmp) / "qmp.sock", spec.screenshot)
@@ -161,8 +165,27 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
             time.sleep(0.5)
         powered_off = not process.running()
     return BootResult(
-        seen_at, spec.accelerator, spec.serial_log, nonce, powered_off, display_manager, colours
+        seen_at, spec.accelerator, spec.serial_log, nonce, powered_off, display_manager, colours, module_units
     )
+
+
+def check_module_units(lines: list[str], spec: BootSpec) -> dict[str, str]:
+    """The units of an mltk image's modules as its marker reported them; a boot fails when one failed
+    (ActiveState failed, or a Result other than success), naming each such unit."""
+    found = [match for match in map(MODULE_UNITS.search, lines) if match]
+    if not found:
+        return {}
+    states = dict(word.split("=", 1) for word in found[-1]["units"].split())
+    broken = [
+        f"{unit} is {state}"
+        for unit, state in states.items()
+        if state.startswith("failed/") or not state.endswith("/success")
+    ]
+    if broken:
+        raise StepFailed(
+            "boot", f"the mltk modules' units did not all start: {', '.join(broken)}", spec.serial_log
+        )
+    return states
 
 
 def check_display_manager(lines: list[str], spec: BootSpec) -> str | None:
