@@ -154,8 +154,9 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
                 else f"no userspace marker within {spec.timeout:.0f} s"
             )
             raise StepFailed("boot", f"{why}; last console lines: {tail[-800:]}", spec.serial_log)
-        display_manager = check_display_manager(list(process.lines), spec)
-        module_units = check_module_units(list(process.lines), spec)
+        lines = list(process.lines)  # what the guest printed up to its marker: both reports are before it
+        display_manager = check_display_manager(lines, spec)
+        module_units = check_module_units(lines, spec)
         colours = None
         if spec.screenshot is not None:
             colours = screen.capture(Path(tmp) / "qmp.sock", spec.screenshot)
