@@ -2,7 +2,8 @@
 
 One image from the fixture tree (tests/fixtures/mltk: stage4-greeter requires stage4-hello, which compiles
 a C program; the greeter has data/ with a systemd unit and a content package; stage4-helpers calls the
-driver's helpers, module_init and chroot_run in dev, copy_kernel in prod) and, where stage4's source cache
+driver's helpers, module_init and chroot_run in dev, copy_kernel in prod; stage4-download downloads inside
+both layers, served from the source cache this test seeds) and, where stage4's source cache
 holds the public mltk, its modules haveged, zram-swap (an ash script) and demo-user (the useradd wrapper)
 copied beside them: checked in the flattened prod image with debugfs on a raw copy (a tool stage4 did not
 write), then booted once: the units the modules enabled must be active, or have exited with success, as
@@ -36,6 +37,7 @@ MLTK_GIT = "https://github.com/bwLehrpool/mltk.git"
 DMIDECODE_GIT = "https://git.savannah.nongnu.org/git/dmidecode.git"  # system-uuid -> dmidecode's REQUIRED_GIT
 NAME = "debian-12"
 UPSTREAM_MODULES = ["haveged", "zram-swap", "demo-user"]
+DOWNLOADS = "https://downloads.stage4-fixture.invalid"
 UNITS = re.compile(r"STAGE4-MLTK-UNITS(?P<units>( \S+=\S+)*)\s*$")
 pytestmark = pytest.mark.slow
 
@@ -72,6 +74,22 @@ def public_mltk(folder: Path) -> Path | None:
     return folder
 
 
+def seed_downloads(cache: SourceCache, folder: Path) -> None:
+    """What stage4-download fetches inside the layers: a tarball, a file and a git repository."""
+    (folder / "greeting").write_text("greeting 1 from the source cache\n")
+    subprocess.run(["tar", "-C", folder, "-czf", folder / "greeting.tar.gz", "greeting"], check=True)
+    cache.import_download(f"{DOWNLOADS}/greeting-1.tar.gz", folder / "greeting.tar.gz")
+    (folder / "post-copy.txt").write_text("post_copy's download\n")
+    cache.import_download(f"{DOWNLOADS}/post-copy.txt", folder / "post-copy.txt")
+    repo = folder / "stage4-tool"
+    repo.mkdir()
+    (repo / "README").write_text("stage4 tool\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    for argv in (["init", "-q"], ["add", "README"], ["commit", "-qm", "tool"]):
+        subprocess.run(["git", "-C", repo, *argv], check=True, env={**env, "GIT_COMMITTER_EMAIL": "t@t"})
+    cache.import_git("https://git.stage4-fixture.invalid/stage4-tool.git", "HEAD", repo, Runner())
+
+
 def unit_states(serial_log: Path) -> dict[str, str]:
     """The marker's report: each unit the modules enabled with its ActiveState/Result."""
     found = [UNITS.search(line) for line in serial_log.read_text(errors="replace").splitlines()]
@@ -92,9 +110,10 @@ def fixture_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFacto
     upstream = public_mltk(tmp_path_factory.mktemp("mltk-public") / "mltk")
     for module in UPSTREAM_MODULES if upstream else []:
         shutil.copytree(upstream / "core/modules" / module, tree / "core/modules" / module, symlinks=True)
-    modules = ["stage4-greeter", "stage4-helpers", *(UPSTREAM_MODULES if upstream else [])]
+    modules = ["stage4-greeter", "stage4-helpers", "stage4-download", *(UPSTREAM_MODULES if upstream else [])]
     folder = tmp_path_factory.mktemp("mltk")
     cfg = mltk_image(base_image, folder, {"source": {"path": str(tree)}, "modules": modules})
+    seed_downloads(SourceCache(cfg.build.cache_dir), tmp_path_factory.mktemp("mltk-downloads"))
     image, dev, prod = build(cfg)
     fs = Debugfs(image, tmp_path_factory.mktemp("mltk-raw"))
     yield fs, dev, prod, (cfg, image), bool(upstream)
@@ -105,7 +124,7 @@ def test_fixture_modules_land_in_prod(fixture_image) -> None:
     fs, dev, prod, _, upstream = fixture_image
     mltk = dev["artifacts"]["mltk"]
     # the dependency first
-    assert mltk["modules"][:3] == ["stage4-hello", "stage4-greeter", "stage4-helpers"]
+    assert mltk["modules"][:4] == ["stage4-hello", "stage4-greeter", "stage4-helpers", "stage4-download"]
     assert mltk["content_packages"] == (["haveged", "tree"] if upstream else ["tree"])
     # The compiled binary (collected from the build tree) and the REQUIRED_FILES entry; nothing else of it.
     assert fs.stat("/usr/local/bin/stage4-mltk-hello")["mode"] == "0755"
@@ -144,6 +163,12 @@ def test_fixture_modules_land_in_prod(fixture_image) -> None:
     assert fs.cat(f"{helpers}/init").strip() == "module_init: tree=none conf=[]"
     assert fs.cat(f"{helpers}/chroot").strip() == "chroot: module_init: tree=none conf=[]"
     assert "stage4-fixture-user:" in fs.cat("/etc/passwd")
+    # Downloads inside the layers came from stage4's source cache: download_untar and git clone in dev,
+    # post_copy's wget in prod (from what the dev result carried); none of it stayed in the image.
+    share = "/usr/local/share/stage4-download"
+    assert fs.cat(f"{share}/greeting") == "greeting 1 from the source cache\n"
+    assert fs.cat(f"{share}/README") == "stage4 tool\n"
+    assert fs.cat(f"{share}/post-copy") == "post_copy's download\n"
     # stage 3 writes over this one at netboot; mltk's scripts read it.
     assert fs.stat("/opt/openslx/config")["type"] == "regular" and fs.cat("/opt/openslx/config") == ""
 
@@ -153,7 +178,7 @@ def test_public_modules_runtime(fixture_image) -> None:
     if not upstream:
         require_git(session_cache(), MLTK_GIT)  # skips, saying how to seed the source cache
     mltk = dev["artifacts"]["mltk"]
-    assert mltk["modules"][3:] == UPSTREAM_MODULES
+    assert mltk["modules"][4:] == UPSTREAM_MODULES
     assert mltk["units"] == ["haveged.service", "stage4-greeter.service", "zram-swap.service"]
     # zram-swap's script is an ash script: busybox's ash, recorded by dev, provided by prod.
     assert mltk["ash"] is True

@@ -178,8 +178,9 @@ def reasons_tree(tmp_path: Path) -> Path:
 
 REASONS = {
     "uses-frobnicate": "module.build calls frobnicate, which stage4's mltk driver lacks",
-    "downloads": "module.build downloads inside the layer (download); stage4 fetches only REQUIRED_GIT, "
-    "on the host",
+    "downloads": "module.build downloads inside the layer (download) from "
+    "https://example.invalid/x.tar.gz..., and stage4's source cache has nothing there: seed each URL "
+    "with `stage4 sources import URL FILE --download` (git: `--ref REF DIR`)",
     "lacks-package": "debian-12 has no package no-such-package (checked against 2 package indexes of "
     "debian-12 in {cache}/apt-lists/debian-12)",
     "git-missing": "download file:///nonexistent/stage4-missing.git (HEAD, REQUIRED_GIT) is not in stage4's "
@@ -219,7 +220,9 @@ def test_plan_names_each_module_with_its_one_reason(tmp_path: Path) -> None:
         "https://example.invalid/cached.git (REQUIRED_GIT, in the source cache)"
     ]
     assert found["git-reachable"].downloads == [f"file://{tmp_path / 'reachable'} (REQUIRED_GIT, reachable)"]
-    assert found["downloads"].downloads == ["module.build runs download in the layer"]
+    assert found["downloads"].downloads == [
+        "https://example.invalid/x.tar.gz... (in the layer by download: 0 in the source cache)"
+    ]
 
 
 def test_plan_checks_the_packages_of_the_images_distribution(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from stage4.boot.local_disk import DiskRequest
 from stage4.boot.qemu import BootResult, BootSpec
 from stage4.builders import packer
 from stage4.builders.base_image import check_disk_fits
-from stage4.config import DEFAULT_IDENTIFIER, Config, SourceConfig
+from stage4.config import DEFAULT_IDENTIFIER, Config
 from stage4.context import Context
 from stage4.dnbd3 import client as dnbd3_client
 from stage4.dnbd3 import protocol
@@ -40,7 +40,9 @@ from stage4.machine import accel
 from stage4.manifest import LAYERS
 from stage4.mltk.report import mltk_plan as mltk_plan
 from stage4.pipeline import ImageResult, LayerStatus, build_image, status
-from stage4.provisioning.source_cache import Entry, SourceCache
+from stage4.provisioning.source_entries import import_source as import_source
+from stage4.provisioning.source_entries import remove_source as remove_source
+from stage4.provisioning.source_entries import sources as sources
 from stage4.runner import Runner
 from stage4.ui import BuildLog, Display
 
@@ -232,43 +234,6 @@ def check_screenshot_path(path: Path | None) -> None:
     folder = path.absolute().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise InputError(f"--screenshot {path}: {folder} is not a writable folder")
-
-
-def sources(config: Config) -> list[Entry]:
-    """What stage4's source cache holds: git URLs at their refs, tarballs by sha256."""
-    return SourceCache(config.build.cache_dir).entries()
-
-
-def import_source(
-    config: Config,
-    url: str,
-    location: Path,
-    ref: str | None = None,
-    sha256: str | None = None,
-    debug: bool = False,
-) -> Entry:
-    """Seed the source cache from a local copy, so that builds naming `url` work offline.
-
-    A git URL takes `ref` (default: the config's default ref) from the clone `location`; a tarball URL
-    (`sha256` given) takes the file `location` after checking its sha256.
-    """
-    if ref is not None and sha256 is not None:
-        raise InputError("give --ref (a git URL) or --sha256 (a tarball), not both")
-    cache = SourceCache(config.build.cache_dir)
-    if sha256 is not None:
-        return cache.import_tarball(url, sha256, location)
-    with _runner(None, debug) as runner:
-        return cache.import_git(url, ref or SourceConfig.model_fields["ref"].default, location, runner)
-
-
-def remove_source(
-    config: Config, url: str, ref: str | None = None, sha256: str | None = None, debug: bool = False
-) -> Entry:
-    """Forget a cached source: a git URL at `ref` (default: the config's default ref), or a tarball."""
-    with _runner(None, debug) as runner:
-        return SourceCache(config.build.cache_dir).remove(
-            url, ref or SourceConfig.model_fields["ref"].default, sha256, runner
-        )
 
 
 def netboot(

@@ -56,7 +56,7 @@ def sources(ctx: click.Context, as_json: bool) -> None:
             else f"sha256 {(entry.sha256 or '')[:12]}"
         )
         click.echo(
-            f"{entry.kind:7} {entry.url}  {key}  {_size(entry.size):>10}  {entry.when}  from {entry.origin}"
+            f"{entry.kind:8} {entry.url}  {key}  {_size(entry.size):>10}  {entry.when}  from {entry.origin}"
         )
 
 
@@ -67,13 +67,24 @@ def sources(ctx: click.Context, as_json: bool) -> None:
     "--ref", default=None, help="git: the branch, tag or commit of DIR to cache for URL (default: master)"
 )
 @click.option("--sha256", default=None, help="tarball: its SHA-256 (FILE must match it)")
+@click.option(
+    "--download",
+    is_flag=True,
+    help="FILE is what an mltk module downloads inside the layer from URL (any file; served there by URL)",
+)
 @click.pass_obj
-def import_(obj: CliSettings, url: str, location: Path, ref: str | None, sha256: str | None) -> None:
-    """Cache URL from a local copy: DIR, a clone of the git URL, or FILE, the tarball (with --sha256).
+def import_(
+    obj: CliSettings, url: str, location: Path, ref: str | None, sha256: str | None, download: bool
+) -> None:
+    """Cache URL from a local copy: DIR, a clone of the git URL, or FILE, the tarball (with --sha256) or
+    a download (with --download).
 
-    A build whose source names URL (and REF, or the sha256) then works on this host without internet.
+    A build whose source names URL (and REF, or the sha256) then works on this host without internet; an
+    mltk module that downloads URL inside the layer gets FILE.
     """
-    entry = api.import_source(obj.config(), url, location, ref=ref, sha256=sha256, debug=obj.debug)
+    entry = api.import_source(
+        obj.config(), url, location, ref=ref, sha256=sha256, download=download, debug=obj.debug
+    )
     click.echo(f"cached {_describe(entry)} ({_size(entry.size)}) from {entry.origin}")
 
 

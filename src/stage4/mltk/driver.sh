@@ -11,7 +11,9 @@
 #
 # Set by the role: MODULE, MODULE_DIR, MODULE_WORK_DIR, MODULE_BUILD_DIR, ROOT_DIR, SYS_VERSIONS,
 # SYS_DISTRIBUTION, SYS_VERSION, SYS_CODENAME (the image's release, as mltk's lsb_release gives them),
-# STAGE4_MLTK_GIT (build: the host-fetched REQUIRED_GIT trees), STAGE4_MLTK_OUT (build), KVER.
+# STAGE4_MLTK_GIT (build: the host-fetched REQUIRED_GIT trees), STAGE4_MLTK_DOWNLOADS (init, build: what
+# the module may download, from stage4's source cache; install: what the result carries of it),
+# STAGE4_MLTK_KEEP_DOWNLOADS (build: the result carries them), STAGE4_MLTK_OUT (build), KVER.
 # No `set -u` or `set -e`: module files are written for mltk's plain bash. mltk's own rule: a module
 # fails by calling perror (a function's return status is only reported).
 # On failure the last line on stderr names the module and the function, followed by its last lines.
@@ -109,15 +111,40 @@ autoclone() {
     done
 }
 
-download() {
-    local url=$1 file=${2:-}
-    [ -n "$file" ] || { file=${url%%\?*}; file=${file##*/}; }
-    pinfo "Downloading '$file' from '$url'"
-    if command -v curl >/dev/null; then
-        curl -fL --retry 3 -o "$file" "$url" || perror "downloading $url failed"
-    else
-        wget -O "$file" "$url" || perror "downloading $url failed"
+# -- downloads inside the layer: served from stage4's source cache, never from the network --------------
+# The host put each file and git tree the module may fetch into $STAGE4_MLTK_DOWNLOADS, listed in its
+# index ("file|git TAB URL TAB ref|- TAB path" lines); download, download_untar, wget, curl and git clone
+# serve those by URL and fail on any other URL, naming it and how to seed it.
+_served() {
+    local kind=$1 url=$2 ref=${3:--} k u r path
+    if [ -f "${STAGE4_MLTK_DOWNLOADS:-}/index" ]; then
+        while IFS=$'\t' read -r k u r path; do
+            if [ "$k" = "$kind" ] && [ "$u" = "$url" ] && [ "$r" = "$ref" ]; then
+                echo "$STAGE4_MLTK_DOWNLOADS/$path"
+                return 0
+            fi
+        done <"$STAGE4_MLTK_DOWNLOADS/index"
     fi
+    if [ "$kind" = git ]; then
+        echo "[error]   $TOOL_STR download $url ($ref, git clone) is not in stage4's source cache;" \
+            "seed it with \`stage4 sources import $url --ref $ref DIR\`" >&2
+    else
+        echo "[error]   $TOOL_STR download $url is not in stage4's source cache;" \
+            "seed it with \`stage4 sources import $url FILE --download\`" >&2
+    fi
+    return 1
+}
+_deliver() {  # COPY OUT: the served file to OUT ('-': standard output)
+    if [ "$2" = - ]; then cat "$1"; else cp "$1" "$2"; fi
+}
+_remote_name() { local name=${1%%\?*}; echo "${name##*/}"; }
+
+download() {
+    local url=$1 file=${2:-} copy
+    [ -n "$file" ] || file=$(_remote_name "$url")
+    pinfo "Downloading '$file' from '$url' (stage4's source cache)"
+    copy=$(_served file "$url") || perror "downloading $url failed"
+    _deliver "$copy" "$file" || perror "downloading $url to $file failed"
 }
 download_untar() {
     local tmp=${3:-dltmp.${1##*/}}
@@ -125,6 +152,68 @@ download_untar() {
     mkdir -p "$2"
     tar xf "$tmp" -C "$2/" || perror "could not untar $tmp to $2"
     rm -f "$tmp"
+}
+wget() {
+    local out='' url='' copy
+    while [ $# -gt 0 ]; do
+        case $1 in
+        -O | --output-document) out=$2 && shift ;;
+        --output-document=*) out=${1#*=} ;;
+        -O?*) out=${1#-O} ;;
+        -t | -T | --tries | --timeout | -U | --user-agent | --header | -P) shift ;;
+        -*) ;;
+        *) url=$1 ;;
+        esac
+        shift
+    done
+    [ -n "$out" ] || out=$(_remote_name "$url")
+    copy=$(_served file "$url") || return 8 # wget's "server issued an error response"
+    _deliver "$copy" "$out"
+}
+curl() {
+    local out=- url='' copy
+    while [ $# -gt 0 ]; do
+        case $1 in
+        -o | --output) out=$2 && shift ;;
+        -O | --remote-name) out= ;;
+        --retry | --max-time | --connect-timeout | -m | -H | --header | -A | --user-agent | -u | -X | -d | \
+            --data | -e | -w | --write-out) shift ;;
+        --*) ;;
+        -*o) out=$2 && shift ;; # -sSfLo FILE
+        -*O*) out= ;;
+        -*) ;;
+        *) url=$1 ;;
+        esac
+        shift
+    done
+    [ -n "$out" ] || out=$(_remote_name "$url")
+    copy=$(_served file "$url") || return 22 # curl -f's "HTTP error"
+    _deliver "$copy" "$out"
+}
+git() {
+    [ "${1:-}" = clone ] || {
+        command git "$@"
+        return
+    }
+    shift
+    local ref=HEAD url='' dir='' copy
+    while [ $# -gt 0 ]; do
+        case $1 in
+        -b | --branch) ref=$2 && shift ;;
+        --branch=*) ref=${1#*=} ;;
+        --depth | --reference | -o | --origin | -c | --config | -j | --jobs) shift ;;
+        -*) ;;
+        *) if [ -z "$url" ]; then url=$1; else dir=$1; fi ;;
+        esac
+        shift
+    done
+    [ -n "$dir" ] || { dir=$(_remote_name "${url%/}") && dir=${dir%.git}; }
+    copy=$(_served git "$url" "$ref") || return 128
+    if [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then
+        echo "fatal: destination path '$dir' already exists and is not an empty directory." >&2
+        return 128
+    fi
+    mkdir -p "$dir" && cp -a "$copy/." "$dir/"
 }
 
 escape_search() { sed -e 's/[]\/()$*.^|[]/\\&/g'; }
@@ -497,10 +586,17 @@ build)
     collect "$pack/files"
     STAGE4_FUNCTION=pack
     cp -a "$MODULE_DIR" "$pack/module" || perror "copying $MODULE_DIR failed"
+    parts=(files module)
+    # post_copy downloads too: the result carries what the layer served, for the prod layer.
+    if [ -n "${STAGE4_MLTK_KEEP_DOWNLOADS:-}" ] && [ -f "${STAGE4_MLTK_DOWNLOADS:-}/index" ]; then
+        cp -a "$STAGE4_MLTK_DOWNLOADS" "$pack/downloads" || perror "copying $STAGE4_MLTK_DOWNLOADS failed"
+        parts+=(downloads)
+    fi
     mkdir -p "$STAGE4_MLTK_OUT"
-    tar -C "$pack" -cpf "$STAGE4_MLTK_OUT/$MODULE.tar" files module || perror "packing failed"
+    tar -C "$pack" -cpf "$STAGE4_MLTK_OUT/$MODULE.tar" "${parts[@]}" || perror "packing failed"
     ;;
 install)
+    STAGE4_MLTK_DOWNLOADS=$MODULE_WORK_DIR/downloads
     STAGE4_FUNCTION=copy
     copy_tree "$MODULE_DIR/data"
     copy_tree "$MODULE_BUILD_DIR"

@@ -24,6 +24,7 @@ from stage4.mltk.packages import PackageIndex
 from stage4.mltk.readiness import Checker, Readiness, defined_functions
 from stage4.mltk.targets import sys_variables
 from stage4.provisioning import sources
+from stage4.provisioning.source_cache import SourceCache
 
 if TYPE_CHECKING:
     from stage4.context import Context
@@ -45,6 +46,16 @@ class ModuleFolder(TypedDict):
     name: str
     path: str  # relative to the checkout's top
     init: bool  # module.build defines module_init
+    keep_downloads: bool  # its post_copy downloads: the result carries what the layer served it
+
+
+class Served(TypedDict):
+    """A file or git tree from stage4's source cache for a module's downloads inside the layer."""
+
+    module: str
+    slot: str  # its folder below the module's downloads folder in the layer
+    source: str  # the cached file, or the tarball of the git tree
+    git: bool
 
 
 class GitTarball(TypedDict):
@@ -74,6 +85,9 @@ class BuildPlan(TypedDict):
     build_packages: list[str]
     content_packages: list[str]
     git: list[GitTarball]
+    served: list[Served]
+    # per module with served downloads, its index: "file|git TAB URL TAB ref|- TAB SLOT/file|SLOT/tree" lines
+    download_index: dict[str, str]
 
 
 class Results(TypedDict):
@@ -157,7 +171,8 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
     tarball, tree = checkout(ctx.name, mltk, sources_dir, runner, step, ctx.cache_dir)
     distro = mltk.distro or ctx.image.distribution
     order, versions, variables = read_modules(ctx.source, ctx.name, mltk, distro, tree, runner, step)
-    refused = check(ctx.name, order, ctx.image.distribution, tree, ctx.cache_dir, runner).not_ready
+    readiness = check(ctx.name, order, ctx.image.distribution, tree, ctx.cache_dir, runner)
+    refused = readiness.not_ready
     if refused:
         more = (
             f" (and {len(refused) - 1} more: `stage4 mltk plan {ctx.name}` lists them)" if refused[1:] else ""
@@ -178,6 +193,8 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
                 ctx.cache_dir,
             )
             git.append({"module": module.name, "folder": folder, "tarball": str(fetched)})
+    served, index = _served(ctx, readiness, sources_dir, step)
+    keep = {m.module.name for m in readiness.modules if m.post_copy_downloads and m.served}
     return {
         "tarball": str(tarball),
         "driver": str(DRIVER),
@@ -188,13 +205,50 @@ def prepare(ctx: Context, sources_dir: Path, step: str) -> BuildPlan:
                 "name": m.name,
                 "path": m.path,
                 "init": "module_init" in defined_functions(tree / m.path / "module.build"),
+                "keep_downloads": m.name in keep,
             }
             for m in order
         ],
         "build_packages": _packages(order, "REQUIRED_INSTALLED_PACKAGES", "REQUIRED_CONTENT_PACKAGES"),
         "content_packages": _packages(order, "REQUIRED_CONTENT_PACKAGES"),
         "git": git,
+        "served": served,
+        "download_index": index,
     }
+
+
+def _served(
+    ctx: Context, readiness: Readiness, sources_dir: Path, step: str
+) -> tuple[list[Served], dict[str, str]]:
+    """What the modules' downloads inside the layer get from the source cache (downloads.py): each
+    module's cached files and git trees, and the index the driver serves them by."""
+    cache = SourceCache(ctx.cache_dir)
+    served: list[Served] = []
+    index: dict[str, str] = {}
+    for report in readiness.modules:
+        name, lines = report.module.name, []
+        for number, entry in enumerate(report.served, 1):
+            slot = str(number)
+            if entry.kind == "git":
+                source = sources.fetch(
+                    f"mltk-{name}-download-{slot}",
+                    SourceConfig(git=entry.url, ref=entry.ref),
+                    sources_dir,
+                    ctx.runner,
+                    f"{step} (mltk {name})",
+                    ctx.cache_dir,
+                )
+                lines.append(f"git\t{entry.url}\t{entry.ref}\t{slot}/tree")
+            else:
+                found = cache.tarball(entry.sha256 or "", ctx.runner)
+                if found is None:
+                    raise StepFailed(step, f"mltk module {name}: {entry.url} left stage4's source cache")
+                source = found
+                lines.append(f"file\t{entry.url}\t-\t{slot}/file")
+            served.append({"module": name, "slot": slot, "source": str(source), "git": entry.kind == "git"})
+        if lines:
+            index[name] = "\n".join(lines) + "\n"
+    return served, index
 
 
 def _sys(variables: dict[str, str]) -> SysFacts:

@@ -2,10 +2,10 @@
 
 A module is not ready, with one reason (the first of these that applies), when it needs:
 - a helper function mltk defines (core/includes, core/bin/setup_target) that stage4's driver lacks;
-- a download inside the layer (module.build calling download, download_untar, wget, curl or git clone):
-  stage4 fetches on the host only, and through its source cache;
 - a package the image's distribution lacks, by the distribution's package index (see PackageIndex);
 - a REQUIRED_GIT repository that is neither in stage4's source cache nor reachable now;
+- downloads inside the layer (module.build calling download, download_untar, wget, curl or git clone)
+  with nothing in stage4's source cache under the URLs the module names (downloads.py);
 - a REQUIRED_MODULES module that is not ready.
 """
 
@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stage4.errors import StepFailed
+from stage4.mltk import downloads
 from stage4.mltk.modules import Module
 from stage4.mltk.packages import PackageIndex
-from stage4.provisioning.source_cache import FULL_COMMIT, GIT_ENV, PROBE_TIMEOUT, SourceCache
+from stage4.provisioning.source_cache import FULL_COMMIT, GIT_ENV, PROBE_TIMEOUT, Entry, SourceCache
 from stage4.runner import Runner
 
 FUNCTION_RE = re.compile(r"^\s*(?:function\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*\(\)", re.MULTILINE)
 HOOKS = {"fetch_source", "build", "post_copy", "pre_exec", "module_init"}
-IN_LAYER_DOWNLOADS = re.compile(r"(?<![\w-])(download_untar|download|wget|curl|git\s+clone)(?![\w-])")
-URL_RE = re.compile(r"^(https?|ftp|git)://")
 NOWHERE = "neither in the source cache nor reachable"
 
 
@@ -69,6 +68,8 @@ class ModuleReport:
     packages: list[str]
     downloads: list[str]
     reason: str | None = None
+    served: list[Entry] = field(default_factory=list)  # what its downloads inside the layer get
+    post_copy_downloads: bool = False  # post_copy (the prod layer) downloads too
 
     @property
     def line(self) -> str:
@@ -132,22 +133,26 @@ class Checker:
                 }
             )
             build = _code(self.tree / module.path / "module.build")
-            in_layer = sorted(set(" ".join(m.split()) for m in IN_LAYER_DOWNLOADS.findall(build)))
+            in_layer = downloads.calls(build, module)
+            starts = downloads.beginnings(build, module) if in_layer else []
+            served = downloads.cached(self.cache, starts)
             gits = module.words("REQUIRED_GIT")
-            downloads = [
-                f"{entry} (REQUIRED_GIT, {self.where(*git_ref(entry)) or NOWHERE})" for entry in gits
+            needs = [f"{entry} (REQUIRED_GIT, {self.where(*git_ref(entry)) or NOWHERE})" for entry in gits]
+            needs += [
+                f"{start}... (in the layer by {', '.join(in_layer)}: "
+                f"{sum(1 for e in served if downloads.pattern(start).match(e.url))} in the source cache)"
+                for start in starts
             ]
-            downloads += [
-                f"{value} ({key})"
-                for key, values in sorted(module.required.items())
-                if key != "REQUIRED_GIT"
-                for value in values
-                if URL_RE.match(value)
-            ]
-            downloads += [f"module.build runs {', '.join(in_layer)} in the layer"] if in_layer else []
-            reason = self._reason(module, build, packages, in_layer, gits, reasons)
+            if in_layer and not starts:
+                needs.append(
+                    f"module.build runs {', '.join(in_layer)} in the layer, from URLs it does not name"
+                )
+            download = _download_reason(in_layer, starts, served)
+            reason = self._reason(module, build, packages, gits, download, reasons)
             reasons[module.name] = reason
-            result.modules.append(ModuleReport(number, module, packages, downloads, reason))
+            report = ModuleReport(number, module, packages, needs, reason, served)
+            report.post_copy_downloads = downloads.in_post_copy(build, module)
+            result.modules.append(report)
         return result
 
     def _reason(
@@ -155,8 +160,8 @@ class Checker:
         module: Module,
         build: str,
         packages: list[str],
-        in_layer: list[str],
         gits: list[str],
+        download: str | None,
         reasons: dict[str, str | None],
     ) -> str | None:
         own = _functions(build)
@@ -165,11 +170,6 @@ class Checker:
         )
         if used:
             return f"module.build calls {', '.join(used)}, which stage4's mltk driver lacks"
-        if in_layer:
-            return (
-                f"module.build downloads inside the layer ({', '.join(in_layer)}); "
-                "stage4 fetches only REQUIRED_GIT, on the host"
-            )
         missing = self.index.missing(packages)
         if missing:
             return f"{self.index.distro} has no package {', '.join(missing)} ({self.index.description})"
@@ -180,7 +180,22 @@ class Checker:
                     f"download {url} ({ref}, REQUIRED_GIT) is not in stage4's source cache and cannot be "
                     f"reached; seed it with `stage4 sources import {url} --ref {ref} DIR`"
                 )
+        if download:
+            return download
         for dependency in module.dependencies:
             if reasons.get(dependency):
                 return f"it requires module {dependency}, which is not ready"
         return None
+
+
+def _download_reason(in_layer: list[str], starts: list[str], served: list[Entry]) -> str | None:
+    """Why the downloads a module makes inside the layer cannot be served here, if they cannot."""
+    if not in_layer or served:
+        return None
+    calls = f"module.build downloads inside the layer ({', '.join(in_layer)})"
+    if not starts:
+        return f"{calls} from URLs it does not name; stage4 serves downloads only from its source cache"
+    return (
+        f"{calls} from {' or '.join(s + '...' for s in starts)}, and stage4's source cache has nothing "
+        "there: seed each URL with `stage4 sources import URL FILE --download` (git: `--ref REF DIR`)"
+    )

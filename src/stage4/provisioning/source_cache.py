@@ -5,9 +5,11 @@ Layout under `<cache_dir>/sources/`:
     git/<name>-<hash of URL>/mirror.git   bare repository with every cached commit of that URL, each kept
                                           by refs/stage4/<hash of ref> so that no gc drops it
     git/<name>-<hash of URL>/refs.json    {"url": URL, "refs": {REF: {"commit", "when", "from"}}}
-    tarball/<sha256>, <sha256>.json       the verified file, and its URL, date and origin
+    tarball/<sha256>, <sha256>.json       the verified file, and its URL, date and origin: a tarball
+                                          source, or a download an mltk module makes in the layer
 
-Git entries are keyed by URL and ref, tarballs by their sha256 (the URL is only recorded): the keys of the
+Git entries are keyed by URL and ref, tarballs by their sha256 (the URL is only recorded; a download is
+served by its URL): the keys of the
 layer identities, so a build from the cache gets the identity of a build from the network. Entries come
 from the network (every successful fetch refreshes its entry) or from `stage4 sources import`.
 """
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from stage4.errors import InputError, StepFailed
 from stage4.fsutil import (
@@ -53,8 +55,11 @@ class GitRecords(TypedDict):
     refs: dict[str, GitRecord]
 
 
-# <sha256>.json beside a cached tarball.
-TarballRecord = TypedDict("TarballRecord", {"url": str, "sha256": str, "when": str, "from": str, "size": int})
+# <sha256>.json beside a cached file; "kind" is "tarball" (also when absent) or "download".
+TarballRecord = TypedDict(
+    "TarballRecord",
+    {"url": str, "sha256": str, "when": str, "from": str, "size": int, "kind": NotRequired[str]},
+)
 
 # Entry.to_dict(): what `stage4 sources --json` shows.
 EntryDict = TypedDict(
@@ -78,7 +83,7 @@ class Unreachable(Exception):
 
 @dataclass
 class Entry:
-    """One cached source: a git URL at a ref, or a tarball by its sha256."""
+    """One cached source: a git URL at a ref, or a file by its sha256 (a tarball, or a download)."""
 
     kind: str
     url: str
@@ -303,7 +308,7 @@ class SourceCache:
             return None
         return path
 
-    def add_tarball(self, url: str, sha256: str, file: Path, origin: str) -> Entry:
+    def add_tarball(self, url: str, sha256: str, file: Path, origin: str, kind: str = "tarball") -> Entry:
         """Keep a copy of `file`, whose sha256 the caller verified."""
         target = self.tarball_path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -316,6 +321,7 @@ class SourceCache:
             "when": _now(),
             "from": origin,
             "size": target.stat().st_size,
+            "kind": kind,
         }
         write_json_atomically(target.with_name(target.name + ".json"), record)
         return _tarball_entry(record)
@@ -332,6 +338,19 @@ class SourceCache:
         if not tarfile.is_tarfile(file):
             raise InputError(f"{file}: not a tar archive")
         return self.add_tarball(url, digest, file, str(file))
+
+    def import_download(self, url: str, file: Path, sha256: str | None = None) -> Entry:
+        """A file an mltk module downloads inside the layer, served there by its URL (any kind of file;
+        its sha256 checked when given)."""
+        file = file.expanduser().absolute()
+        if not re.match(r"^(https?|ftp)://", url):
+            raise InputError(f"{url}: a download's URL starts with http://, https:// or ftp://")
+        if not file.is_file():
+            raise InputError(f"{file}: no such file (give the download of {url})")
+        digest = sha256_file(file)
+        if sha256 is not None and digest != sha256.lower():
+            raise InputError(f"{file}: sha256 is {digest}, not the given {sha256.lower()}")
+        return self.add_tarball(url, digest, file, str(file), kind="download")
 
     # -- listing and removal ----------------------------------------------------------------------------
 
@@ -389,7 +408,14 @@ def _advertised(listing: str, ref: str) -> str | None:
 
 def _tarball_entry(record: TarballRecord) -> Entry:
     return Entry(
-        "tarball", record["url"], None, None, record["sha256"], record["size"], record["when"], record["from"]
+        record.get("kind", "tarball"),
+        record["url"],
+        None,
+        None,
+        record["sha256"],
+        record["size"],
+        record["when"],
+        record["from"],
     )
 
 
