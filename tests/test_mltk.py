@@ -331,3 +331,32 @@ def test_result_shows_ash_scripts_and_enabled_units(tmp_path: Path) -> None:
         },
     )
     assert plan.shipped(other) == (set(), False)
+
+
+UNITS_SCRIPT = (
+    Path(plan.__file__).parents[1] / "provisioning/ansible/roles/stage4_mltk_install/files/mltk-units.sh"
+)
+KMSG_LINE_MAX = 992  # the kernel's LOG_LINE_MAX (1024 - 32): /dev/kmsg refuses a longer line with EIO
+
+
+def test_unit_report_fits_the_kernels_log_lines(tmp_path: Path) -> None:
+    """bwLehrpool's stage4 target enables dozens of units: its report (the marker's ExecStartPre) goes out
+    in several lines, each short enough for /dev/kmsg, and a boot reads them as one report."""
+    from stage4.boot import qemu
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # systemctl show -P ActiveState|Result UNIT, as systemd answers for a started oneshot.
+    fake = bin_dir / "systemctl"
+    fake.write_text('#!/bin/sh\n[ "$3" = ActiveState ] && echo active || echo success\n')
+    fake.chmod(0o755)
+    units = [f"bwlehrpool-module-number-{n:02d}-with-a-long-name.service" for n in range(40)]
+    (tmp_path / "units").write_text(" ".join(units) + "\n")
+    kmsg = tmp_path / "kmsg"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["sh", UNITS_SCRIPT, tmp_path / "units", kmsg], check=True, env=env)
+    lines = kmsg.read_text().splitlines()
+    assert len(lines) > 1 and all(len(line.encode()) < KMSG_LINE_MAX for line in lines), lines
+    assert all(line.startswith("<2>STAGE4-MLTK-UNITS ") for line in lines)
+    spec = qemu.BootSpec(None, "tcg", 1, 512, tmp_path / "serial.log")
+    assert qemu.check_module_units(lines, spec) == dict.fromkeys(units, "active/success")

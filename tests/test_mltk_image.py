@@ -91,11 +91,11 @@ def seed_downloads(cache: SourceCache, folder: Path) -> None:
 
 
 def unit_states(serial_log: Path) -> dict[str, str]:
-    """The marker's report: each unit the modules enabled with its ActiveState/Result."""
+    """The marker's report (one or more lines): each unit the modules enabled with its ActiveState/Result."""
     found = [UNITS.search(line) for line in serial_log.read_text(errors="replace").splitlines()]
     reports = [match["units"] for match in found if match]
     assert reports, f"no STAGE4-MLTK-UNITS line in {serial_log}"
-    return dict(word.split("=", 1) for word in reports[-1].split())
+    return dict(word.split("=", 1) for report in reports for word in report.split())
 
 
 def link_target(fs: Debugfs, path: str) -> str:

@@ -171,12 +171,15 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
 
 
 def check_module_units(lines: list[str], spec: BootSpec) -> dict[str, str]:
-    """The units of an mltk image's modules as its marker reported them; a boot fails when one failed
-    (ActiveState failed, or a Result other than success), naming each such unit."""
-    found = [match for match in map(MODULE_UNITS.search, lines) if match]
-    if not found:
-        return {}
-    states = dict(word.split("=", 1) for word in found[-1]["units"].split())
+    """The units of an mltk image's modules as its marker reported them (in one or more lines; a unit's
+    last report counts); a boot fails when one failed (ActiveState failed, or a Result other than
+    success), naming each such unit."""
+    states = dict(
+        word.split("=", 1)
+        for match in map(MODULE_UNITS.search, lines)
+        if match
+        for word in match["units"].split()
+    )
     broken = [
         f"{unit} is {state}"
         for unit, state in states.items()
