@@ -211,9 +211,10 @@ def test_failed_module_units_fail_the_boot() -> None:
     report = (
         "[   76.3] STAGE4-MLTK-UNITS haveged.service=active/success stage4-greeter.service=inactive/success"
     )
-    assert qemu.check_module_units(["x", report], spec) == {
+    assert qemu.check_module_units(["x", report, "STAGE4-MLTK-UNITS graphical.target=active/"], spec) == {
         "haveged.service": "active/success",
         "stage4-greeter.service": "inactive/success",
+        "graphical.target": "active/",
     }
     assert qemu.check_module_units(["no report"], spec) == {}
     broken = (

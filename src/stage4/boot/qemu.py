@@ -173,7 +173,7 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
 def check_module_units(lines: list[str], spec: BootSpec) -> dict[str, str]:
     """The units of an mltk image's modules as its marker reported them (in one or more lines; a unit's
     last report counts); a boot fails when one failed (ActiveState failed, or a Result other than
-    success), naming each such unit."""
+    success; a target has none), naming each such unit."""
     states = dict(
         word.split("=", 1)
         for match in map(MODULE_UNITS.search, lines)
@@ -183,7 +183,8 @@ def check_module_units(lines: list[str], spec: BootSpec) -> dict[str, str]:
     broken = [
         f"{unit} is {state}"
         for unit, state in states.items()
-        if state.startswith("failed/") or not state.endswith("/success")
+        # A target has no Result: its ActiveState tells.
+        if state.startswith("failed/") or not state.endswith(("/success", "/"))
     ]
     if broken:
         raise StepFailed(
