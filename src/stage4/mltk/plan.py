@@ -232,7 +232,8 @@ def _served(
             if entry.kind == "git":
                 source = sources.fetch(
                     f"mltk-{name}-download-{slot}",
-                    SourceConfig(git=entry.url, ref=entry.ref),
+                    # the commit the plan saw: no network lookup, and what the cache holds is what is served
+                    SourceConfig(git=entry.url, ref=entry.commit or entry.ref),
                     sources_dir,
                     ctx.runner,
                     f"{step} (mltk {name})",
