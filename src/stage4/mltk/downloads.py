@@ -36,14 +36,15 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
-def _calls_with_function(code: str, module: Module) -> list[tuple[str, str]]:
-    """(call, the function it is in) for each download call that can run: not inside a loop or block
-    that a REQUIRED_* variable module.conf leaves empty guards."""
+def calls(code: str, module: Module) -> list[tuple[str, str]]:
+    """(call, the function it is in) for each download call of module.build (its code without comments)
+    that can run: not inside a loop or block that a REQUIRED_* variable module.conf leaves empty guards.
+    A call in post_copy runs in the prod layer: the dev run's result carries what was served."""
     lines = code.splitlines()
     found = []
     for number, line in enumerate(lines):
-        calls = [" ".join(c.split()) for c in CALL.findall(line)]
-        if not calls:
+        here = [" ".join(c.split()) for c in CALL.findall(line)]
+        if not here:
             continue
         depth, guarded, function = _indent(line), False, ""
         for above in reversed(lines[:number]):
@@ -56,18 +57,8 @@ def _calls_with_function(code: str, module: Module) -> list[tuple[str, str]]:
                 function = name[1]
                 break
         if not guarded:
-            found += [(call, function) for call in calls]
+            found += [(call, function) for call in here]
     return found
-
-
-def calls(code: str, module: Module) -> list[str]:
-    """The download calls of module.build (its code without comments) that can run, sorted."""
-    return sorted({call for call, _ in _calls_with_function(code, module)})
-
-
-def in_post_copy(code: str, module: Module) -> bool:
-    """Whether post_copy downloads (it runs in the prod layer: the dev run's result carries the files)."""
-    return any(function == "post_copy" for _, function in _calls_with_function(code, module))
 
 
 def beginnings(code: str, module: Module) -> list[str]:

@@ -133,16 +133,18 @@ class Checker:
                 }
             )
             build = _code(self.tree / module.path / "module.build")
-            in_layer = downloads.calls(build, module)
+            found = downloads.calls(build, module)
+            in_layer = sorted({call for call, _ in found})
             starts = downloads.beginnings(build, module) if in_layer else []
             served = downloads.cached(self.cache, starts)
             gits = module.words("REQUIRED_GIT")
             needs = [f"{entry} (REQUIRED_GIT, {self.where(*git_ref(entry)) or NOWHERE})" for entry in gits]
-            needs += [
-                f"{start}... (in the layer by {', '.join(in_layer)}: "
-                f"{sum(1 for e in served if downloads.pattern(start).match(e.url))} in the source cache)"
-                for start in starts
-            ]
+            for start in starts:
+                under = downloads.pattern(start)
+                count = sum(1 for entry in served if under.match(entry.url))
+                needs.append(
+                    f"{start}... (in the layer by {', '.join(in_layer)}: {count} in the source cache)"
+                )
             if in_layer and not starts:
                 needs.append(
                     f"module.build runs {', '.join(in_layer)} in the layer, from URLs it does not name"
@@ -150,9 +152,8 @@ class Checker:
             download = _download_reason(in_layer, starts, served)
             reason = self._reason(module, build, packages, gits, download, reasons)
             reasons[module.name] = reason
-            report = ModuleReport(number, module, packages, needs, reason, served)
-            report.post_copy_downloads = downloads.in_post_copy(build, module)
-            result.modules.append(report)
+            post_copy = any(function == "post_copy" for _, function in found)
+            result.modules.append(ModuleReport(number, module, packages, needs, reason, served, post_copy))
         return result
 
     def _reason(

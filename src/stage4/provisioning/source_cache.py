@@ -327,14 +327,7 @@ class SourceCache:
         return _tarball_entry(record)
 
     def import_tarball(self, url: str, sha256: str, file: Path) -> Entry:
-        file = file.expanduser().absolute()
-        if not re.match(r"^[0-9a-fA-F]{64}$", sha256):
-            raise InputError(f"--sha256 {sha256!r}: expected 64 hexadecimal digits")
-        if not file.is_file():
-            raise InputError(f"{file}: no such file (give the tarball of {url})")
-        digest = sha256_file(file)
-        if digest != sha256.lower():
-            raise InputError(f"{file}: sha256 is {digest}, not the given {sha256.lower()}")
+        file, digest = _verified(file, f"the tarball of {url}", sha256)
         if not tarfile.is_tarfile(file):
             raise InputError(f"{file}: not a tar archive")
         return self.add_tarball(url, digest, file, str(file))
@@ -342,14 +335,9 @@ class SourceCache:
     def import_download(self, url: str, file: Path, sha256: str | None = None) -> Entry:
         """A file an mltk module downloads inside the layer, served there by its URL (any kind of file;
         its sha256 checked when given)."""
-        file = file.expanduser().absolute()
         if not re.match(r"^(https?|ftp)://", url):
             raise InputError(f"{url}: a download's URL starts with http://, https:// or ftp://")
-        if not file.is_file():
-            raise InputError(f"{file}: no such file (give the download of {url})")
-        digest = sha256_file(file)
-        if sha256 is not None and digest != sha256.lower():
-            raise InputError(f"{file}: sha256 is {digest}, not the given {sha256.lower()}")
+        file, digest = _verified(file, f"the download of {url}", sha256)
         return self.add_tarball(url, digest, file, str(file), kind="download")
 
     # -- listing and removal ----------------------------------------------------------------------------
@@ -391,6 +379,19 @@ class SourceCache:
             else:
                 shutil.rmtree(self._git_dir(url))
         return entry
+
+
+def _verified(file: Path, what: str, sha256: str | None) -> tuple[Path, str]:
+    """A file to import (its absolute path) and its sha256, which must be `sha256` when given."""
+    file = file.expanduser().absolute()
+    if sha256 is not None and not re.match(r"^[0-9a-fA-F]{64}$", sha256):
+        raise InputError(f"--sha256 {sha256!r}: expected 64 hexadecimal digits")
+    if not file.is_file():
+        raise InputError(f"{file}: no such file (give {what})")
+    digest = sha256_file(file)
+    if sha256 is not None and digest != sha256.lower():
+        raise InputError(f"{file}: sha256 is {digest}, not the given {sha256.lower()}")
+    return file, digest
 
 
 def _advertised(listing: str, ref: str) -> str | None:
