@@ -315,22 +315,37 @@ def test_result_shows_ash_scripts_and_enabled_units(tmp_path: Path) -> None:
         "zram",
         {
             f"module/data/{wants}": "../zram-swap.service",
-            "module/data/opt/openslx/scripts/systemd-zram_swap": b"#!/bin/ash\necho hi\n",
+            "module/data/opt/openslx/scripts/zram": b"#!/bin/ash\n/opt/openslx/bin/timeout 1 x\n",
             "files/usr/lib/systemd/system/multi-user.target.wants/tool.service": "../tool.service",
+            "files/usr/lib/systemd/system/tool.service": b"ExecStart=/opt/openslx/sbin/udhcpd -f\n",
+            "module/data/opt/openslx/bin/slx-tools": b"#!/bin/bash\n",
         },
     )
-    assert plan.shipped(shipped) == ({"zram-swap.service", "tool.service"}, True)
+    found = plan.shipped(shipped)
+    assert (found.units, found.ash) == ({"zram-swap.service", "tool.service"}, True)
+    assert (found.named, found.provided) == ({"bin/timeout", "sbin/udhcpd"}, {"bin/slx-tools"})
     # Only what lands in /: not the module's own files (module.build), not other shells.
     other = result(
         "other",
         {
-            "module/module.build": b"#!/bin/ash\n",
-            "module/data/usr/bin/a": b"#!/bin/bash\n",
+            "module/module.build": b"#!/bin/ash\n/opt/openslx/bin/not-shipped\n",
+            "module/data/usr/bin/a": b"#!/bin/bash\n. /opt/openslx/bin/slx-tools\n",
             "files/usr/bin/b": b"#!/bin/ashes\n",
             "module/etc/systemd/system/x.target.wants/not-shipped.service": "../x",
         },
     )
-    assert plan.shipped(other) == (set(), False)
+    assert plan.shipped(other) == (set(), False, {"bin/slx-tools"}, set())
+    # What prod links: named by one module, shipped by none (slx-tools is shipped by the first).
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    (out / plan.RESULTS).mkdir(parents=True)
+    for path in (shipped, other):
+        shutil.copy(path, out / plan.RESULTS / path.name)
+    modules = [{"name": "zram"}, {"name": "other"}]
+    build = {"modules": modules, "content_packages": [], "sys_versions": "debian", "sys": {}}
+    results = plan.extract(out, staging, build, "dev", None)  # type: ignore[arg-type]
+    assert results["applets"] == ["bin/timeout", "sbin/udhcpd"]
+    assert plan.runtime_packages(results) == ["busybox"]
+    assert plan.runtime_packages(results | {"ash": False, "applets": []}) == []
 
 
 UNITS_SCRIPT = (

@@ -14,7 +14,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING, NotRequired, TypedDict
+from typing import TYPE_CHECKING, NamedTuple, NotRequired, TypedDict
 
 from stage4.config import SourceConfig
 from stage4.config.components import MltkConfig
@@ -37,9 +37,14 @@ SHIPPED = ("module/data/", "files/")
 # An enabling link (systemctl enable's, or one a module keeps in data/): the unit it enables.
 ENABLED_UNIT = re.compile(r"(?:^|/)(?:etc|lib|usr/lib)/systemd/system/[^/]+\.(?:wants|requires)/([^/]+)$")
 ASH_SHEBANG = re.compile(rb"^#![ \t]*/(?:usr/)?bin/ash(?:\s|$)")
-# busybox provides ash (the scripts of several modules start with #!/bin/ash); the package is named so on
-# Debian, Ubuntu and the rpm distributions.
-ASH_PACKAGE = "busybox"
+# busybox provides ash (the scripts of several modules start with #!/bin/ash) and the applets below; the
+# package is named so on Debian, Ubuntu and the rpm distributions.
+BUSYBOX_PACKAGE = "busybox"
+# A program below /opt/openslx/bin or /opt/openslx/sbin that a shipped file names: bwLehrpool's stage 3
+# copies its busybox and applets there, so modules call them so (run-virt's /opt/openslx/sbin/udhcpd).
+OPENSLX_PROGRAM = re.compile(rb"/opt/openslx/(s?bin/[A-Za-z0-9_.+-]+)")
+OPENSLX_SHIPPED = re.compile(r"^(?:module/data|files)/opt/openslx/(s?bin/[^/]+)$")
+SCANNED_MAX = 1 << 20  # names sit in units and scripts; a larger file is a program or data
 
 
 class ModuleFolder(TypedDict):
@@ -99,6 +104,9 @@ class Results(TypedDict):
     sys: SysFacts
     files: list[str]  # relative to the artifacts folder
     ash: bool  # a shipped file starts with #!/bin/ash: prod installs busybox and provides /bin/ash
+    # bin/NAME or sbin/NAME below /opt/openslx that shipped files name and no module ships: prod links
+    # busybox's applets there, as bwLehrpool's stage 3 provides them
+    applets: NotRequired[list[str]]
     units: list[str]  # the systemd units the modules' enabling links enable (stage4's boots report them)
 
 
@@ -114,8 +122,18 @@ class InstallVars(TypedDict):
     sys_versions: NotRequired[str]
     sys: NotRequired[SysFacts]
     ash: NotRequired[bool]
+    applets: NotRequired[list[str]]
     units: NotRequired[list[str]]
     modules: list[InstalledModule]
+
+
+class Shipped(NamedTuple):
+    """What one module's result ships into /, as prod must know it."""
+
+    units: set[str]
+    ash: bool
+    named: set[str]  # bin/NAME, sbin/NAME below /opt/openslx that its files name
+    provided: set[str]  # ... and that it ships
 
 
 def git_source(entry: str) -> tuple[str, SourceConfig]:
@@ -267,16 +285,18 @@ def _packages(order: list[Module], *keys: str) -> list[str]:
 def extract(out_dir: Path, staging: Path, plan: BuildPlan, step: str, log: Path | None) -> Results:
     """Copy each module's result out of the dev layer's output folder; the dev manifest's `mltk` entry."""
     (staging / RESULTS).mkdir(parents=True, exist_ok=True)
-    files, units, ash = [], set(), False
+    files, units, ash, named, provided = [], set(), False, set(), set()
     for module in plan["modules"]:
         relative = f"{RESULTS}/{module['name']}.tar"
         if not (out_dir / relative).is_file():
             raise StepFailed(step, f"mltk module {module['name']} left no result ({relative})", log)
         shutil.copyfile(out_dir / relative, staging / relative)
         files.append(relative)
-        module_units, module_ash = shipped(staging / relative)
-        units |= module_units
-        ash = ash or module_ash
+        found = shipped(staging / relative)
+        units |= found.units
+        ash = ash or found.ash
+        named |= found.named
+        provided |= found.provided
     return {
         "modules": [m["name"] for m in plan["modules"]],
         "content_packages": plan["content_packages"],
@@ -284,31 +304,36 @@ def extract(out_dir: Path, staging: Path, plan: BuildPlan, step: str, log: Path 
         "sys": plan["sys"],
         "files": files,
         "ash": ash,
+        "applets": sorted(named - provided),
         "units": sorted(units),
     }
 
 
-def shipped(result: Path) -> tuple[set[str], bool]:
-    """What one module's result ships into /: the units its enabling links enable, and whether a file
-    starts with #!/bin/ash (decided here, from the files, so that prod need not guess)."""
-    units, ash = set(), False
+def shipped(result: Path) -> Shipped:
+    """What one module's result ships into /: the units its enabling links enable, whether a file starts
+    with #!/bin/ash, and the /opt/openslx programs its files name and ship (decided here, from the files,
+    so that prod need not guess)."""
+    found = Shipped(set(), False, set(), set())
     with tarfile.open(result) as archive:
         for member in archive:
             name = member.name.removeprefix("./")
             if not name.startswith(SHIPPED):
                 continue
-            if found := ENABLED_UNIT.search(name):
-                units.add(found[1])
-            elif member.isfile() and not ash:
-                handle = archive.extractfile(member)
-                ash = handle is not None and bool(ASH_SHEBANG.match(handle.read(64)))
-    return units, ash
+            if program := OPENSLX_SHIPPED.match(name):
+                found.provided.add(program[1])
+            if unit := ENABLED_UNIT.search(name):
+                found.units.add(unit[1])
+            elif member.isfile() and member.size <= SCANNED_MAX and (handle := archive.extractfile(member)):
+                text = handle.read()
+                found = found._replace(ash=found.ash or bool(ASH_SHEBANG.match(text)))
+                found.named.update(m.decode() for m in OPENSLX_PROGRAM.findall(text))
+    return found
 
 
 def runtime_packages(mltk: Results) -> list[str]:
     """The packages prod installs for what the modules' files need at boot, besides their content
     packages."""
-    return [ASH_PACKAGE] if mltk["ash"] else []
+    return [BUSYBOX_PACKAGE] if mltk["ash"] or mltk.get("applets") else []
 
 
 def install_vars(mltk: Results | None, artifacts_dir: Path) -> InstallVars:
@@ -320,6 +345,7 @@ def install_vars(mltk: Results | None, artifacts_dir: Path) -> InstallVars:
         "sys_versions": mltk["sys_versions"],
         "sys": mltk["sys"],
         "ash": mltk["ash"],
+        "applets": mltk.get("applets", []),
         "units": mltk["units"],
         "modules": [
             {"name": name, "tarball": str(artifacts_dir / RESULTS / f"{name}.tar")}
