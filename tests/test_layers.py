@@ -115,6 +115,7 @@ def test_prod_image_is_clean_standalone_and_has_the_component(
         "/etc/sudoers.d/stage4-build",
         "/usr/local/bin/stage4-hello",
         "/etc/apt/apt.conf.d/00stage4-cache",
+        "/etc/dpkg/dpkg.cfg.d/00stage4-unsafe-io",
     )
     status = files["/var/lib/dpkg/status"]
     assert not installed(status, "gcc") and not installed(status, "build-essential")
@@ -130,6 +131,7 @@ def test_prod_image_is_clean_standalone_and_has_the_component(
     assert files["/etc/sudoers.d/stage4-build"] is None
     assert files["/etc/machine-id"] == ""
     assert files["/etc/apt/apt.conf.d/00stage4-cache"] is None
+    assert files["/etc/dpkg/dpkg.cfg.d/00stage4-unsafe-io"] is None
     assert not [n for n in listing(result.image, "/etc/ssh") if n.startswith("ssh_host_")]
     assert listing(result.image, "/home") == []
     assert not listing(result.image, "/var/lib/apt/lists") or listing(result.image, "/var/lib/apt/lists") == [

@@ -2,10 +2,11 @@
 
 qemu-storage-daemon exports the qcow2 (with its backing chain) as a raw file through FUSE; a loop device
 with offset and size limit gives the root partition; it is mounted, and for a chroot /proc, /sys and /dev
-are bound into it, with the host's resolv.conf for apt and a policy-rc.d so that package scripts start no
-services. Everything is undone in reverse order when the context exits, also on Interrupted. Each
-attachment is recorded in the attach folder as it happens (Runner.recording, stage4/workdirs.py): if stage4
-is killed, the next build of the image ends, unmounts and detaches what is left.
+are bound into it, with the host's resolv.conf for apt, a policy-rc.d so that package scripts start no
+services and dpkg's force-unsafe-io. Everything is undone in reverse order when the context exits, also
+on Interrupted. Each attachment is recorded in the attach folder as it happens (Runner.recording,
+stage4/workdirs.py): if stage4 is killed, the next build of the image ends, unmounts and detaches what
+is left.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ POLICY_RC_D = "#!/bin/sh\n# stage4: no services start while the layer is provisi
 SAVED_RESOLV = "etc/.resolv.conf.stage4-saved"
 APT_CACHE_MOUNT = "var/cache/stage4-apt"
 APT_CACHE_CONF = "etc/apt/apt.conf.d/00stage4-cache"
+# dpkg without an fsync per unpacked file, as mmdebstrap runs it: a crashed build discards the layer
+# anyway, and the layer is synced once before it is detached. (Through the FUSE export each fsync is a
+# round trip to qemu-storage-daemon.)
+DPKG_UNSAFE_IO = "etc/dpkg/dpkg.cfg.d/00stage4-unsafe-io"
 
 
 def chroot_unavailable() -> str | None:
@@ -162,6 +167,8 @@ def chroot_ready(
             )
         stack.enter_context(_host_resolv_conf(root))
         stack.enter_context(_temporary_file(root / "usr/sbin/policy-rc.d", POLICY_RC_D, 0o755))
+        if (root / "etc/dpkg").is_dir():
+            stack.enter_context(_temporary_file(root / DPKG_UNSAFE_IO, "force-unsafe-io\n", 0o644))
         if apt_cache is not None and (root / "etc/apt").is_dir():
             apt_cache = stack.enter_context(_private_archives(apt_cache))
             mount_point = root / APT_CACHE_MOUNT
