@@ -5,8 +5,10 @@ a bootstrap from scratch."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,38 @@ def _update(folder: Path, cache: Path, packages: list[str], previous: str) -> tu
     report = api.inspect(built.image)
     assert report.passed, report.problems()
     return cfg, manifest
+
+
+def test_bootstrap_hooks_link_the_package_cache_in_and_out(tmp_path: Path) -> None:
+    """mmdebstrap's hooks: the cache's packages hard-linked into the new root and the root's new ones back
+    (copies across filesystems); no lock file, nothing of the cache overwritten."""
+    cache, root = tmp_path / "apt cache", tmp_path / "root"
+    archives = root / "var/cache/apt/archives"
+    archives.mkdir(parents=True)
+    cache.mkdir()
+    (cache / "a_1_amd64.deb").write_text("a")
+    (cache / "lock").write_text("")
+
+    def hook(source: str, target: str) -> None:
+        command = bootstrap.link_debs(source, target)
+        subprocess.run(["sh", "-c", command, "exec", str(root)], check=True)
+
+    cached = shlex.quote(str(cache))
+    hook(cached, bootstrap.IN_ROOT_ARCHIVES)
+    assert sorted(p.name for p in archives.iterdir()) == ["a_1_amd64.deb"]
+    assert (archives / "a_1_amd64.deb").stat().st_ino == (cache / "a_1_amd64.deb").stat().st_ino
+    (archives / "b_1_amd64.deb").write_text("b")  # downloaded by apt in the root
+    hook(bootstrap.IN_ROOT_ARCHIVES, cached)
+    assert sorted(p.name for p in cache.iterdir()) == ["a_1_amd64.deb", "b_1_amd64.deb", "lock"]
+    assert (cache / "b_1_amd64.deb").stat().st_ino == (archives / "b_1_amd64.deb").stat().st_ino
+    other = Path("/dev/shm")
+    if other.is_dir() and other.stat().st_dev != tmp_path.stat().st_dev:
+        elsewhere = Path(tempfile.mkdtemp(dir=other))
+        try:
+            hook(cached, shlex.quote(str(elsewhere)))
+            assert sorted(p.read_text() for p in elsewhere.iterdir()) == ["a", "b"]
+        finally:
+            shutil.rmtree(elsewhere)
 
 
 @pytest.mark.slow

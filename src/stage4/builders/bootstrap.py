@@ -24,6 +24,8 @@ from stage4.runner import Runner
 DRACUT_DIVERT = "/usr/bin/dracut.stage4-deferred"
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
 DPKG_INCLUDES = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
+# The chroot's package folder in an mmdebstrap hook (its first argument is the root).
+IN_ROOT_ARCHIVES = '"$1"/var/cache/apt/archives'
 
 MARKER_UNIT = """\
 [Unit]
@@ -189,11 +191,11 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
         # Keep downloaded packages between builds: a rebuild with one more package downloads one package.
         "--skip=essential/unlink",
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
-        f"--setup-hook=sync-in {apt_cache} /var/cache/apt/archives/",
+        f"--setup-hook={link_debs(shlex.quote(str(apt_cache)), IN_ROOT_ARCHIVES)}",
         f'--essential-hook=sh {essential} "$1"',
         f"--customize-hook=sync-in {staging} /",
         f'--customize-hook=sh {customize} "$1"',
-        f"--customize-hook=sync-out /var/cache/apt/archives {apt_cache}",
+        f"--customize-hook={link_debs(IN_ROOT_ARCHIVES, shlex.quote(str(apt_cache)))}",
         plan.distribution.codename,
         str(rootfs),
         *plan.sources(),
@@ -201,6 +203,16 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
     with runner.recording(work):  # for the cleanup after a killed build (stage4/workdirs.py)
         runner.run(argv, step="bootstrap (mmdebstrap)", env={"LC_ALL": "C.UTF-8"})
     settle_apt_dirs(rootfs)
+
+
+def link_debs(source: str, target: str) -> str:
+    """A hook's shell command: the packages of the folder `source` hard-linked into `target` (both shell
+    words), keeping those `target` has.
+    mmdebstrap's sync-in and sync-out copy the whole cache (hundreds of MB: 12 s of a 42 s bootstrap);
+    links cost nothing, and apt only ever adds or deletes a package file, never rewrites one. Copies where
+    the two are on different filesystems. No lock file: apt locks by inode, and builds share the cache."""
+    found = f"find {source} -maxdepth 1 -name '*.deb' -exec cp -n"
+    return f"{found} --link -t {target} {{}} + 2>/dev/null || {found} -t {target} {{}} +"
 
 
 def settle_apt_dirs(rootfs: Path) -> None:
