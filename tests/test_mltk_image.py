@@ -144,11 +144,12 @@ def test_fixture_modules_land_in_prod(fixture_image) -> None:
     )
     wants = "/etc/systemd/system/multi-user.target.wants/stage4-greeter.service"
     assert fs.stat(wants)["type"] == "symlink" and link_target(fs, wants) == "../stage4-greeter.service"
-    # The unit calls /opt/openslx/bin/usleep, which no module ships: busybox's applet, linked where
-    # bwLehrpool's stage 3 puts them (the boot test sees the unit succeed).
+    # The unit calls /opt/openslx/bin/usleep, which no module ships: busybox's applets, all of them,
+    # linked where bwLehrpool's stage 3 puts them (the boot test sees the unit succeed).
     assert mltk["applets"] == ["bin/usleep"]
     assert "busybox" in prod["packages"]
-    assert link_target(fs, "/opt/openslx/bin/usleep").endswith("/busybox")
+    for applet in ("/opt/openslx/bin/usleep", "/opt/openslx/sbin/brctl", "/opt/openslx/sbin/udhcpc"):
+        assert link_target(fs, applet).endswith("/busybox"), applet
     # post_copy ran in prod, after the content package was installed as a real package.
     assert fs.cat("/etc/stage4-greeter.post-copy").strip() == "post_copy of stage4-greeter"
     status = fs.cat("/var/lib/dpkg/status")
