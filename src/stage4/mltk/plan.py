@@ -313,21 +313,21 @@ def shipped(result: Path) -> Shipped:
     """What one module's result ships into /: the units its enabling links enable, whether a file starts
     with #!/bin/ash, and the /opt/openslx programs its files name and ship (decided here, from the files,
     so that prod need not guess)."""
-    found = Shipped(set(), False, set(), set())
+    units, ash, named, provided = set(), False, set(), set()
     with tarfile.open(result) as archive:
         for member in archive:
             name = member.name.removeprefix("./")
             if not name.startswith(SHIPPED):
                 continue
             if program := OPENSLX_SHIPPED.match(name):
-                found.provided.add(program[1])
+                provided.add(program[1])
             if unit := ENABLED_UNIT.search(name):
-                found.units.add(unit[1])
+                units.add(unit[1])
             elif member.isfile() and member.size <= SCANNED_MAX and (handle := archive.extractfile(member)):
                 text = handle.read()
-                found = found._replace(ash=found.ash or bool(ASH_SHEBANG.match(text)))
-                found.named.update(m.decode() for m in OPENSLX_PROGRAM.findall(text))
-    return found
+                ash = ash or bool(ASH_SHEBANG.match(text))
+                named.update(m.decode() for m in OPENSLX_PROGRAM.findall(text))
+    return Shipped(units, ash, named, provided)
 
 
 def runtime_packages(mltk: Results) -> list[str]:
