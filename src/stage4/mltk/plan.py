@@ -313,7 +313,10 @@ def shipped(result: Path) -> Shipped:
     """What one module's result ships into /: the units its enabling links enable, whether a file starts
     with #!/bin/ash, and the /opt/openslx programs its files name and ship (decided here, from the files,
     so that prod need not guess)."""
-    units, ash, named, provided = set(), False, set(), set()
+    units: set[str] = set()
+    named: set[str] = set()
+    provided: set[str] = set()
+    ash = False
     with tarfile.open(result) as archive:
         for member in archive:
             name = member.name.removeprefix("./")
