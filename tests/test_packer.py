@@ -150,7 +150,7 @@ def test_wrapper_fails_when_only_matches_nothing(tmp_path: Path) -> None:
     log = (tmp_path / "build.log").read_text()
     assert (
         "$ packer build -color=false -only=qemu-typo -var-file=base.json -var=accelerator=tcg "
-        "-var=cpu_model=max debian-12-amd64.json" in log
+        "-var=cpu_model=max,erms=off,fsrm=off debian-12-amd64.json" in log
     )
     assert "-var-file=base.pkrvars.hcl" in log and "debian-12-amd64.pkr.hcl" in log
     assert "qemu: Starting VM" not in log

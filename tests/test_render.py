@@ -142,7 +142,7 @@ def test_tree_layout(tree: Path) -> None:
         "memory": "2048",
         "disk_size": "4096M",
         "accelerator": "",
-        "cpu_model": "max",
+        "cpu_model": "max,erms=off,fsrm=off",
         "headless": "true",
     }  # [machine] only: the SSH timeout is each image's installer_timeout, a default in its template
     assert 'disk_size   = "4096M"' in (tree / "base.pkrvars.hcl").read_text()

@@ -167,7 +167,10 @@ def _variables(
         "memory": ("number", "memory of the installer VM in MiB"),
         "disk_size": ("string", "virtual size of the image, e.g. 4096M"),
         "accelerator": ("string", "kvm or tcg; empty: kvm if /dev/kvm exists, else tcg"),
-        "cpu_model": ("string", "qemu -cpu: host under KVM, max under TCG (EL 9 needs x86-64-v2)"),
+        "cpu_model": (
+            "string",
+            "qemu -cpu: host under KVM, max without the fast-string flags under TCG (EL 9 needs x86-64-v2)",
+        ),
         "headless": ("bool", "run qemu without a window"),
     }
     variables = packer_template.variables(base, descriptions)

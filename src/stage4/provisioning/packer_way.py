@@ -92,7 +92,7 @@ def _variables(values: Mapping[str, Setting]) -> list[Variable]:
         "memory": ("number", "memory of the layer's VM in MiB"),
         "disk_size": ("string", "the layer's virtual size: the base's (Packer must not resize it)"),
         "accelerator": ("string", "kvm or tcg; empty: kvm if /dev/kvm exists, else tcg"),
-        "cpu_model": ("string", "qemu -cpu: host under KVM, max under TCG"),
+        "cpu_model": ("string", "qemu -cpu: host under KVM, max without the fast-string flags under TCG"),
         "headless": ("bool", "run qemu without a window"),
         "ssh_timeout": ("string", "how long to wait for the layer's SSH"),
     }
