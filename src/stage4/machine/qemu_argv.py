@@ -8,8 +8,9 @@ from __future__ import annotations
 
 # qemu's default CPU lacks x86-64-v2, which EL 9 needs; "max" is everything TCG can emulate, less the two
 # "fast string" flags: with them the guest kernel zeroes every page and copies with `rep stosb`/`rep movsb`,
-# which TCG emulates one element at a time (boots to the marker: median 55 s with them, 33 s without; once a
-# module load stalled a CPU for 21 s in clear_page_erms). KVM guests get the host's CPU as it is.
+# which TCG emulates one element at a time (local boots to the marker, medians: 55 s with both, 36 s without
+# erms, 32.5 s without both; with them a module load once stalled a CPU for 21 s in clear_page_erms).
+# KVM guests get the host's CPU as it is.
 TCG_CPU = "max,erms=off,fsrm=off"
 
 
