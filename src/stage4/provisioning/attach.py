@@ -101,6 +101,8 @@ def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, s
 
 @contextlib.contextmanager
 def loop_device(raw: Path, part: RootPartition, runner: Runner, writable: bool, step: str) -> Iterator[str]:
+    # Buffered, not --direct-io=on: over qemu-storage-daemon's FUSE export, direct I/O once returned other
+    # files' data for the kernel headers a component build read (gcc: "unterminated #ifndef").
     argv = ["losetup", "--find", "--show", "--offset", str(part.offset), "--sizelimit", str(part.size)]
     if not writable:
         argv.append("--read-only")
