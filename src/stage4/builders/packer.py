@@ -40,7 +40,7 @@ from stage4.builders.packer_template import (
 from stage4.config import ImageConfig, MachineConfig
 from stage4.distributions.installer import HOSTNAME, AnswerContext
 from stage4.errors import InputError
-from stage4.machine.qemu_argv import cpu_model
+from stage4.machine.qemu_argv import CPU_MODEL_HELP, cpu_model
 from stage4.runner import Runner
 
 MIB = 1 << 20
@@ -167,10 +167,7 @@ def _variables(
         "memory": ("number", "memory of the installer VM in MiB"),
         "disk_size": ("string", "virtual size of the image, e.g. 4096M"),
         "accelerator": ("string", "kvm or tcg; empty: kvm if /dev/kvm exists, else tcg"),
-        "cpu_model": (
-            "string",
-            "qemu -cpu: host under KVM, max without the fast-string flags under TCG (EL 9 needs x86-64-v2)",
-        ),
+        "cpu_model": ("string", f"{CPU_MODEL_HELP} (EL 9 needs x86-64-v2)"),
         "headless": ("bool", "run qemu without a window"),
     }
     variables = packer_template.variables(base, descriptions)

@@ -12,6 +12,8 @@ from __future__ import annotations
 # erms, 32.5 s without both; with them a module load once stalled a CPU for 21 s in clear_page_erms).
 # KVM guests get the host's CPU as it is.
 TCG_CPU = "max,erms=off,fsrm=off"
+# The Packer templates' description of their cpu_model variable.
+CPU_MODEL_HELP = "qemu -cpu: host under KVM, max without the fast-string flags under TCG"
 
 
 def cpu_model(accelerator: str) -> str:

@@ -35,6 +35,7 @@ from stage4.config import MachineConfig
 from stage4.errors import StepFailed
 from stage4.fsutil import remove_tree, sha256_file
 from stage4.image import overlay as overlay_mod
+from stage4.machine.qemu_argv import CPU_MODEL_HELP
 from stage4.provisioning import ansible, attach, vm
 from stage4.runner import Runner
 
@@ -92,7 +93,7 @@ def _variables(values: Mapping[str, Setting]) -> list[Variable]:
         "memory": ("number", "memory of the layer's VM in MiB"),
         "disk_size": ("string", "the layer's virtual size: the base's (Packer must not resize it)"),
         "accelerator": ("string", "kvm or tcg; empty: kvm if /dev/kvm exists, else tcg"),
-        "cpu_model": ("string", "qemu -cpu: host under KVM, max without the fast-string flags under TCG"),
+        "cpu_model": ("string", CPU_MODEL_HELP),
         "headless": ("bool", "run qemu without a window"),
         "ssh_timeout": ("string", "how long to wait for the layer's SSH"),
     }
