@@ -37,3 +37,34 @@ def test_chroot_gets_build_settings_that_leave_with_it(tmp_path: Path) -> None:
     with attach.chroot_ready(bare, Runner()):
         assert not (bare / "etc/dpkg").exists()
     assert mounts_below(bare) == []
+
+
+def test_writable_attach_keeps_every_write(tmp_path: Path) -> None:
+    """The writable FUSE export ignores flushes and the layer file is synced once at the end: what was
+    written while attached must all be in the layer, and the qcow2 consistent (checked by qemu-img and
+    read back by debugfs, neither of which wrote it)."""
+    if (why := attach.chroot_unavailable()) is not None:
+        pytest.skip(why)
+    size = 64 << 20
+    fs, base, layer = tmp_path / "fs.raw", tmp_path / "base.qcow2", tmp_path / "layer.qcow2"
+    with fs.open("wb") as handle:
+        handle.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "SLX_SYS", fs], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", fs, base], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, layer], check=True)
+    data = os.urandom(24 << 20)
+    part = attach.RootPartition(offset=0, size=size, fs_type="ext4")
+    with attach.attached(layer, part, tmp_path / "attach", Runner(), writable=True) as root:
+        (root / "data").write_bytes(data)
+        os.sync()  # a flush the export ignores
+        (root / "after-sync").write_text("written after the flush\n")
+    assert mounts_below(tmp_path) == []
+    subprocess.run(["qemu-img", "check", "-q", layer], check=True)
+    raw = tmp_path / "layer.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", layer, raw], check=True)
+
+    def read_back(name: str) -> bytes:
+        return subprocess.run(["debugfs", "-R", f"cat /{name}", raw], capture_output=True, check=True).stdout
+
+    assert read_back("data") == data
+    assert read_back("after-sync") == b"written after the flush\n"

@@ -64,15 +64,21 @@ class RootPartition:
 
 @contextlib.contextmanager
 def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, step: str) -> Iterator[Path]:
-    """The qcow2 chain of `image` as one raw file at `mountpoint` while the context lasts."""
+    """The qcow2 chain of `image` as one raw file at `mountpoint` while the context lasts.
+
+    A writable export ignores flushes (the file system's journal commits, dpkg's syncs): each one would
+    be an fdatasync of the layer file, and a layer whose build did not finish is discarded anyway. The
+    layer file is synced once, after the daemon has written everything out and exited.
+    """
     mountpoint.parent.mkdir(parents=True, exist_ok=True)
     mountpoint.touch()
+    no_flush = ",cache.no-flush=on" if writable else ""
     argv = [
         "qemu-storage-daemon",
         "--blockdev",
-        f"driver=file,node-name=file,filename={image},aio=threads",
+        f"driver=file,node-name=file,filename={image},aio=threads{no_flush}",
         "--blockdev",
-        "driver=qcow2,node-name=disk,file=file",
+        f"driver=qcow2,node-name=disk,file=file{no_flush}",
         "--export",
         (
             f"type=fuse,id=export,node-name=disk,mountpoint={mountpoint},"
@@ -95,8 +101,18 @@ def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, s
         try:
             yield mountpoint
         finally:
-            # Flushed by the daemon on SIGTERM; the export is unmounted when it exits.
+            # The daemon writes its caches out on SIGTERM; the export is unmounted when it exits.
             os.sync()
+    if writable:
+        _fsync(image)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
