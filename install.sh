@@ -20,7 +20,7 @@ APT_PACKAGES=(
     openssl                    # password hashes for installer build users
     openssh-server rsync       # tests of exports to a remote store (a private sshd on loopback)
     debconf                    # debconf-set-selections checks rendered preseeds
-    kmod                       # modinfo: inspect checks which kernel each extra module was built for
+    kmod                       # modinfo: inspect checks each extra module's kernel; depmod: the tests check an index
     binutils                   # as, ld: a test's tiny kernel that prints GRUB-style escape codes
     gcc libc6-dev              # the mltk driver test compiles its fixture module's C program on the host
     busybox                    # stage-3 tests run the client's sh, tar, udhcpc and udhcpd on the host

@@ -21,6 +21,8 @@ import pytest
 from stage4 import api
 from stage4.errors import ConfigError, StepFailed
 from stage4.fsutil import mounts_below, sha256_file
+from stage4.image.partitions import partitions, raw_view
+from stage4.runner import Runner
 from tests.conftest import (
     STAGE4,
     BuiltImage,
@@ -153,6 +155,41 @@ def test_extracted_initramfs_has_the_fixture_module_for_the_image_kernel(
     assert "stage4test" in out.split("dracut modules:", 1)[1]
     assert f"lib/modules/{kernel}/" in out
     assert result.dev_manifest["artifacts"]["initramfs_dracut_modules"].count("stage4test") == 1
+
+
+def test_prod_takes_the_dev_module_index_which_equals_a_fresh_depmod(
+    layered: Layered, base_image: BuiltImage, tmp_path: Path
+) -> None:
+    """The prod layer's module index is the dev layer's (its module tree is the same), and it is what the
+    host's depmod makes of the prod image's module tree."""
+    kernel = base_image.manifest["kernel_versions"][-1]
+    assert layered.result.dev_manifest["artifacts"]["module_index"] == "modules-index.tar"
+    # The restore task reports "ok" when it took the dev layer's index, "changed" when it ran depmod.
+    logs = "".join(p.read_text() for p in sorted((layered.image_dir / "logs").glob("build-*.log")))
+    outcomes = re.findall(
+        r"TASK \[stage4_install_artifacts : Update the module dependencies of the image's kernel \(the dev "
+        r"layer's[^\n]*\n(?:[^\n]*\n)*?[\d:. ]*(ok|changed|skipping): \[",
+        logs,
+    )
+    assert outcomes and outcomes[-1] == "ok", outcomes
+    modules = f"lib/modules/{kernel}"
+    with raw_view(layered.result.image, Runner()) as raw:
+        (root_part,) = [p for p in partitions(raw, Runner())[1] if p.name == "SLX_SYS"]
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(
+            ["mount", "-o", f"ro,loop,offset={root_part.offset},sizelimit={root_part.size}", raw, mnt],
+            check=True,
+        )
+        try:
+            shutil.copytree(mnt / modules, tmp_path / "fresh" / modules, symlinks=True)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+    image_index = {p.name: p.read_bytes() for p in (tmp_path / "fresh" / modules).glob("modules.*")}
+    subprocess.run(["depmod", "-b", tmp_path / "fresh", kernel], check=True)
+    fresh_index = {p.name: p.read_bytes() for p in (tmp_path / "fresh" / modules).glob("modules.*")}
+    assert "extra/stage4hello.ko:" in image_index["modules.dep"].decode()
+    assert image_index == fresh_index
 
 
 def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered: Layered, base_image: BuiltImage) -> None:

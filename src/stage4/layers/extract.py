@@ -18,6 +18,7 @@ from stage4.runner import Runner
 
 # Where the dev layer's roles leave their results, inside the layer.
 OUT_IN_IMAGE = "/var/lib/stage4/out"
+MODULE_INDEX = "modules-index.tar"
 
 
 def extract(
@@ -39,6 +40,11 @@ def extract(
             relative = f"components/{name}/{artifact.path}"
             files[relative] = root / OUT_IN_IMAGE.lstrip("/") / relative
             components[name].append({**artifact.model_dump(mode="json"), "file": relative})
+    # The kernel's module index as depmod made it with the artifacts installed (stage4_install_artifacts),
+    # for the prod layer to reuse when its module tree is the same.
+    index = root / OUT_IN_IMAGE.lstrip("/") / MODULE_INDEX
+    if index.is_file():
+        files[MODULE_INDEX] = index
     for relative, source in files.items():
         if not source.is_file():
             raise StepFailed(step, f"the dev layer has no {source.relative_to(root)}", runner.log_path)
@@ -63,5 +69,6 @@ def extract(
         "initramfs": f"initrd.img-{kernel}",
         "initramfs_dracut_modules": facts["dracut_modules"],
         "components": components,
+        "module_index": MODULE_INDEX if index.is_file() else None,
         "files": sorted(files),
     }

@@ -2,10 +2,11 @@
 
 Nothing of the dev layer goes in but its artifacts: first the kernel packages are held (the dev run built
 the initramfs and the modules for that kernel), then the components' runtime packages and what the
-dracut modules need in the booted system (dnbd3-rootfs: dmsetup), the artifacts (modules with depmod,
-files at their destinations), the desktop and the mltk modules if configured, the user's prod playbooks,
-then the shipped cleanup role. A layer whose kernels are not exactly the dev run's
-fails (kernel_guard.py); else the overlay is flattened into one standalone zstd qcow2 (what xloop reads).
+dracut modules need in the booted system (dnbd3-rootfs: dmsetup), the artifacts (modules with the dev
+layer's module index, or depmod where the module tree differs; files at their destinations), the desktop
+and the mltk modules if configured, the user's prod playbooks, then the shipped cleanup role. A layer
+whose kernels are not exactly the dev run's fails (kernel_guard.py); else the overlay is flattened into
+one standalone zstd qcow2 (what xloop reads).
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class ProdRun(LayerRun):
             # what the initramfs's modules need in the booted system (the stage4_packages role's map)
             "stage4_dracut_modules": list(ctx.image.initramfs.dracut_modules),
             "stage4_artifacts": self.to_install,
+            "stage4_module_index": (
+                f"{self.artifacts_dir}/{artifacts['module_index']}" if artifacts.get("module_index") else ""
+            ),
             "stage4_mltk": mltk_plan.install_vars(mltk, self.artifacts_dir),
         }
         roles = ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"]
