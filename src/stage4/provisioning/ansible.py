@@ -59,8 +59,10 @@ class Target:
 
 def play(name: str, roles: list[str], gather_facts: bool = True) -> Play:
     """One play of stage4's roles. Facts gathered by an earlier play of the same run stay known, so the
-    later plays need not gather them again (a few seconds each in a chroot)."""
-    return {"name": name, "hosts": "all", "gather_facts": gather_facts, "roles": roles}
+    later plays need not gather them again (a few seconds each in a chroot). stage4's roles read only the
+    package manager and the distribution's version: the minimal subset has them."""
+    facts = {"gather_facts": gather_facts, "gather_subset": ["min"]}
+    return {"name": name, "hosts": "all", **facts, "roles": roles}
 
 
 def site(before: list[Play], playbooks: list[Path], after: list[Play]) -> list[Play]:
