@@ -286,6 +286,14 @@ def test_bad_inputs_name_layer_step_and_log_and_keep_the_image(
         "Deliberately failing task",
     )
 
+    # A package the distribution does not have: apt-get's own reason, not only its exit status.
+    failing(
+        config_with({**layered_image_config(project), "prod": {"packages": ["stage4-no-such-package"]}}),
+        "prod: provision (chroot)",
+        "Install the layer's packages (apt)",
+        "Unable to locate package stage4-no-such-package",
+    )
+
     tarball = tmp_path / "src.tar.gz"
     subprocess.run(["tar", "-czf", str(tarball), "-C", str(project / "component"), "."], check=True)
     wrong = layered_image_config(project)

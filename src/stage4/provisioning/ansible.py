@@ -152,7 +152,12 @@ def _message(fatal: str) -> str:
     """The `msg` of a task result (`fatal: [host]: FAILED! => {...}`), else the line as it is."""
     _, _, result = fatal.partition(" => ")
     try:
-        message = json.loads(result).get("msg")
+        parsed = json.loads(result)
+        message, stderr = parsed.get("msg"), parsed.get("stderr")
     except (ValueError, AttributeError):
         return fatal
-    return message if isinstance(message, str) and message else fatal
+    if not (isinstance(message, str) and message):
+        return fatal
+    # A command's own reason (apt-get: "E: Unable to locate package ...") says more than its exit status.
+    reason = [line for line in stderr.splitlines() if line.strip()] if isinstance(stderr, str) else []
+    return f"{message}: {reason[-1].strip()}" if reason else message
