@@ -43,7 +43,8 @@ def extract(
     # The kernel's module index as depmod made it with the artifacts installed (stage4_install_artifacts),
     # for the prod layer to reuse when its module tree is the same.
     index = root / OUT_IN_IMAGE.lstrip("/") / MODULE_INDEX
-    if index.is_file():
+    has_index = index.is_file()
+    if has_index:
         files[MODULE_INDEX] = index
     for relative, source in files.items():
         if not source.is_file():
@@ -69,6 +70,6 @@ def extract(
         "initramfs": f"initrd.img-{kernel}",
         "initramfs_dracut_modules": facts["dracut_modules"],
         "components": components,
-        "module_index": MODULE_INDEX if index.is_file() else None,
+        "module_index": MODULE_INDEX if has_index else None,
         "files": sorted(files),
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stage4.errors import StepFailed
-from stage4.fsutil import mounts_below
+from stage4.fsutil import fsync_path, mounts_below
 from stage4.runner import Runner
 
 EXPORT_WAIT_SECONDS = 30
@@ -104,15 +104,7 @@ def fuse_export(image: Path, mountpoint: Path, runner: Runner, writable: bool, s
             # The daemon writes its caches out on SIGTERM; the export is unmounted when it exits.
             os.sync()
     if writable:
-        _fsync(image)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync_path(image)
 
 
 @contextlib.contextmanager
