@@ -103,11 +103,13 @@ def test_a_base_with_two_kernels_keeps_both(tmp_path: Path) -> None:
         kernel_guard.check(tmp_path, KERNEL, "prod: check", Runner(), [old, KERNEL])
 
 
-def test_the_hold_role_loads(tmp_path: Path) -> None:
-    """Ansible loads the role (its argument splitter rejects, e.g., an unbalanced quote in a shell
-    comment)."""
+def test_the_roles_load(tmp_path: Path) -> None:
+    """Ansible loads every shipped role (its argument splitter rejects, e.g., an unbalanced quote in a
+    shell comment)."""
+    roles = sorted(p.name for p in ansible.ROLES_DIR.iterdir() if (p / "tasks/main.yml").is_file())
+    assert "stage4_kernel_hold" in roles
     playbook = tmp_path / "site.yml"
-    playbook.write_text("- hosts: all\n  roles: [stage4_kernel_hold]\n")
+    playbook.write_text(f"- hosts: all\n  roles: {roles}\n")
     out = subprocess.run(
         [ansible.ansible_playbook(), "--syntax-check", "-i", "localhost,", str(playbook)],
         check=False,

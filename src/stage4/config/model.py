@@ -92,8 +92,9 @@ class LayerConfig(Strict):
     playbooks: tuple[Playbook, ...] = Field(
         (),
         description="Ansible playbooks run in this layer, in order "
-        "(relative to the project file; target hosts: all; stage4's own plays gather only the minimal "
-        "facts, so a playbook that needs more keeps its fact gathering on)",
+        "(relative to the project file; target hosts: all; stage4's own plays gather no facts, so a "
+        "playbook that needs them keeps its fact gathering on; every play is given "
+        "stage4_package_manager and stage4_distribution_release)",
     )
     packages: tuple[PackageName, ...] = Field((), description="packages installed before the playbooks")
     vars: dict[str, Any] = Field(default_factory=dict, description="variables passed to the playbooks")

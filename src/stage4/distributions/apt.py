@@ -28,6 +28,7 @@ FILESYSTEM_TOOLS = {"ext4": "e2fsprogs", "btrfs": "btrfs-progs", "xfs": "xfsprog
 
 
 class AptDistribution(Distribution):
+    package_manager = "apt"
     bootstrappable = True
     codename: ClassVar[str] = ""
     default_mirror: ClassVar[str] = ""

@@ -21,6 +21,9 @@ class Distribution:
     family: ClassVar[str] = ""
     release: ClassVar[str] = ""
     pretty_name: ClassVar[str] = ""
+    # Ansible's name of the release's package manager (its `pkg_mgr` fact), which stage4's roles are given
+    # instead of gathering facts.
+    package_manager: ClassVar[str] = ""
     # Only apt-based releases can be bootstrapped with mmdebstrap; the others need an installer (Packer).
     bootstrappable: ClassVar[bool] = False
 

@@ -22,6 +22,7 @@ _EFI_BOOT = (
 
 
 class Kickstart(Distribution):
+    package_manager = "dnf"
     installer = "kickstart"
     answer_template = "kickstart.cfg.j2"
     boot_command = _BIOS_BOOT
@@ -59,6 +60,7 @@ class CentOS(Kickstart):
 class CentOS7(CentOS):
     name = "centos-7"
     release = "7"
+    package_manager = "yum"
     pretty_name = "CentOS 7.9 (2009, end of life)"
     kickstart_version = "RHEL7"
     environment_group = "@^minimal"

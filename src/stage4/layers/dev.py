@@ -105,8 +105,7 @@ class DevRun(LayerRun):
             "stage4_out": OUT_IN_IMAGE,
             "stage4_packages": list(layer.packages),
             "stage4_components": self.components,
-            "stage4_artifacts": installs(in_layer, f"{OUT_IN_IMAGE}/"),
-            "stage4_artifacts_in_layer": True,
+            "stage4_artifacts": installs(in_layer, f"{OUT_IN_IMAGE}/", self.kernel),
             "stage4_mltk": self.mltk or {"modules": []},
             "stage4_initramfs": {
                 "tarball": str(self.initramfs_tar),
@@ -115,7 +114,7 @@ class DevRun(LayerRun):
                 "script_args": list(image.initramfs.script_args),
             },
         }
-        mltk_play = ansible.play("stage4 dev: mltk modules", ["stage4_mltk_build"], gather_facts=False)
+        mltk_play = ansible.play("stage4 dev: mltk modules", ["stage4_mltk_build"])
         plays = ansible.site(
             [ansible.play("stage4 dev: packages", ["stage4_packages"])],
             list(layer.playbooks),
@@ -123,10 +122,9 @@ class DevRun(LayerRun):
                 ansible.play(
                     "stage4 dev: components",
                     ["stage4_components", "stage4_install_artifacts"],
-                    gather_facts=False,
                 ),
                 *([mltk_play] if self.mltk else []),
-                ansible.play("stage4 dev: initramfs", ["stage4_initramfs"], gather_facts=False),
+                ansible.play("stage4 dev: initramfs", ["stage4_initramfs"]),
             ],
         )
         self.provision_with(plays, variables)
@@ -179,10 +177,17 @@ class DevRun(LayerRun):
         }
 
 
-def installs(artifacts: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    """What the install role needs of each artifact; `prefix` locates the files (host or layer)."""
+def installs(artifacts: list[dict[str, Any]], prefix: str, kernel: str) -> list[dict[str, Any]]:
+    """Where each artifact goes, with its mode; `prefix` locates the files (host or layer). Modules go
+    into the kernel's extra/ folder."""
+    extra = f"/lib/modules/{kernel}/extra"
     return [
-        {"src": prefix + a["file"], "kind": a["kind"], "dest": a["dest"], "mode": a["mode"]}
+        {
+            "src": prefix + a["file"],
+            "kind": a["kind"],
+            "dest": a["dest"] if a["kind"] == "file" else f"{extra}/{Path(a['file']).name}",
+            "mode": a["mode"] if a["kind"] == "file" else "0644",
+        }
         for a in artifacts
     ]
 

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from stage4 import distributions
 from stage4.config import LayerConfig
 from stage4.fsutil import remove_tree
 from stage4.image import overlay
@@ -22,7 +23,7 @@ from stage4.layers.layer_steps import (
     fresh_work_dir,
     provision_layer,
 )
-from stage4.provisioning import attach
+from stage4.provisioning import ansible, attach
 from stage4.timing import timed
 
 if TYPE_CHECKING:
@@ -70,6 +71,10 @@ class LayerRun:
         overlay.create(base, self.overlay, self.runner, self.step("create overlay"))
 
     def provision_with(self, plays: list[dict[str, Any]], variables: dict[str, Any]) -> None:
+        variables = {
+            **variables,
+            **ansible.distribution_facts(distributions.get(self.ctx.image.distribution)),
+        }
         with timed(self.timings, "provision"):
             provision_layer(
                 self.ctx, self.base_manifest, self.name, self.layer, self.overlay, plays, variables, self.work

@@ -2,16 +2,19 @@
 
 Nothing of the dev layer goes in but its artifacts: first the kernel packages are held (the dev run built
 the initramfs and the modules for that kernel), then the components' runtime packages and what the
-dracut modules need in the booted system (dnbd3-rootfs: dmsetup), the artifacts (modules with the dev
-layer's module index, or depmod where the module tree differs; files at their destinations), the desktop
-and the mltk modules if configured, the user's prod playbooks, then the shipped cleanup role. A layer
-whose kernels are not exactly the dev run's fails (kernel_guard.py); else the overlay is flattened into
-one standalone zstd qcow2 (what xloop reads).
+dracut modules need in the booted system (dnbd3-rootfs: dmsetup), the artifacts in one archive (modules
+with the dev layer's module index, or depmod where the module tree differs; files at their destinations),
+the desktop and the mltk modules if configured, the user's prod playbooks, then the shipped cleanup role.
+A layer whose kernels are not exactly the dev run's fails (kernel_guard.py); else the overlay is
+flattened into one standalone zstd qcow2 (what xloop reads).
 """
 
 from __future__ import annotations
 
+import os
+import tarfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stage4.config import ImageConfig
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from stage4.context import Context
 
 PROD_IMAGE = "prod.qcow2"
+ARTIFACTS_SCRIPT = ansible.ROLES_DIR / "stage4_install_artifacts/files/artifacts.sh"
 
 
 def identity(image: ImageConfig, base_manifest: dict[str, Any], dev_manifest: dict[str, Any]) -> str:
@@ -71,7 +75,12 @@ class ProdRun(LayerRun):
         self.to_install = installs(
             [a for name in sorted(artifacts["components"]) for a in artifacts["components"][name]],
             f"{self.artifacts_dir}/",
+            self.kernel,
         )
+        index = self.artifacts_dir / artifacts["module_index"] if artifacts.get("module_index") else None
+        installer = self.work / "artifacts.sh"
+        if self.to_install:
+            write_artifacts_installer(self.to_install, index, installer)
         runtime = {p for c in ctx.image.components.values() for p in c.runtime_packages}
         # mltk's REQUIRED_CONTENT_PACKAGES: real packages here (the image is a real distribution), and
         # busybox when the modules' scripts need its ash.
@@ -85,10 +94,7 @@ class ProdRun(LayerRun):
             "stage4_packages": self.packages_requested,
             # what the initramfs's modules need in the booted system (the stage4_packages role's map)
             "stage4_dracut_modules": list(ctx.image.initramfs.dracut_modules),
-            "stage4_artifacts": self.to_install,
-            "stage4_module_index": (
-                f"{self.artifacts_dir}/{artifacts['module_index']}" if artifacts.get("module_index") else ""
-            ),
+            "stage4_artifacts_installer": str(installer) if self.to_install else "",
             "stage4_mltk": mltk_plan.install_vars(mltk, self.artifacts_dir),
         }
         roles = ["stage4_kernel_hold", "stage4_packages", "stage4_install_artifacts"]
@@ -103,7 +109,7 @@ class ProdRun(LayerRun):
         plays = ansible.site(
             [ansible.play("stage4 prod: packages, artifacts, desktop, mltk modules", roles)],
             list(layer.playbooks),
-            [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"], gather_facts=False)],
+            [ansible.play("stage4 prod: cleanup", ["stage4_cleanup"])],
         )
         self.provision_with(plays, variables)
 
@@ -157,3 +163,29 @@ class ProdRun(LayerRun):
             "files": files,
             "timings_seconds": self.timings,
         }
+
+
+def write_artifacts_installer(to_install: list[dict[str, Any]], index: Path | None, target: Path) -> None:
+    """The role's artifacts.sh with the archive of the prod layer's artifacts appended after the line
+    __STAGE4_ARCHIVE__, for `artifacts.sh unpack`: one transfer into the layer, no Python started there.
+    Each file is under files/ at its destination with its mode, owned by root, without folder entries (the
+    image's folders keep their modes); the dev layer's module index is modules-index.tar."""
+
+    def add(archive: tarfile.TarFile, source: Path, name: str, mode: int) -> None:
+        info = tarfile.TarInfo(name)
+        stat = source.stat()
+        info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), mode
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        with source.open("rb") as data:
+            archive.addfile(info, data)
+
+    with target.open("wb") as out:
+        out.write(ARTIFACTS_SCRIPT.read_bytes() + b"__STAGE4_ARCHIVE__\n")
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+            for artifact in to_install:
+                name = "files/" + os.path.normpath(artifact["dest"]).lstrip("/")
+                add(archive, Path(artifact["src"]), name, int(artifact["mode"], 8))
+            if index:
+                add(archive, index, "modules-index.tar", 0o600)
+    target.chmod(0o755)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stage4.distributions import Distribution
 from stage4.errors import StepFailed
 from stage4.runner import Runner
 
@@ -57,12 +58,18 @@ class Target:
         return {"all": {"hosts": {"layer": host}}}
 
 
-def play(name: str, roles: list[str], gather_facts: bool = True) -> Play:
-    """One play of stage4's roles. Facts gathered by an earlier play of the same run stay known, so the
-    later plays need not gather them again (a few seconds each in a chroot). stage4's roles read only the
-    package manager and the distribution's version: the minimal subset has them."""
-    facts = {"gather_facts": gather_facts, "gather_subset": ["min"]}
-    return {"name": name, "hosts": "all", **facts, "roles": roles}
+def play(name: str, roles: list[str]) -> Play:
+    """One play of stage4's roles. They gather no facts (most of a second in a chroot): what they read of
+    the system, its package manager and release, stage4 knows from the config (`distribution_facts`)."""
+    return {"name": name, "hosts": "all", "gather_facts": False, "roles": roles}
+
+
+def distribution_facts(distribution: type[Distribution]) -> dict[str, str]:
+    """What stage4's roles know of the system they run on, as variables."""
+    return {
+        "stage4_package_manager": distribution.package_manager,
+        "stage4_distribution_release": distribution.release,
+    }
 
 
 def site(before: list[Play], playbooks: list[Path], after: list[Play]) -> list[Play]:
