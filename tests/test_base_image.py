@@ -103,6 +103,37 @@ def test_base_holds_what_ansible_needs_and_no_compiler(base_image: BuiltImage, r
     assert set(base_image.manifest["packages"]) == installed
 
 
+def test_documentation_is_left_out_and_stays_out(raw_copy: Path, tmp_path: Path) -> None:
+    """dpkg's path filters held for every package, the essential ones that mmdebstrap extracts before
+    dpkg runs as well (bootstrap.extract_script), and stay in the image for the layers' packages."""
+    entry = root_entry(sfdisk(raw_copy), "SLX_SYS")
+
+    def regular(path: Path) -> bool:  # dpkg's filters leave symlinks (e.g. doc/openssh-server) in place
+        return path.is_file() and not path.is_symlink()
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    options = f"ro,loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
+    subprocess.run(["mount", "-o", options, raw_copy, mnt], check=True)
+    try:
+        share = mnt / "usr/share"
+        found = {
+            folder: sorted(str(p.relative_to(share)) for p in (share / folder).rglob("*") if regular(p))
+            for folder in ("man", "info", "doc", "locale")
+        }
+        filters = (mnt / "etc/dpkg/dpkg.cfg.d/99mmdebstrap").read_text()
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    assert found["man"] == []
+    assert found["info"] in ([], ["info/dir"])  # install-info's index, made by its trigger, not unpacked
+    assert set(found["locale"]) <= {"locale/locale.alias"}  # (the package `locales` is not in the base)
+    assert {Path(p).name for p in found["doc"]} == {"copyright"}
+    # among them those of essential packages (coreutils, bash) and of the others (python3, openssh)
+    assert {"doc/coreutils/copyright", "doc/bash/copyright", "doc/python3/copyright"} <= set(found["doc"])
+    assert "path-exclude=/usr/share/doc/*\npath-exclude=/usr/share/info/*" in filters
+    assert "path-include=/usr/share/doc/*/copyright" in filters
+
+
 def test_no_password_and_no_shared_host_keys(raw_copy: Path) -> None:
     offset = root_entry(sfdisk(raw_copy), "SLX_SYS")["start"] * 512
     shadow = debugfs(raw_copy, offset, "cat /etc/shadow")

@@ -24,6 +24,9 @@ from stage4.runner import Runner
 DRACUT_DIVERT = "/usr/bin/dracut.stage4-deferred"
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
 DPKG_INCLUDES = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
+# Where they stay in force in the image (for the layers' packages too): the file mmdebstrap's --dpkgopt
+# would write.
+DPKG_FILTERS = "etc/dpkg/dpkg.cfg.d/99mmdebstrap"
 # The chroot's package folder in an mmdebstrap hook (its first argument is the root).
 IN_ROOT_ARCHIVES = '"$1"/var/cache/apt/archives'
 
@@ -163,6 +166,29 @@ def customize_script(initramfs_cache: Path) -> str:
         """)
 
 
+def extract_script() -> str:
+    """Run on the tree (as $1) right after mmdebstrap extracted the essential packages: dpkg's path filters,
+    which every later unpack applies (the essential packages are unpacked once more by dpkg), and what
+    they leave out removed from the extraction. Given as --dpkgopt instead, the filters would make
+    mmdebstrap pipe every essential package through its Python tar filter: 10-11 s instead of 5."""
+    lines = ["set -eu", f"cat > \"$1\"/{DPKG_FILTERS} <<'FILTERS'"]
+    lines += [f"path-exclude={pattern}" for pattern in DPKG_EXCLUDES]
+    lines += [f"path-include={pattern}" for pattern in DPKG_INCLUDES]
+    lines.append("FILTERS")
+    for pattern in DPKG_EXCLUDES:  # each "/folder/*"; dpkg's * also matches "/", as find's -path does
+        folder = '"$1"' + shlex.quote(pattern.removesuffix("/*"))
+        kept = "".join(
+            f' ! -path "$1"{shlex.quote(include)}'
+            for include in DPKG_INCLUDES
+            if include.startswith(pattern[:-1])
+        )
+        lines.append(
+            f"if [ -d {folder} ]; then find {folder} -mindepth 1 ! -type d{kept} -delete; "
+            f"find {folder} -mindepth 1 -depth -type d -empty -delete; fi"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def essential_script() -> str:
     return (
         f'chroot "$1" dpkg-divert --quiet --local --rename --add --divert {DRACUT_DIVERT} /usr/bin/dracut\n'
@@ -173,7 +199,8 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
     """Bootstrap into `rootfs`; downloaded packages and built initramfs images are kept in `cache_dir`."""
     staging = work / "staging"
     stage_files(plan, staging)
-    essential, customize = work / "essential.sh", work / "customize.sh"
+    extract, essential, customize = work / "extract.sh", work / "essential.sh", work / "customize.sh"
+    extract.write_text(extract_script(), encoding="utf-8")
     essential.write_text(essential_script(), encoding="utf-8")
     customize.write_text(customize_script(cache_dir / "initramfs"), encoding="utf-8")
     apt_cache = cache_dir / "apt" / plan.distribution.name
@@ -186,12 +213,11 @@ def run_mmdebstrap(plan: BootstrapPlan, rootfs: Path, work: Path, cache_dir: Pat
         f"--include={','.join(plan.packages())}",
         *([f"--keyring={plan.distribution.keyring}"] if plan.distribution.keyring else []),
         '--aptopt=Acquire::Retries "3"',
-        *[f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES],
-        *[f"--dpkgopt=path-include={pattern}" for pattern in DPKG_INCLUDES],
         # Keep downloaded packages between builds: a rebuild with one more package downloads one package.
         "--skip=essential/unlink",
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
         f"--setup-hook={link_debs(shlex.quote(str(apt_cache)), IN_ROOT_ARCHIVES)}",
+        f'--extract-hook=sh {extract} "$1"',
         f'--essential-hook=sh {essential} "$1"',
         f"--customize-hook=sync-in {staging} /",
         f'--customize-hook=sh {customize} "$1"',
