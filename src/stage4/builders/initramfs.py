@@ -27,9 +27,11 @@ from typing import TypedDict
 
 # dracut's own compression (gzip -9, one core) is 90 % of its time; the image is compressed on the host
 # instead, with multi-threaded zstd (smaller, and Debian's and Ubuntu's kernels read it). No early
-# microcode cpio: the result must be one archive to compress whole.
+# microcode cpio: the result must be one archive to compress whole. zstd's default level: this
+# initramfs boots the image from its own disk only (clients get the dev run's), and on Debian 12's
+# 128 MiB cpio level 9 took 1.67 s for 32.8 MB, level 3 0.37 s for 37.3 MB.
 DRACUT_ARGS = ("--force", "--no-hostonly", "--no-compress", "--no-early-microcode")
-COMPRESS = ("zstd", "-q", "-T0", "-9")
+COMPRESS = ("zstd", "-q", "-T0", "-3")
 # Where dracut looks for what to include, beyond the files it was asked for by name.
 # (systemd units are not here: dracut installs them by name, so they are among the listed contents.)
 DRACUT_INPUT_DIRS = (
