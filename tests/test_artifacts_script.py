@@ -9,16 +9,15 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from stage4.layers.prod import write_artifacts_installer
-from stage4.provisioning.ansible import ROLES_DIR
+from stage4.layers.prod import ARTIFACTS_SCRIPT, write_artifacts_installer
 from tests.conftest import require
 
-SCRIPT = ROLES_DIR / "stage4_install_artifacts/files/artifacts.sh"
 KERNEL = "6.1.0-0-stage4test"
 
 
 def artifacts_sh(*args: object) -> str:
-    return subprocess.run(["sh", SCRIPT, *map(str, args)], capture_output=True, text=True, check=True).stdout
+    argv = ["sh", ARTIFACTS_SCRIPT, *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
 
 def test_module_index_is_reused_only_for_the_same_module_tree(tmp_path: Path) -> None:

@@ -82,8 +82,9 @@ case $action in
         tail -n "+$((line + 1))" "$0" > "$work/artifacts.tar"
         # The archive has no folder entries: folders that exist keep their modes, missing ones are made.
         tar -C "${root:-/}" -xpf "$work/artifacts.tar" --strip-components=1 files
-        if tar -tf "$work/artifacts.tar" | grep -q "^files/lib/modules/$kver/"; then
-            if tar -tf "$work/artifacts.tar" modules-index.tar > /dev/null 2>&1; then
+        members=$(tar -tf "$work/artifacts.tar")
+        if printf '%s\n' "$members" | grep -q "^files/lib/modules/$kver/"; then
+            if printf '%s\n' "$members" | grep -qx modules-index.tar; then
                 tar -C "$work" -xf "$work/artifacts.tar" modules-index.tar
             fi
             restore "$work/modules-index.tar"
