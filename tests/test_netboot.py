@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,39 @@ def test_relay_counts_what_the_client_reads(tmp_path: Path) -> None:
                 assert sock.recv(1) == b""  # a server that is down: the connection ends
         finally:
             down.close()
+
+
+def test_bridge_sends_to_the_guest_without_delay(tmp_path: Path) -> None:
+    """qemu runs the bridge with its end of the guest's connection, a TCP socket on loopback, as stdin and
+    stdout. The bridge turns Nagle's algorithm off on it: with it on, the tail of a reply that arrived in
+    two parts waited for qemu's delayed ACK, 40 ms, about once in six DNBD3 requests of a netboot."""
+    bridge = tmp_path / "bridge.py"
+    bridge.write_text(guest_network.BRIDGE, encoding="utf-8")
+    with socket.create_server(("127.0.0.1", 0)) as upstream, socket.create_server(("127.0.0.1", 0)) as pair:
+        qemu_end = socket.create_connection(pair.getsockname())
+        bridge_end, _ = pair.accept()
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(bridge), str(upstream.getsockname()[1])],
+            stdin=bridge_end,
+            stdout=bridge_end,
+        )
+        try:
+            server, _ = upstream.accept()
+            with server, qemu_end:
+                qemu_end.sendall(b"request")
+                assert server.recv(100) == b"request"
+                server.sendall(b"head")
+                server.sendall(b"tail")
+                received = b""
+                while len(received) < 8:
+                    received += qemu_end.recv(100)
+                assert received == b"headtail"
+                # the socket the bridge got is this one: its options are the bridge's
+                assert bridge_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            bridge_end.close()
+            process.wait(timeout=10)
+    assert process.returncode == 0
 
 
 def test_revision_lookup_and_missing_files(tmp_path: Path) -> None:
