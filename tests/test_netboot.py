@@ -157,7 +157,8 @@ def test_bridge_sends_to_the_guest_without_delay(tmp_path: Path) -> None:
     bridge = tmp_path / "bridge.py"
     bridge.write_text(guest_network.BRIDGE, encoding="utf-8")
     with socket.create_server(("127.0.0.1", 0)) as upstream, socket.create_server(("127.0.0.1", 0)) as pair:
-        qemu_end = socket.create_connection(pair.getsockname())
+        upstream.settimeout(10)  # a bridge that fails to start fails the test instead of hanging it
+        qemu_end = socket.create_connection(pair.getsockname(), timeout=10)
         bridge_end, _ = pair.accept()
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", str(bridge), str(upstream.getsockname()[1])],

@@ -13,10 +13,10 @@ from pathlib import Path
 
 # Per guest connection qemu runs this with the guest's TCP stream on stdin/stdout and passes it to
 # 127.0.0.1:PORT. It must never print: its stderr goes into the guest's stream as well. Its stdin/stdout
-# is qemu's end of a TCP connection on loopback (libslirp's socket pair), on which neither side would send
-# at once otherwise: Nagle held back the tail of a reply that came in two parts until qemu's delayed ACK
-# (40 ms), and qemu's second request in a row waited for the bridge's (QUICKACK, set again after every
-# read): together about one DNBD3 request in six of a netboot.
+# is qemu's end of a TCP connection on loopback (libslirp's socket pair). Without TCP_NODELAY on it, Nagle
+# held back the tail of a reply that came in two parts until qemu's delayed ACK (40 ms); without
+# TCP_QUICKACK (which the kernel clears, so it is set again after every read), qemu's second request in a
+# row waited for the bridge's delayed ACK. Together: about one DNBD3 request in six of a netboot.
 BRIDGE = """\
 import select, socket, sys
 guest = socket.socket(fileno=0)
