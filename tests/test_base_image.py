@@ -148,6 +148,30 @@ def test_no_password_and_no_shared_host_keys(raw_copy: Path) -> None:
     assert re.search(r"^PARTLABEL=SLX_SYS\s+/\s+ext4\s", fstab, re.M)
 
 
+def test_a_machine_offered_no_host_keys_makes_its_own(raw_copy: Path, tmp_path: Path) -> None:
+    """A real client has no fw_cfg: the base's host-key script, run in the image, generates the set that
+    `ssh-keygen -A` makes (on a tmpfs over the read-only image's /etc/ssh)."""
+    entry = root_entry(sfdisk(raw_copy), "SLX_SYS")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    options = f"ro,loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
+    subprocess.run(["mount", "-o", options, raw_copy, mnt], check=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mnt / "etc/ssh"], check=True)
+        try:
+            made = subprocess.run(
+                ["chroot", mnt, "/bin/sh", "/usr/lib/stage4/ssh-host-keys.sh"], capture_output=True, text=True
+            )
+            names = {p.name for p in (mnt / "etc/ssh").iterdir()}
+        finally:
+            subprocess.run(["umount", mnt / "etc/ssh"], check=True)
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    assert made.returncode == 0, made.stderr
+    kinds = ("rsa", "ecdsa", "ed25519")
+    assert names == {f"ssh_host_{kind}_key{suffix}" for kind in kinds for suffix in ("", ".pub")}
+
+
 def test_manifest_describes_the_image(base_image: BuiltImage) -> None:
     manifest = base_image.manifest
     assert re.fullmatch(r"[0-9a-f]{64}", manifest["identity"])
@@ -236,3 +260,5 @@ def test_boots_with_uefi_firmware(base_image: BuiltImage) -> None:
     log = result.serial_log.read_text(errors="replace")
     assert f"STAGE4-USERSPACE-UP {result.marker}" in log
     assert "EFI" in log
+    # sshd came up with the host key stage4 made for this boot on the host, not with one made in the guest
+    assert f"ssh_ed25519={result.ssh_host_key}" in log

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from stage4.boot import screen
 from stage4.errors import StepFailed
+from stage4.machine import ssh_host_keys
 from stage4.machine.qemu_argv import headless_argv
 from stage4.runner import Runner
 
@@ -70,6 +71,7 @@ class BootResult:
     display_manager: str | None = None  # the active display manager's unit, on desktop images
     screenshot_colours: int | None = None
     module_units: dict[str, str] = field(default_factory=dict)  # mltk images: unit -> ActiveState/Result
+    ssh_host_key: str = ""  # the fingerprint of the ed25519 host key offered to the guest (ssh_host_keys)
 
 
 def _format(image: Path) -> str:
@@ -130,7 +132,13 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
         tempfile.TemporaryDirectory(prefix="stage4-qmp-") as tmp,
         spec.serial_log.open("w", encoding="utf-8", errors="replace") as log,
         runner.background(
-            build_argv(spec, nonce, Path(tmp) / "qmp.sock"), step="boot", grace=5, on_line=on_line
+            [
+                *build_argv(spec, nonce, Path(tmp) / "qmp.sock"),
+                *ssh_host_keys.fw_cfg_argv(Path(tmp), runner, step="boot"),
+            ],
+            step="boot",
+            grace=5,
+            on_line=on_line,
         ) as process,
     ):
         seen_at = None
@@ -165,8 +173,17 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
         while process.running() and time.monotonic() < deadline:
             time.sleep(0.5)
         powered_off = not process.running()
+        offered = ssh_host_keys.fingerprint(Path(tmp))
     return BootResult(
-        seen_at, spec.accelerator, spec.serial_log, nonce, powered_off, display_manager, colours, module_units
+        seen_at,
+        spec.accelerator,
+        spec.serial_log,
+        nonce,
+        powered_off,
+        display_manager,
+        colours,
+        module_units,
+        offered,
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stage4.errors import StepFailed
+from stage4.machine import ssh_host_keys
 from stage4.machine.qemu_argv import headless_argv
 from stage4.provisioning import attach
 from stage4.provisioning.ansible import BUILD_KEY_COMMENT, BUILD_USER, Target
@@ -153,9 +154,9 @@ def running(
         port, nonce = free_port(), secrets.token_hex(8)
         marker = re.compile(rf"STAGE4-USERSPACE-UP {nonce}")
         qmp = Path(sockets) / "qmp.sock"
-        with runner.background(
-            qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce, qmp), step=step, grace=10
-        ) as vm:
+        host_keys = ssh_host_keys.fw_cfg_argv(Path(sockets), runner, step)
+        argv = [*qemu_argv(overlay, accelerator, cpus, memory_mib, port, nonce, qmp), *host_keys]
+        with runner.background(argv, step=step, grace=10) as vm:
             started = time.monotonic()
             while not any(marker.search(line) for line in list(vm.lines)):
                 if not vm.running():
