@@ -11,6 +11,7 @@ import pytest
 
 from stage4 import api
 from stage4.fsutil import sha256_file
+from stage4.provisioning.ansible import ROLES_DIR
 from tests.conftest import BuiltImage, run_stage4
 
 pytestmark = pytest.mark.slow
@@ -170,6 +171,48 @@ def test_a_machine_offered_no_host_keys_makes_its_own(raw_copy: Path, tmp_path: 
     assert made.returncode == 0, made.stderr
     kinds = ("rsa", "ecdsa", "ed25519")
     assert names == {f"ssh_host_{kind}_key{suffix}" for kind in kinds for suffix in ("", ".pub")}
+
+
+def test_cleanup_leaves_a_way_to_host_keys_where_ssh_makes_none(
+    base_image: BuiltImage, tmp_path: Path
+) -> None:
+    """The prod layer's cleanup removes the host keys. On a base without stage4-ssh-host-keys.service (a
+    Debian or Ubuntu install by Packer), it gives ssh.service a drop-in that makes them before sshd starts;
+    on a bootstrap base it leaves the base's own drop-in alone."""
+    raw = tmp_path / "base.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", base_image.path, raw], check=True)
+    entry = root_entry(sfdisk(raw), "SLX_SYS")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    dropin = mnt / "etc/systemd/system/ssh.service.d/stage4-host-keys.conf"
+    script = (ROLES_DIR / "stage4_cleanup/files/cleanup.sh").read_text()
+
+    def cleanup() -> None:
+        subprocess.run(
+            ["chroot", mnt, "/bin/sh", "-s", "--", "", "no-such-key"], input=script, text=True, check=True
+        )
+
+    options = f"loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
+    subprocess.run(["mount", "-o", options, raw, mnt], check=True)
+    try:
+        ours = dropin.read_text()
+        cleanup()
+        kept = dropin.read_text()
+        (mnt / "etc/systemd/system/stage4-ssh-host-keys.service").unlink()
+        cleanup()
+        given = dropin.read_text()
+        (mnt / "run/sshd").mkdir(exist_ok=True)
+        starts = [line.split("=", 1)[1] for line in given.splitlines() if line.startswith("ExecStartPre=/")]
+        ran = [
+            subprocess.run(["chroot", mnt, *line.split()], capture_output=True, text=True) for line in starts
+        ]
+        keys = sorted(p.name for p in (mnt / "etc/ssh").glob("ssh_host_*_key"))
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    assert kept == ours
+    assert starts == ["/usr/bin/ssh-keygen -A", "/usr/sbin/sshd -t"]
+    assert [r.returncode for r in ran] == [0, 0], [r.stderr for r in ran]
+    assert keys == ["ssh_host_ecdsa_key", "ssh_host_ed25519_key", "ssh_host_rsa_key"]
 
 
 def test_manifest_describes_the_image(base_image: BuiltImage) -> None:

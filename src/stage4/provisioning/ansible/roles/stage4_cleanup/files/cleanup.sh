@@ -21,6 +21,13 @@ fi
 
 # Every client generates its own host keys and machine id.
 rm -f /etc/ssh/ssh_host_*
+# Debian's and Ubuntu's ssh.service make no host keys (EL's sshd-keygen units do, and stage4's bootstrap
+# bases carry stage4-ssh-host-keys.service): without this drop-in sshd would find none and not start.
+if [ -e /lib/systemd/system/ssh.service ] && [ ! -e /etc/systemd/system/stage4-ssh-host-keys.service ]; then
+    mkdir -p /etc/systemd/system/ssh.service.d
+    printf '%s\n' '[Service]' 'ExecStartPre=' 'ExecStartPre=/usr/bin/ssh-keygen -A' \
+        'ExecStartPre=/usr/sbin/sshd -t' > /etc/systemd/system/ssh.service.d/stage4-host-keys.conf
+fi
 : >/etc/machine-id
 chmod 0444 /etc/machine-id
 rm -f /var/lib/dbus/machine-id
