@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,20 @@ def sfdisk(raw: Path) -> dict:
 def root_entry(table: dict, identifier: str) -> dict:
     (entry,) = [p for p in table["partitions"] if p.get("name") == identifier]
     return entry
+
+
+@contextlib.contextmanager
+def mounted_root(raw: Path, mnt: Path, writable: bool = False) -> Iterator[Path]:
+    """The SLX_SYS partition of the raw disk RAW mounted at MNT (by loop offset: the host kernel has no
+    partition parser), read-only unless WRITABLE."""
+    entry = root_entry(sfdisk(raw), "SLX_SYS")
+    mnt.mkdir()
+    options = f"loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
+    subprocess.run(["mount", "-o", options if writable else f"ro,{options}", raw, mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
 
 
 def blkid(raw: Path, offset: int) -> dict:
@@ -107,24 +123,17 @@ def test_base_holds_what_ansible_needs_and_no_compiler(base_image: BuiltImage, r
 def test_documentation_is_left_out_and_stays_out(raw_copy: Path, tmp_path: Path) -> None:
     """dpkg's path filters held for every package, the essential ones that mmdebstrap extracts before
     dpkg runs as well (bootstrap.extract_script), and stay in the image for the layers' packages."""
-    entry = root_entry(sfdisk(raw_copy), "SLX_SYS")
 
     def regular(path: Path) -> bool:  # dpkg's filters leave symlinks (e.g. doc/openssh-server) in place
         return path.is_file() and not path.is_symlink()
 
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    options = f"ro,loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
-    subprocess.run(["mount", "-o", options, raw_copy, mnt], check=True)
-    try:
+    with mounted_root(raw_copy, tmp_path / "mnt") as mnt:
         share = mnt / "usr/share"
         found = {
             folder: sorted(str(p.relative_to(share)) for p in (share / folder).rglob("*") if regular(p))
             for folder in ("man", "info", "doc", "locale")
         }
         filters = (mnt / "etc/dpkg/dpkg.cfg.d/99mmdebstrap").read_text()
-    finally:
-        subprocess.run(["umount", mnt], check=True)
     assert found["man"] == []
     assert found["info"] in ([], ["info/dir"])  # install-info's index, made by its trigger, not unpacked
     assert set(found["locale"]) <= {"locale/locale.alias"}  # (the package `locales` is not in the base)
@@ -152,12 +161,7 @@ def test_no_password_and_no_shared_host_keys(raw_copy: Path) -> None:
 def test_a_machine_offered_no_host_keys_makes_its_own(raw_copy: Path, tmp_path: Path) -> None:
     """A real client has no fw_cfg: the base's host-key script, run in the image, generates the set that
     `ssh-keygen -A` makes (on a tmpfs over the read-only image's /etc/ssh)."""
-    entry = root_entry(sfdisk(raw_copy), "SLX_SYS")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    options = f"ro,loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
-    subprocess.run(["mount", "-o", options, raw_copy, mnt], check=True)
-    try:
+    with mounted_root(raw_copy, tmp_path / "mnt") as mnt:
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mnt / "etc/ssh"], check=True)
         try:
             made = subprocess.run(
@@ -166,8 +170,6 @@ def test_a_machine_offered_no_host_keys_makes_its_own(raw_copy: Path, tmp_path: 
             names = {p.name for p in (mnt / "etc/ssh").iterdir()}
         finally:
             subprocess.run(["umount", mnt / "etc/ssh"], check=True)
-    finally:
-        subprocess.run(["umount", mnt], check=True)
     assert made.returncode == 0, made.stderr
     kinds = ("rsa", "ecdsa", "ed25519")
     assert names == {f"ssh_host_{kind}_key{suffix}" for kind in kinds for suffix in ("", ".pub")}
@@ -181,9 +183,7 @@ def test_cleanup_leaves_a_way_to_host_keys_where_ssh_makes_none(
     on a bootstrap base it leaves the base's own drop-in alone."""
     raw = tmp_path / "base.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", base_image.path, raw], check=True)
-    entry = root_entry(sfdisk(raw), "SLX_SYS")
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
     dropin = mnt / "etc/systemd/system/ssh.service.d/stage4-host-keys.conf"
     script = (ROLES_DIR / "stage4_cleanup/files/cleanup.sh").read_text()
 
@@ -192,9 +192,7 @@ def test_cleanup_leaves_a_way_to_host_keys_where_ssh_makes_none(
             ["chroot", mnt, "/bin/sh", "-s", "--", "", "no-such-key"], input=script, text=True, check=True
         )
 
-    options = f"loop,offset={entry['start'] * 512},sizelimit={entry['size'] * 512}"
-    subprocess.run(["mount", "-o", options, raw, mnt], check=True)
-    try:
+    with mounted_root(raw, mnt, writable=True):
         ours = dropin.read_text()
         cleanup()
         kept = dropin.read_text()
@@ -207,8 +205,6 @@ def test_cleanup_leaves_a_way_to_host_keys_where_ssh_makes_none(
             subprocess.run(["chroot", mnt, *line.split()], capture_output=True, text=True) for line in starts
         ]
         keys = sorted(p.name for p in (mnt / "etc/ssh").glob("ssh_host_*_key"))
-    finally:
-        subprocess.run(["umount", mnt], check=True)
     assert kept == ours
     assert starts == ["/usr/bin/ssh-keygen -A", "/usr/sbin/sshd -t"]
     assert [r.returncode for r in ran] == [0, 0], [r.stderr for r in ran]
