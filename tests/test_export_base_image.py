@@ -140,3 +140,53 @@ def test_export_and_verify_a_built_image(base_image, tmp_path, sshd):
         ".stage4/stage4/debian-12.qcow2/config.r1",
     ):
         assert filecmp.cmp(store / name, remote / name, shallow=False), name
+
+
+@pytest.mark.slow
+def test_a_client_of_the_base_s_own_initrd_is_warned_of_and_stops_at_once(base_image, tmp_path):
+    """A base exported alone publishes its /boot initramfs, which has no stage 3: export says so, and a
+    netboot of it fails as soon as the guest gives up (dracut's emergency shell), not at the timeout."""
+    store = tmp_path / "store"
+    store.mkdir()
+    project = tmp_path / "stage4.toml"
+    project.write_text(
+        f'[machine]\ncpus = 1\n\n[build]\noutput_dir = "{tmp_path / "output"}"\n'
+        f'cache_dir = "{tmp_path / "cache"}"\n'
+    )
+
+    def stage4(*args: object, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "stage4", "-c", str(project), *map(str, args)],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=timeout,
+        )
+
+    name = "stage4/base-alone.qcow2"
+    result = stage4(
+        "export",
+        base_image.path,
+        "--store",
+        store,
+        "--name",
+        name,
+        "--server",
+        "10.0.0.1",
+        "--json",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    publication = json.loads(result.stdout[result.stdout.index("{") :])
+    [warning] = publication["warnings"]
+    assert "has no dnbd3-rootfs dracut module: a Stage4 client cannot boot this revision" in warning
+    assert f"{base_image.path.resolve()}: /boot/initrd.img-" in warning
+
+    # Without the emergency-shell check this waits out the 300 s and names the missing marker instead.
+    result = stage4("netboot", store, name, "--timeout", 300, "--log", tmp_path / "serial.log", timeout=600)
+    assert result.returncode != 0
+    assert "boot failed: the guest entered an emergency shell after initrd-switch-root.service failed" in (
+        result.stderr
+    ), result.stderr
+    assert "Traceback" not in result.stderr

@@ -33,6 +33,10 @@ OVMF = Path("/usr/share/ovmf/OVMF.fd")
 DISPLAY_MANAGER = re.compile(r"STAGE4-DISPLAY-MANAGER (?P<unit>\S+) (?P<state>\S+)")
 # The marker's report on the units mltk modules enabled (NAME=ActiveState/Result ...), see mltk-units.sh.
 MODULE_UNITS = re.compile(r"STAGE4-MLTK-UNITS(?P<units>( \S+=\S+)*)\s*$")
+# The guest gave up and waits at a console nobody types into: dracut's emergency shell or systemd's
+# emergency.target. Such a boot used to wait out the whole timeout (600 s by default).
+EMERGENCY = re.compile(r"Entering emergency mode|You are in emergency mode")
+FAILED_UNIT = re.compile(r"Failed to start (?P<unit>\S+)")
 
 
 @dataclass
@@ -121,12 +125,22 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
     spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     failed: list[str] = []
+    failed_units: list[str] = []
 
     def on_line(line: str) -> None:
         log.write(line + "\n")
         log.flush()
-        if spec.fail_on is not None and not failed and spec.fail_on.search(line):
+        if failed:
+            return
+        if spec.fail_on is not None and spec.fail_on.search(line):
             failed.append(line.strip())
+            return
+        plain = ESCAPES.sub("", line)
+        if unit := FAILED_UNIT.search(plain):
+            failed_units.append(unit["unit"])
+        if EMERGENCY.search(plain):
+            after = f" after {', '.join(failed_units)} failed" if failed_units else ""
+            failed.append(f"the guest entered an emergency shell{after}")
 
     with (
         tempfile.TemporaryDirectory(prefix="stage4-qmp-") as tmp,

@@ -20,6 +20,8 @@ from stage4.runner import Runner
 
 # dracut records the modules an initramfs was built with in this file (what lsinitrd's header shows).
 DRACUT_MODULE_LIST = "usr/lib/dracut/modules.txt"
+# stage4's stage 3 (stage3/modules.d/90dnbd3-rootfs): without it a client's initramfs cannot find its root.
+STAGE3_MODULE = "dnbd3-rootfs"
 BOOT_KEYS = ("kernel", "initramfs")
 
 
@@ -121,3 +123,21 @@ def check_dracut_modules(initramfs: Path, wanted: tuple[str, ...], runner: Runne
             f"initramfs {initramfs} lacks the configured dracut module{plural} {names}{why}; "
             "nothing published"
         )
+
+
+def stage3_warning(initramfs: Path, origin: str, runner: Runner) -> str | None:
+    """Why a Stage4 client could not boot with `initramfs` (from `origin`), or None when it has stage 3.
+
+    An image's own /boot initramfs (a base image exported alone) is a plain one: the revision is still
+    published, as DNBD3 also serves images that clients run in a VM, but the admin is told."""
+    try:
+        found = dracut_modules(initramfs, runner)
+    except InputError:
+        found = []
+    if STAGE3_MODULE in found:
+        return None
+    return (
+        f"the initrd ({origin}) has no {STAGE3_MODULE} dracut module: a Stage4 client cannot boot "
+        "this revision over DNBD3 (export a layered build's prod image beside its prod.json, or give "
+        "--initrd)"
+    )

@@ -67,6 +67,7 @@ class Job:
     dracut_modules: tuple[str, ...] = ()
     origins: dict[str, str] = field(default_factory=dict)
     config_tgz: Path | None = None  # the site's config.tgz, published as config.tgz.r<RID>
+    warnings: list[str] = field(default_factory=list)  # found while exporting, reported with the result
 
     @property
     def leaf(self) -> str:
@@ -156,5 +157,5 @@ class Job:
             config_tgz=f"{boot}/{CONFIG_TGZ}.r{rid}" if self.config_tgz else None,
             activated=self.activate,
             active_ipxe=f"{boot}/{records.ACTIVE_IPXE}" if self.activate and self.has_ipxe else None,
-            warnings=[] if self.servers else [NO_SERVER_WARNING],
+            warnings=[*self.warnings, *([] if self.servers else [NO_SERVER_WARNING])],
         )

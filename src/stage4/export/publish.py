@@ -174,6 +174,11 @@ class Export:
                 extracted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage4-boot-")))
                 kernel, initrd = extract_boot_files(job.image, extracted, self.runner, job.identifier)
                 origin = f"{job.image.resolve()}: /boot/"
+                warnings = list(job.warnings)
+                if not job.initrd and (
+                    warning := build_facts.stage3_warning(initrd, origin + initrd.name, self.runner)
+                ):
+                    warnings.append(warning)
                 job = replace(
                     job,
                     kernel=job.kernel or kernel,
@@ -182,6 +187,7 @@ class Export:
                         **({} if job.kernel else {"kernel": origin + kernel.name}),
                         **({} if job.initrd else {"initrd": origin + initrd.name}),
                     },
+                    warnings=warnings,
                 )
             remote = REMOTE_STORE.match(self.store)
             if remote:
