@@ -26,7 +26,7 @@ import pytest
 from stage4 import api
 from stage4.boot import qemu
 from stage4.errors import ConfigError, StepFailed
-from stage4.provisioning.source_cache import SourceCache
+from stage4.provisioning.source_cache import Entry, SourceCache
 from stage4.runner import Runner
 from tests.conftest import FIXTURES, BuiltImage, full_matrix, session_cache, variant
 from tests.readback import Debugfs, dpkg_stanza
@@ -74,20 +74,24 @@ def public_mltk(folder: Path) -> Path | None:
     return folder
 
 
-def seed_downloads(cache: SourceCache, folder: Path) -> None:
-    """What stage4-download fetches inside the layers: a tarball, a file and a git repository."""
+def seed_downloads(cache: SourceCache, folder: Path) -> list[Entry]:
+    """What stage4-download fetches inside the layers: a tarball, a file and a git repository. The cache's
+    sources are the machine's shared ones (conftest.session_cache): the caller forgets these entries."""
     (folder / "greeting").write_text("greeting 1 from the source cache\n")
     subprocess.run(["tar", "-C", folder, "-czf", folder / "greeting.tar.gz", "greeting"], check=True)
-    cache.import_download(f"{DOWNLOADS}/greeting-1.tar.gz", folder / "greeting.tar.gz")
+    entries = [cache.import_download(f"{DOWNLOADS}/greeting-1.tar.gz", folder / "greeting.tar.gz")]
     (folder / "post-copy.txt").write_text("post_copy's download\n")
-    cache.import_download(f"{DOWNLOADS}/post-copy.txt", folder / "post-copy.txt")
+    entries.append(cache.import_download(f"{DOWNLOADS}/post-copy.txt", folder / "post-copy.txt"))
     repo = folder / "stage4-tool"
     repo.mkdir()
     (repo / "README").write_text("stage4 tool\n")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
     for argv in (["init", "-q"], ["add", "README"], ["commit", "-qm", "tool"]):
         subprocess.run(["git", "-C", repo, *argv], check=True, env={**env, "GIT_COMMITTER_EMAIL": "t@t"})
-    cache.import_git("https://git.stage4-fixture.invalid/stage4-tool.git", "HEAD", repo, Runner())
+    entries.append(
+        cache.import_git("https://git.stage4-fixture.invalid/stage4-tool.git", "HEAD", repo, Runner())
+    )
+    return entries
 
 
 def unit_states(serial_log: Path) -> dict[str, str]:
@@ -113,11 +117,16 @@ def fixture_image(base_image: BuiltImage, tmp_path_factory: pytest.TempPathFacto
     modules = ["stage4-greeter", "stage4-helpers", "stage4-download", *(UPSTREAM_MODULES if upstream else [])]
     folder = tmp_path_factory.mktemp("mltk")
     cfg = mltk_image(base_image, folder, {"source": {"path": str(tree)}, "modules": modules})
-    seed_downloads(SourceCache(cfg.build.cache_dir), tmp_path_factory.mktemp("mltk-downloads"))
-    image, dev, prod = build(cfg)
-    fs = Debugfs(image, tmp_path_factory.mktemp("mltk-raw"))
-    yield fs, dev, prod, (cfg, image), bool(upstream)
-    os.unlink(fs.raw)
+    cache = SourceCache(cfg.build.cache_dir)
+    seeded = seed_downloads(cache, tmp_path_factory.mktemp("mltk-downloads"))
+    try:
+        image, dev, prod = build(cfg)
+        fs = Debugfs(image, tmp_path_factory.mktemp("mltk-raw"))
+        yield fs, dev, prod, (cfg, image), bool(upstream)
+        os.unlink(fs.raw)
+    finally:
+        for entry in seeded:
+            cache.remove(entry.url, entry.ref, entry.sha256, Runner())
 
 
 def test_fixture_modules_land_in_prod(fixture_image) -> None:
