@@ -13,6 +13,7 @@ import pytest
 from stage4.dnbd3.server import DevServer
 from stage4.dnbd3.verify import verify
 from tests import sshd_server
+from tests.conftest import run_stage4
 
 ROOT = Path(__file__).resolve().parents[1]
 sshd = sshd_server.sshd  # the fixture
@@ -155,14 +156,7 @@ def test_a_client_of_the_base_s_own_initrd_is_warned_of_and_stops_at_once(base_i
     )
 
     def stage4(*args: object, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "stage4", "-c", str(project), *map(str, args)],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=timeout,
-        )
+        return run_stage4("-c", str(project), *map(str, args), cwd=ROOT, timeout=timeout)
 
     name = "stage4/base-alone.qcow2"
     result = stage4(

@@ -159,12 +159,15 @@ def default_components() -> dict[str, ComponentConfig]:
 
 # The stage-3 dracut module shipped with stage4 (a tree with modules.d/), used when no source is given.
 SHIPPED_STAGE3 = Path(__file__).parents[1] / "stage3"
+# Its dracut module: the default of dracut_modules, and what export looks for in an initramfs it takes from
+# an image's /boot (without it a client's initramfs cannot find its root).
+SHIPPED_STAGE3_MODULE = "dnbd3-rootfs"
 
 
 class InitramfsConfig(Strict):
     """[images.NAME.initramfs]: the initramfs built in the dev layer for the image's own kernel."""
 
-    dracut_modules: tuple[str, ...] = Field(("dnbd3-rootfs",), description="dracut modules to add")
+    dracut_modules: tuple[str, ...] = Field((SHIPPED_STAGE3_MODULE,), description="dracut modules to add")
     source: SourceConfig | None = Field(
         None,
         description="where the dracut modules come from: a tree with build-initramfs.sh (OpenSLX "

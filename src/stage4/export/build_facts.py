@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stage4 import manifest as build_manifest
+from stage4.config.components import SHIPPED_STAGE3_MODULE
 from stage4.errors import InputError, StepFailed
 from stage4.runner import Runner
 
 # dracut records the modules an initramfs was built with in this file (what lsinitrd's header shows).
 DRACUT_MODULE_LIST = "usr/lib/dracut/modules.txt"
-# stage4's stage 3 (stage3/modules.d/90dnbd3-rootfs): without it a client's initramfs cannot find its root.
-STAGE3_MODULE = "dnbd3-rootfs"
 BOOT_KEYS = ("kernel", "initramfs")
 
 
@@ -135,11 +134,11 @@ def stage3_warning(initramfs: Path, origin: str, runner: Runner) -> str | None:
     except InputError:
         found = []  # not a dracut initramfs at all
     except StepFailed as exc:  # no lsinitrd here: a warning must not stop the export
-        return f"the initrd ({origin}) was not checked for the {STAGE3_MODULE} dracut module: {exc}"
-    if STAGE3_MODULE in found:
+        return f"the initrd ({origin}) was not checked for the {SHIPPED_STAGE3_MODULE} dracut module: {exc}"
+    if SHIPPED_STAGE3_MODULE in found:
         return None
     return (
-        f"the initrd ({origin}) has no {STAGE3_MODULE} dracut module: a Stage4 client cannot boot "
+        f"the initrd ({origin}) has no {SHIPPED_STAGE3_MODULE} dracut module: a Stage4 client cannot boot "
         "this revision over DNBD3 (export a layered build's prod image beside its prod.json, or give "
         "--initrd)"
     )
