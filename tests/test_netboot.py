@@ -379,6 +379,34 @@ def test_wrong_revision_stops_with_its_console_line(published: dict) -> None:
 
 
 @pytest.mark.slow
+def test_an_initramfs_stuck_in_emergency_target_fails_at_once(published: dict) -> None:
+    """An initramfs that cannot even start its emergency shell (an archive appended by the site turned the
+    /lib symlink into an empty directory) reaches systemd's emergency.target and restarts the failing shell
+    forever. The netboot fails at that line, naming the units that failed first, not at its timeout."""
+    boot = _boot_dir_variant(published, "broken-initrd")
+    overlay = published["work"] / "broken-overlay"
+    (overlay / "lib").mkdir(parents=True)
+    archive = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"], input=b"lib\n", cwd=overlay, capture_output=True, check=True
+    ).stdout
+    # Compressed like the initramfs before it: the kernel unpacks the archives in order, the last entry wins
+    # (an uncompressed one would have to start on a 4-byte boundary).
+    packed = subprocess.run(["zstd", "-q", "-c"], input=archive, capture_output=True, check=True).stdout
+    with (boot / "initrd.r1").open("ab") as initrd:
+        initrd.write(packed)
+    serial = published["work"] / "broken-initrd.log"
+    argv = ("netboot", published["store"], NAME, "--boot-dir", boot, "--timeout", 300, "--log", serial)
+    result = stage4(published["project"], *argv, check=False, timeout=900)
+    assert result.returncode == 1, result.stderr
+    # Without the emergency.target line this waits out the 300 s and names the missing marker instead.
+    [line] = [x for x in result.stderr.splitlines() if "error:" in x]
+    assert "boot failed: the guest entered an emergency shell after " in line, line
+    assert "systemd-journald.service" in line.split(" after ", 1)[1], line
+    assert "…" not in line, line  # the console's shortened names, where the kernel log has whole ones
+    assert "Reached target emergency.target" in serial.read_text(errors="replace")
+
+
+@pytest.mark.slow
 def test_wrong_identifier_stops_with_its_console_line(published: dict) -> None:
     boot = _boot_dir_variant(
         published,

@@ -34,9 +34,22 @@ DISPLAY_MANAGER = re.compile(r"STAGE4-DISPLAY-MANAGER (?P<unit>\S+) (?P<state>\S
 # The marker's report on the units mltk modules enabled (NAME=ActiveState/Result ...), see mltk-units.sh.
 MODULE_UNITS = re.compile(r"STAGE4-MLTK-UNITS(?P<units>( \S+=\S+)*)\s*$")
 # The guest gave up and waits at a console nobody types into: dracut's emergency shell or systemd's
-# emergency.target. Such a boot used to wait out the whole timeout (600 s by default).
-EMERGENCY = re.compile(r"Entering emergency mode|You are in emergency mode")
+# emergency.target. Such a boot used to wait out the whole timeout (600 s by default). systemd's own line
+# comes first and is the only one when the shell itself cannot start (an initramfs without
+# /lib/dracut-lib.sh: emergency.service fails and is restarted, the guest never gets further).
+EMERGENCY = re.compile(r"Entering emergency mode|You are in emergency mode|Reached target emergency\.target")
 FAILED_UNIT = re.compile(r"Failed to start (?P<unit>\S+)")
+
+
+def whole_names(units: list[str]) -> list[str]:
+    """UNITS without the names systemd's status line shortened ("systemd-jo…ald.service", "systemd-ud…nager"
+    from "systemd-udevd.service - Rule-based Manager") where its kernel-log copy gave the whole name."""
+    whole = [unit for unit in units if "…" not in unit]
+    return [
+        unit
+        for unit in units
+        if "…" not in unit or not any(name.startswith(unit.partition("…")[0]) for name in whole)
+    ]
 
 
 @dataclass
@@ -136,10 +149,10 @@ def boot(spec: BootSpec, runner: Runner) -> BootResult:
             failed.append(line.strip())
             return
         plain = ESCAPES.sub("", line)
-        if unit := FAILED_UNIT.search(plain):
+        if (unit := FAILED_UNIT.search(plain)) and unit["unit"] not in failed_units:
             failed_units.append(unit["unit"])
         if EMERGENCY.search(plain):
-            after = f" after {', '.join(failed_units)} failed" if failed_units else ""
+            after = f" after {', '.join(whole_names(failed_units))} failed" if failed_units else ""
             failed.append(f"the guest entered an emergency shell{after}")
 
     with (
