@@ -18,8 +18,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import timed
 
 from stage4 import api, config
 from stage4.builders.base_image import bootstrap_plan
@@ -29,12 +30,6 @@ from stage4.runner import Runner
 
 # One more each time (small, nothing in them the initramfs takes in).
 EXTRA = ("tree", "pv", "ncdu", "bc")
-
-
-def timed(action) -> tuple[float, object]:
-    start = time.monotonic()
-    result = action()
-    return time.monotonic() - start, result
 
 
 def main() -> int:
@@ -56,8 +51,9 @@ def main() -> int:
         ]
         runs: dict[str, list[float]] = {"mmdebstrap": [], "stage4": []}
         for round_, tool in enumerate(("mmdebstrap", "stage4", "stage4", "mmdebstrap"), start=1):
+            label = f"round {round_}: {tool}"
             if tool == "mmdebstrap":
-                seconds, _ = timed(lambda: subprocess.run(plain_argv, check=True, capture_output=True))
+                _, seconds = timed(label, lambda: subprocess.run(plain_argv, check=True, capture_output=True))
                 remove_tree(plain_dir)
             else:
                 # Fresh output and package cache: a build from nothing, as every mmdebstrap run is.
@@ -66,10 +62,9 @@ def main() -> int:
                     "cache_dir": str(tmp / f"cache{round_}"),
                 }
                 cfg = config.from_dict(data, "bench")
-                seconds, (result,) = timed(lambda c=cfg: api.build(c, ["bench"]))
+                (result,), seconds = timed(label, lambda c=cfg: api.build(c, ["bench"]))
                 image_mib = result.image.stat().st_size / (1 << 20)
             runs[tool].append(seconds)
-            print(f"round {round_}: {tool} {seconds:.1f} s", flush=True)
         plain_seconds, stage4_seconds = (sum(runs[tool]) / 2 for tool in ("mmdebstrap", "stage4"))
 
         plus: dict[str, list[float]] = {"A": [], "B": []}
@@ -77,11 +72,13 @@ def main() -> int:
             data["images"]["bench"]["packages"] = list(EXTRA[:count])
             cfg_plus = config.from_dict(data, "bench")
             rebuild = {"base"} if way == "A" else None
-            seconds, (built,) = timed(lambda c=cfg_plus, r=rebuild: api.build(c, ["bench"], rebuild=r))
+            (built,), seconds = timed(
+                f"{way} +{EXTRA[count - 1]}", lambda c=cfg_plus, r=rebuild: api.build(c, ["bench"], rebuild=r)
+            )
             manifest = json.loads((built.image.parent / "base.json").read_text())
             assert ("from" in manifest) == (way == "B"), f"{way}: {manifest['timings_seconds']}"
             plus[way].append(seconds)
-            print(f"{way} +{EXTRA[count - 1]}: {seconds:.1f} s {manifest['timings_seconds']}", flush=True)
+            print(f"    its steps: {manifest['timings_seconds']}", flush=True)
 
     print(f"{'build':52} {'seconds':>8}")
     print(f"{'plain mmdebstrap, directory only (mean of 2)':52} {plain_seconds:8.1f}")
