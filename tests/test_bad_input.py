@@ -330,6 +330,24 @@ CASES = [
         "'--timeout'",
         "-5 is not in the range x>=1",
     ),
+    cli_case(
+        "boot-kernel-arg-via-bootloader",
+        ("boot", "{tmp}/afile", "--kernel-arg", "rd.debug"),
+        "--kernel-arg needs --via kernel",
+        "the image's bootloader has its own command line",
+    ),
+    cli_case(
+        "boot-kernel-arg-with-space",
+        ("boot", "{tmp}/afile", "--via", "kernel", "--kernel-arg", "a b"),
+        "--kernel-arg 'a b'",
+        "expected one kernel argument",
+    ),
+    cli_case(
+        "netboot-kernel-arg-too-long",
+        ("netboot", "{tmp}/adir", "img", "--kernel-arg", "x=" + "y" * 2100),
+        "--kernel-arg: the kernel command line would be 2102 bytes",
+        "more than the kernel's 2047",
+    ),
     cli_case("boot-directory", ("boot", "{tmp}/adir"), "{tmp}/adir", "is a directory"),
     cli_case("boot-missing-image", ("boot", "{tmp}/none.qcow2"), "{tmp}/none.qcow2", "does not exist"),
     cli_case(

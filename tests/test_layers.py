@@ -198,9 +198,12 @@ def test_prod_boots_with_the_extracted_kernel_and_initramfs(layered: Layered, ba
         kernel=result.artifacts_dir / f"vmlinuz-{kernel}",
         initrd=result.artifacts_dir / f"initrd.img-{kernel}",
         timeout=600,
+        kernel_args=("stage4.test=kernel-arg",),
     )
     log = booted.serial_log.read_text(errors="replace")
     assert "STAGE4-TEST-DRACUT-MODULE" in log
+    # --kernel-arg: last on the command line the kernel got
+    assert re.search(r"Command line: .* stage4\.test=kernel-arg\s*$", log, re.MULTILINE), log[:3000]
     assert f"STAGE4-USERSPACE-UP {booted.marker}" in log
 
 

@@ -45,6 +45,21 @@ def test_kernel_command_line_from_the_ipxe_entry() -> None:
     )
 
 
+def test_kernel_args_go_last_on_the_command_line() -> None:
+    entry = netboot.parse_ipxe(IPXE, "ipxe.r3")
+    line = qemu.with_kernel_args(
+        netboot.kernel_command_line(entry, "10.0.2.100", "boot"), ("rd.debug", "a=b")
+    )
+    assert line.endswith(" console=ttyS0,115200n8 rd.debug a=b"), line
+    assert qemu.with_kernel_args("root=x", ()) == "root=x"
+    for bad in ("", "a b", "tab\there", "ünïcode"):
+        with pytest.raises(InputError, match="expected one kernel argument"):
+            qemu.with_kernel_args("root=x", (bad,))
+    assert len(qemu.with_kernel_args("", ("x" * qemu.COMMAND_LINE_MAX,))) == qemu.COMMAND_LINE_MAX
+    with pytest.raises(InputError, match="2048 bytes, more than the kernel's 2047"):
+        qemu.with_kernel_args("", ("x" * 2048,))
+
+
 def test_bootif_names_the_boot_nic_as_stage_3_reads_it() -> None:
     """The exported entry's BOOTIF=01-${mac:hexhyp} (and a menu's 01-${mac}) becomes the MAC of the NIC
     with the user network; the other NIC, before it, gets no DHCP and only a listener on 127.0.0.1."""
@@ -404,6 +419,27 @@ def test_an_initramfs_stuck_in_emergency_target_fails_at_once(published: dict) -
     assert "systemd-journald.service" in line.split(" after ", 1)[1], line
     assert "…" not in line, line  # the console's shortened names, where the kernel log has whole ones
     assert "Reached target emergency.target" in serial.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_kernel_argument_reaches_stage_3(published: dict) -> None:
+    """--kernel-arg puts a word on the client's command line: the kernel prints it, and stage 3 reads its
+    rd.stage4.* settings from there (a bad one stops the boot in the initramfs, within seconds)."""
+    serial = published["work"] / "kernel-arg.log"
+    argv = (
+        "netboot",
+        published["store"],
+        NAME,
+        "--kernel-arg",
+        "rd.stage4.dhcp_timeout=soon",
+        "--log",
+        serial,
+    )
+    result = stage4(published["project"], *argv, check=False, timeout=900)
+    assert result.returncode == 1, result.stderr
+    assert "stage4: rd.stage4.dhcp_timeout=soon is not a whole number" in result.stderr
+    [command_line] = re.findall(r"Command line: (.*)", serial.read_text(errors="replace"))
+    assert command_line.strip().endswith("console=ttyS0,115200n8 rd.stage4.dhcp_timeout=soon"), command_line
 
 
 @pytest.mark.slow

@@ -165,11 +165,18 @@ def boot(
     firmware: str = "bios",
     debug: bool = False,
     screenshot: Path | None = None,
+    kernel_args: tuple[str, ...] = (),
 ) -> BootResult:
     """Boot an image in qemu (read-only unless writable) and wait for its userspace marker; with
-    `screenshot`, a desktop image's display manager must be active and its screen is saved there (PNG)."""
+    `screenshot`, a desktop image's display manager must be active and its screen is saved there (PNG).
+    `kernel_args` go last on the command line of a boot via kernel."""
     if not image.is_file():
         raise InputError(f"{image}: no such image file")
+    if kernel_args and via != "kernel":
+        raise InputError(
+            "--kernel-arg needs --via kernel (or --kernel): the image's bootloader has its own command line"
+        )
+    qemu.with_kernel_args("", kernel_args)
     check_screenshot_path(screenshot)
     if via not in ("bootloader", "kernel"):
         raise InputError(f"--via {via!r}: expected 'bootloader' or 'kernel'")
@@ -218,7 +225,9 @@ def boot(
         )
         if via == "kernel":
             spec.kernel, spec.initrd = kernel, initrd
-            spec.append = f"root=PARTLABEL={identifier} ro console=ttyS0,115200n8 panic=-1"
+            spec.append = qemu.with_kernel_args(
+                f"root=PARTLABEL={identifier} ro console=ttyS0,115200n8 panic=-1", kernel_args
+            )
         with runner.display.step(
             f"boot {image.name} via {via} ({firmware}) on {accelerator}, waiting for userspace"
         ):
@@ -251,6 +260,7 @@ def netboot(
     local_disk: str | None = None,
     persistent: bool = False,
     boots: int = 1,
+    kernel_args: tuple[str, ...] = (),
 ) -> netboot_mod.NetbootResult:
     """Boot revision `rid` (default: the newest) of `name` from `store` in qemu as a client does: boot
     files over HTTP, the image over DNBD3, both on 127.0.0.1 behind qemu's user network; exits only
@@ -259,8 +269,10 @@ def netboot(
     `servers` are DNBD3 servers on this machine (HOST:PORT, in the order the client tries them);
     none: a development server for `store` on a free loopback port. `active`: through `<boot-dir>/ipxe`.
     `local_disk` (SIZE or FILE; `persistent`: kept across boots) holds the writable layer, else RAM.
+    `kernel_args` go last on the entry's command line.
     """
     check_screenshot_path(screenshot)
+    qemu.with_kernel_args("", kernel_args)
     revision = netboot_mod.find(store, name, rid, boot_dir, active=active)
     targets = [netboot_mod.loopback_server(server) for server in servers]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -283,6 +295,7 @@ def netboot(
             screenshot=screenshot,
             disk_request=DiskRequest(local_disk, persistent) if local_disk is not None else None,
             boots=boots,
+            kernel_args=kernel_args,
         )
 
 

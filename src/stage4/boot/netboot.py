@@ -356,6 +356,7 @@ def netboot(
     screenshot: Path | None = None,
     disk_request: local_disk.DiskRequest | None = None,
     boots: int = 1,
+    kernel_args: tuple[str, ...] = (),
 ) -> NetbootResult:
     """Boot `revision` from `servers` (none: a development server for its store) `boots` times, with
     the requested local disk, and check the result."""
@@ -390,7 +391,7 @@ def netboot(
                 log,
                 kernel=revision.kernel,
                 initrd=revision.initrd,
-                append=kernel_command_line(entry, HTTP_GUEST, SLXBASE),
+                append=qemu.with_kernel_args(kernel_command_line(entry, HTTP_GUEST, SLXBASE), kernel_args),
                 timeout=timeout,
                 nic=fwd.nic(),
                 fail_on=MODULE_FAILURE,

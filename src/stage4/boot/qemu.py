@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stage4.boot import screen
-from stage4.errors import StepFailed
+from stage4.errors import InputError, StepFailed
 from stage4.machine import ssh_host_keys
 from stage4.machine.qemu_argv import headless_argv
 from stage4.runner import Runner
@@ -39,6 +39,25 @@ MODULE_UNITS = re.compile(r"STAGE4-MLTK-UNITS(?P<units>( \S+=\S+)*)\s*$")
 # /lib/dracut-lib.sh: emergency.service fails and is restarted, the guest never gets further).
 EMERGENCY = re.compile(r"Entering emergency mode|You are in emergency mode|Reached target emergency\.target")
 FAILED_UNIT = re.compile(r"Failed to start (?P<unit>\S+)")
+# x86's COMMAND_LINE_SIZE less its NUL: the kernel cuts a longer command line off without a word.
+COMMAND_LINE_MAX = 2047
+
+
+def with_kernel_args(append: str, extra: tuple[str, ...]) -> str:
+    """The command line `append` with the user's --kernel-arg words last, where they override earlier
+    ones (dracut and systemd read the last of a repeated argument)."""
+    for arg in extra:
+        if not arg or any(not 33 <= ord(char) <= 126 for char in arg):
+            raise InputError(
+                f"--kernel-arg {arg!r}: expected one kernel argument, printable ASCII without spaces"
+            )
+    line = " ".join([append, *extra]).strip()
+    if len(line) > COMMAND_LINE_MAX:
+        raise InputError(
+            f"--kernel-arg: the kernel command line would be {len(line)} bytes, more than the kernel's "
+            f"{COMMAND_LINE_MAX}"
+        )
+    return line
 
 
 def whole_names(units: list[str]) -> list[str]:

@@ -181,6 +181,14 @@ def inspect(obj: CliSettings, image: Path, identifier: str | None, as_json: bool
     default=None,
     help="a desktop image: wait for its display manager's greeter, save the screen as this PNG",
 )
+@click.option(
+    "--kernel-arg",
+    "kernel_args",
+    multiple=True,
+    metavar="ARG",
+    help="one more kernel argument, last on the command line of a boot via kernel (repeatable), "
+    "e.g. rd.debug or profile=2",
+)
 @click.pass_obj
 def boot(
     obj: CliSettings,
@@ -194,6 +202,7 @@ def boot(
     timeout: int,
     serial_log: Path | None,
     screenshot: Path | None,
+    kernel_args: tuple[str, ...],
 ) -> None:
     """Boot IMAGE in qemu and wait until its userspace is up; exit 0 only if it booted."""
     result = api.boot(
@@ -209,6 +218,7 @@ def boot(
         firmware=firmware,
         debug=obj.debug,
         screenshot=screenshot,
+        kernel_args=kernel_args,
     )
     click.echo(
         f"booted: userspace marker after {result.seconds:.0f} s on {result.accelerator}; "

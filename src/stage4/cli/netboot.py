@@ -63,6 +63,14 @@ if TYPE_CHECKING:
 @click.option(
     "--boots", type=click.IntRange(1, 10), default=1, show_default=True, help="boot the client N times"
 )
+@click.option(
+    "--kernel-arg",
+    "kernel_args",
+    multiple=True,
+    metavar="ARG",
+    help="one more kernel argument, last on the entry's command line (repeatable), "
+    "e.g. rd.debug or profile=2",
+)
 @click.pass_obj
 def netboot(
     obj: CliSettings,
@@ -78,6 +86,7 @@ def netboot(
     local_disk: str | None,
     persistent: bool,
     boots: int,
+    kernel_args: tuple[str, ...],
 ) -> None:
     """Boot revision RID of NAME from STORE in qemu exactly as a Stage4 client does.
 
@@ -109,6 +118,7 @@ def netboot(
         local_disk=local_disk,
         persistent=persistent,
         boots=boots,
+        kernel_args=kernel_args,
     )
     share = 100 * result.dnbd3_bytes / result.image_size if result.image_size else 0
     click.echo(
