@@ -23,14 +23,13 @@ import argparse
 import io
 import re
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import timed
+from timing import stage4, timed
 
 NAME = "stage4/bench-netboot.qcow2"
 WRITE_MIB = 512
@@ -53,18 +52,6 @@ end=$(date +%s%N)
 rm -f /var/tmp/bench-write
 echo "<2>STAGE4-BENCH-WRITE bytes=$(({WRITE_MIB} * 1048576)) ns=$((end - start))" > /dev/kmsg
 """
-
-
-def stage4(project: Path, *args: object) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "stage4", "-c", str(project), *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        sys.exit(f"stage4 {args[0]} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return result.stdout
 
 
 def write_site(path: Path) -> None:

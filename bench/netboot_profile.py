@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import timed
+from timing import stage4, timed
 
 NAME = "stage4/bench-profile.qcow2"
 TOP = 12
@@ -58,17 +58,6 @@ fi
 MARK = re.compile(r"STAGE4-PROFILE (switch|end) uptime=([\d.]+) (.*)")
 TICK = re.compile(r"STAGE4-PROFILE tick (\d+) (\S+)")
 IDLE = re.compile(r"idle|halt")
-
-
-def stage4(project: Path, *args: object) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "stage4", "-c", str(project), *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode:
-        sys.exit(f"stage4 {' '.join(map(str, args))} failed:\n{result.stderr}")
-    return result.stdout
 
 
 def add_hook(initrd: Path, work: Path) -> None:
